@@ -1,0 +1,50 @@
+"""Configuration, read from the environment (prefix PARTNERBUS_) or a `.env` file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Deadlines(BaseSettings):
+    """Hours a partner has to answer a referral, per urgency, and when to remind it."""
+
+    model_config = SettingsConfigDict(env_prefix="PARTNERBUS_DEADLINE_", frozen=True)
+
+    routine_hours: float = 10 * 24
+    urgent_hours: float = 72
+    asap_hours: float = 24
+    reminder_fraction: float = Field(default=0.5, gt=0, lt=1)
+    """A reminder leaves when this share of the deadline has passed."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="PARTNERBUS_", env_file=".env", extra="ignore", frozen=True
+    )
+
+    amqp_url: SecretStr = SecretStr("amqp://guest:guest@127.0.0.1:5672/")
+    database_url: str = "sqlite:///partnerbus.db"
+    prefix: str = Field(default="partnerbus", pattern=r"^[a-z0-9][a-z0-9._-]{0,40}$")
+    """Prefix of every exchange and queue name: several buses (or test runs) share a broker."""
+    directory_path: Path | None = None
+    """YAML/JSON directory file; the bundled Lille/Nord sample when unset."""
+    pseudonym_key: SecretStr = SecretStr("change-me-in-production")
+    """Key of the per-partner keyed hash of person references."""
+    trusted_senders: tuple[str, ...] = ()
+    """AMQP users allowed to publish on behalf of any partner (the bus itself, a gateway)."""
+    delivery_limit: int = Field(default=5, ge=1, le=100)
+    prefetch: int = Field(default=16, ge=1, le=1000)
+    publish_timeout_s: float = Field(default=10.0, gt=0)
+    max_message_bytes: int = Field(default=256 * 1024, ge=1024)
+    retry_delays_ms: tuple[int, ...] = (1_000, 5_000, 30_000)
+    """Delays of the retry queues for transient failures; then the dead letter."""
+    relay_interval_s: float = Field(default=2.0, gt=0)
+    scheduler_interval_s: float = Field(default=30.0, gt=0)
+    retention_days: int = Field(default=730, ge=1)
+    free_text_retention_days: int = Field(default=90, ge=1)
+    consent_expiry_notice_days: int = Field(default=14, ge=0)
+    deadlines: Deadlines = Field(default_factory=Deadlines)
+    metrics_port: int | None = None

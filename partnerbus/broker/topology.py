@@ -1,0 +1,168 @@
+"""The broker topology as data: every exchange, queue and routing key, named in one place.
+
+Work queues are quorum queues with an explicit delivery limit and a dead-letter route to
+`<queue>.dlq`, so a poison message ends there with RabbitMQ's `x-death` record instead of
+looping. Messages that we refuse ourselves (bad JSON, spoofed source) are published to the
+same dead-letter queue with the reason in a header, and the original is acked.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from faststream.rabbit import ExchangeType, QueueType, RabbitExchange, RabbitQueue
+
+# Header names we add; the `x-` prefix is RabbitMQ's own and is avoided.
+ERROR_HEADER = "partnerbus-error"
+ERROR_QUEUE_HEADER = "partnerbus-error-queue"
+ATTEMPT_HEADER = "partnerbus-attempt"
+
+
+@dataclass(frozen=True)
+class Topology:
+    """Names and declarations derived from a prefix; pure, nothing connects."""
+
+    prefix: str
+    delivery_limit: int = 5
+    retry_delays_ms: tuple[int, ...] = (1_000, 5_000, 30_000)
+
+    # exchanges -----------------------------------------------------------------------
+    def exchange_name(self, role: str) -> str:
+        return f"{self.prefix}.{role}"
+
+    @property
+    def signals(self) -> RabbitExchange:
+        """Partners publish `Signal`s here (routing key: their partner id)."""
+        return RabbitExchange(self.exchange_name("signals"), type=ExchangeType.TOPIC, durable=True)
+
+    @property
+    def statuses(self) -> RabbitExchange:
+        """Partners publish `ReferralStatusChanged` and `CapacityChanged` here."""
+        return RabbitExchange(self.exchange_name("statuses"), type=ExchangeType.TOPIC, durable=True)
+
+    @property
+    def consents(self) -> RabbitExchange:
+        """Advisors' systems (and `partnerbus consent`) publish consent events here."""
+        return RabbitExchange(self.exchange_name("consents"), type=ExchangeType.TOPIC, durable=True)
+
+    @property
+    def deliveries(self) -> RabbitExchange:
+        """The bus publishes to partners here; routing key: the partner id."""
+        return RabbitExchange(
+            self.exchange_name("deliveries"), type=ExchangeType.DIRECT, durable=True
+        )
+
+    @property
+    def dead_letters(self) -> RabbitExchange:
+        """Dead-letter exchange; routing key: the work queue the message died in."""
+        return RabbitExchange(self.exchange_name("dlx"), type=ExchangeType.DIRECT, durable=True)
+
+    @property
+    def retries(self) -> RabbitExchange:
+        """Retry exchange; routing key `<queue>.retry.<n>` puts a message in a delay queue."""
+        return RabbitExchange(self.exchange_name("retry"), type=ExchangeType.DIRECT, durable=True)
+
+    def exchanges(self) -> tuple[RabbitExchange, ...]:
+        return (
+            self.signals,
+            self.statuses,
+            self.consents,
+            self.deliveries,
+            self.dead_letters,
+            self.retries,
+        )
+
+    # queues --------------------------------------------------------------------------
+    def queue_name(self, role: str) -> str:
+        return f"{self.prefix}.{role}"
+
+    def partner_queue_name(self, partner_id: str) -> str:
+        return f"{self.prefix}.partner.{partner_id}"
+
+    @staticmethod
+    def dlq_name(queue_name: str) -> str:
+        return f"{queue_name}.dlq"
+
+    @staticmethod
+    def retry_queue_name(queue_name: str, step: int) -> str:
+        return f"{queue_name}.retry.{step}"
+
+    def work_queue(self, name: str, routing_key: str = "#") -> RabbitQueue:
+        """A quorum queue with a delivery limit and its dead-letter route."""
+        return RabbitQueue(
+            name,
+            queue_type=QueueType.QUORUM,
+            durable=True,
+            routing_key=routing_key,
+            arguments=self.work_queue_arguments(name),
+        )
+
+    def work_queue_arguments(self, name: str) -> dict[str, Any]:
+        return {
+            "x-queue-type": "quorum",
+            "x-delivery-limit": self.delivery_limit,
+            "x-dead-letter-exchange": self.dead_letters.name,
+            "x-dead-letter-routing-key": name,
+            # At-least-once dead-lettering: the dead letter is confirmed by the DLQ before
+            # the source queue forgets it (needs overflow=reject-publish, RabbitMQ ≥ 3.10).
+            "x-dead-letter-strategy": "at-least-once",
+            "x-overflow": "reject-publish",
+        }
+
+    @property
+    def signal_queue(self) -> RabbitQueue:
+        return self.work_queue(self.queue_name("intake.signals"))
+
+    @property
+    def status_queue(self) -> RabbitQueue:
+        return self.work_queue(self.queue_name("intake.statuses"))
+
+    @property
+    def consent_queue(self) -> RabbitQueue:
+        return self.work_queue(self.queue_name("intake.consents"))
+
+    def intake_queues(self) -> tuple[tuple[RabbitQueue, RabbitExchange], ...]:
+        return (
+            (self.signal_queue, self.signals),
+            (self.status_queue, self.statuses),
+            (self.consent_queue, self.consents),
+        )
+
+    def partner_queue(self, partner_id: str) -> RabbitQueue:
+        return self.work_queue(self.partner_queue_name(partner_id), routing_key=partner_id)
+
+    def dead_letter_queue(self, queue_name: str) -> RabbitQueue:
+        # Classic-or-quorum does not matter for reading; quorum keeps it replicated.
+        return RabbitQueue(
+            self.dlq_name(queue_name),
+            queue_type=QueueType.QUORUM,
+            durable=True,
+            routing_key=queue_name,
+        )
+
+    def retry_queue(self, queue_name: str, step: int) -> RabbitQueue:
+        """A delay queue: no consumer; on TTL expiry its messages go back to the work queue
+        through the default exchange. The TTL is per queue, not per message, because
+        RabbitMQ only expires messages at the head of a queue."""
+        delay = self.retry_delays_ms[step]
+        return RabbitQueue(
+            self.retry_queue_name(queue_name, step),
+            queue_type=QueueType.QUORUM,
+            durable=True,
+            routing_key=self.retry_queue_name(queue_name, step),
+            arguments={
+                "x-queue-type": "quorum",
+                "x-message-ttl": delay,
+                "x-dead-letter-exchange": "",
+                "x-dead-letter-routing-key": queue_name,
+                "x-dead-letter-strategy": "at-least-once",
+                "x-overflow": "reject-publish",
+            },
+        )
+
+    def all_work_queue_names(self, partner_ids: Iterable[str]) -> list[str]:
+        return [q.name for q, _ in self.intake_queues()] + [
+            self.partner_queue_name(p) for p in partner_ids
+        ]

@@ -1,0 +1,64 @@
+"""Shared building blocks of every message and record."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from datetime import UTC, datetime
+from typing import Annotated, Literal
+
+from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, StringConstraints
+
+SCHEMA_VERSION = 1
+
+# data·inclusion v1 thématique, "parent--child" or a bare parent. Local codes start with "local-".
+NEED_PATTERN = r"^(local-)?[a-z0-9]+(?:-[a-z0-9]+)*(?:--[a-z0-9]+(?:-[a-z0-9]+)*)?$"
+# INSEE commune code: 5 characters, Corsica uses 2A/2B.
+COMMUNE_PATTERN = r"^(?:\d{5}|2[AB]\d{3})$"
+# Pseudonymous person reference: never a name, never an e-mail.
+PERSON_REF_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{3,63}$"
+PARTNER_ID_PATTERN = r"^[a-z0-9][a-z0-9-]{1,62}$"
+MESSAGE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
+
+NeedCode = Annotated[str, StringConstraints(pattern=NEED_PATTERN, max_length=160)]
+CommuneCode = Annotated[str, StringConstraints(pattern=COMMUNE_PATTERN)]
+PersonRef = Annotated[str, StringConstraints(pattern=PERSON_REF_PATTERN)]
+PartnerId = Annotated[str, StringConstraints(pattern=PARTNER_ID_PATTERN)]
+MessageId = Annotated[str, StringConstraints(pattern=MESSAGE_ID_PATTERN)]
+ShortText = Annotated[str, StringConstraints(max_length=2000)]
+
+
+def _no_email(value: str) -> str:
+    if re.search(r"[^@\s]+@[^@\s]+\.[a-z]{2,}", value, re.IGNORECASE):
+        msg = "a person reference must be pseudonymous, not an e-mail address"
+        raise ValueError(msg)
+    return value
+
+
+PseudonymousRef = Annotated[PersonRef, AfterValidator(_no_email)]
+
+Urgency = Literal["routine", "urgent", "asap"]
+"""FHIR request priorities (stat is for clinics; the bus has no use for it)."""
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def new_message_id() -> str:
+    return str(uuid.uuid4())
+
+
+class Record(BaseModel):
+    """A frozen value: nothing changes it after it is built, unknown fields are refused."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", str_strip_whitespace=True)
+
+
+class Message(Record):
+    """A message on the bus: a command (imperative name) or an event (past tense)."""
+
+    message_id: MessageId
+    """Unique per message; the bus deduplicates on it (at-least-once delivery)."""
+    occurred_at: AwareDatetime
+    schema_version: Literal[1] = SCHEMA_VERSION

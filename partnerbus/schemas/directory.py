@@ -1,0 +1,66 @@
+"""Records of the partner directory, as loaded from YAML/JSON or a data·inclusion export."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field
+
+from .base import NeedCode, PartnerId, Record
+from .messages import AgeBand, CapacityStatus, Household
+
+ReceptionMode = Literal["en-presentiel", "a-distance"]
+
+
+class Advisor(Record):
+    """A social advisor (conseillère sociale) of a landlord's agency: the tenant's pivot."""
+
+    id: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9.-]{1,62}$")]
+    name: str
+    communes: tuple[str, ...] = ()
+    """Communes (INSEE) she follows; empty means the whole agency."""
+
+
+class Eligibility(Record):
+    """Who a service takes. Empty tuples mean no restriction."""
+
+    age_bands: tuple[AgeBand, ...] = ()
+    households: tuple[Household, ...] = ()
+    publics: tuple[str, ...] = ()
+    """data·inclusion publics required (any of them); `tous-publics` or empty: anyone."""
+    qpv_only: bool = False
+
+
+class Partner(Record):
+    """An organisation's service that can receive referrals (or, for agencies, consent
+    requests and the closed loop)."""
+
+    id: PartnerId
+    name: str
+    kind: Annotated[str, Field(pattern=r"^[a-z0-9-]{2,60}$")]
+    """data·inclusion `reseaux_porteurs` code, or a local kind such as `bailleur-social`."""
+    organisation: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9-]{1,62}$")]
+    needs: tuple[NeedCode, ...] = ()
+    coverage: tuple[str, ...] = ()
+    """`zone_eligibilite`-style codes: commune (5), EPCI SIREN (9), département (2-3), `france`."""
+    eligibility: Eligibility = Eligibility()
+    modes: tuple[ReceptionMode, ...] = ("en-presentiel",)
+    capacity: Annotated[int, Field(ge=0)] | None = None
+    """Referrals it can take at once; None: not declared."""
+    capacity_status: CapacityStatus = "capacity"
+    advisors: tuple[Advisor, ...] = ()
+    amqp_user: str | None = None
+    """The RabbitMQ user this partner authenticates as; default `pb-<id>`."""
+
+    @property
+    def username(self) -> str:
+        return self.amqp_user or f"pb-{self.id}"
+
+
+class Agreement(Record):
+    """A data-sharing agreement: referrals may leave `from_org` towards `to_org`."""
+
+    from_org: str
+    to_org: str
+    needs: tuple[NeedCode, ...] = ()
+    """Needs it covers (parent codes cover children); empty: all."""

@@ -1,0 +1,304 @@
+"""The message contracts of the bus.
+
+Inbound (partners → bus): Signal, ReferralStatusChanged, CapacityChanged,
+ConsentGranted, ConsentRevoked, ConsentRefused.
+Outbound (bus → a partner's queue): Referral, ReferralWithdrawn, ReferralReminder,
+ConsentRequested, NoPartnerFound, SignalClosed, and ReferralStatusChanged forwarded to
+the signal's source and the advisor (the closed loop).
+Each body carries its `type`, so a partner's consumer can tell them apart without headers.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Literal
+
+from pydantic import AwareDatetime, Field, model_validator
+
+from .base import (
+    CommuneCode,
+    Message,
+    MessageId,
+    NeedCode,
+    PartnerId,
+    PseudonymousRef,
+    Record,
+    ShortText,
+    Urgency,
+)
+
+AgeBand = Literal["under-25", "25-59", "60-74", "75-plus"]
+Household = Literal["single", "couple", "family", "single-parent", "other"]
+ConsentMethod = Literal["oral", "paper", "sms"]
+
+ReferralStatus = Literal[
+    "requested",  # recorded by the bus, on its way
+    "delivered",  # the broker confirmed the publish (publisher confirm)
+    "received",  # the partner's consumer took it (acked)
+    "accepted",
+    "rejected",
+    "in-progress",
+    "on-hold",
+    "failed",
+    "completed",
+    "cancelled",
+    "withdrawn",  # consent revoked
+    "expired",  # deadline passed without an answer
+]
+"""FHIR SDOH Task statuses plus what only a bus can observe (delivered, received),
+and withdrawn / expired."""
+
+RejectReason = Literal[
+    "unreachable", "not-eligible", "not-interested", "full", "duplicate", "other"
+]
+"""Why a partner declined (DORA's list, shortened)."""
+
+CapacityStatus = Literal["capacity", "no-capacity", "waitlist", "additional-assessment-required"]
+"""FHIR SDOH capacity codes."""
+
+
+class Profile(Record):
+    """What eligibility rules need about the person, and nothing more."""
+
+    age_band: AgeBand | None = None
+    household: Household | None = None
+    qpv: Annotated[str, Field(pattern=r"^QN\d{5,7}$")] | None = None
+    """Code of the priority neighbourhood (quartier prioritaire) the person lives in."""
+    publics: tuple[Annotated[str, Field(pattern=r"^[a-z0-9-]{2,60}$")], ...] = ()
+    """data·inclusion publics the person belongs to (seniors, familles…)."""
+
+
+class Contact(Record):
+    """How a partner may reach the person. Disclosed only to kinds that contact people."""
+
+    phone: Annotated[str, Field(pattern=r"^\+?[0-9 .-]{6,20}$")] | None = None
+    preferred_time: Annotated[str, Field(max_length=80)] | None = None
+
+
+class Facts(Record):
+    """Minimal facts a partner may need; each partner kind sees only its share."""
+
+    arrears_eur: Annotated[float, Field(ge=0, le=1_000_000)] | None = None
+    arrears_months: Annotated[int, Field(ge=0, le=240)] | None = None
+    household_size: Annotated[int, Field(ge=1, le=30)] | None = None
+    housing_condition: Literal["substandard", "hoarding", "overcrowded", "unfit"] | None = None
+    note: ShortText | None = None
+    """Free text: disclosed to few, deleted early by the retention job."""
+
+
+class Signal(Message):
+    """A partner saw a situation that needs help. One signal may carry several needs."""
+
+    type: Literal["signal"] = "signal"
+    source: PartnerId
+    """The partner that raises the signal; must match the authenticated AMQP user."""
+    person_ref: PseudonymousRef
+    """The source's own pseudonymous reference of the person (e.g. the tenancy's number)."""
+    commune: CommuneCode
+    needs: Annotated[tuple[NeedCode, ...], Field(min_length=1, max_length=10)]
+    urgency: Urgency = "routine"
+    agency: PartnerId | None = None
+    """The landlord's agency that follows the tenant; found from the commune when absent."""
+    profile: Profile = Profile()
+    facts: Facts = Facts()
+    contact: Contact | None = None
+
+    @model_validator(mode="after")
+    def _needs_unique(self) -> Signal:
+        if len(set(self.needs)) != len(self.needs):
+            msg = "needs must not repeat"
+            raise ValueError(msg)
+        return self
+
+
+class ConsentScope(Record):
+    """What a consent covers: needs (a parent code covers its children), and to whom."""
+
+    needs: Annotated[tuple[NeedCode, ...], Field(min_length=1)]
+    partner_kinds: tuple[Annotated[str, Field(pattern=r"^[a-z0-9-]{2,60}$")], ...] = ()
+    partners: tuple[PartnerId, ...] = ()
+
+    @model_validator(mode="after")
+    def _someone(self) -> ConsentScope:
+        if not self.partner_kinds and not self.partners:
+            msg = "a consent names partner kinds or partners: consent to 'anyone' is not consent"
+            raise ValueError(msg)
+        return self
+
+
+class ConsentGranted(Message):
+    """The person agreed, in front of an advisor, to be referred."""
+
+    type: Literal["consent-granted"] = "consent-granted"
+    consent_id: MessageId
+    person_ref: PseudonymousRef
+    scope: ConsentScope
+    collected_by: Annotated[str, Field(min_length=2, max_length=80)]
+    """The advisor who collected it."""
+    agency: PartnerId
+    method: ConsentMethod
+    granted_at: AwareDatetime
+    valid_until: AwareDatetime
+
+    @model_validator(mode="after")
+    def _period(self) -> ConsentGranted:
+        if self.valid_until <= self.granted_at:
+            msg = "valid_until must be after granted_at"
+            raise ValueError(msg)
+        return self
+
+
+class ConsentRevoked(Message):
+    type: Literal["consent-revoked"] = "consent-revoked"
+    consent_id: MessageId
+    revoked_by: Annotated[str, Field(min_length=2, max_length=80)]
+    agency: PartnerId
+    revoked_at: AwareDatetime
+    reason: ShortText | None = None
+
+
+class ConsentRefused(Message):
+    """The person said no: the parked signal closes with that outcome."""
+
+    type: Literal["consent-refused"] = "consent-refused"
+    signal_id: MessageId
+    person_ref: PseudonymousRef
+    needs: tuple[NeedCode, ...] = ()
+    """Needs refused; empty means all needs of the signal."""
+    collected_by: Annotated[str, Field(min_length=2, max_length=80)]
+    agency: PartnerId
+
+
+class ConsentRequested(Message):
+    """To the advisor: ask the person before anyone contacts them."""
+
+    type: Literal["consent-requested"] = "consent-requested"
+    signal_id: MessageId
+    source: PartnerId
+    person_ref: PseudonymousRef
+    commune: CommuneCode
+    needs: tuple[NeedCode, ...]
+    agency: PartnerId
+    advisor: str | None
+    reason: str
+    """Why consent is needed: missing, expired, revoked, out of scope."""
+    suggested_partners: tuple[PartnerId, ...] = ()
+
+
+class Referral(Message):
+    """An orientation: to this partner, for this need. Payload minimised for its kind."""
+
+    type: Literal["referral"] = "referral"
+    referral_id: MessageId
+    signal_id: MessageId
+    attempt: Annotated[int, Field(ge=1)]
+    partner: PartnerId
+    need: NeedCode
+    person: str
+    """Pseudonym of the person for this partner only (a keyed hash)."""
+    commune: CommuneCode
+    urgency: Urgency
+    due_by: AwareDatetime
+    agency: PartnerId
+    advisor: str | None = None
+    profile: Profile | None = None
+    facts: Facts | None = None
+    contact: Contact | None = None
+    why: tuple[str, ...] = ()
+    """Why this partner was chosen (the directory's reasons)."""
+
+
+class ReferralStatusChanged(Message):
+    """A referral's status moved. Partners send it; the bus forwards it to the source and
+    the advisor with `signal_id` and `need` filled in."""
+
+    type: Literal["referral-status-changed"] = "referral-status-changed"
+    referral_id: MessageId
+    partner: PartnerId
+    status: ReferralStatus
+    reason: RejectReason | None = None
+    outcome: ShortText | None = None
+    note: ShortText | None = None
+    signal_id: MessageId | None = None
+    need: NeedCode | None = None
+
+    @model_validator(mode="after")
+    def _reason_on_reject(self) -> ReferralStatusChanged:
+        if self.status == "rejected" and self.reason is None:
+            msg = "a rejection carries a reason (unreachable, not-eligible, not-interested, full, duplicate, other)"
+            raise ValueError(msg)
+        return self
+
+
+class ReferralWithdrawn(Message):
+    """To a partner: the consent behind this referral is gone; drop the data."""
+
+    type: Literal["referral-withdrawn"] = "referral-withdrawn"
+    referral_id: MessageId
+    partner: PartnerId
+    reason: Literal["consent-revoked", "consent-expired", "signal-cancelled"]
+
+
+class ReferralReminder(Message):
+    type: Literal["referral-reminder"] = "referral-reminder"
+    referral_id: MessageId
+    partner: PartnerId
+    due_by: AwareDatetime
+
+
+class NoPartnerFound(Message):
+    """To the advisor: nobody in the directory can take this need here."""
+
+    type: Literal["no-partner-found"] = "no-partner-found"
+    signal_id: MessageId
+    need: NeedCode
+    commune: CommuneCode
+    person_ref: PseudonymousRef
+    agency: PartnerId | None
+    tried: tuple[PartnerId, ...] = ()
+    reason: str
+
+
+class SignalClosed(Message):
+    """To the source and the advisor: this need of the signal ends here."""
+
+    type: Literal["signal-closed"] = "signal-closed"
+    signal_id: MessageId
+    need: NeedCode
+    outcome: Literal["consent-refused", "no-partner", "completed", "advisor-decides"]
+    detail: str | None = None
+
+
+class CapacityChanged(Message):
+    """A partner tells the directory whether it can take more referrals."""
+
+    type: Literal["capacity-changed"] = "capacity-changed"
+    partner: PartnerId
+    status: CapacityStatus
+    remaining: Annotated[int, Field(ge=0)] | None = None
+
+
+class ConsentExpiring(Message):
+    type: Literal["consent-expiring"] = "consent-expiring"
+    consent_id: MessageId
+    person_ref: PseudonymousRef
+    agency: PartnerId
+    valid_until: datetime
+
+
+InboundSignal = Signal
+StatusMessage = Annotated[ReferralStatusChanged | CapacityChanged, Field(discriminator="type")]
+ConsentMessage = Annotated[
+    ConsentGranted | ConsentRevoked | ConsentRefused, Field(discriminator="type")
+]
+OutboundMessage = Annotated[
+    Referral
+    | ReferralWithdrawn
+    | ReferralReminder
+    | ReferralStatusChanged
+    | ConsentRequested
+    | ConsentExpiring
+    | NoPartnerFound
+    | SignalClosed,
+    Field(discriminator="type"),
+]
