@@ -18,6 +18,7 @@ from faststream.rabbit import ExchangeType, QueueType, RabbitExchange, RabbitQue
 ERROR_HEADER = "partnerbus-error"
 ERROR_QUEUE_HEADER = "partnerbus-error-queue"
 ATTEMPT_HEADER = "partnerbus-attempt"
+ORIGINAL_USER_HEADER = "partnerbus-original-user"
 
 
 @dataclass(frozen=True)

@@ -51,6 +51,8 @@ class Partner(Record):
     advisors: tuple[Advisor, ...] = ()
     amqp_user: str | None = None
     """The RabbitMQ user this partner authenticates as; default `pb-<id>`."""
+    external_id: Annotated[str, Field(max_length=200)] | None = None
+    """The record's id where it came from (data·inclusion `id` of the service), if imported."""
 
     @property
     def username(self) -> str:

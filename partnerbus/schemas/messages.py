@@ -225,7 +225,10 @@ class ReferralStatusChanged(Message):
     @model_validator(mode="after")
     def _reason_on_reject(self) -> ReferralStatusChanged:
         if self.status == "rejected" and self.reason is None:
-            msg = "a rejection carries a reason (unreachable, not-eligible, not-interested, full, duplicate, other)"
+            msg = (
+                "a rejection carries a reason: unreachable, not-eligible, not-interested, "
+                "full, duplicate or other"
+            )
             raise ValueError(msg)
         return self
 

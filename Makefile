@@ -1,0 +1,44 @@
+# One source of truth for people and CI: `make demo`, `make test`, `make check`.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: all demo test test-faults lint types check bench run clean
+
+all: check test
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade "pip>=25.1"
+	$(BIN)/python -m pip install --quiet -e . --group dev
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/partnerbus demo
+
+run: $(STAMP)
+	$(BIN)/partnerbus run
+
+# Every tier, the real-broker and fault tests included (nothing is skipped in CI).
+test: $(STAMP)
+	$(BIN)/pytest -q
+
+# Only the slow fault-injection runs (cluster node killed, broker restart, SIGKILL).
+test-faults: $(STAMP)
+	$(BIN)/pytest -q -m slow
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+types: $(STAMP)
+	$(BIN)/mypy partnerbus
+
+check: lint
+
+bench: $(STAMP)
+	$(BIN)/python -m bench.directory --json bench/directory.json
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache partnerbus.db

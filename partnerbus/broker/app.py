@@ -1,0 +1,285 @@
+"""Wiring: the one place where settings, store, directory, broker and subscribers meet.
+
+`create_app(settings)` builds everything and connects nothing; the FastStream app's
+start-up declares the topology, creates the tables and starts the outbox relay and the
+scheduler. Worker processes (`partnerbus run --workers N`) each call `app_factory()`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+from faststream import AckPolicy, FastStream
+from faststream.rabbit import Channel, RabbitBroker, RabbitQueue
+from faststream.rabbit.annotations import RabbitMessage
+
+from partnerbus.directory import Directory, load_directory, load_sample
+from partnerbus.handlers import usecases
+from partnerbus.handlers.delivery import Verdict
+from partnerbus.handlers.subscribers import CAPACITY, Wiring, build_router, raw_body
+from partnerbus.handlers.usecases import DIRECTORY_UPDATES_KEY, Ledger
+from partnerbus.ledger.rules import DeadlinePolicy
+from partnerbus.ledger.store import Store
+from partnerbus.schemas import utcnow
+
+from .relay import Relay
+from .settings import Settings
+from .topology import Topology
+
+log = logging.getLogger("partnerbus")
+
+
+def amqp_user(url: str) -> str:
+    return unquote(urlsplit(url).username or "guest")
+
+
+def deadline_policy(settings: Settings) -> DeadlinePolicy:
+    d = settings.deadlines
+    return DeadlinePolicy(
+        routine=timedelta(hours=d.routine_hours),
+        urgent=timedelta(hours=d.urgent_hours),
+        asap=timedelta(hours=d.asap_hours),
+        reminder_fraction=d.reminder_fraction,
+    )
+
+
+@dataclass
+class Bus:
+    """A running partnerbus service: what tests, the demo and `partnerbus run` hold."""
+
+    settings: Settings
+    topology: Topology
+    broker: RabbitBroker
+    app: FastStream
+    ledger: Ledger
+    relay: Relay
+    executor: ThreadPoolExecutor
+    verdicts: list[tuple[str, Verdict]] = field(default_factory=list)
+    _stop: asyncio.Event = field(default_factory=asyncio.Event)
+    _verdict_seen: asyncio.Event = field(default_factory=asyncio.Event)
+    _tasks: list[asyncio.Task[Any]] = field(default_factory=list)
+
+    @property
+    def store(self) -> Store:
+        return self.ledger.store
+
+    @property
+    def directory(self) -> Directory:
+        return self.ledger.directory
+
+    def record_verdict(self, queue: str, verdict: Verdict) -> None:
+        self.verdicts.append((queue, verdict))
+        self._verdict_seen.set()
+
+    async def wait_verdicts(
+        self, count: int, *, queue: str | None = None, timeout: float = 10.0
+    ) -> list[Verdict]:
+        """Wait until `count` intake deliveries (of `queue`, or any) have been decided."""
+        async with asyncio.timeout(timeout):
+            while True:
+                found = [v for q, v in self.verdicts if queue is None or q.endswith(queue)]
+                if len(found) >= count:
+                    return found
+                self._verdict_seen.clear()
+                await self._verdict_seen.wait()
+
+    async def declare(self) -> None:
+        """Declare every exchange, queue, binding, dead-letter and delay queue. Idempotent."""
+        t = self.topology
+        exchanges = {e.name: await self.broker.declare_exchange(e) for e in t.exchanges()}
+        work = [q for q, _ in t.intake_queues()] + [
+            t.partner_queue(p.id) for p in self.directory.partners()
+        ]
+        for queue in work:
+            declared = await self.broker.declare_queue(queue)
+            dlq = await self.broker.declare_queue(t.dead_letter_queue(queue.name))
+            await dlq.bind(exchanges[t.dead_letters.name], routing_key=queue.name)
+            for step in range(len(t.retry_delays_ms)):
+                retry = t.retry_queue(queue.name, step)
+                await (await self.broker.declare_queue(retry)).bind(
+                    exchanges[t.retries.name], routing_key=retry.name
+                )
+            if queue.name.startswith(t.partner_queue_name("")):
+                await declared.bind(exchanges[t.deliveries.name], routing_key=queue.routing_key)
+
+    async def teardown(self) -> None:
+        """Delete every queue and exchange of this prefix (tests, demo clean-up)."""
+        import aio_pika
+
+        t = self.topology
+        connection = await aio_pika.connect(self.settings.amqp_url.get_secret_value())
+        async with connection:
+            channel = await connection.channel()
+            work = t.all_work_queue_names(p.id for p in self.directory.partners())
+            for name in work:
+                await channel.queue_delete(name)
+                await channel.queue_delete(t.dlq_name(name))
+                for step in range(len(t.retry_delays_ms)):
+                    await channel.queue_delete(t.retry_queue_name(name, step))
+            for exchange in t.exchanges():
+                await channel.exchange_delete(exchange.name)
+
+    async def start(self) -> None:
+        """Start consuming (used by tests and the demo; `partnerbus run` uses app.run)."""
+        await self.app.start()
+
+    async def stop(self) -> None:
+        await self.app.stop()
+
+    async def _on_startup(self) -> None:
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self.executor, self.store.create_all)
+        for partner_id, status, remaining in await loop.run_in_executor(
+            self.executor, self.store.capacities
+        ):
+            with contextlib.suppress(KeyError):
+                self.directory.apply_capacity(partner_id, status, remaining)
+
+    async def _after_startup(self) -> None:
+        await self.declare()
+        self._stop.clear()
+        self._tasks = [
+            asyncio.create_task(self.relay.run(self.settings.relay_interval_s, self._stop)),
+            asyncio.create_task(self._scheduler()),
+        ]
+
+    async def _on_shutdown(self) -> None:
+        self._stop.set()
+        for task in self._tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tasks = []
+
+    async def _after_shutdown(self) -> None:
+        self.executor.shutdown(wait=True)
+        self.store.dispose()
+
+    async def tick(self) -> dict[str, int]:
+        """One pass of the time-driven work (deadlines, consent expiry), then send."""
+
+        def work() -> dict[str, int]:
+            with self.store.begin() as tx:
+                return usecases.watch_deadlines(self.ledger, tx)
+
+        counts = await asyncio.get_running_loop().run_in_executor(self.executor, work)
+        await self.relay.flush()
+        return counts
+
+    async def _scheduler(self) -> None:
+        while not self._stop.is_set():
+            try:
+                await self.tick()
+            except Exception:
+                log.exception("scheduler pass failed")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), self.settings.scheduler_interval_s)
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    directory: Directory | None = None,
+    store: Store | None = None,
+    clock: Callable[[], datetime] = utcnow,
+    log_level: int = logging.DEBUG,
+) -> Bus:
+    """Build the service. Nothing connects here: the broker connects on start."""
+    settings = settings or Settings()
+    if directory is None:
+        directory = (
+            load_directory(settings.directory_path) if settings.directory_path else load_sample()
+        )
+    store = store or Store(settings.database_url)
+    topology = Topology(
+        settings.prefix,
+        delivery_limit=settings.delivery_limit,
+        retry_delays_ms=settings.retry_delays_ms,
+    )
+    broker = RabbitBroker(
+        settings.amqp_url.get_secret_value(),
+        default_channel=Channel(
+            prefetch_count=settings.prefetch, publisher_confirms=True, on_return_raises=True
+        ),
+        graceful_timeout=15.0,
+        log_level=log_level,  # the level FastStream logs each message at
+    )
+    ledger = Ledger(
+        store=store,
+        directory=directory,
+        clock=clock,
+        pseudonym_key=settings.pseudonym_key.get_secret_value().encode(),
+        deadlines=deadline_policy(settings),
+        consent_notice=timedelta(days=settings.consent_expiry_notice_days),
+    )
+    # SQLite has one writer: one database thread avoids lock contention inside a process.
+    executor = ThreadPoolExecutor(
+        max_workers=1 if store.is_sqlite else 4, thread_name_prefix="partnerbus-db"
+    )
+    relay = Relay(ledger, topology, broker.publish, executor, timeout_s=settings.publish_timeout_s)
+    app = FastStream(broker, logger=log)
+    bus = Bus(
+        settings=settings,
+        topology=topology,
+        broker=broker,
+        app=app,
+        ledger=ledger,
+        relay=relay,
+        executor=executor,
+    )
+    wiring = Wiring(
+        ledger=ledger,
+        topology=topology,
+        relay=relay,
+        executor=executor,
+        publish=broker.publish,
+        trusted_senders=settings.trusted_senders,
+        own_user=amqp_user(settings.amqp_url.get_secret_value()),
+        max_bytes=settings.max_message_bytes,
+        on_verdict=bus.record_verdict,
+    )
+    broker.include_router(build_router(wiring))
+    _subscribe_directory_updates(broker, topology, directory)
+    app.on_startup(bus._on_startup)
+    app.after_startup(bus._after_startup)
+    app.on_shutdown(bus._on_shutdown)
+    app.after_shutdown(bus._after_shutdown)
+    return bus
+
+
+def _subscribe_directory_updates(
+    broker: RabbitBroker, topology: Topology, directory: Directory
+) -> None:
+    """Each worker hears capacity changes on its own exclusive queue (a broadcast)."""
+    import uuid
+
+    queue = RabbitQueue(
+        f"{topology.prefix}.directory-updates.{uuid.uuid4().hex[:12]}",
+        exclusive=True,
+        auto_delete=True,
+        routing_key=DIRECTORY_UPDATES_KEY,
+    )
+
+    @broker.subscriber(queue, topology.deliveries, ack_policy=AckPolicy.ACK, decoder=raw_body)
+    async def on_directory_update(body: bytes, message: RabbitMessage) -> None:
+        try:
+            event = CAPACITY.validate_json(body)
+        except ValueError:
+            log.warning("ignored a malformed directory update %s", message.message_id)
+            return
+        with contextlib.suppress(KeyError):
+            directory.apply_capacity(event.partner, event.status, event.remaining)
+
+
+def app_factory() -> FastStream:
+    """Entry point of `faststream run --factory` (what `partnerbus run` starts)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    return create_app(log_level=logging.INFO).app

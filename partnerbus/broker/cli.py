@@ -1,0 +1,243 @@
+"""The `partnerbus` command line."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import uuid
+from datetime import UTC, datetime
+from typing import Annotated
+
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+from rich.table import Table
+
+from partnerbus.schemas import ConsentGranted, ConsentRevoked, ConsentScope
+
+from .settings import Settings
+
+app = typer.Typer(
+    help="partnerbus: consented referrals between the organisations around social housing.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+)
+consent_app = typer.Typer(help="Record, revoke and list consents (for the social advisor).")
+referrals_app = typer.Typer(help="Follow referrals and their audit trail.")
+app.add_typer(consent_app, name="consent")
+app.add_typer(referrals_app, name="referrals")
+
+console = Console()
+err = Console(stderr=True)
+
+
+def _mount_optional() -> None:
+    """Sub-apps that live beside their code."""
+    from partnerbus.directory.cli import app as directory_app
+
+    app.add_typer(directory_app, name="directory")
+    try:
+        from .access import app as access_app
+    except ImportError:  # pragma: no cover - access is part of the package
+        return
+    app.add_typer(access_app, name="access")
+    try:
+        from .dlq import app as dlq_app
+    except ImportError:  # pragma: no cover
+        return
+    app.add_typer(dlq_app, name="dlq")
+
+
+@app.command()
+def demo(
+    timeout: Annotated[float, typer.Option(help="Seconds each step may take.")] = 60.0,
+) -> None:
+    """Run the service and a scripted day from the field against the real broker."""
+    from .demo import main as demo_main
+
+    raise typer.Exit(asyncio.run(demo_main(Settings(), timeout)))
+
+
+@app.command()
+def run(
+    workers: Annotated[int, typer.Option(min=1, help="Worker processes.")] = 1,
+) -> None:
+    """Run the service (FastStream workers consuming the intake queues)."""
+    args = [
+        sys.executable,
+        "-m",
+        "faststream",
+        "run",
+        "partnerbus.broker.app:app_factory",
+        "--factory",
+        "--workers",
+        str(workers),
+    ]
+    os.execv(sys.executable, args)  # noqa: S606 - replaces this process with the workers
+
+
+def _fail(message: str) -> None:
+    err.print(f"[red]error:[/red] {message}")
+    raise typer.Exit(2)
+
+
+async def _publish_consent(settings: Settings, message: ConsentGranted | ConsentRevoked) -> None:
+    from partnerbus.client import PartnerClient
+
+    async with PartnerClient(
+        settings.amqp_url.get_secret_value(), message.agency, prefix=settings.prefix
+    ) as client:
+        await client.send_consent(message)
+
+
+@consent_app.command("grant")
+def consent_grant(
+    person: Annotated[str, typer.Option(help="Pseudonymous person reference.")],
+    agency: Annotated[str, typer.Option(help="The agency (partner id) collecting consent.")],
+    by: Annotated[str, typer.Option(help="The advisor who collected it.")],
+    needs: Annotated[
+        str, typer.Option(help="Comma-separated need codes (a parent covers its children).")
+    ],
+    kinds: Annotated[str, typer.Option(help="Comma-separated partner kinds.")] = "",
+    partners: Annotated[str, typer.Option(help="Comma-separated partner ids.")] = "",
+    method: Annotated[str, typer.Option(help="oral, paper or sms.")] = "oral",
+    duration: Annotated[str, typer.Option(help="1d, 1m, 6m or 1y.")] = "6m",
+) -> None:
+    """Record a consent the person gave; parked signals it covers leave at once."""
+    from partnerbus.directory import load_directory, load_sample
+    from partnerbus.ledger.rules import valid_until_for
+
+    settings = Settings()
+    directory = (
+        load_directory(settings.directory_path) if settings.directory_path else load_sample()
+    )
+    split = lambda s: tuple(x.strip() for x in s.split(",") if x.strip())  # noqa: E731
+    unknown = [n for n in split(needs) if not directory.has_need(n)]
+    if unknown:
+        _fail(f"unknown need(s): {', '.join(unknown)}")
+    now = datetime.now(UTC)
+    try:
+        until = valid_until_for(now, duration)
+        message = ConsentGranted(
+            message_id=str(uuid.uuid4()),
+            occurred_at=now,
+            consent_id=f"consent-{uuid.uuid4().hex[:12]}",
+            person_ref=person,
+            scope=ConsentScope(
+                needs=split(needs), partner_kinds=split(kinds), partners=split(partners)
+            ),
+            collected_by=by,
+            agency=agency,
+            method=method,  # type: ignore[arg-type]
+            granted_at=now,
+            valid_until=until,
+        )
+    except (ValidationError, ValueError) as exc:
+        _fail(str(exc))
+        return
+    asyncio.run(_publish_consent(settings, message))
+    console.print(f"consent [bold]{message.consent_id}[/bold] sent, valid until {until:%Y-%m-%d}")
+
+
+@consent_app.command("revoke")
+def consent_revoke(
+    consent_id: Annotated[str, typer.Argument(help="The consent to revoke.")],
+    agency: Annotated[str, typer.Option(help="The agency that collected it.")],
+    by: Annotated[str, typer.Option(help="Who records the revocation.")],
+    reason: Annotated[str, typer.Option(help="Why, in a few words.")] = "",
+) -> None:
+    """Revoke a consent: every open referral under it is withdrawn from its partner."""
+    now = datetime.now(UTC)
+    try:
+        message = ConsentRevoked(
+            message_id=str(uuid.uuid4()),
+            occurred_at=now,
+            consent_id=consent_id,
+            revoked_by=by,
+            agency=agency,
+            revoked_at=now,
+            reason=reason or None,
+        )
+    except ValidationError as exc:
+        _fail(str(exc))
+        return
+    asyncio.run(_publish_consent(Settings(), message))
+    console.print(f"revocation of [bold]{consent_id}[/bold] sent")
+
+
+def _store():  # type: ignore[no-untyped-def]
+    from partnerbus.ledger.store import Store
+
+    store = Store(Settings().database_url)
+    store.create_all()
+    return store
+
+
+@consent_app.command("list")
+def consent_list(
+    person: Annotated[str, typer.Option(help="Pseudonymous person reference.")],
+    by: Annotated[str, typer.Option(help="Who reads (recorded in the audit trail).")],
+) -> None:
+    """The person's consents, valid or not (this read is audited)."""
+    store = _store()
+    now = datetime.now(UTC)
+    with store.begin() as tx:
+        rows = tx.consents_of(person)
+        tx.audit(by, "consents-read", person, now, person_ref=person, why="partnerbus consent list")
+    table = Table(title=f"consents of {person}")
+    for column in ("consent", "needs", "to", "method", "by", "from", "until", "state"):
+        table.add_column(column)
+    for c in rows:
+        state = "revoked" if c.revoked_at else ("expired" if c.valid_until <= now else "valid")
+        table.add_row(
+            c.consent_id,
+            ", ".join(c.scope.needs),
+            ", ".join((*c.scope.partner_kinds, *c.scope.partners)),
+            c.method,
+            c.collected_by,
+            f"{c.granted_at:%Y-%m-%d}",
+            f"{c.valid_until:%Y-%m-%d}",
+            state,
+        )
+    console.print(table)
+
+
+@referrals_app.command("timeline")
+def referrals_timeline(
+    subject: Annotated[
+        str, typer.Argument(help="A person reference, a signal id or a referral id.")
+    ],
+    by: Annotated[str, typer.Option(help="Who reads (recorded in the audit trail).")],
+) -> None:
+    """Everything the bus did about a person or a referral, in order (this read is audited)."""
+    store = _store()
+    rows = store.audit_trail(subject)
+    with store.begin() as tx:
+        tx.audit(
+            by, "timeline-read", subject, datetime.now(UTC), why="partnerbus referrals timeline"
+        )
+    if not rows:
+        _fail(f"nothing recorded about {subject!r}")
+    table = Table(title=f"timeline of {subject}")
+    for column in ("when", "who", "what", "about", "partner", "why"):
+        table.add_column(column)
+    for r in rows:
+        table.add_row(
+            f"{r.at:%Y-%m-%d %H:%M:%S}",
+            r.actor,
+            r.action,
+            r.subject,
+            r.partner_id or "",
+            r.why or "",
+        )
+    console.print(table)
+
+
+def main() -> None:
+    _mount_optional()
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,308 @@
+"""`partnerbus demo`: the service and a scripted day from the field, on the real broker.
+
+Three situations of a day in the Métropole Européenne de Lille:
+1. the landlord's recovery service signals rent arrears in Roubaix; the tenant consented
+   last week; a partner takes it and closes it;
+2. the proximity team reports a hoarded flat in Tourcoing; no consent yet: the advisor of
+   the Tourcoing agency is asked, visits, records a paper consent; the first partner is
+   full and declines, the bus reroutes to the next best, which accepts;
+3. the CCAS of Lille alerts about a tenant's rights; consent was given by SMS; the partner
+   accepts.
+Every partner is simulated by a consumer of its own queue; every message is printed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import tempfile
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from rich.console import Console
+from rich.table import Table
+
+from partnerbus.client import PartnerClient
+from partnerbus.schemas import ConsentGranted, ConsentScope, Facts, Profile, Signal
+
+from .app import Bus, create_app
+from .settings import Settings
+
+ARREARS = "logement-hebergement--reduire-les-impayes-de-loyer"
+KEEP_HOME = "logement-hebergement--se-maintenir-dans-le-logement"
+RIGHTS = "difficultes-administratives-ou-juridiques--accompagnement-pour-lacces-aux-droits"
+
+console = Console()
+
+
+def broker_reachable(url: str) -> bool:
+    parts = urlsplit(url)
+    try:
+        with socket.create_connection((parts.hostname or "127.0.0.1", parts.port or 5672), 3):
+            return True
+    except OSError:
+        return False
+
+
+@dataclass
+class Day:
+    """The script's state: what happened, and the events the demo waits for."""
+
+    bus: Bus
+    url: str
+    clients: dict[str, PartnerClient] = field(default_factory=dict)
+    declined: set[str] = field(default_factory=set)
+    done: dict[str, asyncio.Event] = field(
+        default_factory=lambda: {k: asyncio.Event() for k in ("arrears", "hoarding", "rights")}
+    )
+
+    def say(self, who: str, text: str, style: str = "") -> None:
+        stamp = datetime.now(UTC).strftime("%H:%M:%S")
+        console.print(f"[dim]{stamp}[/dim] [bold]{who:<22}[/bold] {text}", style=style)
+
+    async def on_message(self, partner_id: str, message: Any) -> None:
+        kind = message.type
+        client = self.clients[partner_id]
+        if kind == "referral":
+            self.say(
+                partner_id,
+                f"← referral {message.referral_id[:8]} for [cyan]{message.need}[/cyan] "
+                f"(attempt {message.attempt}, person {message.person[:10]}…)",
+            )
+            await self.answer(client, message)
+        elif kind == "consent-requested":
+            self.say(
+                partner_id,
+                f"← consent requested for {message.person_ref} ({', '.join(message.needs)}): "
+                f"{message.reason}",
+                style="yellow",
+            )
+            await self.advisor_collects_consent(client, message)
+        elif kind == "referral-status-changed":
+            self.say(
+                partner_id,
+                f"← loop closed: referral {message.referral_id[:8]} is "
+                f"[bold]{message.status}[/bold]"
+                + (f" ({message.reason})" if message.reason else "")
+                + (f" — {message.outcome}" if message.outcome else ""),
+                style="green" if message.status in ("accepted", "completed") else "",
+            )
+        else:
+            self.say(partner_id, f"← {kind}")
+
+    async def answer(self, client: PartnerClient, referral: Any) -> None:
+        need, partner = referral.need, client.partner_id
+        if need == KEEP_HOME and not self.declined:
+            self.declined.add(partner)
+            self.say(partner, "→ declined: no room this month (full)", style="red")
+            await client.send_status(referral.referral_id, "rejected", reason="full")
+            return
+        self.say(partner, "→ accepted")
+        await client.send_status(referral.referral_id, "accepted")
+        if need == ARREARS:
+            await client.send_status(
+                referral.referral_id, "completed", outcome="FSL file filed; repayment plan signed"
+            )
+            self.say(partner, "→ completed: FSL file filed; repayment plan signed")
+            self.done["arrears"].set()
+        elif need == KEEP_HOME:
+            self.done["hoarding"].set()
+        elif need == RIGHTS:
+            self.done["rights"].set()
+
+    async def advisor_collects_consent(self, client: PartnerClient, request: Any) -> None:
+        self.say(
+            client.partner_id, "→ home visit; the tenant signs a paper consent", style="yellow"
+        )
+        now = datetime.now(UTC)
+        await client.send_consent(
+            ConsentGranted(
+                message_id=str(uuid.uuid4()),
+                occurred_at=now,
+                consent_id=f"consent-{uuid.uuid4().hex[:8]}",
+                person_ref=request.person_ref,
+                scope=ConsentScope(
+                    needs=request.needs,
+                    partner_kinds=("association", "ccas-cias", "maisons-des-solidarites"),
+                ),
+                collected_by=request.advisor or "advisor",
+                agency=request.agency,
+                method="paper",
+                granted_at=now,
+                valid_until=now + timedelta(days=182),
+            )
+        )
+
+
+def _consent(
+    person: str, agency: str, needs: tuple[str, ...], kinds: tuple[str, ...], method: str
+) -> ConsentGranted:
+    now = datetime.now(UTC)
+    return ConsentGranted(
+        message_id=str(uuid.uuid4()),
+        occurred_at=now,
+        consent_id=f"consent-{uuid.uuid4().hex[:8]}",
+        person_ref=person,
+        scope=ConsentScope(needs=needs, partner_kinds=kinds),
+        collected_by="a.martin",
+        agency=agency,
+        method=method,  # type: ignore[arg-type]
+        granted_at=now - timedelta(days=7),
+        valid_until=now + timedelta(days=175),
+    )
+
+
+def _signal(source: str, person: str, commune: str, need: str, **extra: Any) -> Signal:
+    return Signal(
+        message_id=str(uuid.uuid4()),
+        occurred_at=datetime.now(UTC),
+        source=source,
+        person_ref=person,
+        commune=commune,
+        needs=(need,),
+        **extra,
+    )
+
+
+async def run_day(bus: Bus, url: str, timeout: float) -> bool:
+    day = Day(bus, url)
+    d = bus.directory
+    for partner in d.partners():
+        client = PartnerClient(url, partner.id, prefix=bus.topology.prefix)
+        await client.__aenter__()
+        day.clients[partner.id] = client
+
+        async def handler(message: Any, pid: str = partner.id) -> None:
+            await day.on_message(pid, message)
+
+        await client.consume(handler)
+    try:
+        roubaix = d.agency_for("59512")
+        lille = d.agency_for("59350")
+        assert roubaix and lille, "the sample directory has agencies in Roubaix and Lille"
+
+        console.rule("[bold]1. Rent arrears in Roubaix (consent on file)")
+        await day.clients[roubaix.id].send_consent(
+            _consent(
+                "T-59512-0412",
+                roubaix.id,
+                ("logement-hebergement", "difficultes-financieres"),
+                ("ccas-cias", "points-conseil-budget", "cresus", "maisons-des-solidarites"),
+                "oral",
+            )
+        )
+        await bus.wait_verdicts(1, queue="consents", timeout=timeout)
+        day.say("lmh-recouvrement", "→ signal: 4 months of arrears (1,840 €)")
+        await day.clients["lmh-recouvrement"].send_signal(
+            _signal(
+                "lmh-recouvrement",
+                "T-59512-0412",
+                "59512",
+                ARREARS,
+                urgency="urgent",
+                facts=Facts(arrears_eur=1840.0, arrears_months=4, household_size=3),
+                profile=Profile(household="single-parent", age_band="25-59"),
+            )
+        )
+        await asyncio.wait_for(day.done["arrears"].wait(), timeout)
+
+        console.rule("[bold]2. A hoarded flat in Tourcoing (no consent yet)")
+        day.say("lmh-proximite", "→ signal: hoarding reported by the caretaker")
+        await day.clients["lmh-proximite"].send_signal(
+            _signal(
+                "lmh-proximite",
+                "T-59599-0077",
+                "59599",
+                KEEP_HOME,
+                facts=Facts(housing_condition="hoarding", note="neighbours complain of smells"),
+                profile=Profile(household="single", age_band="60-74"),
+            )
+        )
+        await asyncio.wait_for(day.done["hoarding"].wait(), timeout)
+
+        console.rule("[bold]3. The CCAS of Lille alerts about a tenant's rights (SMS consent)")
+        await day.clients[lille.id].send_consent(
+            _consent(
+                "T-59350-1290",
+                lille.id,
+                ("difficultes-administratives-ou-juridiques",),
+                ("caf", "ccas-cias", "maisons-des-solidarites", "cidff", "fcsf"),
+                "sms",
+            )
+        )
+        await bus.wait_verdicts(3, queue="consents", timeout=timeout)
+        day.say("ccas-lille", "→ signal: benefits stopped after a change of situation")
+        await day.clients["ccas-lille"].send_signal(
+            _signal("ccas-lille", "T-59350-1290", "59350", RIGHTS, agency=lille.id)
+        )
+        await asyncio.wait_for(day.done["rights"].wait(), timeout)
+        await bus.relay.flush()
+    finally:
+        for client in day.clients.values():
+            await client.__aexit__(None, None, None)
+    summary(bus)
+    return all(event.is_set() for event in day.done.values())
+
+
+def summary(bus: Bus) -> None:
+    table = Table(title="The day's referrals", show_lines=False)
+    for column in ("signal", "need", "partner", "attempt", "status", "reason / outcome"):
+        table.add_column(column)
+    for r in bus.store.referrals():
+        table.add_row(
+            r.signal_id[:8],
+            r.need.split("--")[-1],
+            r.partner_id,
+            str(r.attempt),
+            r.status,
+            r.reason or r.outcome or "",
+        )
+    console.print(table)
+    console.print(
+        f"outbox sent {bus.relay.sent}, pending {bus.store.pending_count()}; "
+        f"audit records {bus.store.count('audit')}"
+    )
+
+
+async def main(settings: Settings, timeout: float = 60.0) -> int:
+    url = settings.amqp_url.get_secret_value()
+    where = f"{urlsplit(url).hostname}:{urlsplit(url).port or 5672}"
+    if not broker_reachable(url):
+        console.print(
+            f"[red]RabbitMQ is not reachable at {where}.[/red]\n"
+            "Start it with `rabbitmq-server -detached` (Debian package rabbitmq-server), or "
+            "`docker compose up -d rabbitmq` from this repository, then run `make demo` again.\n"
+            "Another broker: set PARTNERBUS_AMQP_URL=amqp://user:password@host:5672/"
+        )
+        return 2
+    with tempfile.TemporaryDirectory(prefix="partnerbus-demo-") as tmp:
+        demo = settings.model_copy(
+            update={
+                "prefix": f"demo-{uuid.uuid4().hex[:6]}",
+                "database_url": f"sqlite:///{Path(tmp) / 'demo.db'}",
+                "relay_interval_s": 0.5,
+            }
+        )
+        bus = create_app(demo)
+        console.print(
+            f"partnerbus demo on {urlsplit(url).hostname}, prefix [bold]{demo.prefix}[/bold], "
+            f"{len(bus.directory.partners())} partners in the directory"
+        )
+        await bus.start()
+        try:
+            ok = await run_day(bus, url, timeout)
+        except TimeoutError:
+            console.print("[red]the day did not complete in time[/red]")
+            summary(bus)
+            ok = False
+        finally:
+            await bus.stop()
+            await bus.teardown()
+    console.print(
+        "[bold green]demo complete[/bold green]" if ok else "[bold red]demo failed[/bold red]"
+    )
+    return 0 if ok else 1

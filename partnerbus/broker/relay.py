@@ -1,0 +1,105 @@
+"""The outbox relay: sends what the ledger committed, with publisher confirms.
+
+A use case writes its outgoing messages in the same transaction as its state change; the
+subscriber asks the relay to send them right after the commit, and a background sweep sends
+whatever a crash left behind. A row is claimed for a lease before it is sent, so two workers
+do not send it together; a crash between the confirm and `mark_sent` sends it once more,
+with the same `message_id` (at least once; partners deduplicate on it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from concurrent.futures import Executor
+from datetime import timedelta
+from functools import partial
+from typing import Any
+
+from partnerbus.handlers.usecases import Ledger, mark_delivered
+from partnerbus.ledger.store import OutboxRow
+
+from .topology import Topology
+
+log = logging.getLogger("partnerbus.relay")
+
+Publish = Callable[..., Awaitable[Any]]
+
+
+class Relay:
+    def __init__(
+        self,
+        ledger: Ledger,
+        topology: Topology,
+        publish: Publish,
+        executor: Executor,
+        *,
+        timeout_s: float,
+        lease: timedelta = timedelta(seconds=60),
+    ) -> None:
+        self.ledger = ledger
+        self.topology = topology
+        self.publish = publish
+        self.executor = executor
+        self.timeout_s = timeout_s
+        self.lease = lease
+        self.sent = 0
+        self.failed = 0
+
+    async def _db(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self.executor, partial(fn, *args))
+
+    async def flush(self, message_ids: list[str] | None = None) -> int:
+        """Send pending rows (only those of `message_ids` when given). Returns how many left."""
+        store = self.ledger.store
+        ids = None
+        if message_ids is not None:
+            ids = await self._db(store.outbox_ids_since, message_ids)
+            if not ids:
+                return 0
+        rows: list[OutboxRow] = await self._db(
+            store.claim_pending, self.ledger.clock(), self.lease, 200, ids
+        )
+        sent = 0
+        for row in rows:
+            try:
+                await self.publish(
+                    row.body.encode(),
+                    exchange=self.topology.deliveries,
+                    routing_key=row.routing_key,
+                    persist=True,
+                    mandatory=True,
+                    message_id=row.message_id,
+                    message_type=row.message_type,
+                    content_type="application/json",
+                    timeout=self.timeout_s,
+                )
+            except Exception as exc:  # unroutable, timeout, connection lost: try again later
+                self.failed += 1
+                log.warning("outbox row %s to %s not sent: %s", row.id, row.routing_key, exc)
+                await self._db(store.release, row.id, f"{type(exc).__name__}: {exc}")
+                continue
+            await self._db(self._confirmed, row)
+            sent += 1
+        self.sent += sent
+        return sent
+
+    def _confirmed(self, row: OutboxRow) -> None:
+        now = self.ledger.clock()
+        with self.ledger.store.begin() as tx:
+            tx.mark_sent(row.id, now)
+            if row.message_type == "referral" and row.referral_id:
+                mark_delivered(self.ledger, tx, row.referral_id)
+
+    async def run(self, interval_s: float, stop: asyncio.Event) -> None:
+        """The sweep: sends what the fast path could not (crash, broker away)."""
+        while not stop.is_set():
+            try:
+                while await self.flush() > 0:
+                    pass
+            except Exception:
+                log.exception("outbox sweep failed; next try in %.1fs", interval_s)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=interval_s)

@@ -1,0 +1,109 @@
+"""A partner's side of the bus: publish signals and statuses, consume one's own queue.
+
+What a partner's IT team would otherwise write by hand: JSON with our models, persistent
+messages with publisher confirms, `user_id` set so the broker vouches for the sender, a
+`received` status sent back when a referral has been taken, and deduplication on
+`message_id` (delivery is at least once).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import aio_pika
+from aio_pika.abc import AbstractIncomingMessage
+from pydantic import TypeAdapter
+
+from partnerbus.broker.topology import Topology
+from partnerbus.schemas import Message, ReferralStatusChanged
+from partnerbus.schemas.messages import OutboundMessage
+
+OUTBOUND: TypeAdapter[Any] = TypeAdapter(OutboundMessage)
+Handler = Callable[[Any], Awaitable[None]]
+
+
+class PartnerClient:
+    def __init__(self, amqp_url: str, partner_id: str, *, prefix: str = "partnerbus") -> None:
+        self.amqp_url = amqp_url
+        self.partner_id = partner_id
+        self.topology = Topology(prefix)
+        self.user = unquote(urlsplit(amqp_url).username or "guest")
+        self._connection: aio_pika.abc.AbstractRobustConnection | None = None
+        self._channel: aio_pika.abc.AbstractChannel | None = None
+        self._seen: set[str] = set()
+
+    async def __aenter__(self) -> PartnerClient:
+        self._connection = await aio_pika.connect_robust(self.amqp_url)
+        self._channel = await self._connection.channel(
+            publisher_confirms=True, on_return_raises=True
+        )
+        await self._channel.set_qos(prefetch_count=8)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._connection is not None:
+            await self._connection.close()
+
+    @property
+    def channel(self) -> aio_pika.abc.AbstractChannel:
+        if self._channel is None:
+            msg = "use `async with PartnerClient(...)` first"
+            raise RuntimeError(msg)
+        return self._channel
+
+    async def _publish(self, exchange: str, message: Message) -> None:
+        ex = await self.channel.get_exchange(exchange, ensure=False)
+        await ex.publish(
+            aio_pika.Message(
+                message.model_dump_json().encode(),
+                content_type="application/json",
+                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                message_id=message.message_id,
+                type=getattr(message, "type", None),
+                user_id=self.user,
+            ),
+            routing_key=self.partner_id,
+        )
+
+    async def send_signal(self, signal: Message) -> None:
+        await self._publish(self.topology.signals.name, signal)
+
+    async def send_consent(self, event: Message) -> None:
+        await self._publish(self.topology.consents.name, event)
+
+    async def send_status(self, referral_id: str, status: str, **fields: Any) -> None:
+        await self._publish(
+            self.topology.statuses.name,
+            ReferralStatusChanged(
+                message_id=str(uuid.uuid4()),
+                occurred_at=datetime.now(UTC),
+                referral_id=referral_id,
+                partner=self.partner_id,
+                status=status,  # type: ignore[arg-type]
+                **fields,
+            ),
+        )
+
+    async def consume(self, handler: Handler, *, acknowledge_receipt: bool = True) -> str:
+        """Call `handler` with each message of our queue (decoded); ack after it returns.
+        Referrals are answered with `received` first, when `acknowledge_receipt`."""
+        queue = await self.channel.get_queue(
+            self.topology.partner_queue_name(self.partner_id), ensure=False
+        )
+
+        async def on_message(raw: AbstractIncomingMessage) -> None:
+            message = OUTBOUND.validate_json(raw.body)
+            if message.message_id in self._seen:  # a redelivery: already handled
+                await raw.ack()
+                return
+            if acknowledge_receipt and message.type == "referral":
+                await self.send_status(message.referral_id, "received")
+            await handler(message)
+            self._seen.add(message.message_id)
+            await raw.ack()
+
+        return await queue.consume(on_message)

@@ -1,0 +1,193 @@
+"""What every intake subscriber does around its use case, in one place (the middleware of
+this bus): size and JSON checks, schema validation, sender authentication, dead-lettering
+with a reason, delayed retries of transient failures.
+
+Outcomes of one delivery:
+- processed, or a business outcome (a duplicate, a refused consent): acked;
+- refused (bad input, spoofed sender, unknown reference): a copy goes to `<queue>.dlq`
+  with the reason in the `partnerbus-error` header, then the original is acked;
+- transient failure (the database is down): a copy goes to a delay queue with our attempt
+  header, then the original is acked; past the last delay it is refused as above;
+- anything else: the exception propagates, FastStream nacks with requeue, and RabbitMQ's
+  delivery limit moves the message to the dead-letter queue after a few tries (x-death).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from aio_pika import IncomingMessage
+from pydantic import TypeAdapter, ValidationError
+from sqlalchemy.exc import DBAPIError, OperationalError
+
+from partnerbus.broker.topology import (
+    ATTEMPT_HEADER,
+    ERROR_HEADER,
+    ERROR_QUEUE_HEADER,
+    ORIGINAL_USER_HEADER,
+    Topology,
+)
+from partnerbus.directory import Directory
+
+from .usecases import Refused
+
+log = logging.getLogger("partnerbus.delivery")
+
+T = TypeVar("T")
+Publish = Callable[..., Awaitable[Any]]
+
+
+@dataclass(frozen=True)
+class Verdict:
+    outcome: str  # processed | duplicate | refused | retried
+    reason: str | None = None
+
+
+def describe_validation(error: ValidationError) -> str:
+    """A short, readable account of what is wrong, field by field."""
+    parts = []
+    for item in error.errors(include_url=False)[:8]:
+        where = ".".join(str(p) for p in item["loc"]) or "message"
+        parts.append(f"{where}: {item['msg']}")
+    more = error.error_count() - len(parts)
+    return "invalid message: " + "; ".join(parts) + (f" (+{more} more)" if more > 0 else "")
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Failures that another try later may not meet: the database unreachable or locked."""
+    if isinstance(exc, OperationalError):
+        return True
+    return isinstance(exc, DBAPIError) and bool(exc.connection_invalidated)
+
+
+class Intake:
+    """Decode, authenticate and run one use case for one work queue."""
+
+    def __init__(
+        self,
+        *,
+        queue: str,
+        topology: Topology,
+        directory: Directory,
+        publish: Publish,
+        trusted_senders: tuple[str, ...],
+        max_bytes: int,
+        own_user: str,
+    ) -> None:
+        self.queue = queue
+        self.topology = topology
+        self.directory = directory
+        self.publish = publish
+        self.own_user = own_user
+        self.trusted = frozenset((*trusted_senders, own_user))
+        self.max_bytes = max_bytes
+
+    def decode(self, body: bytes, adapter: TypeAdapter[T]) -> T:
+        if len(body) > self.max_bytes:
+            raise Refused(f"message too large: {len(body)} bytes, limit {self.max_bytes}")
+        try:
+            json.loads(body)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise Refused(f"not JSON: {exc}") from None
+        try:
+            return adapter.validate_json(body)
+        except ValidationError as exc:
+            raise Refused(describe_validation(exc)) from None
+
+    def authenticate(self, raw: IncomingMessage, claimed_partner: str) -> None:
+        """The claimed partner must be the AMQP user RabbitMQ authenticated. RabbitMQ refuses
+        a `user_id` property that differs from the connection's user, so `user_id` is proof."""
+        user = raw.user_id
+        if user == self.own_user and ORIGINAL_USER_HEADER in (raw.headers or {}):
+            # Back from one of our own delay queues: the bus vouched for the first sender.
+            user = str((raw.headers or {})[ORIGINAL_USER_HEADER])
+        if user is None:
+            raise Refused(
+                "no user_id property: publish with user_id set to your AMQP user name, "
+                "so that the broker vouches for the sender"
+            )
+        if user in self.trusted:
+            return
+        try:
+            expected = self.directory.partner(claimed_partner).username
+        except KeyError:
+            raise Refused(f"unknown partner {claimed_partner!r}") from None
+        if user != expected:
+            raise Refused(
+                f"claimed sender {claimed_partner!r} does not match the authenticated AMQP "
+                f"user {user!r}"
+            )
+
+    async def dead_letter(self, raw: IncomingMessage, reason: str) -> None:
+        """Keep the message where ops can see it, with the reason and its original headers."""
+        headers = dict(raw.headers or {})
+        headers.update(
+            {
+                ERROR_HEADER: reason[:4000],
+                ERROR_QUEUE_HEADER: self.queue,
+                "partnerbus-original-exchange": raw.exchange or "",
+                "partnerbus-original-routing-key": raw.routing_key or "",
+                ORIGINAL_USER_HEADER: headers.get(ORIGINAL_USER_HEADER) or raw.user_id or "",
+            }
+        )
+        await self.publish(
+            raw.body,
+            exchange=self.topology.dead_letters,
+            routing_key=self.queue,
+            headers=headers,
+            message_id=raw.message_id,
+            message_type=raw.type,
+            content_type=raw.content_type,
+        )
+        log.warning("dead-lettered %s from %s: %s", raw.message_id, self.queue, reason)
+
+    async def retry_later(self, raw: IncomingMessage, error: BaseException) -> bool:
+        """Put a copy in the next delay queue; False when no delay is left."""
+        headers = dict(raw.headers or {})
+        attempt = int(headers.get(ATTEMPT_HEADER, 0) or 0)
+        if attempt >= len(self.topology.retry_delays_ms):
+            return False
+        headers[ATTEMPT_HEADER] = attempt + 1
+        headers.setdefault(ORIGINAL_USER_HEADER, raw.user_id or "")
+        headers["partnerbus-last-error"] = f"{type(error).__name__}: {error}"[:2000]
+        await self.publish(
+            raw.body,
+            exchange=self.topology.retries,
+            routing_key=self.topology.retry_queue_name(self.queue, attempt),
+            headers=headers,
+            message_id=raw.message_id,
+            message_type=raw.type,
+            content_type=raw.content_type,
+            user_id=self.own_user,
+        )
+        log.warning("retry %d of %s in %s: %s", attempt + 1, raw.message_id, self.queue, error)
+        return True
+
+    async def run(
+        self,
+        raw: IncomingMessage,
+        body: bytes,
+        adapter: TypeAdapter[T],
+        sender_of: Callable[[T], str],
+        work: Callable[[T], Awaitable[bool]],
+    ) -> Verdict:
+        try:
+            message = self.decode(body, adapter)
+            self.authenticate(raw, sender_of(message))
+            done = await work(message)
+        except Refused as refusal:
+            await self.dead_letter(raw, str(refusal))
+            return Verdict("refused", str(refusal))
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            if await self.retry_later(raw, exc):
+                return Verdict("retried", str(exc))
+            reason = f"gave up after {len(self.topology.retry_delays_ms)} retries: {exc}"
+            await self.dead_letter(raw, reason)
+            return Verdict("refused", reason)
+        return Verdict("processed" if done else "duplicate")

@@ -1,0 +1,735 @@
+"""The use cases of the bus, one verb each: receive a signal, grant / revoke / refuse a
+consent, record a status, mark a delivery, watch deadlines, apply retention.
+
+Each runs inside one ledger transaction: it decides with the pure rules and the directory,
+records the state change, the dedupe mark and the audit, and puts what must leave in the
+outbox. Nothing here touches the broker; the subscribers call these and the relay sends.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from partnerbus.directory import Candidate, Directory, match
+from partnerbus.ledger.rules import (
+    OPEN,
+    ConsentDecision,
+    ConsentRecord,
+    DeadlinePolicy,
+    deadline_action,
+    evaluate_consent,
+    expiring_soon,
+    minimise,
+    pseudonym,
+    referral_id,
+    reroute_after_rejection,
+    transition,
+)
+from partnerbus.ledger.store import ConsentRow, LedgerTx, ReferralRow, SignalRow, Store
+from partnerbus.schemas import (
+    CapacityChanged,
+    ConsentExpiring,
+    ConsentGranted,
+    ConsentRefused,
+    ConsentRequested,
+    ConsentRevoked,
+    NoPartnerFound,
+    Referral,
+    ReferralReminder,
+    ReferralStatusChanged,
+    ReferralWithdrawn,
+    Signal,
+    SignalClosed,
+)
+
+Clock = Callable[[], datetime]
+DIRECTORY_UPDATES_KEY = "directory.updates"
+"""Routing key, on the deliveries exchange, of the broadcast every worker's directory hears
+(no partner id can contain a dot, so it never reaches a partner)."""
+BUS = "partnerbus"
+
+
+class Refused(Exception):  # noqa: N818 - a business refusal, not a crash
+    """The message cannot be processed as sent; it goes to the dead-letter queue with this
+    reason (unknown commune, spoofed source, a status about someone else's referral…)."""
+
+
+@dataclass(frozen=True)
+class Ledger:
+    """What every use case needs: the record, the directory, the clock and the policies."""
+
+    store: Store
+    directory: Directory
+    clock: Clock
+    pseudonym_key: bytes
+    deadlines: DeadlinePolicy
+    consent_notice: timedelta = timedelta(days=14)
+
+
+def _record(row: ConsentRow) -> ConsentRecord:
+    return ConsentRecord(
+        consent_id=row.consent_id,
+        person_ref=row.person_ref,
+        scope=row.scope,
+        collected_by=row.collected_by,
+        agency=row.agency,
+        method=row.method,
+        granted_at=row.granted_at,
+        valid_until=row.valid_until,
+        revoked_at=row.revoked_at,
+    )
+
+
+def _derived_id(*parts: str) -> str:
+    """A deterministic message id for what the bus emits, so a redelivered input that is
+    processed again (it cannot be: dedupe) or a relayed row sent twice keeps one id."""
+    import uuid
+
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, "partnerbus:" + "|".join(parts)))
+
+
+# signals -------------------------------------------------------------------------------
+def check_signal(ledger: Ledger, signal: Signal) -> None:
+    """Refuse what the directory does not know: the message is bad, not the bus."""
+    directory = ledger.directory
+    if not directory.has_commune(signal.commune):
+        raise Refused(f"unknown commune {signal.commune!r}: not an INSEE code of the territory")
+    unknown = [n for n in signal.needs if not directory.has_need(n)]
+    if unknown:
+        raise Refused(f"unknown need(s) {', '.join(unknown)}: not in the taxonomy")
+    try:
+        directory.partner(signal.source)
+    except KeyError:
+        raise Refused(f"unknown source partner {signal.source!r}") from None
+    if signal.agency is not None:
+        try:
+            agency = directory.partner(signal.agency)
+        except KeyError:
+            raise Refused(f"unknown agency {signal.agency!r}") from None
+        if agency.kind != "bailleur-social":
+            raise Refused(f"{signal.agency!r} is not a landlord's agency")
+
+
+def receive_signal(ledger: Ledger, tx: LedgerTx, signal: Signal, queue: str) -> bool:
+    """Record a signal once and route each of its needs. False for a duplicate."""
+    now = ledger.clock()
+    if not tx.first_time(signal.message_id, queue, now):
+        return False
+    agency = (
+        ledger.directory.partner(signal.agency)
+        if signal.agency
+        else ledger.directory.agency_for(signal.commune)
+    )
+    advisor = ledger.directory.advisor_for(agency.id, signal.commune) if agency else None
+    row = SignalRow(
+        signal_id=signal.message_id,
+        source=signal.source,
+        person_ref=signal.person_ref,
+        commune=signal.commune,
+        urgency=signal.urgency,
+        agency=agency.id if agency else None,
+        advisor=advisor.id if advisor else None,
+        body=signal.model_dump_json(),
+        received_at=now,
+        note_deleted_at=None,
+        anonymised_at=None,
+    )
+    tx.add_signal(signal, row.agency, row.advisor, now)
+    tx.audit(
+        signal.source,
+        "signal-received",
+        signal.message_id,
+        now,
+        person_ref=signal.person_ref,
+        why=f"needs {', '.join(signal.needs)} in {signal.commune}",
+    )
+    parked: list[tuple[str, ConsentDecision, list[Candidate]]] = []
+    for need in signal.needs:
+        result = _route(ledger, tx, row, signal, need, attempt=1, tried=())
+        if result is not None:
+            parked.append((need, *result))
+    if parked:
+        _request_consent(ledger, tx, row, signal, parked)
+    return True
+
+
+def _route(
+    ledger: Ledger,
+    tx: LedgerTx,
+    row: SignalRow,
+    signal: Signal,
+    need: str,
+    attempt: int,
+    tried: tuple[str, ...],
+) -> tuple[ConsentDecision, list[Candidate]] | None:
+    """Send this need to the best partner the person consented to. Returns the consent
+    decision and the candidates when the need must wait for consent (parked)."""
+    now = ledger.clock()
+    candidates = match(
+        ledger.directory,
+        need,
+        signal.commune,
+        profile=signal.profile,
+        sender=signal.source,
+        exclude=frozenset(tried),
+    )
+    if not candidates:
+        reason = f"no partner for {need} in {signal.commune}" + (
+            f" besides {', '.join(tried)}" if tried else ""
+        )
+        tx.set_need_state(row.signal_id, need, "no-partner", reason, now)
+        if row.agency:
+            tx.enqueue(
+                NoPartnerFound(
+                    message_id=_derived_id("no-partner", row.signal_id, need, str(attempt)),
+                    occurred_at=now,
+                    signal_id=row.signal_id,
+                    need=need,
+                    commune=signal.commune,
+                    person_ref=signal.person_ref,
+                    agency=row.agency,
+                    tried=tried,
+                    reason=reason,
+                ),
+                row.agency,
+                now,
+            )
+        _tell_source(
+            ledger,
+            tx,
+            row,
+            SignalClosed(
+                message_id=_derived_id("closed", row.signal_id, need, "no-partner", str(attempt)),
+                occurred_at=now,
+                signal_id=row.signal_id,
+                need=need,
+                outcome="no-partner",
+                detail=reason,
+            ),
+        )
+        return None
+    consents = [_record(c) for c in tx.consents_of(signal.person_ref)]
+    first_decision: ConsentDecision | None = None
+    for candidate in candidates:
+        decision = evaluate_consent(
+            consents, signal.person_ref, need, candidate.partner_id, candidate.partner.kind, now
+        )
+        if decision.allowed:
+            _send_referral(ledger, tx, row, signal, need, attempt, candidate, decision)
+            return None
+        first_decision = first_decision or decision
+    assert first_decision is not None
+    tx.set_need_state(row.signal_id, need, "parked", first_decision.detail, now)
+    tx.audit(
+        BUS,
+        "signal-parked",
+        row.signal_id,
+        now,
+        person_ref=signal.person_ref,
+        why=f"{need}: {first_decision.reason}",
+    )
+    return first_decision, candidates
+
+
+def _send_referral(
+    ledger: Ledger,
+    tx: LedgerTx,
+    row: SignalRow,
+    signal: Signal,
+    need: str,
+    attempt: int,
+    candidate: Candidate,
+    decision: ConsentDecision,
+) -> None:
+    now = ledger.clock()
+    partner = candidate.partner
+    rid = referral_id(row.signal_id, need, attempt)
+    due_by = ledger.deadlines.due_by(signal.urgency, now)
+    profile, facts, contact = minimise(partner.kind, signal.profile, signal.facts, signal.contact)
+    referral = Referral(
+        message_id=rid,
+        occurred_at=now,
+        referral_id=rid,
+        signal_id=row.signal_id,
+        attempt=attempt,
+        partner=partner.id,
+        need=need,
+        person=pseudonym(ledger.pseudonym_key, partner.id, signal.person_ref),
+        commune=signal.commune,
+        urgency=signal.urgency,
+        due_by=due_by,
+        agency=row.agency or signal.source,
+        advisor=row.advisor,
+        profile=profile,
+        facts=facts,
+        contact=contact,
+        why=candidate.reasons,
+    )
+    tx.add_referral(
+        referral_id=rid,
+        signal_id=row.signal_id,
+        need=need,
+        attempt=attempt,
+        partner_id=partner.id,
+        partner_kind=partner.kind,
+        consent_id=decision.consent_id,
+        status="requested",
+        urgency=signal.urgency,
+        created_at=now,
+        updated_at=now,
+        due_at=due_by,
+        remind_at=ledger.deadlines.remind_at(signal.urgency, now),
+        reminded=False,
+    )
+    tx.record_transition(rid, "requested", "requested", "applied", BUS, decision.detail, now)
+    tx.set_need_state(row.signal_id, need, "routed", f"to {partner.id} (attempt {attempt})", now)
+    tx.enqueue(referral, partner.id, now, referral_id=rid)
+    shared = [
+        name
+        for name, part in (("profile", profile), ("facts", facts), ("contact", contact))
+        if part
+    ]
+    tx.audit(
+        BUS,
+        "referral-disclosed",
+        rid,
+        now,
+        person_ref=signal.person_ref,
+        partner_id=partner.id,
+        why=f"{need}; consent {decision.consent_id}; shared: {', '.join(shared) or 'ids only'}",
+    )
+
+
+def _request_consent(
+    ledger: Ledger,
+    tx: LedgerTx,
+    row: SignalRow,
+    signal: Signal,
+    parked: list[tuple[str, ConsentDecision, list[Candidate]]],
+) -> None:
+    now = ledger.clock()
+    if row.agency is None:
+        # Nobody to ask: the source learns that the signal waits without an advisor.
+        for need, _decision, _candidates in parked:
+            tx.set_need_state(row.signal_id, need, "parked", "no agency covers the commune", now)
+        return
+    needs = tuple(need for need, _, _ in parked)
+    suggested: list[str] = []
+    for _, _, candidates in parked:
+        for c in candidates[:3]:
+            if c.partner_id not in suggested:
+                suggested.append(c.partner_id)
+    reasons = sorted({d.reason for _, d, _ in parked})
+    tx.enqueue(
+        ConsentRequested(
+            message_id=_derived_id("consent-requested", row.signal_id, *needs),
+            occurred_at=now,
+            signal_id=row.signal_id,
+            source=signal.source,
+            person_ref=signal.person_ref,
+            commune=signal.commune,
+            needs=needs,
+            agency=row.agency,
+            advisor=row.advisor,
+            reason=", ".join(reasons),
+            suggested_partners=tuple(suggested),
+        ),
+        row.agency,
+        now,
+    )
+    tx.audit(
+        BUS,
+        "consent-requested",
+        row.signal_id,
+        now,
+        person_ref=signal.person_ref,
+        partner_id=row.agency,
+        why=f"{', '.join(needs)}: {', '.join(reasons)}",
+    )
+
+
+def _tell_source(
+    ledger: Ledger, tx: LedgerTx, row: SignalRow, message: SignalClosed | ReferralStatusChanged
+) -> None:
+    """The closed loop: the source and the advisor's agency hear of every outcome."""
+    now = ledger.clock()
+    for index, target in enumerate(dict.fromkeys(p for p in (row.source, row.agency) if p)):
+        copy = message.model_copy(
+            update={"message_id": _derived_id("loop", message.message_id, target, str(index))}
+        )
+        tx.enqueue(copy, target, now)
+
+
+# consents ------------------------------------------------------------------------------
+def grant_consent(ledger: Ledger, tx: LedgerTx, event: ConsentGranted, queue: str) -> bool:
+    now = ledger.clock()
+    if not tx.first_time(event.message_id, queue, now):
+        return False
+    record = ConsentRecord.from_event(event)
+    added = tx.add_consent(
+        ConsentRow(
+            consent_id=record.consent_id,
+            person_ref=record.person_ref,
+            scope=record.scope,
+            collected_by=record.collected_by,
+            agency=record.agency,
+            method=record.method,
+            granted_at=record.granted_at,
+            valid_until=record.valid_until,
+            revoked_at=None,
+        )
+    )
+    if not added:
+        raise Refused(f"consent {event.consent_id} already exists: a consent is never rewritten")
+    tx.journal(
+        event.consent_id,
+        event.person_ref,
+        "granted",
+        event.collected_by,
+        now,
+        event.model_dump_json(),
+    )
+    tx.audit(
+        event.collected_by,
+        "consent-granted",
+        event.consent_id,
+        now,
+        person_ref=event.person_ref,
+        partner_id=event.agency,
+        why=f"{event.method}; {', '.join(event.scope.needs)}; until {event.valid_until:%Y-%m-%d}",
+    )
+    release_parked(ledger, tx, event.person_ref)
+    return True
+
+
+def release_parked(ledger: Ledger, tx: LedgerTx, person_ref: str) -> int:
+    """Route every parked need of this person that a consent now covers."""
+    released = 0
+    for signal_id, need in tx.parked_needs(person_ref):
+        row = tx.signal(signal_id)
+        assert row is not None
+        attempt = len(tx.referrals_for(signal_id, need)) + 1
+        tried = tuple(r.partner_id for r in tx.referrals_for(signal_id, need))
+        if _route(ledger, tx, row, row.signal(), need, attempt, tried) is None:
+            released += 1
+    return released
+
+
+def refuse_consent(ledger: Ledger, tx: LedgerTx, event: ConsentRefused, queue: str) -> bool:
+    now = ledger.clock()
+    if not tx.first_time(event.message_id, queue, now):
+        return False
+    row = tx.signal(event.signal_id)
+    if row is None or row.person_ref != event.person_ref:
+        raise Refused(f"no signal {event.signal_id} about {event.person_ref}")
+    states = tx.need_states(event.signal_id)
+    needs = event.needs or tuple(n for n, s in states.items() if s == "parked")
+    tx.journal(None, event.person_ref, "refused", event.collected_by, now, event.model_dump_json())
+    for need in needs:
+        if states.get(need) != "parked":
+            continue
+        tx.set_need_state(
+            event.signal_id, need, "refused", f"refused, told to {event.collected_by}", now
+        )
+        _tell_source(
+            ledger,
+            tx,
+            row,
+            SignalClosed(
+                message_id=_derived_id("closed", event.signal_id, need, "consent-refused"),
+                occurred_at=now,
+                signal_id=event.signal_id,
+                need=need,
+                outcome="consent-refused",
+                detail=f"the person refused; recorded by {event.collected_by}",
+            ),
+        )
+    tx.audit(
+        event.collected_by,
+        "consent-refused",
+        event.signal_id,
+        now,
+        person_ref=event.person_ref,
+        partner_id=event.agency,
+        why=", ".join(needs),
+    )
+    return True
+
+
+def revoke_consent(ledger: Ledger, tx: LedgerTx, event: ConsentRevoked, queue: str) -> bool:
+    """Withdraw every open referral made under the consent; parked signals stay parked."""
+    now = ledger.clock()
+    if not tx.first_time(event.message_id, queue, now):
+        return False
+    consent = tx.consent(event.consent_id)
+    if consent is None:
+        raise Refused(f"unknown consent {event.consent_id}")
+    if consent.agency != event.agency:
+        raise Refused(f"consent {event.consent_id} was collected by another agency")
+    tx.revoke_consent(event.consent_id, event.revoked_at, event.revoked_by)
+    tx.journal(
+        event.consent_id,
+        consent.person_ref,
+        "revoked",
+        event.revoked_by,
+        now,
+        event.model_dump_json(),
+    )
+    tx.audit(
+        event.revoked_by,
+        "consent-revoked",
+        event.consent_id,
+        now,
+        person_ref=consent.person_ref,
+        partner_id=event.agency,
+        why=event.reason,
+    )
+    for referral in tx.referrals_under_consent(event.consent_id, OPEN):
+        _withdraw(ledger, tx, referral, "consent-revoked", event.revoked_by)
+    return True
+
+
+def _withdraw(ledger: Ledger, tx: LedgerTx, referral: ReferralRow, why: str, actor: str) -> None:
+    now = ledger.clock()
+    _apply(ledger, tx, referral, "withdrawn", "bus", actor, why)
+    tx.enqueue(
+        ReferralWithdrawn(
+            message_id=_derived_id("withdrawn", referral.referral_id),
+            occurred_at=now,
+            referral_id=referral.referral_id,
+            partner=referral.partner_id,
+            reason="consent-revoked",
+        ),
+        referral.partner_id,
+        now,
+        referral_id=referral.referral_id,
+    )
+    tx.set_need_state(referral.signal_id, referral.need, "withdrawn", why, now)
+    tx.audit(
+        actor,
+        "referral-withdrawn",
+        referral.referral_id,
+        now,
+        partner_id=referral.partner_id,
+        why=why,
+    )
+
+
+# statuses ------------------------------------------------------------------------------
+def _apply(
+    ledger: Ledger,
+    tx: LedgerTx,
+    referral: ReferralRow,
+    new: str,
+    actor_kind: str,
+    actor: str,
+    note: str | None,
+    *,
+    reason: str | None = None,
+    outcome: str | None = None,
+) -> bool:
+    """Run the state machine; record the attempt whatever its outcome. True if applied."""
+    now = ledger.clock()
+    result = transition(referral.status, new, actor_kind)  # type: ignore[arg-type]
+    tx.record_transition(
+        referral.referral_id,
+        referral.status,
+        new,
+        result.outcome,
+        actor,
+        note or result.reason,
+        now,
+    )
+    if result.outcome != "applied":
+        if result.outcome == "refused":
+            tx.audit(
+                actor,
+                "transition-refused",
+                referral.referral_id,
+                now,
+                partner_id=referral.partner_id,
+                why=result.reason,
+            )
+        return False
+    values: dict[str, object] = {"status": new, "updated_at": now}
+    if reason is not None:
+        values["reason"] = reason
+    if outcome is not None:
+        values["outcome"] = outcome
+    if new not in OPEN:
+        values["closed_at"] = now
+    tx.update_referral(referral.referral_id, **values)
+    return True
+
+
+def record_status(ledger: Ledger, tx: LedgerTx, event: ReferralStatusChanged, queue: str) -> bool:
+    now = ledger.clock()
+    if not tx.first_time(event.message_id, queue, now):
+        return False
+    referral = tx.referral(event.referral_id)
+    if referral is None:
+        raise Refused(f"unknown referral {event.referral_id}")
+    if referral.partner_id != event.partner:
+        raise Refused(f"referral {event.referral_id} was not sent to {event.partner}")
+    if not _apply(
+        ledger,
+        tx,
+        referral,
+        event.status,
+        "partner",
+        event.partner,
+        event.note,
+        reason=event.reason,
+        outcome=event.outcome,
+    ):
+        return True
+    if event.status in ("accepted", "rejected"):
+        ledger.directory.record_answer(event.partner, accepted=event.status == "accepted")
+    row = tx.signal(referral.signal_id)
+    assert row is not None
+    _tell_source(
+        ledger,
+        tx,
+        row,
+        event.model_copy(update={"signal_id": referral.signal_id, "need": referral.need}),
+    )
+    tx.audit(
+        event.partner,
+        f"referral-{event.status}",
+        referral.referral_id,
+        now,
+        partner_id=event.partner,
+        why=event.reason or event.outcome,
+    )
+    if event.status == "completed":
+        tx.set_need_state(referral.signal_id, referral.need, "closed", event.outcome, now)
+    if event.status == "rejected":
+        assert event.reason is not None
+        if reroute_after_rejection(event.reason):
+            _reroute(ledger, tx, referral, row)
+        else:
+            tx.set_need_state(
+                referral.signal_id, referral.need, "closed", f"advisor decides: {event.reason}", now
+            )
+    return True
+
+
+def _reroute(ledger: Ledger, tx: LedgerTx, referral: ReferralRow, row: SignalRow) -> None:
+    """To the next-best partner from the directory (those tried are excluded)."""
+    earlier = tx.referrals_for(referral.signal_id, referral.need)
+    tried = tuple(r.partner_id for r in earlier)
+    parked = _route(ledger, tx, row, row.signal(), referral.need, len(earlier) + 1, tried)
+    if parked is not None:
+        _request_consent(ledger, tx, row, row.signal(), [(referral.need, *parked)])
+
+
+def mark_delivered(ledger: Ledger, tx: LedgerTx, referral_id: str) -> None:
+    """The broker confirmed the referral: its clock starts now."""
+    referral = tx.referral(referral_id)
+    if referral is None:
+        return
+    now = ledger.clock()
+    if _apply(ledger, tx, referral, "delivered", "bus", BUS, "publisher confirm"):
+        tx.update_referral(
+            referral_id,
+            sent_at=now,
+            due_at=ledger.deadlines.due_by(referral.urgency, now),
+            remind_at=ledger.deadlines.remind_at(referral.urgency, now),
+        )
+
+
+def record_capacity(ledger: Ledger, tx: LedgerTx, event: CapacityChanged, queue: str) -> bool:
+    """Keep the partner's capacity and tell every worker's directory (a broadcast)."""
+    now = ledger.clock()
+    if not tx.first_time(event.message_id, queue, now):
+        return False
+    try:
+        ledger.directory.partner(event.partner)
+    except KeyError:
+        raise Refused(f"unknown partner {event.partner!r}") from None
+    tx.set_capacity(event.partner, event.status, event.remaining, now)
+    tx.enqueue(event, DIRECTORY_UPDATES_KEY, now)
+    tx.audit(
+        event.partner,
+        "capacity-changed",
+        event.partner,
+        now,
+        why=f"{event.status} {event.remaining}",
+    )
+    return True
+
+
+# time-driven work ----------------------------------------------------------------------
+def watch_deadlines(ledger: Ledger, tx: LedgerTx) -> dict[str, int]:
+    """Remind partners that have not answered; past the deadline, expire and reroute."""
+    now = ledger.clock()
+    counts = {"reminded": 0, "expired": 0, "consents-expiring": 0}
+    for referral in tx.waiting_referrals():
+        action = deadline_action(
+            referral.status,
+            referral.urgency,
+            referral.sent_at or referral.created_at,
+            referral.reminded,
+            now,
+            ledger.deadlines,
+        )
+        if action.kind == "remind":
+            tx.update_referral(referral.referral_id, reminded=True)
+            tx.enqueue(
+                ReferralReminder(
+                    message_id=_derived_id("reminder", referral.referral_id),
+                    occurred_at=now,
+                    referral_id=referral.referral_id,
+                    partner=referral.partner_id,
+                    due_by=referral.due_at or now,
+                ),
+                referral.partner_id,
+                now,
+                referral_id=referral.referral_id,
+            )
+            counts["reminded"] += 1
+        elif action.kind == "expire" and _apply(
+            ledger, tx, referral, "expired", "bus", BUS, "deadline passed"
+        ):
+            row = tx.signal(referral.signal_id)
+            assert row is not None
+            _tell_source(
+                ledger,
+                tx,
+                row,
+                ReferralStatusChanged(
+                    message_id=_derived_id("expired", referral.referral_id),
+                    occurred_at=now,
+                    referral_id=referral.referral_id,
+                    partner=referral.partner_id,
+                    status="expired",
+                    note="no answer before the deadline; sent to the next-best partner",
+                    signal_id=referral.signal_id,
+                    need=referral.need,
+                ),
+            )
+            tx.audit(
+                BUS, "referral-expired", referral.referral_id, now, partner_id=referral.partner_id
+            )
+            _reroute(ledger, tx, referral, row)
+            counts["expired"] += 1
+    for consent in expiring_soon(
+        [_record(c) for c in tx.unnotified_consents()], now, ledger.consent_notice
+    ):
+        tx.mark_expiry_notified(consent.consent_id, now)
+        tx.enqueue(
+            ConsentExpiring(
+                message_id=_derived_id("consent-expiring", consent.consent_id),
+                occurred_at=now,
+                consent_id=consent.consent_id,
+                person_ref=consent.person_ref,
+                agency=consent.agency,
+                valid_until=consent.valid_until,
+            ),
+            consent.agency,
+            now,
+        )
+        counts["consents-expiring"] += 1
+    return counts

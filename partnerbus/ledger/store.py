@@ -1,0 +1,625 @@
+"""The durable record: consents, signals, referrals, their history, the outbox and the audit.
+
+One `Store` per process; `store.begin()` opens a transaction (`LedgerTx`) in which a use case
+records its state change, its dedupe mark and its outgoing messages together, so that a
+message is acked only after all of it is committed, and sent only after that (outbox).
+SQLite file by default, PostgreSQL by URL; `Store("sqlite://")` is an in-memory store for
+tests and for partners who test against us.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import (
+    Connection,
+    Engine,
+    and_,
+    create_engine,
+    delete,
+    event,
+    func,
+    or_,
+    select,
+    update,
+)
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.pool import StaticPool
+
+from partnerbus.schemas import ConsentScope, Message, Signal
+
+from . import tables as t
+
+
+@dataclass(frozen=True)
+class ConsentRow:
+    consent_id: str
+    person_ref: str
+    scope: ConsentScope
+    collected_by: str
+    agency: str
+    method: str
+    granted_at: datetime
+    valid_until: datetime
+    revoked_at: datetime | None
+    revoked_by: str | None = None
+    expiry_notified_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class ReferralRow:
+    referral_id: str
+    signal_id: str
+    need: str
+    attempt: int
+    partner_id: str
+    partner_kind: str
+    consent_id: str
+    status: str
+    reason: str | None
+    outcome: str | None
+    urgency: str
+    created_at: datetime
+    updated_at: datetime
+    sent_at: datetime | None
+    due_at: datetime | None
+    remind_at: datetime | None
+    reminded: bool
+    closed_at: datetime | None
+    anonymised_at: datetime | None
+
+
+@dataclass(frozen=True)
+class SignalRow:
+    signal_id: str
+    source: str
+    person_ref: str
+    commune: str
+    urgency: str
+    agency: str | None
+    advisor: str | None
+    body: str
+    received_at: datetime
+    note_deleted_at: datetime | None
+    anonymised_at: datetime | None
+
+    def signal(self) -> Signal:
+        return Signal.model_validate_json(self.body)
+
+
+@dataclass(frozen=True)
+class OutboxRow:
+    id: int
+    message_id: str
+    routing_key: str
+    message_type: str
+    body: str
+    referral_id: str | None
+    attempts: int
+
+
+@dataclass(frozen=True)
+class AuditRow:
+    at: datetime
+    actor: str
+    action: str
+    subject: str
+    person_ref: str | None
+    partner_id: str | None
+    why: str | None
+
+
+def _row(cls: type[Any], row: Any) -> Any:
+    return cls(**dict(row._mapping))
+
+
+def _consent(row: Any) -> ConsentRow:
+    values = dict(row._mapping)
+    values["scope"] = ConsentScope.model_validate_json(values["scope"])
+    return ConsentRow(**values)
+
+
+class LedgerTx:
+    """What a use case may do inside one transaction."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+
+    # dedupe --------------------------------------------------------------------------
+    def first_time(self, message_id: str, queue: str, now: datetime) -> bool:
+        """Record that this message was processed; False if it already was (a redelivery)."""
+        seen = self.conn.execute(
+            select(t.processed.c.message_id).where(
+                t.processed.c.message_id == message_id, t.processed.c.queue == queue
+            )
+        ).first()
+        if seen:
+            return False
+        self.conn.execute(
+            t.processed.insert().values(message_id=message_id, queue=queue, processed_at=now)
+        )
+        return True
+
+    # signals -------------------------------------------------------------------------
+    def add_signal(
+        self, signal: Signal, agency: str | None, advisor: str | None, now: datetime
+    ) -> None:
+        self.conn.execute(
+            t.signals.insert().values(
+                signal_id=signal.message_id,
+                source=signal.source,
+                person_ref=signal.person_ref,
+                commune=signal.commune,
+                urgency=signal.urgency,
+                agency=agency,
+                advisor=advisor,
+                body=signal.model_dump_json(),
+                received_at=now,
+            )
+        )
+
+    def signal(self, signal_id: str) -> SignalRow | None:
+        row = self.conn.execute(select(t.signals).where(t.signals.c.signal_id == signal_id)).first()
+        return _row(SignalRow, row) if row else None
+
+    def set_need_state(
+        self, signal_id: str, need: str, state: str, detail: str | None, now: datetime
+    ) -> None:
+        updated = self.conn.execute(
+            update(t.signal_needs)
+            .where(t.signal_needs.c.signal_id == signal_id, t.signal_needs.c.need == need)
+            .values(state=state, detail=detail, updated_at=now)
+        )
+        if updated.rowcount == 0:
+            self.conn.execute(
+                t.signal_needs.insert().values(
+                    signal_id=signal_id, need=need, state=state, detail=detail, updated_at=now
+                )
+            )
+
+    def need_states(self, signal_id: str) -> dict[str, str]:
+        rows = self.conn.execute(
+            select(t.signal_needs.c.need, t.signal_needs.c.state).where(
+                t.signal_needs.c.signal_id == signal_id
+            )
+        )
+        return {r.need: r.state for r in rows}
+
+    def parked_needs(self, person_ref: str) -> list[tuple[str, str]]:
+        """(signal_id, need) pairs of this person waiting for consent, oldest first."""
+        rows = self.conn.execute(
+            select(t.signal_needs.c.signal_id, t.signal_needs.c.need)
+            .join(t.signals, t.signals.c.signal_id == t.signal_needs.c.signal_id)
+            .where(t.signals.c.person_ref == person_ref, t.signal_needs.c.state == "parked")
+            .order_by(t.signals.c.received_at, t.signal_needs.c.signal_id, t.signal_needs.c.need)
+        )
+        return [(r.signal_id, r.need) for r in rows]
+
+    # consents ------------------------------------------------------------------------
+    def add_consent(self, row: ConsentRow) -> bool:
+        if self.consent(row.consent_id) is not None:
+            return False
+        self.conn.execute(
+            t.consents.insert().values(
+                consent_id=row.consent_id,
+                person_ref=row.person_ref,
+                scope=row.scope.model_dump_json(),
+                collected_by=row.collected_by,
+                agency=row.agency,
+                method=row.method,
+                granted_at=row.granted_at,
+                valid_until=row.valid_until,
+                revoked_at=row.revoked_at,
+            )
+        )
+        return True
+
+    def consent(self, consent_id: str) -> ConsentRow | None:
+        row = self.conn.execute(
+            select(t.consents).where(t.consents.c.consent_id == consent_id)
+        ).first()
+        return _consent(row) if row else None
+
+    def consents_of(self, person_ref: str) -> list[ConsentRow]:
+        rows = self.conn.execute(
+            select(t.consents)
+            .where(t.consents.c.person_ref == person_ref)
+            .order_by(t.consents.c.granted_at, t.consents.c.consent_id)
+        )
+        return [_consent(r) for r in rows]
+
+    def revoke_consent(self, consent_id: str, at: datetime, by: str) -> None:
+        self.conn.execute(
+            update(t.consents)
+            .where(t.consents.c.consent_id == consent_id, t.consents.c.revoked_at.is_(None))
+            .values(revoked_at=at, revoked_by=by)
+        )
+
+    def mark_expiry_notified(self, consent_id: str, at: datetime) -> None:
+        self.conn.execute(
+            update(t.consents)
+            .where(t.consents.c.consent_id == consent_id)
+            .values(expiry_notified_at=at)
+        )
+
+    def journal(
+        self,
+        consent_id: str | None,
+        person_ref: str,
+        event_name: str,
+        by: str,
+        at: datetime,
+        body: str,
+    ) -> None:
+        self.conn.execute(
+            t.consent_journal.insert().values(
+                consent_id=consent_id,
+                person_ref=person_ref,
+                event=event_name,
+                by=by,
+                at=at,
+                body=body,
+            )
+        )
+
+    # referrals -----------------------------------------------------------------------
+    def add_referral(self, **values: Any) -> None:
+        self.conn.execute(t.referrals.insert().values(**values))
+
+    def referral(self, referral_id: str) -> ReferralRow | None:
+        row = self.conn.execute(
+            select(t.referrals).where(t.referrals.c.referral_id == referral_id)
+        ).first()
+        return _row(ReferralRow, row) if row else None
+
+    def referrals_for(self, signal_id: str, need: str | None = None) -> list[ReferralRow]:
+        query = select(t.referrals).where(t.referrals.c.signal_id == signal_id)
+        if need is not None:
+            query = query.where(t.referrals.c.need == need)
+        rows = self.conn.execute(query.order_by(t.referrals.c.need, t.referrals.c.attempt))
+        return [_row(ReferralRow, r) for r in rows]
+
+    def referrals_under_consent(
+        self, consent_id: str, statuses: frozenset[str]
+    ) -> list[ReferralRow]:
+        rows = self.conn.execute(
+            select(t.referrals)
+            .where(t.referrals.c.consent_id == consent_id, t.referrals.c.status.in_(statuses))
+            .order_by(t.referrals.c.referral_id)
+        )
+        return [_row(ReferralRow, r) for r in rows]
+
+    def waiting_referrals(self) -> list[ReferralRow]:
+        """Referrals still waiting for the partner's answer, for the deadline watch."""
+        rows = self.conn.execute(
+            select(t.referrals)
+            .where(t.referrals.c.status.in_(("requested", "delivered", "received")))
+            .order_by(t.referrals.c.due_at, t.referrals.c.referral_id)
+        )
+        return [_row(ReferralRow, r) for r in rows]
+
+    def unnotified_consents(self) -> list[ConsentRow]:
+        rows = self.conn.execute(
+            select(t.consents).where(
+                t.consents.c.revoked_at.is_(None), t.consents.c.expiry_notified_at.is_(None)
+            )
+        )
+        return [_consent(r) for r in rows]
+
+    def update_referral(self, referral_id: str, **values: Any) -> None:
+        self.conn.execute(
+            update(t.referrals).where(t.referrals.c.referral_id == referral_id).values(**values)
+        )
+
+    def record_transition(
+        self,
+        referral_id: str,
+        from_status: str,
+        to_status: str,
+        outcome: str,
+        actor: str,
+        reason: str | None,
+        at: datetime,
+    ) -> None:
+        self.conn.execute(
+            t.referral_history.insert().values(
+                referral_id=referral_id,
+                from_status=from_status,
+                to_status=to_status,
+                outcome=outcome,
+                actor=actor,
+                reason=reason,
+                at=at,
+            )
+        )
+
+    # outbox and audit ----------------------------------------------------------------
+    def enqueue(
+        self, message: Message, routing_key: str, now: datetime, referral_id: str | None = None
+    ) -> None:
+        """Record a message to send once this transaction commits (the outbox)."""
+        self.conn.execute(
+            t.outbox.insert().values(
+                message_id=message.message_id,
+                routing_key=routing_key,
+                message_type=getattr(message, "type", type(message).__name__),
+                body=message.model_dump_json(),
+                referral_id=referral_id,
+                created_at=now,
+                attempts=0,
+            )
+        )
+
+    def set_capacity(
+        self, partner_id: str, status: str, remaining: int | None, now: datetime
+    ) -> None:
+        updated = self.conn.execute(
+            update(t.partner_capacity)
+            .where(t.partner_capacity.c.partner_id == partner_id)
+            .values(status=status, remaining=remaining, updated_at=now)
+        )
+        if updated.rowcount == 0:
+            self.conn.execute(
+                t.partner_capacity.insert().values(
+                    partner_id=partner_id, status=status, remaining=remaining, updated_at=now
+                )
+            )
+
+    def mark_sent(self, outbox_id: int, now: datetime) -> None:
+        self.conn.execute(
+            update(t.outbox)
+            .where(t.outbox.c.id == outbox_id)
+            .values(sent_at=now, claimed_until=None, last_error=None)
+        )
+
+    def audit(
+        self,
+        actor: str,
+        action: str,
+        subject: str,
+        at: datetime,
+        *,
+        person_ref: str | None = None,
+        partner_id: str | None = None,
+        why: str | None = None,
+    ) -> None:
+        self.conn.execute(
+            t.audit.insert().values(
+                at=at,
+                actor=actor,
+                action=action,
+                subject=subject,
+                person_ref=person_ref,
+                partner_id=partner_id,
+                why=why,
+            )
+        )
+
+
+class Store:
+    """The ledger's database. Nothing connects until the first use."""
+
+    def __init__(self, url: str, *, schema: str | None = None, echo: bool = False) -> None:
+        self.url = url
+        self.engine = _engine(url, schema=schema, echo=echo)
+        self.is_sqlite = self.engine.dialect.name == "sqlite"
+
+    def create_all(self) -> None:
+        t.metadata.create_all(self.engine)
+
+    def drop_all(self) -> None:
+        t.metadata.drop_all(self.engine)
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+    @contextmanager
+    def begin(self) -> Iterator[LedgerTx]:
+        with self.engine.begin() as conn:
+            yield LedgerTx(conn)
+
+    # outbox relay ---------------------------------------------------------------------
+    def claim_pending(
+        self, now: datetime, lease: timedelta, limit: int = 100, ids: list[int] | None = None
+    ) -> list[OutboxRow]:
+        """Claim unsent outbox rows for `lease`, so that two relays do not send the same row."""
+        claimed: list[OutboxRow] = []
+        with self.engine.begin() as conn:
+            query = (
+                select(t.outbox.c.id)
+                .where(t.outbox.c.sent_at.is_(None))
+                .where(or_(t.outbox.c.claimed_until.is_(None), t.outbox.c.claimed_until < now))
+                .order_by(t.outbox.c.id)
+                .limit(limit)
+            )
+            if ids is not None:
+                query = query.where(t.outbox.c.id.in_(ids))
+            for (row_id,) in conn.execute(query).all():
+                got = conn.execute(
+                    update(t.outbox)
+                    .where(
+                        t.outbox.c.id == row_id,
+                        t.outbox.c.sent_at.is_(None),
+                        or_(t.outbox.c.claimed_until.is_(None), t.outbox.c.claimed_until < now),
+                    )
+                    .values(claimed_until=now + lease, attempts=t.outbox.c.attempts + 1)
+                )
+                if got.rowcount == 1:
+                    row = conn.execute(
+                        select(
+                            t.outbox.c.id,
+                            t.outbox.c.message_id,
+                            t.outbox.c.routing_key,
+                            t.outbox.c.message_type,
+                            t.outbox.c.body,
+                            t.outbox.c.referral_id,
+                            t.outbox.c.attempts,
+                        ).where(t.outbox.c.id == row_id)
+                    ).one()
+                    claimed.append(_row(OutboxRow, row))
+        return claimed
+
+    def outbox_ids_since(self, message_ids: list[str]) -> list[int]:
+        if not message_ids:
+            return []
+        with self.engine.connect() as conn:
+            return [
+                r.id
+                for r in conn.execute(
+                    select(t.outbox.c.id).where(t.outbox.c.message_id.in_(message_ids))
+                )
+            ]
+
+    def release(self, outbox_id: int, error: str) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(
+                update(t.outbox)
+                .where(t.outbox.c.id == outbox_id)
+                .values(claimed_until=None, last_error=error[:2000])
+            )
+
+    def outbox(self, *, pending_only: bool = False) -> list[tuple[str, str, str]]:
+        """(routing key, message type, JSON body) of the outbox, oldest first."""
+        query = select(t.outbox.c.routing_key, t.outbox.c.message_type, t.outbox.c.body)
+        if pending_only:
+            query = query.where(t.outbox.c.sent_at.is_(None))
+        with self.engine.connect() as conn:
+            return [
+                (r.routing_key, r.message_type, r.body)
+                for r in conn.execute(query.order_by(t.outbox.c.id))
+            ]
+
+    def pending_count(self) -> int:
+        with self.engine.connect() as conn:
+            return int(
+                conn.execute(
+                    select(func.count()).select_from(t.outbox).where(t.outbox.c.sent_at.is_(None))
+                ).scalar_one()
+            )
+
+    # reads for people and ops ---------------------------------------------------------
+    def referrals(self, *, statuses: frozenset[str] | None = None) -> list[ReferralRow]:
+        query = select(t.referrals)
+        if statuses is not None:
+            query = query.where(t.referrals.c.status.in_(statuses))
+        with self.engine.connect() as conn:
+            return [
+                _row(ReferralRow, r)
+                for r in conn.execute(
+                    query.order_by(t.referrals.c.created_at, t.referrals.c.referral_id)
+                )
+            ]
+
+    def referral(self, referral_id: str) -> ReferralRow | None:
+        with self.begin() as tx:
+            return tx.referral(referral_id)
+
+    def history(self, referral_id: str) -> list[dict[str, Any]]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(t.referral_history)
+                .where(t.referral_history.c.referral_id == referral_id)
+                .order_by(t.referral_history.c.id)
+            )
+            return [dict(r._mapping) for r in rows]
+
+    def audit_trail(self, subject_or_person: str) -> list[AuditRow]:
+        """Every audit record about a person (by reference) or a signal or referral (by id)."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(
+                    t.audit.c.at,
+                    t.audit.c.actor,
+                    t.audit.c.action,
+                    t.audit.c.subject,
+                    t.audit.c.person_ref,
+                    t.audit.c.partner_id,
+                    t.audit.c.why,
+                )
+                .where(
+                    or_(
+                        t.audit.c.subject == subject_or_person,
+                        t.audit.c.person_ref == subject_or_person,
+                    )
+                )
+                .order_by(t.audit.c.id)
+            )
+            return [_row(AuditRow, r) for r in rows]
+
+    def count(self, table: str, **where: Any) -> int:
+        tbl = t.metadata.tables[table]
+        conditions = [tbl.c[k] == v for k, v in where.items()]
+        with self.engine.connect() as conn:
+            query = select(func.count()).select_from(tbl)
+            if conditions:
+                query = query.where(and_(*conditions))
+            return int(conn.execute(query).scalar_one())
+
+    def capacities(self) -> list[tuple[str, str, int | None]]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(
+                    t.partner_capacity.c.partner_id,
+                    t.partner_capacity.c.status,
+                    t.partner_capacity.c.remaining,
+                ).order_by(t.partner_capacity.c.partner_id)
+            )
+            return [(r.partner_id, r.status, r.remaining) for r in rows]
+
+    def purge_processed_before(self, before: datetime) -> int:
+        with self.engine.begin() as conn:
+            return conn.execute(
+                delete(t.processed).where(t.processed.c.processed_at < before)
+            ).rowcount
+
+
+def _engine(url: str, *, schema: str | None, echo: bool) -> Engine:
+    if url.startswith("sqlite"):
+        in_memory = url in ("sqlite://", "sqlite:///:memory:")
+        engine = create_engine(
+            url,
+            echo=echo,
+            connect_args={"check_same_thread": False, "timeout": 30},
+            poolclass=StaticPool if in_memory else None,
+        )
+
+        @event.listens_for(engine, "connect")
+        def _pragmas(dbapi_conn: Any, _record: Any) -> None:
+            # pysqlite's own transaction handling is turned off so that SQLAlchemy's BEGIN
+            # is the real one; WAL lets readers run beside the one writer.
+            dbapi_conn.isolation_level = None
+            cursor = dbapi_conn.cursor()
+            if not in_memory:
+                cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA busy_timeout=30000")
+            cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.close()
+
+        @event.listens_for(engine, "begin")
+        def _begin(conn: Any) -> None:
+            # Take the write lock at the start: no deadlock between two upgrading readers.
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+        return engine
+    if url.startswith("postgresql://"):
+        url = "postgresql+psycopg://" + url.removeprefix("postgresql://")
+    connect_args: dict[str, Any] = {}
+    if schema:
+        connect_args["options"] = f"-csearch_path={schema}"
+    return create_engine(url, echo=echo, pool_pre_ping=True, connect_args=connect_args)
+
+
+__all__ = [
+    "AuditRow",
+    "ConsentRow",
+    "IntegrityError",
+    "LedgerTx",
+    "OutboxRow",
+    "ReferralRow",
+    "SignalRow",
+    "Store",
+]

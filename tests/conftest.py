@@ -1,0 +1,125 @@
+"""Fixtures shared by every tier: the real broker and databases, fresh names per test."""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from urllib.parse import urlsplit
+
+import aio_pika
+import pytest
+from sqlalchemy import create_engine, text
+
+from partnerbus.broker.app import Bus, create_app
+from partnerbus.broker.settings import Settings
+from partnerbus.ledger.store import Store
+from partnerbus.testing import FakeClock
+
+AMQP_URL = os.environ.get("PARTNERBUS_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
+POSTGRES_URL = os.environ.get(
+    "PARTNERBUS_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+)
+
+
+def _reachable(url: str, default_port: int) -> bool:
+    parts = urlsplit(url.replace("+psycopg", ""))
+    try:
+        with socket.create_connection(
+            (parts.hostname or "127.0.0.1", parts.port or default_port), 2
+        ):
+            return True
+    except OSError:
+        return False
+
+
+def require(service: str, url: str, port: int) -> None:
+    """On a laptop a missing service skips; in CI it fails, so nothing is skipped silently."""
+    if _reachable(url, port):
+        return
+    message = f"{service} is not reachable at {url}"
+    if os.environ.get("CI"):
+        pytest.fail(message + " (CI must start it: see .ci/run)")
+    pytest.skip(message + "; start it (see README) to run these tests")
+
+
+@pytest.fixture
+def amqp_url() -> str:
+    require("RabbitMQ", AMQP_URL, 5672)
+    return AMQP_URL
+
+
+@pytest.fixture
+def prefix() -> str:
+    """A fresh name prefix per test, so runs and tests never share queues."""
+    return f"pbt-{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def store(request: pytest.FixtureRequest, tmp_path) -> Iterator[Store]:
+    """The durable record on both engines: a SQLite file and a fresh PostgreSQL schema."""
+    if request.param == "sqlite":
+        s = Store(f"sqlite:///{tmp_path / 'ledger.db'}")
+        s.create_all()
+        yield s
+        s.dispose()
+        return
+    require("PostgreSQL", POSTGRES_URL, 5432)
+    schema = f"pbt_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(POSTGRES_URL)
+    with admin.begin() as conn:
+        conn.execute(text(f'CREATE SCHEMA "{schema}"'))
+    s = Store(POSTGRES_URL, schema=schema)
+    s.create_all()
+    yield s
+    s.dispose()
+    with admin.begin() as conn:
+        conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+    admin.dispose()
+
+
+@pytest.fixture
+def settings(amqp_url: str, prefix: str, tmp_path) -> Settings:
+    return Settings(
+        amqp_url=amqp_url,
+        prefix=prefix,
+        database_url=f"sqlite:///{tmp_path / 'bus.db'}",
+        retry_delays_ms=(200,),
+        delivery_limit=3,
+        relay_interval_s=0.2,
+        scheduler_interval_s=3600,
+        pseudonym_key="test-key",
+    )
+
+
+@pytest.fixture
+async def connection(amqp_url: str) -> AsyncIterator[aio_pika.abc.AbstractRobustConnection]:
+    """A raw AMQP connection, as a partner's system would have."""
+    conn = await aio_pika.connect_robust(amqp_url)
+    yield conn
+    await conn.close()
+
+
+@pytest.fixture
+async def channel(
+    connection: aio_pika.abc.AbstractRobustConnection,
+) -> AsyncIterator[aio_pika.abc.AbstractChannel]:
+    ch = await connection.channel(publisher_confirms=True, on_return_raises=True)
+    yield ch
+    await ch.close()
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+async def bus(settings: Settings) -> AsyncIterator[Bus]:
+    """The service, started against the real broker, on a fresh prefix; removed after."""
+    service = create_app(settings)
+    await service.start()
+    yield service
+    await service.stop()
+    await service.teardown()

@@ -1,0 +1,120 @@
+"""Raw AMQP, as a partner's system speaks it: JSON bodies built by hand, not by our models."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import aio_pika
+
+ARREARS = "logement-hebergement--reduire-les-impayes-de-loyer"
+KEEP_HOME = "logement-hebergement--se-maintenir-dans-le-logement"
+RIGHTS = "difficultes-administratives-ou-juridiques--accompagnement-pour-lacces-aux-droits"
+ROUBAIX = "59512"
+TOURCOING = "59599"
+LILLE = "59350"
+
+
+def new_id(prefix: str = "m") -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:16]}"
+
+
+def iso(moment: datetime) -> str:
+    return moment.isoformat()
+
+
+def signal(
+    *,
+    source: str = "lmh-recouvrement",
+    person: str | None = None,
+    commune: str = ROUBAIX,
+    needs: tuple[str, ...] = (ARREARS,),
+    message_id: str | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    body = {
+        "message_id": message_id or new_id("sig"),
+        "occurred_at": iso(datetime.now(UTC)),
+        "schema_version": 1,
+        "source": source,
+        "person_ref": person or new_id("T"),
+        "commune": commune,
+        "needs": list(needs),
+        "urgency": "urgent",
+        "facts": {"arrears_eur": 1840.5, "arrears_months": 4, "note": "talked at the door"},
+        "contact": {"phone": "+33 6 12 34 56 78"},
+    }
+    body.update(extra)
+    return body
+
+
+def consent(
+    *,
+    person: str,
+    agency: str,
+    needs: tuple[str, ...] = ("logement-hebergement",),
+    kinds: tuple[str, ...] = (),
+    partners: tuple[str, ...] = (),
+    granted_at: datetime | None = None,
+    days: int = 30,
+    consent_id: str | None = None,
+) -> dict[str, Any]:
+    start = granted_at or datetime.now(UTC) - timedelta(hours=1)
+    return {
+        "type": "consent-granted",
+        "message_id": new_id("msg"),
+        "occurred_at": iso(start),
+        "consent_id": consent_id or new_id("c"),
+        "person_ref": person,
+        "scope": {"needs": list(needs), "partner_kinds": list(kinds), "partners": list(partners)},
+        "collected_by": "a.martin",
+        "agency": agency,
+        "method": "oral",
+        "granted_at": iso(start),
+        "valid_until": iso(start + timedelta(days=days)),
+    }
+
+
+def status(*, referral_id: str, partner: str, value: str, **extra: Any) -> dict[str, Any]:
+    body = {
+        "type": "referral-status-changed",
+        "message_id": new_id("st"),
+        "occurred_at": iso(datetime.now(UTC)),
+        "referral_id": referral_id,
+        "partner": partner,
+        "status": value,
+    }
+    body.update(extra)
+    return body
+
+
+async def publish(
+    channel: aio_pika.abc.AbstractChannel,
+    exchange: str,
+    body: dict[str, Any] | bytes,
+    *,
+    routing_key: str = "",
+    user_id: str | None = "guest",
+    message_id: str | None = None,
+) -> None:
+    """Publish as a partner would: JSON, persistent, with its AMQP user as `user_id`."""
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    mid = message_id or (body.get("message_id") if isinstance(body, dict) else None)
+    ex = await channel.get_exchange(exchange, ensure=False)
+    await ex.publish(
+        aio_pika.Message(
+            raw,
+            content_type="application/json",
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            message_id=mid,
+            user_id=user_id,
+        ),
+        routing_key=routing_key,
+    )
+
+
+async def queue_depth(channel: aio_pika.abc.AbstractChannel, name: str) -> int:
+    queue = await channel.declare_queue(name, passive=True)
+    return int(queue.declaration_result.message_count or 0)

@@ -1,0 +1,280 @@
+"""The use cases against the durable record (SQLite and PostgreSQL), without a broker."""
+
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+
+import pytest
+
+from partnerbus.directory import load_sample, match
+from partnerbus.handlers import usecases
+from partnerbus.handlers.usecases import Ledger, Refused
+from partnerbus.ledger.rules import DeadlinePolicy
+from partnerbus.ledger.store import Store
+from partnerbus.schemas import (
+    ConsentGranted,
+    ConsentRefused,
+    ConsentRevoked,
+    ConsentScope,
+    Contact,
+    Facts,
+    ReferralStatusChanged,
+    Signal,
+)
+from partnerbus.testing import FakeClock
+
+ARREARS = "logement-hebergement--reduire-les-impayes-de-loyer"
+ROUBAIX = "59512"
+KINDS = ("ccas-cias", "points-conseil-budget", "cresus", "caf", "maisons-des-solidarites")
+Q = "test.queue"
+
+
+@pytest.fixture
+def ledger(store: Store) -> Ledger:
+    return Ledger(
+        store=store,
+        directory=load_sample(),
+        clock=FakeClock(),
+        pseudonym_key=b"k",
+        deadlines=DeadlinePolicy(
+            routine=timedelta(days=10), urgent=timedelta(days=3), asap=timedelta(days=1)
+        ),
+    )
+
+
+_counter = iter(range(1_000_000))
+
+
+def mid(prefix: str) -> str:
+    return f"{prefix}-{next(_counter)}"
+
+
+def a_signal(ledger: Ledger, person: str = "T-0001", **extra) -> Signal:
+    values = {
+        "message_id": mid("sig"),
+        "occurred_at": ledger.clock(),
+        "source": "lmh-recouvrement",
+        "person_ref": person,
+        "commune": ROUBAIX,
+        "needs": (ARREARS,),
+        "facts": Facts(arrears_eur=1200, note="free text"),
+        "contact": Contact(phone="0612345678"),
+    }
+    values.update(extra)
+    return Signal(**values)
+
+
+def a_consent(
+    ledger: Ledger, person: str = "T-0001", kinds=KINDS, days: int = 30
+) -> ConsentGranted:
+    now = ledger.clock()
+    return ConsentGranted(
+        message_id=mid("msg"),
+        occurred_at=now,
+        consent_id=mid("c"),
+        person_ref=person,
+        scope=ConsentScope(needs=("logement-hebergement",), partner_kinds=kinds),
+        collected_by="a.martin",
+        agency="lmh-agence-roubaix",
+        method="oral",
+        granted_at=now,
+        valid_until=now + timedelta(days=days),
+    )
+
+
+def run(ledger: Ledger, use_case, message):
+    with ledger.store.begin() as tx:
+        return use_case(ledger, tx, message, Q)
+
+
+def sent(ledger: Ledger, kind: str) -> list[tuple[str, dict]]:
+    return [(key, json.loads(body)) for key, t, body in ledger.store.outbox() if t == kind]
+
+
+class TestReceiveSignal:
+    def test_a_signal_without_consent_is_parked_and_the_advisor_is_asked(
+        self, ledger: Ledger
+    ) -> None:
+        """No consent: no referral, one ConsentRequested to the tenant's agency."""
+        signal = a_signal(ledger)
+        assert run(ledger, usecases.receive_signal, signal)
+        assert ledger.store.count("referrals") == 0
+        ((key, body),) = sent(ledger, "consent-requested")
+        assert key == "lmh-agence-roubaix"
+        assert body["reason"] == "missing"
+        assert body["needs"] == [ARREARS]
+
+    def test_a_consented_signal_becomes_a_minimised_pseudonymous_referral(
+        self, ledger: Ledger
+    ) -> None:
+        """With consent the top candidate gets a referral carrying only its kind's share."""
+        run(ledger, usecases.grant_consent, a_consent(ledger))
+        signal = a_signal(ledger)
+        run(ledger, usecases.receive_signal, signal)
+        ((key, body),) = sent(ledger, "referral")
+        top = match(ledger.directory, ARREARS, ROUBAIX, sender="lmh-recouvrement")[0]
+        assert key == top.partner_id == body["partner"]
+        assert body["person"] != signal.person_ref
+        assert "T-0001" not in json.dumps(body)
+        assert body["why"], "the directory's reasons travel with the referral"
+
+    def test_a_duplicate_signal_is_recorded_once(self, ledger: Ledger) -> None:
+        """The second delivery of a message id is a no-op."""
+        run(ledger, usecases.grant_consent, a_consent(ledger))
+        signal = a_signal(ledger)
+        assert run(ledger, usecases.receive_signal, signal)
+        assert not run(ledger, usecases.receive_signal, signal)
+        assert ledger.store.count("referrals") == 1
+        assert ledger.store.count("signals") == 1
+
+    def test_an_unknown_commune_is_refused(self, ledger: Ledger) -> None:
+        """A commune outside the territory is bad input, refused with the reason."""
+        with pytest.raises(Refused, match="unknown commune"):
+            usecases.check_signal(ledger, a_signal(ledger, commune="75056"))
+
+
+class TestConsent:
+    def test_a_grant_releases_the_parked_signal(self, ledger: Ledger) -> None:
+        """The referral leaves when the consent arrives, not before."""
+        run(ledger, usecases.receive_signal, a_signal(ledger))
+        assert ledger.store.count("referrals") == 0
+        run(ledger, usecases.grant_consent, a_consent(ledger))
+        assert ledger.store.count("referrals") == 1
+
+    def test_a_grant_out_of_scope_leaves_the_signal_parked(self, ledger: Ledger) -> None:
+        """A consent for other partner kinds releases nothing."""
+        run(ledger, usecases.receive_signal, a_signal(ledger))
+        run(ledger, usecases.grant_consent, a_consent(ledger, kinds=("siao",)))
+        assert ledger.store.count("referrals") == 0
+
+    def test_a_refusal_closes_the_signal_and_tells_the_source(self, ledger: Ledger) -> None:
+        """The person said no: the source and the agency hear the outcome."""
+        signal = a_signal(ledger)
+        run(ledger, usecases.receive_signal, signal)
+        refusal = ConsentRefused(
+            message_id=mid("msg"),
+            occurred_at=ledger.clock(),
+            signal_id=signal.message_id,
+            person_ref=signal.person_ref,
+            collected_by="a.martin",
+            agency="lmh-agence-roubaix",
+        )
+        run(ledger, usecases.refuse_consent, refusal)
+        closed = sent(ledger, "signal-closed")
+        assert {key for key, _ in closed} == {"lmh-recouvrement", "lmh-agence-roubaix"}
+        assert all(body["outcome"] == "consent-refused" for _, body in closed)
+        run(ledger, usecases.grant_consent, a_consent(ledger))
+        assert ledger.store.count("referrals") == 0, "a refused need is not released later"
+
+    def test_a_revocation_withdraws_the_open_referral(self, ledger: Ledger) -> None:
+        """Revoking sends ReferralWithdrawn to the partner and marks the referral withdrawn."""
+        consent = a_consent(ledger)
+        run(ledger, usecases.grant_consent, consent)
+        run(ledger, usecases.receive_signal, a_signal(ledger))
+        ((partner, referral),) = sent(ledger, "referral")
+        run(
+            ledger,
+            usecases.revoke_consent,
+            ConsentRevoked(
+                message_id=mid("msg"),
+                occurred_at=ledger.clock(),
+                consent_id=consent.consent_id,
+                revoked_by="a.martin",
+                agency="lmh-agence-roubaix",
+                revoked_at=ledger.clock(),
+            ),
+        )
+        ((key, withdrawn),) = sent(ledger, "referral-withdrawn")
+        assert key == partner
+        assert withdrawn["referral_id"] == referral["referral_id"]
+        assert ledger.store.referral(referral["referral_id"]).status == "withdrawn"
+
+
+class TestStatuses:
+    def _referral(self, ledger: Ledger) -> dict:
+        run(ledger, usecases.grant_consent, a_consent(ledger))
+        run(ledger, usecases.receive_signal, a_signal(ledger))
+        return sent(ledger, "referral")[-1][1]
+
+    def _status(
+        self, ledger: Ledger, referral: dict, status: str, **extra
+    ) -> ReferralStatusChanged:
+        return ReferralStatusChanged(
+            message_id=mid("st"),
+            occurred_at=ledger.clock(),
+            referral_id=referral["referral_id"],
+            partner=referral["partner"],
+            status=status,
+            **extra,
+        )
+
+    def test_a_rejection_for_lack_of_room_reroutes_to_the_next_best(self, ledger: Ledger) -> None:
+        """`full` sends the need to the next candidate, never back to the one that declined."""
+        first = self._referral(ledger)
+        run(ledger, usecases.record_status, self._status(ledger, first, "rejected", reason="full"))
+        referrals = sent(ledger, "referral")
+        assert len(referrals) == 2
+        second = referrals[-1][1]
+        assert second["partner"] != first["partner"]
+        assert second["attempt"] == 2
+
+    def test_a_rejection_because_the_person_is_unreachable_goes_to_the_advisor(
+        self, ledger: Ledger
+    ) -> None:
+        """`unreachable` does not reroute: the advisor decides."""
+        first = self._referral(ledger)
+        run(
+            ledger,
+            usecases.record_status,
+            self._status(ledger, first, "rejected", reason="unreachable"),
+        )
+        assert len(sent(ledger, "referral")) == 1
+        told = [k for k, b in sent(ledger, "referral-status-changed") if b["status"] == "rejected"]
+        assert set(told) == {"lmh-recouvrement", "lmh-agence-roubaix"}
+
+    def test_an_illegal_transition_is_refused_and_recorded(self, ledger: Ledger) -> None:
+        """completed → accepted is refused, recorded in history, not applied."""
+        first = self._referral(ledger)
+        run(ledger, usecases.record_status, self._status(ledger, first, "accepted"))
+        run(
+            ledger, usecases.record_status, self._status(ledger, first, "completed", outcome="done")
+        )
+        run(ledger, usecases.record_status, self._status(ledger, first, "accepted"))
+        assert ledger.store.referral(first["referral_id"]).status == "completed"
+        outcomes = [h["outcome"] for h in ledger.store.history(first["referral_id"])]
+        assert outcomes[-1] == "refused"
+
+    def test_a_status_about_another_partners_referral_is_refused(self, ledger: Ledger) -> None:
+        """A partner cannot move a referral it did not receive."""
+        first = self._referral(ledger)
+        other = ReferralStatusChanged(
+            message_id=mid("st"),
+            occurred_at=ledger.clock(),
+            referral_id=first["referral_id"],
+            partner="caf-nord" if first["partner"] != "caf-nord" else "ccas-lille",
+            status="accepted",
+        )
+        with pytest.raises(Refused, match="was not sent to"):
+            run(ledger, usecases.record_status, other)
+
+
+class TestDeadlines:
+    def test_a_silent_partner_is_reminded_then_the_referral_expires_and_reroutes(
+        self, ledger: Ledger
+    ) -> None:
+        """Half the deadline: a reminder; past it: expired, the next-best partner gets it."""
+        run(ledger, usecases.grant_consent, a_consent(ledger))
+        run(ledger, usecases.receive_signal, a_signal(ledger, urgency="urgent"))
+        first = sent(ledger, "referral")[0][1]
+        clock = ledger.clock
+        assert isinstance(clock, FakeClock)
+        clock.advance(timedelta(days=2))
+        with ledger.store.begin() as tx:
+            assert usecases.watch_deadlines(ledger, tx)["reminded"] == 1
+        clock.advance(timedelta(days=2))
+        with ledger.store.begin() as tx:
+            assert usecases.watch_deadlines(ledger, tx)["expired"] == 1
+        assert ledger.store.referral(first["referral_id"]).status == "expired"
+        second = sent(ledger, "referral")[-1][1]
+        assert second["partner"] != first["partner"]
