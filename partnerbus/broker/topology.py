@@ -19,6 +19,8 @@ ERROR_HEADER = "partnerbus-error"
 ERROR_QUEUE_HEADER = "partnerbus-error-queue"
 ATTEMPT_HEADER = "partnerbus-attempt"
 ORIGINAL_USER_HEADER = "partnerbus-original-user"
+ORIGINAL_EXCHANGE_HEADER = "partnerbus-original-exchange"
+ORIGINAL_KEY_HEADER = "partnerbus-original-routing-key"
 
 
 @dataclass(frozen=True)

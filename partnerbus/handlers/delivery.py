@@ -28,6 +28,8 @@ from partnerbus.broker.topology import (
     ATTEMPT_HEADER,
     ERROR_HEADER,
     ERROR_QUEUE_HEADER,
+    ORIGINAL_EXCHANGE_HEADER,
+    ORIGINAL_KEY_HEADER,
     ORIGINAL_USER_HEADER,
     Topology,
 )
@@ -129,8 +131,10 @@ class Intake:
             {
                 ERROR_HEADER: reason[:4000],
                 ERROR_QUEUE_HEADER: self.queue,
-                "partnerbus-original-exchange": raw.exchange or "",
-                "partnerbus-original-routing-key": raw.routing_key or "",
+                ORIGINAL_EXCHANGE_HEADER: headers.get(ORIGINAL_EXCHANGE_HEADER)
+                or raw.exchange
+                or "",
+                ORIGINAL_KEY_HEADER: headers.get(ORIGINAL_KEY_HEADER) or raw.routing_key or "",
                 ORIGINAL_USER_HEADER: headers.get(ORIGINAL_USER_HEADER) or raw.user_id or "",
             }
         )
@@ -153,6 +157,8 @@ class Intake:
             return False
         headers[ATTEMPT_HEADER] = attempt + 1
         headers.setdefault(ORIGINAL_USER_HEADER, raw.user_id or "")
+        headers.setdefault(ORIGINAL_EXCHANGE_HEADER, raw.exchange or "")
+        headers.setdefault(ORIGINAL_KEY_HEADER, raw.routing_key or "")
         headers["partnerbus-last-error"] = f"{type(error).__name__}: {error}"[:2000]
         await self.publish(
             raw.body,

@@ -9,6 +9,8 @@ from partnerbus.testing import Inbox
 
 from .helpers import ARREARS, ROUBAIX, consent, new_id, publish, queue_depth, signal, status
 
+KINDS = ("ccas-cias", "points-conseil-budget", "cresus", "caf", "maisons-des-solidarites")
+
 pytestmark = pytest.mark.rabbitmq
 
 

@@ -1,0 +1,194 @@
+"""Acks, dead letters, retries and sender checks, against the real RabbitMQ."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pytest
+from sqlalchemy.exc import OperationalError
+
+from partnerbus.broker.app import create_app
+from partnerbus.broker.dlq import peek, replay
+from partnerbus.directory import Directory, load_sample
+from partnerbus.ledger.store import LedgerTx, Store
+from partnerbus.testing import Inbox
+
+from .helpers import ARREARS, ROUBAIX, consent, new_id, publish, signal
+from .test_flow import KINDS, expected_partner, grant
+
+pytestmark = pytest.mark.rabbitmq
+
+
+class PoisonDirectory(Directory):
+    """A directory that crashes on one commune: a bug the bus must survive."""
+
+    def agency_for(self, commune: str):  # type: ignore[no-untyped-def]
+        if commune == "59009":
+            msg = "simulated bug"
+            raise RuntimeError(msg)
+        return super().agency_for(commune)
+
+
+class FlakyStore(Store):
+    """A store whose first transactions fail as if the database were down."""
+
+    failures = 0
+
+    @contextmanager
+    def begin(self) -> Iterator[LedgerTx]:
+        if self.failures > 0:
+            self.failures -= 1
+            raise OperationalError("BEGIN", {}, Exception("database is down"))
+        with super().begin() as tx:
+            yield tx
+
+
+@pytest.fixture
+async def poisoned_bus(settings):
+    sample = load_sample()
+    directory = PoisonDirectory.__new__(PoisonDirectory)
+    directory.__dict__.update(sample.__dict__)
+    service = create_app(settings, directory=directory)
+    await service.start()
+    yield service
+    await service.stop()
+    await service.teardown()
+
+
+async def test_a_message_that_crashes_the_handler_ends_in_the_dead_letter_queue_after_the_delivery_limit(
+    poisoned_bus, channel
+):
+    """A handler bug is retried up to the quorum queue's delivery limit, then dead-lettered by RabbitMQ; the consumer lives on."""
+    bus = poisoned_bus
+    t = bus.topology
+    dlq = await Inbox.open(channel, t.dlq_name(t.signal_queue.name))
+    poison = signal(commune="59009", message_id=new_id("poison"))
+    await publish(channel, f"{t.prefix}.signals", poison, routing_key="lmh-recouvrement")
+    (dead,) = await dlq.expect(1, timeout=20)
+    assert dead.message_id == poison["message_id"]
+    death = dead.headers["x-death"][0]
+    assert death["reason"] == "delivery_limit"
+    assert death["queue"] == t.signal_queue.name
+
+    person = new_id("T")
+    agency = bus.directory.agency_for(ROUBAIX).id
+    await grant(bus, channel, person, agency, kinds=KINDS)
+    inbox = await Inbox.open(channel, t.partner_queue_name(expected_partner(bus)))
+    await publish(
+        channel, f"{t.prefix}.signals", signal(person=person), routing_key="lmh-recouvrement"
+    )
+    await inbox.expect(1)
+
+
+async def test_a_transient_database_failure_is_retried_after_a_delay_and_succeeds(
+    settings, channel, tmp_path
+):
+    """The database down at first: the message waits in a delay queue and is processed on its return."""
+    store = FlakyStore(f"sqlite:///{tmp_path / 'flaky.db'}")
+    bus = create_app(settings, store=store)
+    await bus.start()
+    try:
+        t = bus.topology
+        person = new_id("T")
+        agency = bus.directory.agency_for(ROUBAIX).id
+        await grant(bus, channel, person, agency, kinds=KINDS)
+        inbox = await Inbox.open(channel, t.partner_queue_name(expected_partner(bus)))
+        store.failures = 1
+        before = len(bus.verdicts)
+        await publish(
+            channel, f"{t.prefix}.signals", signal(person=person), routing_key="lmh-recouvrement"
+        )
+        verdicts = await bus.wait_verdicts(before + 2)
+        assert [v.outcome for v in verdicts[before:]] == ["retried", "processed"]
+        (referral,) = await inbox.expect(1)
+        assert referral.body["need"] == ARREARS
+    finally:
+        await bus.stop()
+        await bus.teardown()
+
+
+async def test_a_signal_without_user_id_is_refused_with_the_reason(bus, channel):
+    """The broker can only vouch for a sender that sets user_id; without it the signal is refused."""
+    t = bus.topology
+    dlq = await Inbox.open(channel, t.dlq_name(t.signal_queue.name))
+    body = signal()
+    await publish(
+        channel, f"{t.prefix}.signals", body, routing_key="lmh-recouvrement", user_id=None
+    )
+    (dead,) = await dlq.expect(1)
+    assert "user_id" in dead.headers["partnerbus-error"]
+
+
+async def test_a_status_from_another_partner_is_refused(bus, channel):
+    """A status about a referral the sender never received goes to the dead-letter queue."""
+    t = bus.topology
+    dlq = await Inbox.open(channel, t.dlq_name(t.status_queue.name))
+    person = new_id("T")
+    agency = bus.directory.agency_for(ROUBAIX).id
+    await grant(bus, channel, person, agency, kinds=KINDS)
+    target = expected_partner(bus)
+    inbox = await Inbox.open(channel, t.partner_queue_name(target))
+    await publish(
+        channel, f"{t.prefix}.signals", signal(person=person), routing_key="lmh-recouvrement"
+    )
+    (referral,) = await inbox.expect(1)
+    body = {
+        "type": "referral-status-changed",
+        "message_id": new_id("st"),
+        "occurred_at": "2026-11-23T10:00:00+00:00",
+        "referral_id": referral.body["referral_id"],
+        "partner": "siao-nord",
+        "status": "accepted",
+    }
+    await publish(channel, f"{t.prefix}.statuses", body, routing_key="siao-nord")
+    (dead,) = await dlq.expect(1)
+    assert "was not sent to siao-nord" in dead.headers["partnerbus-error"]
+    assert bus.store.referral(referral.body["referral_id"]).status == "delivered"
+
+
+async def test_a_consent_with_an_inverted_period_is_refused(bus, channel):
+    """valid_until before granted_at is a schema error, dead-lettered with the field named."""
+    t = bus.topology
+    dlq = await Inbox.open(channel, t.dlq_name(t.consent_queue.name))
+    body = consent(person="T-bad-period", agency="lmh-agence-roubaix", kinds=("caf",), days=-3)
+    await publish(channel, f"{t.prefix}.consents", body, routing_key="lmh-agence-roubaix")
+    (dead,) = await dlq.expect(1)
+    assert "valid_until must be after granted_at" in dead.headers["partnerbus-error"]
+
+
+async def test_a_message_dead_lettered_after_its_retries_is_replayed_after_the_fix(
+    settings, channel, connection, tmp_path
+):
+    """The database down past every delay: dead letter with the reason; replayed once it is back, it is processed as its first sender."""
+    store = FlakyStore(f"sqlite:///{tmp_path / 'flaky.db'}")
+    bus = create_app(settings, store=store)
+    await bus.start()
+    try:
+        t = bus.topology
+        person = new_id("T")
+        agency = bus.directory.agency_for(ROUBAIX).id
+        await grant(bus, channel, person, agency, kinds=KINDS)
+        inbox = await Inbox.open(channel, t.partner_queue_name(expected_partner(bus)))
+        store.failures = 2  # the first try and the one retry
+        before = len(bus.verdicts)
+        body = signal(person=person)
+        await publish(channel, f"{t.prefix}.signals", body, routing_key="lmh-recouvrement")
+        verdicts = await bus.wait_verdicts(before + 2)
+        assert [v.outcome for v in verdicts[before:]] == ["retried", "refused"]
+        assert "gave up after 1 retries" in verdicts[-1].reason
+
+        dlq_name = t.dlq_name(t.signal_queue.name)
+        (letter,) = await peek(connection, dlq_name)
+        assert letter.message_id == body["message_id"]
+        assert letter.sender == "guest"
+        assert "database is down" in letter.reason
+
+        replayed = await replay(connection, dlq_name, {body["message_id"]}, "guest", "ops.tester")
+        assert [r.message_id for r in replayed] == [body["message_id"]]
+        (referral,) = await inbox.expect(1)
+        assert referral.body["signal_id"] == body["message_id"]
+        assert await peek(connection, dlq_name) == []
+    finally:
+        await bus.stop()
+        await bus.teardown()
