@@ -140,11 +140,11 @@ async def take(
     queue_name: str,
     wanted: set[str] | None,
     handle: Any,
-) -> int:
+) -> list[DeadLetter]:
     """Get messages one by one; `handle(message, letter)` returns True to ack (remove) it.
     Those not wanted, or not handled, go back when the channel closes."""
     channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
-    done = 0
+    done: list[DeadLetter] = []
     try:
         queue = await channel.declare_queue(queue_name, passive=True)
         while True:
@@ -156,7 +156,7 @@ async def take(
                 continue
             if await handle(channel, message, letter):
                 await message.ack()
-                done += 1
+                done.append(letter)
     finally:
         await channel.close()
     return done
@@ -172,7 +172,6 @@ async def replay(
     """Publish each wanted dead letter straight into the work queue it died in (the default
     exchange), as the bus with the original sender kept in a header, so that it is
     authenticated as before; remove it from the dead-letter queue after the confirm."""
-    replayed: list[DeadLetter] = []
 
     async def handle(
         channel: AbstractChannel, message: AbstractIncomingMessage, letter: DeadLetter
@@ -196,11 +195,9 @@ async def replay(
             ),
             routing_key=letter.died_in,
         )
-        replayed.append(letter)
         return True
 
-    await take(connection, queue_name, wanted, handle)
-    return replayed
+    return await take(connection, queue_name, wanted, handle)
 
 
 # the command line ----------------------------------------------------------------------
@@ -348,15 +345,12 @@ def purge(
             channel = await connection.channel()
             total = 0
             for name in await dead_letter_queues(channel, topology, partners):
-                letters: list[DeadLetter] = []
 
-                async def handle(
-                    _c: AbstractChannel, _m: AbstractIncomingMessage, letter: DeadLetter
-                ) -> bool:
-                    letters.append(letter)
+                async def remove(*_: Any) -> bool:
                     return True
 
-                total += await take(connection, name, None, handle)
+                letters = await take(connection, name, None, remove)
+                total += len(letters)
                 _audit(store, by, "dead-letter-purged", letters)
         console.print(f"purged {total} message(s)")
 

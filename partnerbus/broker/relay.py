@@ -47,6 +47,10 @@ class Relay:
         self.lease = lease
         self.sent = 0
         self.failed = 0
+        # The last ids sent, for `wait_recorded`; bounded so a long-running service keeps
+        # a constant footprint.
+        self._recorded: dict[str, None] = {}
+        self._progress = asyncio.Event()
 
     async def _db(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.executor, partial(fn, *args))
@@ -83,6 +87,10 @@ class Relay:
                 continue
             await self._db(self._confirmed, row)
             sent += 1
+            self._recorded[row.message_id] = None
+            if len(self._recorded) > 10_000:
+                del self._recorded[next(iter(self._recorded))]
+            self._progress.set()
         self.sent += sent
         return sent
 
@@ -92,6 +100,13 @@ class Relay:
             tx.mark_sent(row.id, now)
             if row.message_type == "referral" and row.referral_id:
                 mark_delivered(self.ledger, tx, row.referral_id)
+
+    async def wait_recorded(self, message_id: str, timeout: float = 10.0) -> None:
+        """Wait until this process has sent `message_id` and recorded the confirm."""
+        async with asyncio.timeout(timeout):
+            while message_id not in self._recorded:
+                self._progress.clear()
+                await self._progress.wait()
 
     async def run(self, interval_s: float, stop: asyncio.Event) -> None:
         """The sweep: sends what the fast path could not (crash, broker away)."""

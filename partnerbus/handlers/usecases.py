@@ -507,6 +507,23 @@ def _withdraw(ledger: Ledger, tx: LedgerTx, referral: ReferralRow, why: str, act
         referral_id=referral.referral_id,
     )
     tx.set_need_state(referral.signal_id, referral.need, "withdrawn", why, now)
+    row = tx.signal(referral.signal_id)
+    assert row is not None
+    _tell_source(
+        ledger,
+        tx,
+        row,
+        ReferralStatusChanged(
+            message_id=_derived_id("status", referral.referral_id, "withdrawn"),
+            occurred_at=now,
+            referral_id=referral.referral_id,
+            partner=referral.partner_id,
+            status="withdrawn",
+            note=why,
+            signal_id=referral.signal_id,
+            need=referral.need,
+        ),
+    )
     tx.audit(
         actor,
         "referral-withdrawn",

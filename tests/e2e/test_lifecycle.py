@@ -1,0 +1,173 @@
+"""The referral lifecycle through the real broker: revocation, deadlines, capacity, refusal."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from partnerbus.broker.app import create_app
+from partnerbus.testing import FakeClock, Inbox
+
+from .helpers import ARREARS, ROUBAIX, new_id, publish, signal
+from .test_flow import KINDS, expected_partner, grant
+
+pytestmark = pytest.mark.rabbitmq
+
+
+async def test_a_revoked_consent_withdraws_the_open_referral_from_the_partner(bus, channel):
+    """The partner that holds the referral receives ReferralWithdrawn; the source hears it too."""
+    t = bus.topology
+    person = new_id("T")
+    agency = bus.directory.agency_for(ROUBAIX).id
+    given = await grant(bus, channel, person, agency, kinds=KINDS)
+    target = expected_partner(bus)
+    inbox = await Inbox.open(channel, t.partner_queue_name(target))
+    source = await Inbox.open(channel, t.partner_queue_name("lmh-recouvrement"))
+    await publish(
+        channel, f"{t.prefix}.signals", signal(person=person), routing_key="lmh-recouvrement"
+    )
+    (referral,) = await inbox.expect(1)
+    rid = referral.body["referral_id"]
+
+    revocation = {
+        "type": "consent-revoked",
+        "message_id": new_id("rev"),
+        "occurred_at": datetime.now(UTC).isoformat(),
+        "consent_id": given["consent_id"],
+        "revoked_by": "a.martin",
+        "agency": agency,
+        "revoked_at": datetime.now(UTC).isoformat(),
+        "reason": "the tenant changed her mind",
+    }
+    await publish(channel, f"{t.prefix}.consents", revocation, routing_key=agency)
+    withdrawn = await inbox.expect_kind("referral-withdrawn")
+    assert withdrawn.body["referral_id"] == rid
+    assert withdrawn.body["reason"] == "consent-revoked"
+    told = await source.expect_kind("referral-status-changed")
+    assert told.body["status"] == "withdrawn"
+    assert bus.store.referral(rid).status == "withdrawn"
+
+
+async def test_a_passed_deadline_reroutes_to_the_next_best_partner(settings, channel):
+    """No answer: a reminder at half time, then expiry, the next-best partner's queue gets it and the advisor is told."""
+    clock = FakeClock(datetime.now(UTC))
+    bus = create_app(settings, clock=clock)
+    await bus.start()
+    try:
+        t = bus.topology
+        person = new_id("T")
+        agency = bus.directory.agency_for(ROUBAIX).id
+        await grant(bus, channel, person, agency, kinds=KINDS)
+        target = expected_partner(bus)
+        first_inbox = await Inbox.open(channel, t.partner_queue_name(target))
+        agency_inbox = await Inbox.open(channel, t.partner_queue_name(agency))
+        await publish(
+            channel,
+            f"{t.prefix}.signals",
+            signal(person=person, urgency="asap"),
+            routing_key="lmh-recouvrement",
+        )
+        (first,) = await first_inbox.expect(1)
+        await bus.relay.wait_recorded(first.message_id)  # the deadline runs from the confirm
+
+        clock.advance(timedelta(hours=13))  # past half of the 24 h asap deadline
+        assert (await bus.tick())["reminded"] == 1
+        reminder = await first_inbox.expect_kind("referral-reminder")
+        assert reminder.body["referral_id"] == first.body["referral_id"]
+
+        clock.advance(timedelta(hours=12))
+        assert (await bus.tick())["expired"] == 1
+        expired = await agency_inbox.expect_kind("referral-status-changed")
+        assert expired.body["status"] == "expired"
+        second = bus.store.referrals()[-1]
+        assert second.attempt == 2
+        assert second.partner_id != target
+        second_inbox = await Inbox.open(channel, t.partner_queue_name(second.partner_id))
+        (rerouted,) = await second_inbox.expect(1)
+        assert rerouted.body["need"] == ARREARS
+        assert rerouted.body["attempt"] == 2
+    finally:
+        await bus.stop()
+        await bus.teardown()
+
+
+async def test_a_capacity_event_changes_the_next_match(bus, channel):
+    """A partner that says it is full is skipped at once: the next signal goes to the next-best partner."""
+    t = bus.topology
+    person = new_id("T")
+    agency = bus.directory.agency_for(ROUBAIX).id
+    await grant(bus, channel, person, agency, kinds=KINDS)
+    full = expected_partner(bus)
+    capacity = {
+        "type": "capacity-changed",
+        "message_id": new_id("cap"),
+        "occurred_at": datetime.now(UTC).isoformat(),
+        "partner": full,
+        "status": "no-capacity",
+        "remaining": 0,
+    }
+    before = len(bus.verdicts)
+    await publish(channel, f"{t.prefix}.statuses", capacity, routing_key=full)
+    await bus.wait_verdicts(before + 1)
+    next_best = expected_partner(bus)
+    assert next_best != full, "the directory steers around the full partner"
+    inbox = await Inbox.open(channel, t.partner_queue_name(next_best))
+    await publish(
+        channel, f"{t.prefix}.signals", signal(person=person), routing_key="lmh-recouvrement"
+    )
+    (referral,) = await inbox.expect(1)
+    assert referral.body["partner"] == next_best
+    assert bus.store.count("referrals", partner_id=full) == 0
+
+
+async def test_a_refused_consent_closes_the_signal_for_the_source(bus, channel):
+    """The person says no: the parked signal closes and the source is told why."""
+    t = bus.topology
+    agency = bus.directory.agency_for(ROUBAIX).id
+    advisor = await Inbox.open(channel, t.partner_queue_name(agency))
+    source = await Inbox.open(channel, t.partner_queue_name("lmh-recouvrement"))
+    body = signal()
+    await publish(channel, f"{t.prefix}.signals", body, routing_key="lmh-recouvrement")
+    request = await advisor.expect_kind("consent-requested")
+    refusal = {
+        "type": "consent-refused",
+        "message_id": new_id("ref"),
+        "occurred_at": datetime.now(UTC).isoformat(),
+        "signal_id": request.body["signal_id"],
+        "person_ref": request.body["person_ref"],
+        "collected_by": "a.martin",
+        "agency": agency,
+    }
+    await publish(channel, f"{t.prefix}.consents", refusal, routing_key=agency)
+    closed = await source.expect_kind("signal-closed")
+    assert closed.body["outcome"] == "consent-refused"
+    assert closed.body["signal_id"] == body["message_id"]
+
+
+async def test_the_partner_client_answers_received_and_the_status_moves(bus, channel):
+    """A partner using the shipped client acknowledges receipt; the referral becomes `received`."""
+    from partnerbus.client import PartnerClient
+
+    t = bus.topology
+    person = new_id("T")
+    agency = bus.directory.agency_for(ROUBAIX).id
+    await grant(bus, channel, person, agency, kinds=KINDS)
+    target = expected_partner(bus)
+    got = []
+    source = await Inbox.open(channel, t.partner_queue_name("lmh-recouvrement"))
+    async with PartnerClient(
+        bus.settings.amqp_url.get_secret_value(), target, prefix=t.prefix
+    ) as client:
+
+        async def handler(message):
+            got.append(message)
+
+        await client.consume(handler)
+        await publish(
+            channel, f"{t.prefix}.signals", signal(person=person), routing_key="lmh-recouvrement"
+        )
+        told = await source.expect_kind("referral-status-changed")
+    assert told.body["status"] == "received"
+    assert got and got[0].type == "referral"
+    assert bus.store.referral(got[0].referral_id).status == "received"
