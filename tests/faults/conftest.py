@@ -1,0 +1,24 @@
+"""Fixtures of the fault tests: a local three-node RabbitMQ cluster, beside the system node."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+
+from partnerbus.testing.cluster import ClusterError, LocalCluster
+
+
+@pytest.fixture(scope="session")
+def cluster() -> Iterator[LocalCluster]:
+    """Three clustered nodes (pbc1-3 on 5681-5683), stopped and removed after the session."""
+    try:
+        c = LocalCluster()
+    except ClusterError as exc:
+        if os.environ.get("CI"):
+            pytest.fail(f"cannot build the local cluster: {exc}")
+        pytest.skip(f"cannot build the local cluster: {exc}")
+    with c:
+        print(f"\nlocal cluster started in {c.startup_seconds:.1f}s")
+        yield c
