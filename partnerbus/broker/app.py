@@ -66,6 +66,7 @@ class Bus:
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
     _verdict_seen: asyncio.Event = field(default_factory=asyncio.Event)
     _tasks: list[asyncio.Task[Any]] = field(default_factory=list)
+    _retention_at: datetime | None = None
 
     @property
     def store(self) -> Store:
@@ -164,11 +165,23 @@ class Bus:
         self.store.dispose()
 
     async def tick(self) -> dict[str, int]:
-        """One pass of the time-driven work (deadlines, consent expiry), then send."""
+        """One pass of the time-driven work, then send: deadlines and consent expiry each
+        pass; retention (free text, anonymisation) when a day has passed since the last."""
 
         def work() -> dict[str, int]:
             with self.store.begin() as tx:
-                return usecases.watch_deadlines(self.ledger, tx)
+                counts = usecases.watch_deadlines(self.ledger, tx)
+            now = self.ledger.clock()
+            if self._retention_at is None or now - self._retention_at >= timedelta(days=1):
+                with self.store.begin() as tx:
+                    counts |= usecases.apply_retention(
+                        self.ledger,
+                        tx,
+                        keep=timedelta(days=self.settings.retention_days),
+                        keep_free_text=timedelta(days=self.settings.free_text_retention_days),
+                    )
+                self._retention_at = now
+            return counts
 
         counts = await asyncio.get_running_loop().run_in_executor(self.executor, work)
         await self.relay.flush()
@@ -224,7 +237,14 @@ def create_app(
     executor = ThreadPoolExecutor(
         max_workers=1 if store.is_sqlite else 4, thread_name_prefix="partnerbus-db"
     )
-    relay = Relay(ledger, topology, broker.publish, executor, timeout_s=settings.publish_timeout_s)
+    relay = Relay(
+        ledger,
+        topology,
+        broker.publish,
+        executor,
+        timeout_s=settings.publish_timeout_s,
+        lease=timedelta(seconds=settings.outbox_lease_s),
+    )
     app = FastStream(broker, logger=log)
     bus = Bus(
         settings=settings,

@@ -42,6 +42,9 @@ class Settings(BaseSettings):
     retry_delays_ms: tuple[int, ...] = (1_000, 5_000, 30_000)
     """Delays of the retry queues for transient failures; then the dead letter."""
     relay_interval_s: float = Field(default=2.0, gt=0)
+    outbox_lease_s: float = Field(default=60.0, gt=0)
+    """How long a relay owns an outbox row it is sending; after a crash, another worker
+    sends the row once the lease is over."""
     scheduler_interval_s: float = Field(default=30.0, gt=0)
     retention_days: int = Field(default=730, ge=1)
     free_text_retention_days: int = Field(default=90, ge=1)

@@ -8,6 +8,8 @@ outbox. Nothing here touches the broker; the subscribers call these and the rela
 
 from __future__ import annotations
 
+import json
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -83,10 +85,8 @@ def _record(row: ConsentRow) -> ConsentRecord:
 
 
 def _derived_id(*parts: str) -> str:
-    """A deterministic message id for what the bus emits, so a redelivered input that is
-    processed again (it cannot be: dedupe) or a relayed row sent twice keeps one id."""
-    import uuid
-
+    """A deterministic message id for what the bus emits: a relayed row sent twice, or a
+    use case run again after a rollback, keeps one id that partners can deduplicate on."""
     return str(uuid.uuid5(uuid.NAMESPACE_URL, "partnerbus:" + "|".join(parts)))
 
 
@@ -308,6 +308,7 @@ def _request_consent(
     row: SignalRow,
     signal: Signal,
     parked: list[tuple[str, ConsentDecision, list[Candidate]]],
+    attempt: int = 1,
 ) -> None:
     now = ledger.clock()
     if row.agency is None:
@@ -324,7 +325,7 @@ def _request_consent(
     reasons = sorted({d.reason for _, d, _ in parked})
     tx.enqueue(
         ConsentRequested(
-            message_id=_derived_id("consent-requested", row.signal_id, *needs),
+            message_id=_derived_id("consent-requested", row.signal_id, str(attempt), *needs),
             occurred_at=now,
             signal_id=row.signal_id,
             source=signal.source,
@@ -637,9 +638,10 @@ def _reroute(ledger: Ledger, tx: LedgerTx, referral: ReferralRow, row: SignalRow
     """To the next-best partner from the directory (those tried are excluded)."""
     earlier = tx.referrals_for(referral.signal_id, referral.need)
     tried = tuple(r.partner_id for r in earlier)
-    parked = _route(ledger, tx, row, row.signal(), referral.need, len(earlier) + 1, tried)
+    attempt = len(earlier) + 1
+    parked = _route(ledger, tx, row, row.signal(), referral.need, attempt, tried)
     if parked is not None:
-        _request_consent(ledger, tx, row, row.signal(), [(referral.need, *parked)])
+        _request_consent(ledger, tx, row, row.signal(), [(referral.need, *parked)], attempt)
 
 
 def mark_delivered(ledger: Ledger, tx: LedgerTx, referral_id: str) -> None:
@@ -749,4 +751,43 @@ def watch_deadlines(ledger: Ledger, tx: LedgerTx) -> dict[str, int]:
             now,
         )
         counts["consents-expiring"] += 1
+    return counts
+
+
+def apply_retention(
+    ledger: Ledger, tx: LedgerTx, *, keep: timedelta, keep_free_text: timedelta
+) -> dict[str, int]:
+    """Delete free text after `keep_free_text`; anonymise what is closed after `keep`.
+
+    Free text (the signal's note) goes first; then, once every referral of a signal has
+    been closed for `keep`, the person's reference is replaced by a random token in the
+    signal, its referrals and the audit trail, and the facts, contact and profile are
+    dropped. Sent copies in the outbox and old dedupe marks are deleted with the free text.
+    """
+    now = ledger.clock()
+    counts = {"free-text-deleted": 0, "anonymised": 0}
+    for row in tx.signals_with_text_before(now - keep_free_text):
+        body = json.loads(row.body)
+        if (body.get("facts") or {}).get("note") is not None:
+            body["facts"]["note"] = None
+            counts["free-text-deleted"] += 1
+        tx.rewrite_signal(row.signal_id, body=json.dumps(body), note_deleted_at=now)
+    for row in tx.signals_closed_before(now - keep):
+        token = f"anon-{uuid.uuid4().hex[:16]}"
+        body = json.loads(row.body)
+        body.update({"person_ref": token, "facts": {}, "contact": None, "profile": {}})
+        tx.rewrite_signal(row.signal_id, body=json.dumps(body), person_ref=token, anonymised_at=now)
+        tx.anonymise_person_records(row.signal_id, token, now)
+        tx.audit(
+            BUS,
+            "anonymised",
+            row.signal_id,
+            now,
+            person_ref=token,
+            why=f"closed for {keep.days} days",
+        )
+        counts["anonymised"] += 1
+    counts["consents-anonymised"] = tx.anonymise_consents_ended_before(now - keep)
+    counts["outbox-deleted"] = tx.delete_sent_outbox_before(now - keep_free_text)
+    counts["dedupe-deleted"] = tx.delete_processed_before(now - keep_free_text)
     return counts

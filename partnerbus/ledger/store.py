@@ -9,6 +9,7 @@ tests and for partners who test against us.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -337,6 +338,97 @@ class LedgerTx:
             )
         )
 
+    # retention -----------------------------------------------------------------------
+    def signals_with_text_before(self, cutoff: datetime) -> list[SignalRow]:
+        rows = self.conn.execute(
+            select(t.signals).where(
+                t.signals.c.received_at < cutoff,
+                t.signals.c.note_deleted_at.is_(None),
+                t.signals.c.anonymised_at.is_(None),
+            )
+        )
+        return [_row(SignalRow, r) for r in rows]
+
+    def rewrite_signal(self, signal_id: str, **values: Any) -> None:
+        self.conn.execute(
+            update(t.signals).where(t.signals.c.signal_id == signal_id).values(**values)
+        )
+
+    def signals_closed_before(self, cutoff: datetime) -> list[SignalRow]:
+        """Signals not yet anonymised whose needs are all settled and whose referrals all
+        closed before `cutoff` (a signal still parked or followed is kept)."""
+        open_needs = select(t.signal_needs.c.signal_id).where(
+            t.signal_needs.c.state.in_(("parked", "routed"))
+        )
+        recent = select(t.referrals.c.signal_id).where(
+            or_(t.referrals.c.closed_at.is_(None), t.referrals.c.closed_at >= cutoff)
+        )
+        rows = self.conn.execute(
+            select(t.signals).where(
+                t.signals.c.anonymised_at.is_(None),
+                t.signals.c.received_at < cutoff,
+                t.signals.c.signal_id.not_in(open_needs),
+                t.signals.c.signal_id.not_in(recent),
+            )
+        )
+        return [_row(SignalRow, r) for r in rows]
+
+    def anonymise_person_records(self, signal_id: str, token: str, now: datetime) -> None:
+        """Replace the person's reference by a token in the audit records of this signal and
+        its referrals (not in those of the person's other, maybe still open, signals)."""
+        referral_ids = select(t.referrals.c.referral_id).where(t.referrals.c.signal_id == signal_id)
+        self.conn.execute(
+            update(t.referrals)
+            .where(t.referrals.c.signal_id == signal_id)
+            .values(anonymised_at=now, outcome=None)
+        )
+        self.conn.execute(
+            update(t.audit)
+            .where(or_(t.audit.c.subject == signal_id, t.audit.c.subject.in_(referral_ids)))
+            .values(person_ref=token)
+        )
+
+    def anonymise_consents_ended_before(self, cutoff: datetime) -> int:
+        """Consents that ended (expired or revoked) before `cutoff` keep their scope and dates
+        as proof, under a random token instead of the person's reference."""
+        ended = self.conn.execute(
+            select(t.consents.c.consent_id).where(
+                ~t.consents.c.person_ref.startswith("anon-"),
+                or_(t.consents.c.valid_until < cutoff, t.consents.c.revoked_at < cutoff),
+            )
+        ).all()
+        for (consent_id,) in ended:
+            token = f"anon-{uuid.uuid4().hex[:16]}"
+            self.conn.execute(
+                update(t.consents)
+                .where(t.consents.c.consent_id == consent_id)
+                .values(person_ref=token)
+            )
+            self.conn.execute(
+                update(t.consent_journal)
+                .where(t.consent_journal.c.consent_id == consent_id)
+                .values(person_ref=token, body="{}")
+            )
+            self.conn.execute(
+                update(t.audit).where(t.audit.c.subject == consent_id).values(person_ref=token)
+            )
+        return len(ended)
+
+    def delete_sent_outbox_before(self, cutoff: datetime) -> int:
+        """Sent messages are copies of personal data: keep them only as long as needed."""
+        return int(
+            self.conn.execute(
+                delete(t.outbox).where(t.outbox.c.sent_at.is_not(None), t.outbox.c.sent_at < cutoff)
+            ).rowcount
+        )
+
+    def delete_processed_before(self, cutoff: datetime) -> int:
+        return int(
+            self.conn.execute(
+                delete(t.processed).where(t.processed.c.processed_at < cutoff)
+            ).rowcount
+        )
+
     # outbox and audit ----------------------------------------------------------------
     def enqueue(
         self, message: Message, routing_key: str, now: datetime, referral_id: str | None = None
@@ -569,12 +661,6 @@ class Store:
                 ).order_by(t.partner_capacity.c.partner_id)
             )
             return [(r.partner_id, r.status, r.remaining) for r in rows]
-
-    def purge_processed_before(self, before: datetime) -> int:
-        with self.engine.begin() as conn:
-            return conn.execute(
-                delete(t.processed).where(t.processed.c.processed_at < before)
-            ).rowcount
 
 
 def _engine(url: str, *, schema: str | None, echo: bool) -> Engine:

@@ -278,3 +278,68 @@ class TestDeadlines:
         assert ledger.store.referral(first["referral_id"]).status == "expired"
         second = sent(ledger, "referral")[-1][1]
         assert second["partner"] != first["partner"]
+
+
+class TestRetention:
+    def test_free_text_goes_first_then_closed_referrals_are_anonymised(
+        self, ledger: Ledger
+    ) -> None:
+        """After 90 days the note is gone; after 730 days of closure the person's reference is too."""
+        run(ledger, usecases.grant_consent, a_consent(ledger, person="T-RET-1", days=30))
+        signal = a_signal(ledger, person="T-RET-1")
+        run(ledger, usecases.receive_signal, signal)
+        referral = sent(ledger, "referral")[0][1]
+        completed = ReferralStatusChanged(
+            message_id=mid("st"),
+            occurred_at=ledger.clock(),
+            referral_id=referral["referral_id"],
+            partner=referral["partner"],
+            status="completed",
+            outcome="repayment plan signed",
+        )
+        run(ledger, usecases.record_status, completed)
+        for row in ledger.store.claim_pending(ledger.clock(), timedelta(minutes=1)):
+            with ledger.store.begin() as tx:  # what the relay does after each confirm
+                tx.mark_sent(row.id, ledger.clock())
+        clock = ledger.clock
+        assert isinstance(clock, FakeClock)
+        keep = {"keep": timedelta(days=730), "keep_free_text": timedelta(days=90)}
+
+        clock.advance(timedelta(days=91))
+        with ledger.store.begin() as tx:
+            counts = usecases.apply_retention(ledger, tx, **keep)
+            row = tx.signal(signal.message_id)
+        assert counts["free-text-deleted"] == 1
+        assert counts["anonymised"] == 0
+        assert row is not None
+        assert "free text" not in row.body
+        assert row.person_ref == "T-RET-1"
+        assert counts["outbox-deleted"] >= 1, "sent copies are not kept"
+
+        clock.advance(timedelta(days=730))
+        with ledger.store.begin() as tx:
+            counts = usecases.apply_retention(ledger, tx, **keep)
+            row = tx.signal(signal.message_id)
+        assert counts["anonymised"] == 1
+        assert counts["consents-anonymised"] == 1
+        assert row is not None
+        assert row.person_ref.startswith("anon-")
+        assert "T-RET-1" not in row.body
+        assert "1200" not in row.body
+        assert ledger.store.audit_trail("T-RET-1") == [], "no record names the person any more"
+        assert ledger.store.referral(referral["referral_id"]).anonymised_at is not None
+
+    def test_an_open_referral_is_never_anonymised(self, ledger: Ledger) -> None:
+        """A referral still in progress keeps its person, however old."""
+        run(ledger, usecases.grant_consent, a_consent(ledger, person="T-RET-2", days=3000))
+        signal = a_signal(ledger, person="T-RET-2")
+        run(ledger, usecases.receive_signal, signal)
+        clock = ledger.clock
+        assert isinstance(clock, FakeClock)
+        clock.advance(timedelta(days=1000))
+        with ledger.store.begin() as tx:
+            counts = usecases.apply_retention(
+                ledger, tx, keep=timedelta(days=730), keep_free_text=timedelta(days=90)
+            )
+        assert counts["anonymised"] == 0
+        assert ledger.store.audit_trail("T-RET-2") != []
