@@ -219,19 +219,14 @@ def referrals_timeline(
         )
     if not rows:
         _fail(f"nothing recorded about {subject!r}")
-    table = Table(title=f"timeline of {subject}")
-    for column in ("when", "who", "what", "about", "partner", "why"):
-        table.add_column(column)
+    console.print(f"[bold]timeline of {subject}[/bold] ({len(rows)} records)")
     for r in rows:
-        table.add_row(
-            f"{r.at:%Y-%m-%d %H:%M:%S}",
-            r.actor,
-            r.action,
-            r.subject,
-            r.partner_id or "",
-            r.why or "",
+        partner = f" → {r.partner_id}" if r.partner_id else ""
+        console.print(
+            f"{r.at:%Y-%m-%d %H:%M:%S}  [bold]{r.action}[/bold]  by {r.actor}{partner}  "
+            f"[dim]{r.subject}[/dim]  {r.why or ''}",
+            soft_wrap=True,
         )
-    console.print(table)
 
 
 def main() -> None:

@@ -343,3 +343,20 @@ class TestRetention:
             )
         assert counts["anonymised"] == 0
         assert ledger.store.audit_trail("T-RET-2") != []
+
+
+def test_the_advisor_is_told_of_a_consent_about_to_expire_once(ledger: Ledger) -> None:
+    """Two weeks before its end a consent is reported to its agency, and only once."""
+    run(ledger, usecases.grant_consent, a_consent(ledger, person="T-EXP-1", days=30))
+    clock = ledger.clock
+    assert isinstance(clock, FakeClock)
+    with ledger.store.begin() as tx:
+        assert usecases.watch_deadlines(ledger, tx)["consents-expiring"] == 0
+    clock.advance(timedelta(days=17))
+    with ledger.store.begin() as tx:
+        assert usecases.watch_deadlines(ledger, tx)["consents-expiring"] == 1
+    with ledger.store.begin() as tx:
+        assert usecases.watch_deadlines(ledger, tx)["consents-expiring"] == 0
+    ((key, body),) = sent(ledger, "consent-expiring")
+    assert key == "lmh-agence-roubaix"
+    assert body["person_ref"] == "T-EXP-1"

@@ -1,0 +1,108 @@
+"""The advisor's and ops' command line, against the running bus and its record."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from typer.testing import CliRunner
+
+from partnerbus.broker.cli import _mount_optional, app
+from partnerbus.testing import Inbox
+
+from .helpers import ARREARS, ROUBAIX, new_id, publish, signal
+
+pytestmark = pytest.mark.rabbitmq
+
+_mount_optional()
+runner = CliRunner()
+
+
+@pytest.fixture
+def cli_env(monkeypatch, bus):
+    """The command line reads the same settings as the running bus."""
+    monkeypatch.setenv("PARTNERBUS_AMQP_URL", bus.settings.amqp_url.get_secret_value())
+    monkeypatch.setenv("PARTNERBUS_PREFIX", bus.settings.prefix)
+    monkeypatch.setenv("PARTNERBUS_DATABASE_URL", bus.settings.database_url)
+    return bus
+
+
+async def invoke(*args: str):
+    return await asyncio.to_thread(runner.invoke, app, list(args))
+
+
+async def test_an_advisor_grants_consent_from_the_command_line_and_the_parked_signal_leaves(
+    cli_env, channel
+):
+    """`consent grant` releases a parked signal; `consent list` shows the consent and is audited."""
+    bus = cli_env
+    t = bus.topology
+    agency = bus.directory.agency_for(ROUBAIX).id
+    advisor = await Inbox.open(channel, t.partner_queue_name(agency))
+    person = new_id("T")
+    body = signal(person=person)
+    await publish(channel, f"{t.prefix}.signals", body, routing_key="lmh-recouvrement")
+    await advisor.expect_kind("consent-requested")
+
+    before = len(bus.verdicts)
+    result = await invoke(
+        "consent",
+        "grant",
+        "--person",
+        person,
+        "--agency",
+        agency,
+        "--by",
+        "a.martin",
+        "--needs",
+        "logement-hebergement",
+        "--kinds",
+        "ccas-cias,maisons-des-solidarites",
+        "--method",
+        "paper",
+        "--duration",
+        "1m",
+    )
+    assert result.exit_code == 0, result.output
+    assert "consent consent-" in result.output
+    await bus.wait_verdicts(before + 1)
+    await bus.relay.flush()
+    assert bus.store.count("referrals", signal_id=body["message_id"]) == 1
+
+    listed = await invoke("consent", "list", "--person", person, "--by", "a.martin")
+    assert listed.exit_code == 0, listed.output
+    assert "paper" in listed.output
+    assert "valid" in listed.output
+    actions = [r.action for r in bus.store.audit_trail(person)]
+    assert "consent-granted" in actions
+    assert "referral-disclosed" in actions
+    assert "consents-read" in actions
+
+    timeline = await invoke("referrals", "timeline", person, "--by", "ops.tester")
+    assert timeline.exit_code == 0, timeline.output
+    assert "signal-received" in timeline.output
+    assert "referral-disclosed" in timeline.output
+
+
+async def test_the_command_line_refuses_bad_consent_input_with_a_clear_error(cli_env):
+    """An unknown duration, an unknown need or a scope without partners is an error, not a consent."""
+    base = (
+        "consent",
+        "grant",
+        "--person",
+        "T-cli-1",
+        "--agency",
+        "lmh-agence-roubaix",
+        "--by",
+        "a.martin",
+    )
+    wrong_duration = await invoke(*base, "--needs", ARREARS, "--kinds", "caf", "--duration", "2w")
+    assert wrong_duration.exit_code == 2
+    assert "2w" in wrong_duration.output
+    unknown_need = await invoke(*base, "--needs", "logement-hebergement--voler", "--kinds", "caf")
+    assert unknown_need.exit_code == 2
+    assert "unknown need" in unknown_need.output
+    nobody = await invoke(*base, "--needs", ARREARS)
+    assert nobody.exit_code == 2
+    assert "partner kinds or partners" in nobody.output
+    assert cli_env.store.count("consents") == 0

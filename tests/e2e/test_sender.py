@@ -1,0 +1,73 @@
+"""Sender authentication with a real partner user: the claimed source must be the AMQP user."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+
+import aio_pika
+import pytest
+
+from partnerbus.broker.access import apply_with_rabbitmqctl, grants_for, remove_with_rabbitmqctl
+from partnerbus.testing import Inbox
+
+from .helpers import signal
+
+pytestmark = pytest.mark.rabbitmq
+
+
+@pytest.fixture
+async def proximity_team(bus):
+    """The proximity team's own RabbitMQ user, with the rights derived from the directory."""
+    partner = bus.directory.partner("lmh-proximite")
+    password = secrets.token_urlsafe(16)
+    (grant,) = grants_for([partner], bus.topology)
+    await asyncio.to_thread(
+        apply_with_rabbitmqctl, [grant], vhost="/", passwords={grant.username: password}
+    )
+    url = bus.settings.amqp_url.get_secret_value().replace(
+        "guest:guest", f"{grant.username}:{password}"
+    )
+    connection = await aio_pika.connect(url)
+    yield grant.username, await connection.channel(publisher_confirms=True)
+    await connection.close()
+    await asyncio.to_thread(remove_with_rabbitmqctl, [grant.username])
+
+
+async def publish_as(channel, user: str, exchange: str, body: dict) -> None:
+    ex = await channel.get_exchange(exchange, ensure=False)
+    await ex.publish(
+        aio_pika.Message(
+            json.dumps(body).encode(),
+            message_id=body["message_id"],
+            user_id=user,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        ),
+        routing_key="lmh-proximite",
+    )
+
+
+async def test_a_partner_claiming_another_source_is_refused_to_the_dead_letter_queue(
+    bus, channel, proximity_team
+):
+    """Authenticated as the proximity team, a signal claiming the recovery service as source is dead-lettered with that reason; its own signal flows."""
+    user, partner_channel = proximity_team
+    t = bus.topology
+    dlq = await Inbox.open(channel, t.dlq_name(t.signal_queue.name))
+    spoofed = signal(source="lmh-recouvrement")
+    await publish_as(partner_channel, user, t.signals.name, spoofed)
+    (dead,) = await dlq.expect(1)
+    assert dead.message_id == spoofed["message_id"]
+    assert dead.headers["partnerbus-error"] == (
+        f"claimed sender 'lmh-recouvrement' does not match the authenticated AMQP user '{user}'"
+    )
+    assert dead.headers["partnerbus-original-user"] == user
+
+    before = len(bus.verdicts)
+    own = signal(source="lmh-proximite")
+    await publish_as(partner_channel, user, t.signals.name, own)
+    (verdict,) = (await bus.wait_verdicts(before + 1))[before:]
+    assert verdict.outcome == "processed"
+    assert bus.store.count("signals", signal_id=own["message_id"]) == 1
+    assert bus.store.count("signals", signal_id=spoofed["message_id"]) == 0
