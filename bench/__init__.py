@@ -1,0 +1,1 @@
+"""Benchmarks: synthetic national data and the figures of docs/PERFORMANCE.md."""

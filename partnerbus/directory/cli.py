@@ -1,0 +1,274 @@
+"""`partnerbus directory …`: check a directory, match a need, show the network."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn
+from rich.table import Table
+
+from partnerbus.schemas import Profile
+
+from .check import check as run_check
+from .check import gaps_by_parent
+from .errors import DirectoryError
+from .load import load_directory, load_sample
+from .match import match as run_match
+from .model import Directory
+
+app = typer.Typer(
+    help="The partner directory: check its data and coverage, match a need, draw the network.",
+    no_args_is_help=True,
+)
+console = Console()
+
+DirectoryOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--directory", "-d", help="YAML or JSON directory file (default: the bundled Lille sample)."
+    ),
+]
+DiStructures = Annotated[
+    Path | None,
+    typer.Option("--di-structures", help="data·inclusion structures export (JSON)."),
+]
+DiServices = Annotated[
+    Path | None,
+    typer.Option("--di-services", help="data·inclusion services export (JSON)."),
+]
+
+
+def _load(
+    path: Path | None, di_structures: Path | None = None, di_services: Path | None = None
+) -> Directory:
+    try:
+        if di_structures is not None or di_services is not None:
+            if di_structures is None or di_services is None:
+                console.print("[red]give both --di-structures and --di-services[/red]")
+                raise typer.Exit(2)
+            from .datainclusion import load_data_inclusion
+
+            base = load_directory(path) if path is not None else None
+            d, errors = load_data_inclusion(di_structures, di_services, base=base)
+            if errors:
+                table = Table(title=f"{len(errors)} import problems", show_lines=False)
+                for col in ("file", "row", "id", "field", "why", "kept"):
+                    table.add_column(col)
+                for e in errors[:200]:
+                    table.add_row(
+                        e.file,
+                        str(e.row),
+                        e.record_id or "",
+                        e.field,
+                        e.why,
+                        "no" if e.dropped else "row kept",
+                    )
+                console.print(table)
+            return d
+        if path is None:
+            return load_sample()
+        with Progress(
+            TextColumn("loading {task.description}"),
+            BarColumn(),
+            TextColumn("{task.percentage:>3.0f}%"),
+            console=console,
+            transient=True,
+        ) as bar:
+            task = bar.add_task(path.name, total=1)
+
+            def progress(_stage: str, done: int, total: int) -> None:
+                bar.update(task, total=max(total, 1), completed=done)
+
+            return load_directory(path, progress=progress)
+    except DirectoryError as exc:
+        console.print(f"[red]directory error:[/red] {exc}")
+        raise typer.Exit(1) from exc
+
+
+@app.command()
+def check(
+    directory: DirectoryOption = None,
+    sender: Annotated[
+        str | None,
+        typer.Option(help="Count only partners this sender may refer to (its agreements)."),
+    ] = None,
+    need: Annotated[
+        list[str] | None, typer.Option("--need", help="Need to check (repeatable).")
+    ] = None,
+    di_structures: DiStructures = None,
+    di_services: DiServices = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable report.")] = False,
+) -> None:
+    """Report problems in the data and coverage gaps: which needs have no partner where."""
+    d = _load(directory, di_structures, di_services)
+    if sender is not None and sender not in d:
+        console.print(f"[red]unknown sender {sender!r}[/red]")
+        raise typer.Exit(2)
+    report = run_check(d, needs=need or None, sender=sender)
+    if as_json:
+        payload = {
+            "partners": len(d),
+            "communes": report.communes_checked,
+            "problems": [
+                p.__dict__
+                if hasattr(p, "__dict__")
+                else {"severity": p.severity, "subject": p.subject, "message": p.message}
+                for p in report.problems
+            ],
+            "gaps": [
+                {
+                    "need": g.need,
+                    "communes": list(g.communes),
+                    "restricted_only": list(g.restricted_only),
+                }
+                for g in report.gaps
+            ],
+        }
+        typer.echo(json.dumps(payload, ensure_ascii=False, indent=2))
+        raise typer.Exit(1 if report.errors else 0)
+    console.print(
+        f"[bold]{d.name or d.source}[/bold]: {len(d)} partners, "
+        f"{report.communes_checked} communes, {report.needs_checked} needs checked"
+        + (f", as seen from {sender}" if sender else "")
+    )
+    if report.problems:
+        table = Table(title="Problems")
+        table.add_column("severity")
+        table.add_column("subject")
+        table.add_column("problem")
+        style = {"error": "red", "warning": "yellow", "info": "dim"}
+        for p in sorted(report.problems, key=lambda p: ("ewi".index(p.severity[0]), p.subject)):
+            table.add_row(f"[{style[p.severity]}]{p.severity}[/]", p.subject, p.message)
+        console.print(table)
+    else:
+        console.print("[green]no problems in the data[/green]")
+    if report.gaps:
+        total = report.communes_checked
+        table = Table(title="Coverage gaps (communes without a partner open to all)")
+        table.add_column("need")
+        table.add_column("no partner", justify="right")
+        table.add_column("restricted only", justify="right")
+        table.add_column("where (first communes)")
+        for g in report.gaps:
+            names = list(g.communes[:4])
+            more = " …" if len(g.communes) > 4 else ""
+            table.add_row(
+                g.need,
+                f"{len(g.communes)}/{total}",
+                str(len(g.restricted_only)),
+                ", ".join(names) + more,
+            )
+        console.print(table)
+        by_parent = gaps_by_parent(d, report.gaps)
+        if by_parent:
+            console.print(
+                "communes with at least one gap, by EPCI/département: "
+                + ", ".join(
+                    f"{d.territories[k].name if k in d.territories else k} ({len(v)})"
+                    for k, v in by_parent.items()
+                )
+            )
+    else:
+        console.print("[green]no coverage gap for the needs checked[/green]")
+    raise typer.Exit(1 if report.errors else 0)
+
+
+@app.command()
+def match(
+    need: Annotated[str, typer.Option(help="Need code (data·inclusion thématique or local-…).")],
+    commune: Annotated[str, typer.Option(help="INSEE code of the person's commune.")],
+    directory: DirectoryOption = None,
+    profile: Annotated[
+        str | None,
+        typer.Option(help='Profile as JSON, e.g. \'{"age_band": "75-plus", "qpv": "QN0590121"}\'.'),
+    ] = None,
+    sender: Annotated[str | None, typer.Option(help="Partner id raising the signal.")] = None,
+    exclude: Annotated[
+        list[str] | None, typer.Option(help="Partner id already tried (repeatable).")
+    ] = None,
+    limit: Annotated[int | None, typer.Option(help="At most this many candidates.")] = None,
+) -> None:
+    """Print the ranked candidates for a need in a commune, with their reasons."""
+    d = _load(directory)
+    if not d.has_need(need):
+        console.print(f"[red]unknown need {need!r}[/red]")
+        raise typer.Exit(2)
+    if not d.has_commune(commune):
+        console.print(f"[red]unknown commune {commune!r}[/red]")
+        raise typer.Exit(2)
+    if sender is not None and sender not in d:
+        console.print(f"[red]unknown sender {sender!r}[/red]")
+        raise typer.Exit(2)
+    person = Profile.model_validate_json(profile) if profile else None
+    candidates = run_match(d, need, commune, person, sender, frozenset(exclude or ()), limit)
+    where = d.territories[commune].name
+    console.print(
+        f"[bold]{need}[/bold] in {commune} {where}" + (f" from {sender}" if sender else "")
+    )
+    if not candidates:
+        console.print("[yellow]no partner found[/yellow]")
+        raise typer.Exit(3)
+    table = Table()
+    table.add_column("#", justify="right")
+    table.add_column("partner")
+    table.add_column("kind")
+    table.add_column("why")
+    for c in candidates:
+        table.add_row(
+            str(c.rank),
+            f"{c.partner_id}\n[dim]{c.partner.name}[/dim]",
+            c.partner.kind,
+            "\n".join(c.reasons),
+        )
+    console.print(table)
+    agency = d.agency_for(commune)
+    if agency is not None:
+        advisor = d.advisor_for(agency.id, commune)
+        console.print(f"agency: {agency.id}" + (f", advisor {advisor.id}" if advisor else ""))
+
+
+@app.command()
+def show(
+    directory: DirectoryOption = None,
+    commune: Annotated[str | None, typer.Option(help="INSEE code to centre on.")] = None,
+    need: Annotated[str | None, typer.Option(help="Need code to centre on.")] = None,
+    out: Annotated[Path | None, typer.Option(help="PNG file to write.")] = None,
+    graphml: Annotated[Path | None, typer.Option(help="GraphML file to write (Gephi).")] = None,
+    sender: Annotated[
+        str | None, typer.Option(help="Also show this partner and its agreements.")
+    ] = None,
+) -> None:
+    """Draw the partner network around a commune or a need (PNG and/or GraphML)."""
+    from .render import neighbourhood, render_png, write_graphml
+
+    if commune is None and need is None:
+        console.print("[red]give --commune, --need or both[/red]")
+        raise typer.Exit(2)
+    if out is None and graphml is None:
+        out = Path("directory.png")
+    d = _load(directory)
+    try:
+        graph = neighbourhood(d, commune=commune, need=need, sender=sender)
+    except KeyError as exc:
+        console.print(f"[red]{exc.args[0]}[/red]")
+        raise typer.Exit(2) from exc
+    title = " · ".join(
+        x
+        for x in (
+            f"{commune} {d.territories[commune].name}" if commune else "",
+            need or "",
+        )
+        if x
+    )
+    if out is not None:
+        render_png(graph, out, title=title)
+        console.print(
+            f"wrote {out} ({graph.number_of_nodes()} nodes, {graph.number_of_edges()} edges)"
+        )
+    if graphml is not None:
+        write_graphml(graph, graphml)
+        console.print(f"wrote {graphml}")
