@@ -55,16 +55,21 @@ class Relay:
     async def _db(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.executor, partial(fn, *args))
 
-    async def flush(self, message_ids: list[str] | None = None) -> int:
-        """Send pending rows (only those of `message_ids` when given). Returns how many left."""
+    async def flush(self, rounds: int = 4) -> int:
+        """Send what is pending, and what sending it committed in turn (a confirm records a
+        `delivered` notice for the source), for a few rounds. Returns how many were sent."""
+        total = 0
+        for _ in range(rounds):
+            sent = await self._flush_once()
+            total += sent
+            if sent == 0:
+                break
+        return total
+
+    async def _flush_once(self) -> int:
         store = self.ledger.store
-        ids = None
-        if message_ids is not None:
-            ids = await self._db(store.outbox_ids_since, message_ids)
-            if not ids:
-                return 0
         rows: list[OutboxRow] = await self._db(
-            store.claim_pending, self.ledger.clock(), self.lease, 200, ids
+            store.claim_pending, self.ledger.clock(), self.lease, 200
         )
         sent = 0
         for row in rows:

@@ -657,6 +657,23 @@ def mark_delivered(ledger: Ledger, tx: LedgerTx, referral_id: str) -> None:
             due_at=ledger.deadlines.due_by(referral.urgency, now),
             remind_at=ledger.deadlines.remind_at(referral.urgency, now),
         )
+        row = tx.signal(referral.signal_id)
+        assert row is not None
+        _tell_source(
+            ledger,
+            tx,
+            row,
+            ReferralStatusChanged(
+                message_id=_derived_id("status", referral_id, "delivered"),
+                occurred_at=now,
+                referral_id=referral_id,
+                partner=referral.partner_id,
+                status="delivered",
+                note="in the partner's queue (the broker confirmed it)",
+                signal_id=referral.signal_id,
+                need=referral.need,
+            ),
+        )
 
 
 def record_capacity(ledger: Ledger, tx: LedgerTx, event: CapacityChanged, queue: str) -> bool:

@@ -515,9 +515,7 @@ class Store:
             yield LedgerTx(conn)
 
     # outbox relay ---------------------------------------------------------------------
-    def claim_pending(
-        self, now: datetime, lease: timedelta, limit: int = 100, ids: list[int] | None = None
-    ) -> list[OutboxRow]:
+    def claim_pending(self, now: datetime, lease: timedelta, limit: int = 100) -> list[OutboxRow]:
         """Claim unsent outbox rows for `lease`, so that two relays do not send the same row."""
         claimed: list[OutboxRow] = []
         with self.engine.begin() as conn:
@@ -528,8 +526,6 @@ class Store:
                 .order_by(t.outbox.c.id)
                 .limit(limit)
             )
-            if ids is not None:
-                query = query.where(t.outbox.c.id.in_(ids))
             for (row_id,) in conn.execute(query).all():
                 got = conn.execute(
                     update(t.outbox)
@@ -554,17 +550,6 @@ class Store:
                     ).one()
                     claimed.append(_row(OutboxRow, row))
         return claimed
-
-    def outbox_ids_since(self, message_ids: list[str]) -> list[int]:
-        if not message_ids:
-            return []
-        with self.engine.connect() as conn:
-            return [
-                r.id
-                for r in conn.execute(
-                    select(t.outbox.c.id).where(t.outbox.c.message_id.in_(message_ids))
-                )
-            ]
 
     def release(self, outbox_id: int, error: str) -> None:
         with self.engine.begin() as conn:

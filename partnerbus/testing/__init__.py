@@ -97,12 +97,13 @@ class Inbox:
             raise AssertionError(msg) from None
         return got
 
-    async def expect_kind(self, kind: str, timeout: float = 10.0) -> Received:
-        """The next message of this type; others seen meanwhile stay in `seen`."""
+    async def expect_kind(self, kind: str, timeout: float = 10.0, **fields: Any) -> Received:
+        """The next message of this type (and with these body fields, when given); others
+        seen meanwhile stay in `seen`."""
         async with asyncio.timeout(timeout):
             while True:
                 item = await self.items.get()
-                if item.kind == kind:
+                if item.kind == kind and all(item.body.get(k) == v for k, v in fields.items()):
                     return item
 
     def drain(self) -> list[Received]:

@@ -56,11 +56,18 @@ async def test_a_consented_signal_yields_exactly_one_referral_in_the_right_partn
     assert referral.body["need"] == ARREARS
     assert person not in referral.raw.decode(), "the partner sees a pseudonym, not our reference"
     await inbox.close()
+    await bus.relay.wait_recorded(referral.message_id)
+    loop = {"lmh-recouvrement", agency}  # they hear `delivered`: the closed loop
     for partner in bus.directory.partners():
-        if partner.id != target:
+        if partner.id not in (target, *loop):
             assert await queue_depth(channel, bus.topology.partner_queue_name(partner.id)) == 0, (
                 partner.id
             )
+    for partner_id in loop:
+        notice = await Inbox.open(channel, bus.topology.partner_queue_name(partner_id))
+        (delivered,) = await notice.expect(1)
+        assert delivered.body["status"] == "delivered"
+        assert delivered.body["referral_id"] == referral.body["referral_id"]
     assert bus.store.count("referrals", signal_id=body["message_id"]) == 1
 
 
@@ -179,11 +186,11 @@ async def test_a_partner_status_reaches_the_source_and_the_advisor(bus, channel)
         routing_key=target,
     )
 
-    forwarded = await source_inbox.expect_kind("referral-status-changed")
+    forwarded = await source_inbox.expect_kind("referral-status-changed", status="accepted")
     assert forwarded.body["referral_id"] == rid
     assert forwarded.body["status"] == "accepted"
     assert forwarded.body["signal_id"] == body["message_id"]
     assert forwarded.body["need"] == ARREARS
-    told = await agency_inbox.expect_kind("referral-status-changed")
+    told = await agency_inbox.expect_kind("referral-status-changed", status="accepted")
     assert told.body["status"] == "accepted"
     assert bus.store.referral(rid).status == "accepted"
