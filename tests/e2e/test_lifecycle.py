@@ -44,7 +44,7 @@ async def test_a_revoked_consent_withdraws_the_open_referral_from_the_partner(bu
     withdrawn = await inbox.expect_kind("referral-withdrawn")
     assert withdrawn.body["referral_id"] == rid
     assert withdrawn.body["reason"] == "consent-revoked"
-    told = await source.expect_kind("referral-status-changed", status="withdrawn")
+    await source.expect_kind("referral-status-changed", status="withdrawn")
     assert bus.store.referral(rid).status == "withdrawn"
 
 
@@ -166,6 +166,6 @@ async def test_the_partner_client_answers_received_and_the_status_moves(bus, cha
         await publish(
             channel, f"{t.prefix}.signals", signal(person=person), routing_key="lmh-recouvrement"
         )
-        told = await source.expect_kind("referral-status-changed", status="received")
+        await source.expect_kind("referral-status-changed", status="received")
     assert got and got[0].type == "referral"
     assert bus.store.referral(got[0].referral_id).status == "received"
