@@ -8,6 +8,7 @@ scheduler. Worker processes (`partnerbus run --workers N`) each call `app_factor
 from __future__ import annotations
 
 import asyncio
+import gc
 import contextlib
 import logging
 from collections.abc import Callable
@@ -302,4 +303,7 @@ def _subscribe_directory_updates(
 def app_factory() -> FastStream:
     """Entry point of `faststream run --factory` (what `partnerbus run` starts)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    return create_app(log_level=logging.INFO).app
+    bus = create_app(log_level=logging.INFO)
+    # The directory is built once and then only read: keep the collector off its objects.
+    gc.freeze()
+    return bus.app

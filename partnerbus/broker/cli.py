@@ -24,9 +24,11 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,
 )
 consent_app = typer.Typer(help="Record, revoke and list consents (for the social advisor).")
+ops_app = typer.Typer(help="Watch queues, dead letters, overdue and parked work.")
 referrals_app = typer.Typer(help="Follow referrals and their audit trail.")
 app.add_typer(consent_app, name="consent")
 app.add_typer(referrals_app, name="referrals")
+app.add_typer(ops_app, name="ops")
 
 console = Console()
 err = Console(stderr=True)
@@ -227,6 +229,66 @@ def referrals_timeline(
             f"[dim]{r.subject}[/dim]  {r.why or ''}",
             soft_wrap=True,
         )
+
+
+def _ops_context():  # type: ignore[no-untyped-def]
+    from partnerbus.directory import load_directory, load_sample
+
+    settings = Settings()
+    directory = (
+        load_directory(settings.directory_path) if settings.directory_path else load_sample()
+    )
+    return settings, directory, _store()
+
+
+@ops_app.command("status")
+def ops_status() -> None:
+    """Queues, dead letters, referrals by status, overdue and parked work, now."""
+    from partnerbus.broker.topology import Topology
+    from partnerbus.ops.monitor import snapshot
+
+    settings, directory, store = _ops_context()
+    snap = asyncio.run(
+        snapshot(
+            settings.amqp_url.get_secret_value(),
+            Topology(settings.prefix),
+            [p.id for p in directory.partners()],
+            store,
+            datetime.now(UTC),
+        )
+    )
+    if snap.broker_error:
+        err.print(f"[red]broker unreachable:[/red] {snap.broker_error}")
+    queues = Table(title=f"queues under {settings.prefix}")
+    for column in ("queue", "role", "ready", "consumers"):
+        queues.add_column(column)
+    for q in snap.queues:
+        if q.role != "dead-letter" or q.messages:
+            style = "red" if q.role == "dead-letter" else ""
+            queues.add_row(q.name, q.role, str(q.messages), str(q.consumers), style=style)
+    console.print(queues)
+    statuses = ", ".join(f"{s} {n}" for s, n in sorted(snap.ledger.referrals_by_status.items()))
+    console.print(f"referrals: {statuses or 'none'}")
+    console.print(
+        f"overdue {len(snap.ledger.overdue)} · parked needs {snap.ledger.parked_needs} · "
+        f"outbox pending {snap.ledger.outbox_pending} · dead letters {snap.dead_letters}"
+    )
+
+
+@ops_app.command("serve")
+def ops_serve(
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port of the page and /metrics.")] = 8090,
+) -> None:
+    """Serve the monitor page, Prometheus metrics (/metrics) and a health check (/health)."""
+    import uvicorn
+
+    from partnerbus.ops.web import create_ops_app
+
+    settings, directory, store = _ops_context()
+    uvicorn.run(
+        create_ops_app(settings, directory, store), host=host, port=port, log_level="warning"
+    )
 
 
 def main() -> None:

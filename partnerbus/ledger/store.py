@@ -591,6 +591,13 @@ class Store:
                 )
             ]
 
+    def referral_counts(self) -> dict[str, int]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(t.referrals.c.status, func.count()).group_by(t.referrals.c.status)
+            )
+            return {status: int(n) for status, n in rows}
+
     def referral(self, referral_id: str) -> ReferralRow | None:
         with self.begin() as tx:
             return tx.referral(referral_id)

@@ -1,0 +1,75 @@
+"""The ops monitor over real HTTP: page, Prometheus metrics and health, from the broker and the ledger."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import httpx
+import pytest
+import uvicorn
+
+from partnerbus.ops.web import create_ops_app
+from partnerbus.testing import Inbox
+
+from .helpers import publish, signal
+
+pytestmark = pytest.mark.rabbitmq
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+async def ops_url(bus):
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_ops_app(bus.settings, bus.directory, bus.store),
+            host="127.0.0.1",
+            port=port,
+            log_level="warning",
+            lifespan="off",
+        )
+    )
+    task = asyncio.create_task(server.serve())
+    async with asyncio.timeout(10):
+        while not server.started:
+            await asyncio.sleep(0.01)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    await task
+
+
+async def test_the_monitor_shows_dead_letters_parked_needs_and_queues(
+    bus, channel, connection, ops_url
+):
+    """A dead letter and a parked signal appear on the page, in the metrics and leave health up."""
+    t = bus.topology
+    agency = bus.directory.agency_for("59512").id
+    advisor = await Inbox.open(channel, t.partner_queue_name(agency))
+    peek_channel = await connection.channel()
+    dlq = await Inbox.open(peek_channel, t.dlq_name(t.signal_queue.name), ack=False)
+    await publish(channel, t.signals.name, b"{not json", routing_key="x", message_id="bad-1")
+    await publish(channel, t.signals.name, signal(), routing_key="lmh-recouvrement")
+    await advisor.expect_kind("consent-requested")
+    await dlq.expect(1)
+    await peek_channel.close()  # unacked: it goes back to the dead-letter queue for ops
+
+    async with httpx.AsyncClient(base_url=ops_url, timeout=10) as client:
+        metrics = (await client.get("/metrics")).text
+        page = (await client.get("/")).text
+        health = await client.get("/health")
+    assert "partnerbus_dead_letters 1.0" in metrics
+    assert "partnerbus_needs_parked 1.0" in metrics
+    assert "partnerbus_broker_up 1.0" in metrics
+    assert (
+        f'partnerbus_queue_consumers{{queue="{t.signal_queue.name}",role="intake"}} 1.0' in metrics
+    )
+    assert "1 dead letter(s)" in page
+    assert t.signal_queue.name in page
+    assert health.status_code == 200
+    assert health.json()["broker"] == "up"
