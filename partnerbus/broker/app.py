@@ -8,8 +8,8 @@ scheduler. Worker processes (`partnerbus run --workers N`) each call `app_factor
 from __future__ import annotations
 
 import asyncio
-import gc
 import contextlib
+import gc
 import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
