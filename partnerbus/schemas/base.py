@@ -22,20 +22,22 @@ MESSAGE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
 
 NeedCode = Annotated[str, StringConstraints(pattern=NEED_PATTERN, max_length=160)]
 CommuneCode = Annotated[str, StringConstraints(pattern=COMMUNE_PATTERN)]
-PersonRef = Annotated[str, StringConstraints(pattern=PERSON_REF_PATTERN)]
 PartnerId = Annotated[str, StringConstraints(pattern=PARTNER_ID_PATTERN)]
 MessageId = Annotated[str, StringConstraints(pattern=MESSAGE_ID_PATTERN)]
 ShortText = Annotated[str, StringConstraints(max_length=2000)]
 
 
-def _no_email(value: str) -> str:
-    if re.search(r"[^@\s]+@[^@\s]+\.[a-z]{2,}", value, re.IGNORECASE):
-        msg = "a person reference must be pseudonymous, not an e-mail address"
+def _pseudonymous(value: str) -> str:
+    if "@" in value or " " in value:
+        msg = "a person reference must be pseudonymous: never a name or an e-mail address"
+        raise ValueError(msg)
+    if not re.fullmatch(PERSON_REF_PATTERN, value):
+        msg = "a person reference is 4 to 64 letters, digits or . _ : - (starting alphanumeric)"
         raise ValueError(msg)
     return value
 
 
-PseudonymousRef = Annotated[PersonRef, AfterValidator(_no_email)]
+PseudonymousRef = Annotated[str, AfterValidator(_pseudonymous)]
 
 Urgency = Literal["routine", "urgent", "asap"]
 """FHIR request priorities (stat is for clinics; the bus has no use for it)."""

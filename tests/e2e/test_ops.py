@@ -17,31 +17,26 @@ from .helpers import publish, signal
 pytestmark = pytest.mark.rabbitmq
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture
 async def ops_url(bus):
-    port = free_port()
+    # A socket listening before the server starts: requests wait in its backlog, so the
+    # test needs no readiness poll.
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(16)
+    port = sock.getsockname()[1]
     server = uvicorn.Server(
         uvicorn.Config(
             create_ops_app(bus.settings, bus.directory, bus.store),
-            host="127.0.0.1",
-            port=port,
             log_level="warning",
             lifespan="off",
         )
     )
-    task = asyncio.create_task(server.serve())
-    async with asyncio.timeout(10):
-        while not server.started:
-            await asyncio.sleep(0.01)
+    task = asyncio.create_task(server.serve(sockets=[sock]))
     yield f"http://127.0.0.1:{port}"
     server.should_exit = True
     await task
+    sock.close()
 
 
 async def test_the_monitor_shows_dead_letters_parked_needs_and_queues(
