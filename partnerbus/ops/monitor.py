@@ -167,6 +167,8 @@ def page(snap: Snapshot, prefix: str) -> str:
         f"<td>{r.due_at:%Y-%m-%d %H:%M}</td></tr>"
         for r in snap.ledger.overdue
     )
+    statuses = statuses or "<tr><td colspan='2'>no referral yet</td></tr>"
+    overdue = overdue or "<tr><td colspan='4'>none</td></tr>"
     banner = (
         "".join(f"<li>{a}</li>" for a in attention) or "<li class='ok'>nothing needs attention</li>"
     )
