@@ -98,13 +98,13 @@ def describe(queue: str, message: AbstractIncomingMessage) -> DeadLetter:
 
 
 async def dead_letter_queues(
-    channel: AbstractChannel, topology: Topology, partner_ids: Iterable[str]
+    connection: aio_pika.abc.AbstractConnection, topology: Topology, partner_ids: Iterable[str]
 ) -> list[str]:
     """The dead-letter queues that exist for this prefix."""
     names = []
     for work in topology.all_work_queue_names(partner_ids):
         name = topology.dlq_name(work)
-        probe = await channel.connection.channel()  # a failed passive declare closes its channel
+        probe = await connection.channel()  # a failed passive declare closes its channel
         try:
             await probe.declare_queue(name, passive=True)
             names.append(name)
@@ -142,12 +142,16 @@ async def take(
     handle: Any,
 ) -> list[DeadLetter]:
     """Get messages one by one; `handle(message, letter)` returns True to ack (remove) it.
-    Those not wanted, or not handled, go back when the channel closes."""
+    Those not wanted, or not handled, go back when the channel closes.
+
+    Only the messages present at the start are looked at: a replayed message that fails
+    again comes back to this queue meanwhile, and must not be replayed in a loop."""
     channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
     done: list[DeadLetter] = []
     try:
         queue = await channel.declare_queue(queue_name, passive=True)
-        while True:
+        present = int(queue.declaration_result.message_count or 0)
+        for _ in range(present):
             message = await queue.get(no_ack=False, fail=False)
             if message is None:
                 break
@@ -241,8 +245,7 @@ def list_command() -> None:
     async def main() -> None:
         settings, topology, partners, _ = _context()
         async with await _connect(settings) as connection:
-            channel = await connection.channel()
-            queues = await dead_letter_queues(channel, topology, partners)
+            queues = await dead_letter_queues(connection, topology, partners)
             table = Table(title=f"dead letters under {settings.prefix}")
             for column in ("message id", "type", "died in", "sender", "bytes", "reason"):
                 table.add_column(column)
@@ -273,8 +276,7 @@ def show(
     async def main() -> None:
         settings, topology, partners, store = _context()
         async with await _connect(settings) as connection:
-            channel = await connection.channel()
-            for name in await dead_letter_queues(channel, topology, partners):
+            for name in await dead_letter_queues(connection, topology, partners):
                 for letter in await peek(connection, name):
                     if letter.message_id == message_id:
                         _audit(store, by, "dead-letter-read", [letter])
@@ -314,8 +316,7 @@ def replay_command(
         wanted = None if all_ else set(message_ids or [])
         total = 0
         async with await _connect(settings) as connection:
-            channel = await connection.channel()
-            for name in await dead_letter_queues(channel, topology, partners):
+            for name in await dead_letter_queues(connection, topology, partners):
                 letters = await replay(
                     connection, name, wanted, amqp_user(settings.amqp_url.get_secret_value()), by
                 )
@@ -342,9 +343,8 @@ def purge(
     async def main() -> None:
         settings, topology, partners, store = _context()
         async with await _connect(settings) as connection:
-            channel = await connection.channel()
             total = 0
-            for name in await dead_letter_queues(channel, topology, partners):
+            for name in await dead_letter_queues(connection, topology, partners):
 
                 async def remove(*_: Any) -> bool:
                     return True

@@ -106,3 +106,75 @@ async def test_the_command_line_refuses_bad_consent_input_with_a_clear_error(cli
     assert nobody.exit_code == 2
     assert "partner kinds or partners" in nobody.output
     assert cli_env.store.count("consents") == 0
+
+
+async def test_ops_list_and_replay_dead_letters_from_the_command_line(cli_env, channel):
+    """`dlq list` shows a refused message with its reason; `dlq replay` sends it back and audits it."""
+    bus = cli_env
+    t = bus.topology
+    await publish(channel, t.signals.name, b"{broken", routing_key="x", message_id="cli-bad-1")
+    await bus.wait_verdicts(1)
+    listed = await invoke("dlq", "list")
+    assert listed.exit_code == 0, listed.output
+    assert "cli-bad-1" in listed.output
+    assert "not JSON" in listed.output
+
+    before = len(bus.verdicts)
+    replayed = await invoke("dlq", "replay", "cli-bad-1", "--by", "ops.tester")
+    assert replayed.exit_code == 0, replayed.output
+    assert "replayed 1 message(s)" in replayed.output
+    (verdict,) = (await bus.wait_verdicts(before + 1))[before:]
+    assert verdict.outcome == "refused", "still broken: it goes back to the dead letters"
+    assert [r.action for r in bus.store.audit_trail("cli-bad-1")] == ["dead-letter-replayed"]
+
+
+async def test_an_advisor_revokes_a_consent_from_the_command_line(cli_env, channel):
+    """`consent revoke` withdraws the referral made under it."""
+    bus = cli_env
+    t = bus.topology
+    agency = bus.directory.agency_for(ROUBAIX).id
+    person = new_id("T")
+    granted = await invoke(
+        "consent",
+        "grant",
+        "--person",
+        person,
+        "--agency",
+        agency,
+        "--by",
+        "a.martin",
+        "--needs",
+        "logement-hebergement",
+        "--kinds",
+        "ccas-cias,maisons-des-solidarites",
+    )
+    assert granted.exit_code == 0, granted.output
+    consent_id = granted.output.split()[1]
+    await bus.wait_verdicts(1)
+    inbox = await Inbox.open(
+        channel, t.partner_queue_name(bus.directory.partner("ccas-roubaix").id)
+    )
+    await publish(channel, t.signals.name, signal(person=person), routing_key="lmh-recouvrement")
+    await inbox.expect_kind("referral")
+    revoked = await invoke(
+        "consent", "revoke", consent_id, "--agency", agency, "--by", "a.martin", "--reason", "asked"
+    )
+    assert revoked.exit_code == 0, revoked.output
+    withdrawn = await inbox.expect_kind("referral-withdrawn")
+    assert withdrawn.body["reason"] == "consent-revoked"
+
+
+async def test_purging_dead_letters_asks_for_confirmation_then_audits_each(cli_env, channel):
+    """`dlq purge` refuses without --yes; with it, the messages are gone and each is audited."""
+    bus = cli_env
+    await publish(
+        channel, bus.topology.signals.name, b"[1, 2", routing_key="x", message_id="cli-bad-2"
+    )
+    await bus.wait_verdicts(1)
+    refused = await invoke("dlq", "purge", "--by", "ops.tester")
+    assert refused.exit_code == 2
+    purged = await invoke("dlq", "purge", "--by", "ops.tester", "--yes")
+    assert purged.exit_code == 0, purged.output
+    assert "purged 1 message(s)" in purged.output
+    assert "no dead letters" in (await invoke("dlq", "list")).output
+    assert [r.action for r in bus.store.audit_trail("cli-bad-2")] == ["dead-letter-purged"]
