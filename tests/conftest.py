@@ -80,11 +80,35 @@ def store(request: pytest.FixtureRequest, tmp_path) -> Iterator[Store]:
 
 
 @pytest.fixture
-def settings(amqp_url: str, prefix: str, tmp_path) -> Settings:
+def database_url(tmp_path) -> str:
+    """The bus's record: a SQLite file (modules that must pass on both engines override this
+    with `engine_url`, parametrised over SQLite and PostgreSQL)."""
+    return f"sqlite:///{tmp_path / 'bus.db'}"
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def engine_url(request: pytest.FixtureRequest, tmp_path) -> Iterator[str]:
+    """A database URL on each engine: a SQLite file, or a fresh PostgreSQL schema."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'bus.db'}"
+        return
+    require("PostgreSQL", POSTGRES_URL, 5432)
+    schema = f"pbt_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(POSTGRES_URL)
+    with admin.begin() as conn:
+        conn.execute(text(f'CREATE SCHEMA "{schema}"'))
+    yield f"{POSTGRES_URL}?options=-csearch_path%3D{schema}"
+    with admin.begin() as conn:
+        conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+    admin.dispose()
+
+
+@pytest.fixture
+def settings(amqp_url: str, prefix: str, database_url: str) -> Settings:
     return Settings(
         amqp_url=amqp_url,
         prefix=prefix,
-        database_url=f"sqlite:///{tmp_path / 'bus.db'}",
+        database_url=database_url,
         retry_delays_ms=(200,),
         delivery_limit=3,
         relay_interval_s=0.2,

@@ -14,6 +14,12 @@ KINDS = ("ccas-cias", "points-conseil-budget", "cresus", "caf", "maisons-des-sol
 pytestmark = pytest.mark.rabbitmq
 
 
+@pytest.fixture
+def database_url(engine_url: str) -> str:
+    """These run on both engines: SQLite and PostgreSQL."""
+    return engine_url
+
+
 def expected_partner(
     bus, need: str = ARREARS, commune: str = ROUBAIX, source: str = "lmh-recouvrement"
 ) -> str:

@@ -15,6 +15,12 @@ from .test_flow import KINDS, expected_partner, grant
 pytestmark = pytest.mark.rabbitmq
 
 
+@pytest.fixture
+def database_url(engine_url: str) -> str:
+    """These run on both engines: SQLite and PostgreSQL."""
+    return engine_url
+
+
 async def test_a_revoked_consent_withdraws_the_open_referral_from_the_partner(bus, channel):
     """The partner that holds the referral receives ReferralWithdrawn; the source hears it too."""
     t = bus.topology
