@@ -291,6 +291,33 @@ def ops_serve(
     )
 
 
+@app.command()
+def gateway(
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port of the HTTP gateway.")] = 8080,
+    secret: Annotated[
+        str, typer.Option(envvar="PARTNERBUS_ACCESS_SECRET", help="The access secret.")
+    ] = "",
+) -> None:
+    """HTTP door for partners that cannot speak AMQP (POST /v1/signals, statuses, consents)."""
+    import uvicorn
+
+    from partnerbus.directory import load_directory, load_sample
+
+    from .gateway import create_gateway
+
+    settings = Settings()
+    directory = (
+        load_directory(settings.directory_path) if settings.directory_path else load_sample()
+    )
+    try:
+        web = create_gateway(settings, directory, secret)
+    except ValueError as exc:
+        _fail(str(exc))
+        return
+    uvicorn.run(web, host=host, port=port, log_level="info")
+
+
 def main() -> None:
     _mount_optional()
     app()
