@@ -35,7 +35,7 @@ lint: $(STAMP)
 types: $(STAMP)
 	$(BIN)/mypy partnerbus
 
-check: lint
+check: lint types
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.directory --json bench/directory.json

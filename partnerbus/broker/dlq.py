@@ -61,7 +61,7 @@ class DeadLetter:
 
 def describe(queue: str, message: AbstractIncomingMessage) -> DeadLetter:
     """Where it came from and why it died, whether we refused it or RabbitMQ dead-lettered it."""
-    headers = dict(message.headers or {})
+    headers: dict[str, Any] = dict(message.headers or {})
     deaths = headers.get("x-death") or []
     first = deaths[0] if deaths else {}
     if ERROR_HEADER in headers:

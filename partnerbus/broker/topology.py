@@ -10,9 +10,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from faststream.rabbit import ExchangeType, QueueType, RabbitExchange, RabbitQueue
+
+if TYPE_CHECKING:
+    from faststream.rabbit.schemas.queue import QuorumQueueArgs
 
 # Header names we add; the `x-` prefix is RabbitMQ's own and is avoided.
 ERROR_HEADER = "partnerbus-error"
@@ -99,7 +102,7 @@ class Topology:
             queue_type=QueueType.QUORUM,
             durable=True,
             routing_key=routing_key,
-            arguments=self.work_queue_arguments(name),
+            arguments=cast("QuorumQueueArgs", self.work_queue_arguments(name)),
         )
 
     def work_queue_arguments(self, name: str) -> dict[str, Any]:
@@ -155,14 +158,17 @@ class Topology:
             queue_type=QueueType.QUORUM,
             durable=True,
             routing_key=self.retry_queue_name(queue_name, step),
-            arguments={
-                "x-queue-type": "quorum",
-                "x-message-ttl": delay,
-                "x-dead-letter-exchange": "",
-                "x-dead-letter-routing-key": queue_name,
-                "x-dead-letter-strategy": "at-least-once",
-                "x-overflow": "reject-publish",
-            },
+            arguments=cast(
+                "QuorumQueueArgs",
+                {
+                    "x-queue-type": "quorum",
+                    "x-message-ttl": delay,
+                    "x-dead-letter-exchange": "",
+                    "x-dead-letter-routing-key": queue_name,
+                    "x-dead-letter-strategy": "at-least-once",
+                    "x-overflow": "reject-publish",
+                },
+            ),
         )
 
     def all_work_queue_names(self, partner_ids: Iterable[str]) -> list[str]:

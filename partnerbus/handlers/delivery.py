@@ -126,7 +126,7 @@ class Intake:
 
     async def dead_letter(self, raw: IncomingMessage, reason: str) -> None:
         """Keep the message where ops can see it, with the reason and its original headers."""
-        headers = dict(raw.headers or {})
+        headers: dict[str, Any] = dict(raw.headers or {})
         headers.update(
             {
                 ERROR_HEADER: reason[:4000],
@@ -151,7 +151,7 @@ class Intake:
 
     async def retry_later(self, raw: IncomingMessage, error: BaseException) -> bool:
         """Put a copy in the next delay queue; False when no delay is left."""
-        headers = dict(raw.headers or {})
+        headers: dict[str, Any] = dict(raw.headers or {})
         attempt = int(headers.get(ATTEMPT_HEADER, 0) or 0)
         if attempt >= len(self.topology.retry_delays_ms):
             return False

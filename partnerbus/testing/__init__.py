@@ -73,7 +73,7 @@ class Inbox:
                 headers=dict(message.headers or {}),
                 message_id=message.message_id,
                 type=message.type,
-                redelivered=message.redelivered,
+                redelivered=bool(message.redelivered),
                 raw=message.body,
             )
             inbox.seen.append(item)
