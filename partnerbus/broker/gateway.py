@@ -9,7 +9,6 @@ publisher confirms, as the bus's own user with the partner's user in the
 exactly as for an AMQP publish. 202 means the broker has the message.
 """
 
-
 import hmac
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
