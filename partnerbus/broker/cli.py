@@ -275,6 +275,38 @@ def ops_status() -> None:
     )
 
 
+@app.command()
+def health() -> None:
+    """Exit 0 when the broker and the database answer and every intake queue has a consumer
+    (the service is running); 1 otherwise, saying what is wrong. For container health checks."""
+    from partnerbus.broker.topology import Topology
+    from partnerbus.ops.monitor import snapshot
+
+    settings, directory, store = _ops_context()
+    try:
+        snap = asyncio.run(
+            snapshot(
+                settings.amqp_url.get_secret_value(),
+                Topology(settings.prefix),
+                [p.id for p in directory.partners()],
+                store,
+                datetime.now(UTC),
+            )
+        )
+    except Exception as exc:
+        err.print(f"unhealthy: {type(exc).__name__}: {exc}")
+        raise typer.Exit(1) from None
+    problems = [snap.broker_error] if snap.broker_error else []
+    intake = [q for q in snap.queues if q.role == "intake"]
+    if not snap.broker_error and len(intake) < 3:
+        problems.append("the intake queues are not declared: the service never started")
+    problems += [f"no consumer on {q.name}" for q in intake if q.consumers == 0]
+    if problems:
+        err.print("unhealthy: " + "; ".join(problems))
+        raise typer.Exit(1)
+    console.print(f"healthy: {sum(q.consumers for q in intake)} consumers on the intake queues")
+
+
 @ops_app.command("serve")
 def ops_serve(
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",

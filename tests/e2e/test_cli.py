@@ -178,3 +178,14 @@ async def test_purging_dead_letters_asks_for_confirmation_then_audits_each(cli_e
     assert "purged 1 message(s)" in purged.output
     assert "no dead letters" in (await invoke("dlq", "list")).output
     assert [r.action for r in bus.store.audit_trail("cli-bad-2")] == ["dead-letter-purged"]
+
+
+async def test_the_health_check_sees_the_running_service_and_its_absence(cli_env, monkeypatch):
+    """`partnerbus health` exits 0 while the bus consumes, 1 with a reason for a prefix nobody serves."""
+    healthy = await invoke("health")
+    assert healthy.exit_code == 0, healthy.output
+    assert "3 consumers on the intake queues" in healthy.output
+    monkeypatch.setenv("PARTNERBUS_PREFIX", "nobody-serves-this")
+    unhealthy = await invoke("health")
+    assert unhealthy.exit_code == 1
+    assert "never started" in unhealthy.output
