@@ -363,6 +363,30 @@ def _tell_source(
         tx.enqueue(copy, target, now)
 
 
+def _notify_status(
+    ledger: Ledger, tx: LedgerTx, referral: ReferralRow, status: str, note: str
+) -> SignalRow:
+    """A status the bus itself observed or decided, told to the source and the advisor."""
+    row = tx.signal(referral.signal_id)
+    assert row is not None
+    _tell_source(
+        ledger,
+        tx,
+        row,
+        ReferralStatusChanged(
+            message_id=_derived_id("status", referral.referral_id, status),
+            occurred_at=ledger.clock(),
+            referral_id=referral.referral_id,
+            partner=referral.partner_id,
+            status=status,  # type: ignore[arg-type]
+            note=note,
+            signal_id=referral.signal_id,
+            need=referral.need,
+        ),
+    )
+    return row
+
+
 # consents ------------------------------------------------------------------------------
 def grant_consent(ledger: Ledger, tx: LedgerTx, event: ConsentGranted, queue: str) -> bool:
     now = ledger.clock()
@@ -508,23 +532,7 @@ def _withdraw(ledger: Ledger, tx: LedgerTx, referral: ReferralRow, why: str, act
         referral_id=referral.referral_id,
     )
     tx.set_need_state(referral.signal_id, referral.need, "withdrawn", why, now)
-    row = tx.signal(referral.signal_id)
-    assert row is not None
-    _tell_source(
-        ledger,
-        tx,
-        row,
-        ReferralStatusChanged(
-            message_id=_derived_id("status", referral.referral_id, "withdrawn"),
-            occurred_at=now,
-            referral_id=referral.referral_id,
-            partner=referral.partner_id,
-            status="withdrawn",
-            note=why,
-            signal_id=referral.signal_id,
-            need=referral.need,
-        ),
-    )
+    _notify_status(ledger, tx, referral, "withdrawn", why)
     tx.audit(
         actor,
         "referral-withdrawn",
@@ -657,22 +665,8 @@ def mark_delivered(ledger: Ledger, tx: LedgerTx, referral_id: str) -> None:
             due_at=ledger.deadlines.due_by(referral.urgency, now),
             remind_at=ledger.deadlines.remind_at(referral.urgency, now),
         )
-        row = tx.signal(referral.signal_id)
-        assert row is not None
-        _tell_source(
-            ledger,
-            tx,
-            row,
-            ReferralStatusChanged(
-                message_id=_derived_id("status", referral_id, "delivered"),
-                occurred_at=now,
-                referral_id=referral_id,
-                partner=referral.partner_id,
-                status="delivered",
-                note="in the partner's queue (the broker confirmed it)",
-                signal_id=referral.signal_id,
-                need=referral.need,
-            ),
+        _notify_status(
+            ledger, tx, referral, "delivered", "in the partner's queue (the broker confirmed it)"
         )
 
 
@@ -729,22 +723,12 @@ def watch_deadlines(ledger: Ledger, tx: LedgerTx) -> dict[str, int]:
         elif action.kind == "expire" and _apply(
             ledger, tx, referral, "expired", "bus", BUS, "deadline passed"
         ):
-            row = tx.signal(referral.signal_id)
-            assert row is not None
-            _tell_source(
+            row = _notify_status(
                 ledger,
                 tx,
-                row,
-                ReferralStatusChanged(
-                    message_id=_derived_id("expired", referral.referral_id),
-                    occurred_at=now,
-                    referral_id=referral.referral_id,
-                    partner=referral.partner_id,
-                    status="expired",
-                    note="no answer before the deadline; sent to the next-best partner",
-                    signal_id=referral.signal_id,
-                    need=referral.need,
-                ),
+                referral,
+                "expired",
+                "no answer before the deadline; sent to the next-best partner",
             )
             tx.audit(
                 BUS, "referral-expired", referral.referral_id, now, partner_id=referral.partner_id
