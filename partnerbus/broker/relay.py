@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
 from datetime import timedelta
@@ -51,6 +52,10 @@ class Relay:
         # a constant footprint.
         self._recorded: dict[str, None] = {}
         self._progress = asyncio.Event()
+        # Rows this process is publishing now: a slow send (broker failing over, confirms
+        # late) can outlive its lease, and the next sweep of this same process would claim
+        # the row again and send it a second time.
+        self._sending: set[int] = set()
 
     async def _db(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.executor, partial(fn, *args))
@@ -71,33 +76,49 @@ class Relay:
         rows: list[OutboxRow] = await self._db(
             store.claim_pending, self.ledger.clock(), self.lease, 200
         )
+        claimed_at = time.monotonic()
         sent = 0
         for row in rows:
+            if row.id in self._sending:
+                continue  # already on its way from this process; that send marks or releases it
+            if time.monotonic() - claimed_at > self.lease.total_seconds() / 2:
+                # Past half the lease: another worker may claim the rest soon; leave them to it
+                # (or to us, once the lease is over) rather than race it.
+                break
+            self._sending.add(row.id)
             try:
-                await self.publish(
-                    row.body.encode(),
-                    exchange=self.topology.deliveries,
-                    routing_key=row.routing_key,
-                    persist=True,
-                    mandatory=True,
-                    message_id=row.message_id,
-                    message_type=row.message_type,
-                    content_type="application/json",
-                    timeout=self.timeout_s,
-                )
-            except Exception as exc:  # unroutable, timeout, connection lost: try again later
-                self.failed += 1
-                log.warning("outbox row %s to %s not sent: %s", row.id, row.routing_key, exc)
-                await self._db(store.release, row.id, f"{type(exc).__name__}: {exc}")
-                continue
-            await self._db(self._confirmed, row)
-            sent += 1
-            self._recorded[row.message_id] = None
-            if len(self._recorded) > 10_000:
-                del self._recorded[next(iter(self._recorded))]
-            self._progress.set()
+                sent += await self._send(row)
+            finally:
+                self._sending.discard(row.id)
         self.sent += sent
         return sent
+
+    async def _send(self, row: OutboxRow) -> int:
+        """Publish one claimed row and record its confirm; 0 when it must be tried again."""
+        store = self.ledger.store
+        try:
+            await self.publish(
+                row.body.encode(),
+                exchange=self.topology.deliveries,
+                routing_key=row.routing_key,
+                persist=True,
+                mandatory=True,
+                message_id=row.message_id,
+                message_type=row.message_type,
+                content_type="application/json",
+                timeout=self.timeout_s,
+            )
+        except Exception as exc:  # unroutable, timeout, connection lost: try again later
+            self.failed += 1
+            log.warning("outbox row %s to %s not sent: %s", row.id, row.routing_key, exc)
+            await self._db(store.release, row.id, f"{type(exc).__name__}: {exc}")
+            return 0
+        await self._db(self._confirmed, row)
+        self._recorded[row.message_id] = None
+        if len(self._recorded) > 10_000:
+            del self._recorded[next(iter(self._recorded))]
+        self._progress.set()
+        return 1
 
     def _confirmed(self, row: OutboxRow) -> None:
         now = self.ledger.clock()

@@ -10,15 +10,19 @@ import pytest
 from partnerbus.testing.cluster import ClusterError, LocalCluster
 
 
-@pytest.fixture(scope="session")
-def cluster() -> Iterator[LocalCluster]:
-    """Three clustered nodes (pbc1-3 on 5681-5683), stopped and removed after the session."""
+def build_cluster(**kwargs: object) -> LocalCluster:
+    """A `LocalCluster` (not started); fails in CI and skips elsewhere when it cannot exist."""
     try:
-        c = LocalCluster()
+        return LocalCluster(**kwargs)  # type: ignore[arg-type]
     except ClusterError as exc:
         if os.environ.get("CI"):
             pytest.fail(f"cannot build the local cluster: {exc}")
         pytest.skip(f"cannot build the local cluster: {exc}")
-    with c:
+
+
+@pytest.fixture(scope="session")
+def cluster() -> Iterator[LocalCluster]:
+    """Three clustered nodes (pbc1-3 on 5681-5683), stopped and removed after the session."""
+    with build_cluster() as c:
         print(f"\nlocal cluster started in {c.startup_seconds:.1f}s")
         yield c
