@@ -7,7 +7,14 @@ import uuid
 from datetime import UTC, datetime
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, StringConstraints
+from pydantic import (
+    AfterValidator,
+    AwareDatetime,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    StringConstraints,
+)
 
 SCHEMA_VERSION: Literal[1] = 1
 
@@ -39,6 +46,17 @@ def _pseudonymous(value: str) -> str:
 
 PseudonymousRef = Annotated[str, AfterValidator(_pseudonymous)]
 
+def _iso_instant(value: object) -> object:
+    # pydantic would read a number as seconds since 1970: a partner's bug, not a date.
+    if isinstance(value, int | float):
+        msg = "a moment is an ISO 8601 string with its time zone, e.g. 2026-11-23T09:00:00+01:00"
+        raise ValueError(msg)
+    return value
+
+
+Instant = Annotated[AwareDatetime, BeforeValidator(_iso_instant)]
+"""An aware moment, given as ISO 8601 text (or a datetime), never as a bare number."""
+
 Urgency = Literal["routine", "urgent", "asap"]
 """FHIR request priorities (stat is for clinics; the bus has no use for it)."""
 
@@ -62,5 +80,5 @@ class Message(Record):
 
     message_id: MessageId
     """Unique per message; the bus deduplicates on it (at-least-once delivery)."""
-    occurred_at: AwareDatetime
+    occurred_at: Instant
     schema_version: Literal[1] = SCHEMA_VERSION

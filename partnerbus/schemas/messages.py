@@ -10,13 +10,13 @@ Each body carries its `type`, so a partner's consumer can tell them apart withou
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Annotated, Literal
 
-from pydantic import AwareDatetime, Field, model_validator
+from pydantic import Field, model_validator
 
 from .base import (
     CommuneCode,
+    Instant,
     Message,
     MessageId,
     NeedCode,
@@ -137,8 +137,8 @@ class ConsentGranted(Message):
     """The advisor who collected it."""
     agency: PartnerId
     method: ConsentMethod
-    granted_at: AwareDatetime
-    valid_until: AwareDatetime
+    granted_at: Instant
+    valid_until: Instant
 
     @model_validator(mode="after")
     def _period(self) -> ConsentGranted:
@@ -153,7 +153,7 @@ class ConsentRevoked(Message):
     consent_id: MessageId
     revoked_by: Annotated[str, Field(min_length=2, max_length=80)]
     agency: PartnerId
-    revoked_at: AwareDatetime
+    revoked_at: Instant
     reason: ShortText | None = None
 
 
@@ -198,7 +198,7 @@ class Referral(Message):
     """Pseudonym of the person for this partner only (a keyed hash)."""
     commune: CommuneCode
     urgency: Urgency
-    due_by: AwareDatetime
+    due_by: Instant
     agency: PartnerId
     advisor: str | None = None
     profile: Profile | None = None
@@ -246,7 +246,7 @@ class ReferralReminder(Message):
     type: Literal["referral-reminder"] = "referral-reminder"
     referral_id: MessageId
     partner: PartnerId
-    due_by: AwareDatetime
+    due_by: Instant
 
 
 class NoPartnerFound(Message):
@@ -286,7 +286,7 @@ class ConsentExpiring(Message):
     consent_id: MessageId
     person_ref: PseudonymousRef
     agency: PartnerId
-    valid_until: datetime
+    valid_until: Instant
 
 
 InboundSignal = Signal

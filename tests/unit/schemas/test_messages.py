@@ -95,3 +95,9 @@ def test_a_rejection_carries_a_reason_from_the_fixed_list() -> None:
     assert "carries a reason" in reason(ReferralStatusChanged, base)
     assert "reason" in reason(ReferralStatusChanged, {**base, "reason": "busy"})
     assert ReferralStatusChanged.model_validate({**base, "reason": "full"}).reason == "full"
+
+
+def test_a_number_is_not_a_moment() -> None:
+    """A Unix timestamp where a date is expected is refused, not read as seconds since 1970."""
+    assert "ISO 8601" in reason(Signal, signal(occurred_at=-28964))
+    assert "ISO 8601" in reason(Signal, signal(occurred_at=1763888400))
