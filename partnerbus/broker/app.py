@@ -64,6 +64,7 @@ class Bus:
     relay: Relay
     executor: ThreadPoolExecutor
     verdicts: list[tuple[str, Verdict]] = field(default_factory=list)
+    directory_updates: list[str] = field(default_factory=list)
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
     _verdict_seen: asyncio.Event = field(default_factory=asyncio.Event)
     _tasks: list[asyncio.Task[Any]] = field(default_factory=list)
@@ -90,6 +91,18 @@ class Bus:
                 found = [v for q, v in self.verdicts if queue is None or q.endswith(queue)]
                 if len(found) >= count:
                     return found
+                self._verdict_seen.clear()
+                await self._verdict_seen.wait()
+
+    def record_directory_update(self, message_id: str) -> None:
+        self.directory_updates.append(message_id)
+        del self.directory_updates[:-1000]  # the recent ones are all a waiter may need
+        self._verdict_seen.set()
+
+    async def wait_directory_update(self, message_id: str, timeout: float = 10.0) -> None:
+        """Wait until this worker's directory has applied that capacity event."""
+        async with asyncio.timeout(timeout):
+            while message_id not in self.directory_updates:
                 self._verdict_seen.clear()
                 await self._verdict_seen.wait()
 
@@ -155,8 +168,15 @@ class Bus:
 
     async def _on_shutdown(self) -> None:
         self._stop.set()
-        for task in self._tasks:
+        self.relay.kick()
+        relay, *others = self._tasks
+        for task in others:
             task.cancel()
+        # The relay sends what is committed before the connection closes (bounded: each
+        # publish has its timeout; whatever is left goes at the next start).
+        with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+            await asyncio.wait_for(relay, timeout=self.settings.publish_timeout_s + 5)
+        for task in others:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self._tasks = []
@@ -268,7 +288,7 @@ def create_app(
         on_verdict=bus.record_verdict,
     )
     broker.include_router(build_router(wiring))
-    _subscribe_directory_updates(broker, topology, directory)
+    _subscribe_directory_updates(broker, topology, directory, bus.record_directory_update)
     app.on_startup(bus._on_startup)
     app.after_startup(bus._after_startup)
     app.on_shutdown(bus._on_shutdown)
@@ -277,7 +297,10 @@ def create_app(
 
 
 def _subscribe_directory_updates(
-    broker: RabbitBroker, topology: Topology, directory: Directory
+    broker: RabbitBroker,
+    topology: Topology,
+    directory: Directory,
+    applied: Callable[[str], None],
 ) -> None:
     """Each worker hears capacity changes on its own exclusive queue (a broadcast)."""
     import uuid
@@ -298,6 +321,7 @@ def _subscribe_directory_updates(
             return
         with contextlib.suppress(KeyError):
             directory.apply_capacity(event.partner, event.status, event.remaining)
+        applied(event.message_id)
 
 
 def app_factory() -> FastStream:

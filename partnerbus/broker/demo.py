@@ -56,6 +56,8 @@ class Day:
     url: str
     clients: dict[str, PartnerClient] = field(default_factory=dict)
     declined: set[str] = field(default_factory=set)
+    told: dict[tuple[str, str, str], asyncio.Event] = field(default_factory=dict)
+    """(partner told, referral, status) → set when that loop notice arrived."""
     done: dict[str, asyncio.Event] = field(
         default_factory=lambda: {k: asyncio.Event() for k in ("arrears", "hoarding", "rights")}
     )
@@ -83,6 +85,7 @@ class Day:
             )
             await self.advisor_collects_consent(client, message)
         elif kind == "referral-status-changed":
+            self.heard(partner_id, message.referral_id, message.status).set()
             self.say(
                 partner_id,
                 f"← loop closed: referral {message.referral_id[:8]} is "
@@ -94,6 +97,9 @@ class Day:
         else:
             self.say(partner_id, f"← {kind}")
 
+    def heard(self, partner_id: str, referral_id: str, status: str) -> asyncio.Event:
+        return self.told.setdefault((partner_id, referral_id, status), asyncio.Event())
+
     async def answer(self, client: PartnerClient, referral: Any) -> None:
         need, partner = referral.need, client.partner_id
         if need == KEEP_HOME and not self.declined:
@@ -104,6 +110,8 @@ class Day:
         self.say(partner, "→ accepted")
         await client.send_status(referral.referral_id, "accepted")
         if need == ARREARS:
+            # Days later in real life: here, once the recovery service has heard `accepted`.
+            await self.heard("lmh-recouvrement", referral.referral_id, "accepted").wait()
             await client.send_status(
                 referral.referral_id, "completed", outcome="FSL file filed; repayment plan signed"
             )

@@ -56,6 +56,10 @@ class Relay:
         # late) can outlive its lease, and the next sweep of this same process would claim
         # the row again and send it a second time.
         self._sending: set[int] = set()
+        # One sender at a time in a process, so that messages leave in commit order; the
+        # subscribers only wake it (`kick`) and ack without waiting for the send.
+        self._lock = asyncio.Lock()
+        self._wake = asyncio.Event()
 
     async def _db(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.executor, partial(fn, *args))
@@ -64,12 +68,17 @@ class Relay:
         """Send what is pending, and what sending it committed in turn (a confirm records a
         `delivered` notice for the source), for a few rounds. Returns how many were sent."""
         total = 0
-        for _ in range(rounds):
-            sent = await self._flush_once()
-            total += sent
-            if sent == 0:
-                break
+        async with self._lock:
+            for _ in range(rounds):
+                sent = await self._flush_once()
+                total += sent
+                if sent == 0:
+                    break
         return total
+
+    def kick(self) -> None:
+        """Something was committed to the outbox: send it now rather than at the next sweep."""
+        self._wake.set()
 
     async def _flush_once(self) -> int:
         store = self.ledger.store
@@ -135,12 +144,18 @@ class Relay:
                 await self._progress.wait()
 
     async def run(self, interval_s: float, stop: asyncio.Event) -> None:
-        """The sweep: sends what the fast path could not (crash, broker away)."""
+        """The sender: wakes on `kick` or every `interval_s` (what a crash or an outage left),
+        sends until nothing is pending; on `stop` (which also kicks), sends one last time."""
         while not stop.is_set():
+            self._wake.clear()
             try:
                 while await self.flush() > 0:
                     pass
             except Exception:
-                log.exception("outbox sweep failed; next try in %.1fs", interval_s)
+                log.exception("outbox relay failed; next try in %.1fs", interval_s)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=interval_s)
+                await asyncio.wait_for(self._wake.wait(), timeout=interval_s)
+        try:
+            await self.flush()
+        except Exception:
+            log.exception("last outbox flush before shutdown failed; the next start sends it")

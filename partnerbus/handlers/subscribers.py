@@ -79,9 +79,9 @@ class Wiring:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.executor, work)
 
-    async def then_send(self, done: bool) -> bool:
+    def then_send(self, done: bool) -> bool:
         if done:
-            await self.relay.flush()
+            self.relay.kick()
         return done
 
 
@@ -119,7 +119,7 @@ def build_router(w: Wiring) -> RabbitRouter:
         intake = w.intake(queue)
 
         async def work(message: Any) -> bool:
-            return await w.then_send(await w.in_transaction(use_case, message, queue.name))
+            return w.then_send(await w.in_transaction(use_case, message, queue.name))
 
         async def handle(body: bytes, message: RabbitMessage) -> None:
             verdict = await intake.run(message.raw_message, body, adapter, sender_of, work)

@@ -112,9 +112,8 @@ async def test_a_capacity_event_changes_the_next_match(bus, channel):
         "status": "no-capacity",
         "remaining": 0,
     }
-    before = len(bus.verdicts)
     await publish(channel, f"{t.prefix}.statuses", capacity, routing_key=full)
-    await bus.wait_verdicts(before + 1)
+    await bus.wait_directory_update(capacity["message_id"])
     next_best = expected_partner(bus)
     assert next_best != full, "the directory steers around the full partner"
     inbox = await Inbox.open(channel, t.partner_queue_name(next_best))
