@@ -15,7 +15,7 @@ from partnerbus.ledger.store import LedgerTx, Store
 from partnerbus.testing import Inbox
 
 from .helpers import ARREARS, ROUBAIX, consent, new_id, publish, signal
-from .test_flow import KINDS, expected_partner, grant
+from .test_flow import KINDS, consented, expected_partner, grant
 
 pytestmark = pytest.mark.rabbitmq
 
@@ -124,11 +124,7 @@ async def test_a_status_from_another_partner_is_refused(bus, channel):
     """A status about a referral the sender never received goes to the dead-letter queue."""
     t = bus.topology
     dlq = await Inbox.open(channel, t.dlq_name(t.status_queue.name))
-    person = new_id("T")
-    agency = bus.directory.agency_for(ROUBAIX).id
-    await grant(bus, channel, person, agency, kinds=KINDS)
-    target = expected_partner(bus)
-    inbox = await Inbox.open(channel, t.partner_queue_name(target))
+    person, _agency, _target, inbox = await consented(bus, channel)
     await publish(
         channel, f"{t.prefix}.signals", signal(person=person), routing_key="lmh-recouvrement"
     )

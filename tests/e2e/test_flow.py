@@ -36,21 +36,25 @@ async def grant(bus, channel, person: str, agency: str, **scope) -> dict:
     return body
 
 
+async def consented(bus, channel) -> tuple[str, str, str, Inbox]:
+    """A fresh person who consented to the usual kinds: (person, agency, best partner, its inbox)."""
+    person = new_id("T")
+    agency = bus.directory.agency_for(ROUBAIX).id
+    await grant(bus, channel, person, agency, kinds=KINDS)
+    target = expected_partner(bus)
+    return (
+        person,
+        agency,
+        target,
+        await Inbox.open(channel, bus.topology.partner_queue_name(target)),
+    )
+
+
 async def test_a_consented_signal_yields_exactly_one_referral_in_the_right_partner_queue(
     bus, channel
 ):
     """A signal whose person consented reaches the top-ranked partner's queue, once, and no other."""
-    person = new_id("T")
-    agency = bus.directory.agency_for(ROUBAIX).id
-    await grant(
-        bus,
-        channel,
-        person,
-        agency,
-        kinds=("ccas-cias", "points-conseil-budget", "cresus", "caf", "maisons-des-solidarites"),
-    )
-    target = expected_partner(bus)
-    inbox = await Inbox.open(channel, bus.topology.partner_queue_name(target))
+    person, agency, target, inbox = await consented(bus, channel)
 
     body = signal(person=person)
     await publish(channel, f"{bus.topology.prefix}.signals", body, routing_key="lmh-recouvrement")
@@ -105,17 +109,7 @@ async def test_a_malformed_message_is_dead_lettered_with_its_reason_and_the_next
     """Broken JSON and a schema error land in the dead-letter queue with the reason; a good signal after them still flows."""
     t = bus.topology
     dlq = await Inbox.open(channel, t.dlq_name(t.signal_queue.name))
-    person = new_id("T")
-    agency = bus.directory.agency_for(ROUBAIX).id
-    await grant(
-        bus,
-        channel,
-        person,
-        agency,
-        kinds=("ccas-cias", "points-conseil-budget", "cresus", "caf", "maisons-des-solidarites"),
-    )
-    target = expected_partner(bus)
-    inbox = await Inbox.open(channel, t.partner_queue_name(target))
+    person, _agency, _target, inbox = await consented(bus, channel)
 
     await publish(
         channel,
@@ -140,17 +134,7 @@ async def test_a_malformed_message_is_dead_lettered_with_its_reason_and_the_next
 
 async def test_a_duplicate_signal_yields_no_second_referral(bus, channel):
     """The same message_id twice is recorded once and referred once."""
-    person = new_id("T")
-    agency = bus.directory.agency_for(ROUBAIX).id
-    await grant(
-        bus,
-        channel,
-        person,
-        agency,
-        kinds=("ccas-cias", "points-conseil-budget", "cresus", "caf", "maisons-des-solidarites"),
-    )
-    target = expected_partner(bus)
-    inbox = await Inbox.open(channel, bus.topology.partner_queue_name(target))
+    person, _agency, _target, inbox = await consented(bus, channel)
     body = signal(person=person)
     before = len(bus.verdicts)
     await publish(channel, f"{bus.topology.prefix}.signals", body, routing_key="lmh-recouvrement")
