@@ -170,7 +170,7 @@ def _coverage_status(d: Directory, need: str, commune: str) -> str:
     chain = d._need_chain.get(need, ())
     for code, _ in d._chain.get(commune, ()):
         for level, need_code in enumerate(chain):
-            for entry in d._index.get((need_code, code), ()):
+            for entry in d.entries_at(need_code, code):
                 if entry.bailleur and level:
                     continue
                 if entry.open_to_all:

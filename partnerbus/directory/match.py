@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from partnerbus.schemas import Partner, Profile
 
-from .model import REMAINING_CAP, Directory, Entry
+from .model import Directory, Entry, Restrictions
 
 SENIOR_BANDS = frozenset({"60-74", "75-plus"})
 FAMILY_HOUSEHOLDS = frozenset({"family", "single-parent"})
@@ -89,6 +89,11 @@ def eligible(
     return True, "eligible: " + "; ".join(reasons)
 
 
+OPEN_TO_ALL = "open to all"
+NO_SENDER = "no sender: agreement not checked"
+_new = object.__new__
+
+
 def match(
     d: Directory,
     need: str,
@@ -105,131 +110,165 @@ def match(
     partners already tried (rerouting asks again with them excluded). Unknown need or
     commune: no candidate. Unknown sender: KeyError.
     """
-    chain = d._chain.get(commune)
-    needs = d._need_chain.get(need)
-    if chain is None or not needs:
+    # Everything static is precomputed at load (see Directory._build_indexes): the
+    # commune's chain of territory levels, each holding its need → entries dict, every
+    # tuple of entries kept sorted on (live key, id); the need chain with its reasons; the
+    # entries reachable from each sender's organisation (built on its first match); each
+    # entry's usual score. Candidates come out ranked, territory by territory and need
+    # level by need level: no sort, no per-call key.
+    chain = d._match_chain.get(commune)
+    steps = d._need_steps.get(need)
+    if chain is None or not steps:
         return []
-    entries = d._entries
-    seen: set[Entry] = set()
-    sender_org = None
-    same_org_reason = ""
+    sender_entry = None
+    reach = None
     if sender is not None:
-        sender_entry = entries[sender]
-        sender_org = sender_entry.organisation
-        same_org_reason = f"same organisation {sender_org}"
-        seen.add(sender_entry)
-    for pid in exclude:
-        excluded = entries.get(pid)
-        if excluded is not None:
-            seen.add(excluded)
+        sender_entry, reach = d.sender(sender)
+    skip = None
+    if exclude:
+        entries = d._entries
+        skip = {entries[pid] for pid in exclude if pid in entries}
     if profile is not None and profile.qpv and d._qpv_commune.get(profile.qpv) == commune:
-        chain = ((profile.qpv, 0), *chain)
-    index = d._index
-    agreements = d._agreements
-    needs_set = frozenset(needs)
-    seen_add = seen.add
+        qpv_level = d._levels.get(profile.qpv)
+        if qpv_level is not None:
+            chain = (qpv_level, *chain)
+    heads = d._score_heads
+    seen: set[Entry] | None = None
+    out: list[Candidate] = []
+    add = out.append
 
-    rows: list[Row] = []
-    for code, level in chain:
-        if limit is not None and len(rows) >= limit:
+    for level_base, where, at in chain:
+        if limit is not None and len(out) >= limit:
             # every later territory ranks after what is already found
             break
-        for need_level, need_code in enumerate(needs):
-            found = index.get((need_code, code))
+        for need_base, need_code, need_reason in steps:
+            found = at.get(need_code)
             if found is None:
                 continue
+            base = level_base + need_base
+            start = len(out)
+            group_k = -1
+            mixed = False
+            # `found` is sorted on (live key, id): within this territory and need level,
+            # candidates only need grouping by eligibility and agreement rank (k)
             for e in found:
-                if e in seen:
+                if e.full or e is sender_entry:
                     continue
-                if need_level and e.bailleur:
+                if need_base and e.bailleur:
                     # a landlord's service gets only the needs it lists explicitly; it may
                     # still match the exact need further up the territory chain
                     continue
-                seen_add(e)
-                if e.full:
+                if skip is not None and e in skip:
                     continue
                 if e.open_to_all:
-                    elig_rank, elig_reason = 1, "open to all"
+                    k = 2
+                    elig_reason = OPEN_TO_ALL
+                elif profile is None:
+                    continue  # unknown facts never qualify for a restricted service
                 else:
-                    ok, elig_reason = eligible(d, e.partner, commune, profile)
-                    if not ok:
+                    why = _eligible(e.restrictions, d, commune, profile)
+                    if why is None:
                         continue
-                    elig_rank = 0
-                if sender_org is None:
-                    agr_rank, agr_reason = 1, "no sender: agreement not checked"
-                elif sender_org == e.organisation:
-                    agr_rank, agr_reason = 1, same_org_reason
+                    elig_reason = why
+                    k = 0
+                if reach is None:
+                    k += 1
+                    agr_reason = NO_SENDER
                 else:
-                    rule = agreements.get((sender_org, e.organisation))
+                    rule = reach.get(e)
                     if rule is None:
                         continue
-                    if rule.needs and not needs_set.isdisjoint(rule.needs):
-                        agr_rank, agr_reason = 0, rule.scoped_reason
+                    if isinstance(rule, str):  # any need may travel
+                        k += 1
+                        agr_reason = rule
+                    elif not d._need_set[need].isdisjoint(rule.needs):
+                        agr_reason = rule.scoped_reason
                     elif rule.general:
-                        agr_rank, agr_reason = 1, rule.reason
+                        k += 1
+                        agr_reason = rule.reason
                     else:
                         continue
-                rows.append(
-                    (
-                        ((level * 8 + need_level) * 4 + elig_rank * 2 + agr_rank) << 33
-                        | e.live_key,
-                        e.pid,
-                        e,
-                        code,
-                        level,
-                        need_level,
-                        need_code,
-                        elig_rank,
-                        agr_rank,
-                        elig_reason,
-                        agr_reason,
-                    )
+                if e.dup:
+                    # met again further up the chain: the first (best) place stands
+                    if seen is None:
+                        seen = set()
+                    elif e in seen:
+                        continue
+                    seen.add(e)
+                if k != group_k:
+                    mixed = group_k >= 0
+                    group_k = k
+                # a frozen dataclass's __init__ goes through object.__setattr__ field by
+                # field; filling the instance dict directly is 3x faster
+                c = _new(Candidate)
+                fields = c.__dict__
+                fields["partner"] = e.partner
+                fields["rank"] = len(out) + 1
+                head = heads[base + k]
+                # most entries get their usual head: their score is already built
+                fields["score"] = e.score if e.score_head is head else head + e.score_tail
+                fields["reasons"] = (
+                    where,
+                    need_reason,
+                    elig_reason,
+                    agr_reason,
+                    e.capacity_reason,
+                    e.rate_reason,
                 )
-    # (packed key, partner id) is unique: the sort never compares further
-    rows.sort()
+                add(c)
+            if mixed:
+                # a stable sort on (eligibility, agreement) keeps the live order within
+                out[start:] = sorted(out[start:], key=_elig_agr)
+                _renumber(out, start)
+    if not d._chains_ordered:
+        out.sort(key=_score)
+        _renumber(out, 0)
     if limit is not None:
-        del rows[limit:]
-    return _candidates(d, rows)
-
-
-_new = object.__new__
-Row = tuple[int, str, Entry, str, int, int, str, int, int, str, str]
-"""(packed sort key, partner id, entry, territory code, territory level, need level,
-need code, eligibility rank, agreement rank, eligibility reason, agreement reason)"""
-
-
-def _candidates(d: Directory, rows: list[Row]) -> list[Candidate]:
-    """Candidates from sorted rows. A frozen dataclass's __init__ goes through
-    object.__setattr__ field by field; filling the instance dict directly is 3x faster,
-    which is a third of a national-scale match."""
-    where_cache = d._where
-    where = d.where_reason
-    need_reason = d._need_reason
-    out: list[Candidate] = []
-    append = out.append
-    for rank, row in enumerate(rows, start=1):
-        _, pid, e, code, level, need_level, need_code, elig, agr, er, ar = row
-        c = _new(Candidate)
-        fields = c.__dict__
-        fields["partner"] = e.partner
-        fields["rank"] = rank
-        fields["score"] = (
-            level,
-            need_level,
-            elig,
-            agr,
-            e.cap_rank,
-            max(e.rem_key, -REMAINING_CAP),
-            e.rate_key,
-            pid,
-        )
-        fields["reasons"] = (
-            where_cache.get(code) or where(code),
-            "exact need" if need_level == 0 else need_reason[need_code],
-            er,
-            ar,
-            e.capacity_reason,
-            e.rate_reason,
-        )
-        append(c)
+        del out[limit:]
     return out
+
+
+def _eligible(
+    restrictions: Restrictions | None, d: Directory, commune: str, profile: Profile
+) -> str | None:
+    """`eligible()` on an entry's flattened restrictions: the reason, or None when the
+    person is not eligible."""
+    if restrictions is None:
+        return OPEN_TO_ALL
+    age_bands, households, qpv_only, publics = restrictions
+    reasons: list[str] = []
+    if age_bands is not None:
+        if profile.age_band not in age_bands:
+            return None
+        reasons.append(f"age {profile.age_band}")
+    if households is not None:
+        if profile.household not in households:
+            return None
+        reasons.append(f"household {profile.household}")
+    if qpv_only:
+        qpv = profile.qpv
+        if qpv is None:
+            return None
+        known = d._qpv_commune.get(qpv)
+        if known is not None and known != commune:
+            return None
+        reasons.append(f"QPV resident ({qpv})")
+    if publics is not None:
+        shared = sorted(person_publics(profile).intersection(publics))
+        if not shared:
+            return None
+        reasons.append("public " + ", ".join(shared))
+    return "eligible: " + "; ".join(reasons)
+
+
+def _elig_agr(c: Candidate) -> tuple[object, ...]:
+    return c.score[2:4]
+
+
+def _score(c: Candidate) -> tuple[object, ...]:
+    return c.score
+
+
+def _renumber(out: list[Candidate], start: int) -> None:
+    for rank in range(start, len(out)):
+        out[rank].__dict__["rank"] = rank + 1

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import sys
 from collections import defaultdict, deque
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from itertools import pairwise
+from operator import attrgetter
 
 import networkx as nx
 
@@ -43,7 +45,28 @@ class AgreementRule:
     scoped_reason: str = ""
 
 
-class Entry:
+Restrictions = tuple[frozenset[str] | None, frozenset[str] | None, bool, frozenset[str] | None]
+
+
+class _EntryHot:
+    """The fields a match reads on every entry it visits. A base class's slots come first
+    in an instance (a class's own are laid out in sorted order, after its bases'): these
+    share one or two cache lines instead of spreading over four."""
+
+    __slots__ = (
+        "bailleur",
+        "capacity_reason",
+        "dup",
+        "full",
+        "open_to_all",
+        "partner",
+        "rate_reason",
+        "score",
+        "score_head",
+    )
+
+
+class Entry(_EntryHot):
     """One partner as matching sees it: its static facts flattened once at load, and the
     live state partners publish (capacity, answers), with the sort keys and reasons that
     follow from that state recomputed on each change rather than on each match."""
@@ -51,34 +74,53 @@ class Entry:
     __slots__ = (
         "accepted",
         "answers",
-        "bailleur",
         "cap_rank",
-        "capacity_reason",
-        "full",
         "live_key",
-        "open_to_all",
+        "ordinal",
+        "ordinal_bits",
         "organisation",
-        "partner",
         "pid",
         "rate_key",
-        "rate_reason",
         "rem_key",
         "remaining",
+        "restrictions",
+        "score_tail",
+        "sort_key",
         "status",
     )
 
-    def __init__(self, partner: Partner) -> None:
+    def __init__(self, partner: Partner, ordinal: int = 0, ordinal_bits: int = 0) -> None:
         self.partner = partner
-        self.pid = partner.id
+        # the id's own copy, allocated with the entry: a candidate's score holds it, and the
+        # partner's string sits wherever the file's validation left it (see _build_indexes)
+        self.pid = "".join(("", partner.id))
+        self.ordinal = ordinal
+        """Rank of the partner id among all ids: the tie-break, as an integer."""
+        self.ordinal_bits = ordinal_bits
+        self.dup = False
+        """The entry may be met twice in one match (two nested coverage codes, a need and
+        its parent, a repeated code): matching then checks it was not already taken."""
+        self.score_head: tuple[int, int, int, int] | None = None
+        """The start of the score this entry usually gets (its first coverage code's
+        level, exact need, its eligibility rank, a general agreement)."""
+        self.score: tuple[object, ...] | None = None
+        """score_head + score_tail, built when the live state changes, not per match."""
         self.organisation = sys.intern(partner.organisation)
         self.bailleur = partner.kind == BAILLEUR_SOCIAL
         elig = partner.eligibility
-        self.open_to_all = not (
-            elig.age_bands
-            or elig.households
-            or elig.qpv_only
-            or (elig.publics and "tous-publics" not in elig.publics)
+        publics = elig.publics if elig.publics and "tous-publics" not in elig.publics else ()
+        self.open_to_all = not (elig.age_bands or elig.households or elig.qpv_only or publics)
+        self.restrictions: Restrictions | None = (
+            None
+            if self.open_to_all
+            else (
+                frozenset(map(sys.intern, elig.age_bands)) if elig.age_bands else None,
+                frozenset(map(sys.intern, elig.households)) if elig.households else None,
+                elig.qpv_only,
+                frozenset(map(sys.intern, publics)) if publics else None,
+            )
         )
+        """Age bands, households, QPV only, publics: what `match.eligible` reads, flattened."""
         self.answers: deque[bool] | None = None
         self.accepted = 0
         self.rate_key = -0.5
@@ -121,6 +163,17 @@ class Entry:
         remaining = max(self.rem_key, -REMAINING_CAP)
         rate_part = 1000 + round(rate * 1000)  # 0 (best) .. 1000
         self.live_key = (self.cap_rank << 31) | ((remaining + REMAINING_CAP) << 11) | rate_part
+        # the live key and the id's rank in one integer: within one (territory, need,
+        # eligibility, agreement) group, sorting on it is sorting on the rest of the score
+        self.sort_key = (self.live_key << self.ordinal_bits) | self.ordinal
+        # the end of the candidate's score tuple, shared by every match until it changes
+        self.score_tail = (self.cap_rank, remaining, rate, self.pid)
+        if self.score_head is not None:
+            self.score = self.score_head + self.score_tail
+
+    def set_score_head(self, head: tuple[int, int, int, int]) -> None:
+        self.score_head = head
+        self.score = head + self.score_tail
 
 
 class Directory:
@@ -197,11 +250,16 @@ class Directory:
                 self._qpv_commune[code] = territory.parent
         self._where: dict[str, str] = {}
 
-        index: defaultdict[tuple[str, str], list[Entry]] = defaultdict(list)
-        entries: dict[str, Entry] = {}
+        # (territory code → need code → entries): a commune's chain then points straight
+        # at the dicts of its territories, so a match never builds or hashes a tuple key
+        at: defaultdict[str, defaultdict[str, list[Entry]]] = defaultdict(lambda: defaultdict(list))
+        org_entries: defaultdict[str, list[Entry]] = defaultdict(list)
         agencies: defaultdict[str, list[str]] = defaultdict(list)
         needs = self.needs
-        for pid in sorted(self._partners):
+        need_chains = self._need_chain
+        ids = sorted(self._partners)
+        coverages: dict[str, tuple[str, ...]] = {}
+        for pid in ids:
             partner = self._partners[pid]
             coverage = partner.coverage
             if not FRANCE_ALIASES.isdisjoint(coverage):
@@ -210,22 +268,108 @@ class Directory:
                 if code not in territories:
                     msg = f"partner {pid!r}: coverage code {code!r} is not a known territory"
                     raise DirectoryError(msg)
-            entry = Entry(partner)
-            entries[pid] = entry
             for need in partner.needs:
                 if need not in needs:
                     msg = f"partner {pid!r}: need {need!r} is not in the taxonomy"
                     raise DirectoryError(msg)
-                for code in coverage:
-                    index[ncanon[need], tcanon[code]].append(entry)
-            if entry.bailleur and partner.advisors:
+            coverages[pid] = coverage
+            if partner.kind == BAILLEUR_SOCIAL and partner.advisors:
                 for code in coverage:
                     agencies[code].append(pid)
-        self._index: dict[tuple[str, str], tuple[Entry, ...]] = {
-            key: tuple(found) for key, found in index.items()
-        }
+        ordinals = {pid: i for i, pid in enumerate(ids)}
+        ordinal_bits = max(1, len(ids).bit_length())
+
+        # Entries are created territory by territory (France, région, département, EPCI,
+        # commune of their first coverage code), so that the entries, strings and integers
+        # one match reads sit together in memory: at national scale a match otherwise pays
+        # a cache and TLB miss for nearly every object it touches.
+        def place(pid: str) -> tuple[str, ...]:
+            coverage = coverages[pid]
+            if not coverage:
+                return ()
+            return tuple(code for code, _ in reversed(chain_of(coverage[0])))
+
+        # level rank × 32 + need level × 4 + eligibility rank × 2 + agreement rank →
+        # the start of a candidate's score
+        self._score_heads: tuple[tuple[int, int, int, int], ...] = tuple(
+            (k >> 5, (k >> 2) & 7, (k >> 1) & 1, k & 1)
+            for k in range((max(LEVEL_RANK.values()) + 1) * 32)
+        )
+        heads = self._score_heads
+        ancestors: dict[str, frozenset[str]] = {}
+
+        def ancestors_of(code: str) -> frozenset[str]:
+            found = ancestors.get(code)
+            if found is None:
+                found = ancestors[code] = frozenset(c for c, _ in chain_of(code)[1:])
+            return found
+
+        by_pid: dict[str, Entry] = {}
+        for pid in sorted(ids, key=place):
+            partner = self._partners[pid]
+            coverage = coverages[pid]
+            entry = Entry(partner, ordinals[pid], ordinal_bits)
+            by_pid[pid] = entry
+            org_entries[entry.organisation].append(entry)
+            for code in coverage:
+                by_need = at[tcanon[code]]
+                for need in partner.needs:
+                    by_need[ncanon[need]].append(entry)
+            entry.dup = _may_repeat(coverage, partner.needs, ancestors_of, need_chains)
+            if coverage:
+                level = LEVEL_RANK[territories[coverage[0]].level]
+                entry.set_score_head(heads[level * 32 + (3 if entry.open_to_all else 1)])
+        entries = {pid: by_pid[pid] for pid in ids}
         self._entries = entries
+        self._org_entries: dict[str, tuple[Entry, ...]] = {
+            k: tuple(v) for k, v in org_entries.items()
+        }
         self._agencies: dict[str, tuple[str, ...]] = {k: tuple(v) for k, v in agencies.items()}
+        # one level of a match: (level rank × 32, 'covers … (…)', need code → entries);
+        # only the territories some partner covers. Each tuple of entries is kept sorted
+        # on the live key then the id (what ranks partners of one territory and need
+        # alike): a match reads them in order and never sorts.
+        self._levels: dict[str, tuple[int, str, dict[str, tuple[Entry, ...]]]] = {
+            code: (
+                LEVEL_RANK[territories[code].level] * 32,
+                self._where_text(code),
+                {
+                    need: (found[0],) if len(found) == 1 else _in_order(found)
+                    for need, found in by_need.items()
+                },
+            )
+            for code, by_need in at.items()
+        }
+        levels = self._levels
+        self._match_chain: dict[str, tuple[tuple[int, str, dict[str, tuple[Entry, ...]]], ...]]
+        self._match_chain = {
+            commune: tuple(levels[code] for code, _ in chain if code in levels)
+            for commune, chain in self._chain.items()
+        }
+        # the need chain as matching walks it: (need level × 4, need code, reason)
+        self._need_steps: dict[str, tuple[tuple[int, str, str], ...]] = {
+            code: tuple(
+                (i * 4, c, "exact need" if i == 0 else self._need_reason[c])
+                for i, c in enumerate(chain)
+            )
+            for code, chain in self._need_chain.items()
+        }
+        self._need_set: dict[str, frozenset[str]] = {
+            code: frozenset(chain) for code, chain in self._need_chain.items()
+        }
+        deepest = max((len(c) for c in self._need_chain.values()), default=1)
+        if deepest > 8:
+            msg = f"a need chain is {deepest} deep; matching ranks at most 8 need levels"
+            raise DirectoryError(msg)
+        # Matching visits a commune's territories most specific first, and each level's
+        # needs exact first: the candidates then come out ranked group by group. A
+        # territory graph where a chain does not go strictly up the levels (not one the
+        # loaders build) makes matching sort its result instead.
+        self._chains_ordered = all(
+            all(a[1] < b[1] for a, b in pairwise(chain))
+            and (not chain or chain[0][1] > LEVEL_RANK["qpv"])
+            for chain in self._chain.values()
+        )
 
         rules: defaultdict[tuple[str, str], list[Agreement]] = defaultdict(list)
         for agreement in self.agreements:
@@ -246,17 +390,58 @@ class Directory:
             )
             for (src, dst), group in rules.items()
         }
+        rules_from: defaultdict[str, list[tuple[str, AgreementRule]]] = defaultdict(list)
+        for (src, dst), rule in self._agreements.items():
+            rules_from[src].append((dst, rule))
+        self._rules_from: dict[str, list[tuple[str, AgreementRule]]] = dict(rules_from)
+        self._reach: dict[str, dict[Entry, str | AgreementRule]] = {}
+        self._senders: dict[str, tuple[Entry, dict[Entry, str | AgreementRule]]] = {}
+
+    def _where_text(self, code: str) -> str:
+        t = self.territories[code]
+        if t.level == "commune":
+            return f"covers {code} ({t.level})"
+        return f"covers {code} ({t.level} {t.name})"
+
+    def reachable_from(self, org: str) -> dict[Entry, str | AgreementRule]:
+        """Every entry a referral from `org` may reach: its own organisation's and those
+        of the organisations it has an agreement with. The value is the agreement reason
+        when any need may travel (agreement rank 1), else the rule, whose needs decide per
+        match. Built on first use per organisation, then kept (agreements do not change)."""
+        found = self._reach.get(org)
+        if found is None:
+            found = {}
+            org_entries = self._org_entries
+            for dst, rule in self._rules_from.get(org, ()):
+                value: str | AgreementRule = rule if rule.needs else rule.reason
+                for entry in org_entries.get(dst, ()):
+                    found[entry] = value
+            same = f"same organisation {org}"
+            for entry in org_entries.get(org, ()):
+                found[entry] = same
+            self._reach[org] = found
+        return found
+
+    def sender(self, partner_id: str) -> tuple[Entry, dict[Entry, str | AgreementRule]]:
+        """The sender's entry and what it may reach (`reachable_from` its organisation),
+        kept per sender. KeyError for an unknown partner."""
+        found = self._senders.get(partner_id)
+        if found is None:
+            entry = self._entries[partner_id]
+            found = (entry, self.reachable_from(entry.organisation))
+            self._senders[partner_id] = found
+        return found
+
+    def entries_at(self, need: str, code: str) -> tuple[Entry, ...]:
+        """The entries listing exactly this need and covering exactly this territory."""
+        level = self._levels.get(code)
+        return level[2].get(need, ()) if level is not None else ()
 
     def where_reason(self, code: str) -> str:
         """'covers 59350 (commune)', cached: the first reason of a candidate."""
         found = self._where.get(code)
         if found is None:
-            t = self.territories[code]
-            found = (
-                f"covers {code} ({t.level})"
-                if t.level == "commune"
-                else f"covers {code} ({t.level} {t.name})"
-            )
+            found = self._where_text(code)
             self._where[code] = found
         return found
 
@@ -330,11 +515,31 @@ class Directory:
         if remaining is not None and remaining < 0:
             msg = "remaining capacity cannot be negative"
             raise ValueError(msg)
-        self._entries[partner_id].set_capacity(status, remaining)
+        entry = self._entries[partner_id]
+        before = entry.sort_key
+        entry.set_capacity(status, remaining)
+        if entry.sort_key != before:
+            self._reorder(entry)
 
     def record_answer(self, partner_id: str, accepted: bool) -> None:
         """A partner accepted or declined a referral: feeds its recent acceptance rate."""
-        self._entries[partner_id].add_answer(accepted)
+        entry = self._entries[partner_id]
+        before = entry.sort_key
+        entry.add_answer(accepted)
+        if entry.sort_key != before:
+            self._reorder(entry)
+
+    def _reorder(self, entry: Entry) -> None:
+        """Keep every entry tuple holding `entry` sorted after its live key changed.
+        Each tuple is replaced whole, so a match running meanwhile reads either order."""
+        levels = self._levels
+        partner = entry.partner
+        for code in partner.coverage:
+            at = levels[FRANCE if code in FRANCE_ALIASES else code][2]
+            for need in partner.needs:
+                found = at[need]
+                if len(found) > 1:
+                    at[need] = tuple(sorted(found, key=_sort_key))
 
     def capacity(self, partner_id: str) -> tuple[str, int | None]:
         """The partner's live capacity: (status, remaining)."""
@@ -345,6 +550,45 @@ class Directory:
         """(accepted, answered) over the recent window."""
         entry = self._entries[partner_id]
         return entry.accepted, len(entry.answers or ())
+
+
+_sort_key = attrgetter("sort_key")
+
+
+def _in_order(found: Iterable[Entry]) -> tuple[Entry, ...]:
+    """The entries once each (a partner may repeat a code or a need), best live key first,
+    then by id."""
+    found = tuple(found)
+    if len(found) > 1:
+        return tuple(sorted(set(found), key=_sort_key))
+    return found
+
+
+def _may_repeat(
+    coverage: Sequence[str],
+    needs: Sequence[str],
+    territory_ancestors: Callable[[str], frozenset[str]],
+    need_chains: Mapping[str, tuple[str, ...]],
+) -> bool:
+    """Whether one match may meet the partner twice: a coverage code enclosing another
+    (a QPV's commune, a commune's EPCI…), a need listed with one of its ancestors, or a
+    repeated code or need."""
+    if len(coverage) > 1:
+        covered = set(coverage)
+        if len(covered) != len(coverage):
+            return True
+        for code in coverage:
+            if not covered.isdisjoint(territory_ancestors(code)):
+                return True
+    if len(needs) > 1:
+        listed = set(needs)
+        if len(listed) != len(needs):
+            return True
+        for need in needs:
+            chain = need_chains[need]
+            if len(chain) > 1 and not listed.isdisjoint(chain[1:]):
+                return True
+    return False
 
 
 def build_graph(directory: Directory) -> nx.DiGraph:
