@@ -312,9 +312,18 @@ def _request_consent(
 ) -> None:
     now = ledger.clock()
     if row.agency is None:
-        # Nobody to ask: the source learns that the signal waits without an advisor.
+        # No landlord's agency covers the commune, so no advisor to ask: the needs stay
+        # parked, counted on the ops page, and the audit says why.
         for need, _decision, _candidates in parked:
             tx.set_need_state(row.signal_id, need, "parked", "no agency covers the commune", now)
+        tx.audit(
+            BUS,
+            "consent-not-requested",
+            row.signal_id,
+            now,
+            person_ref=signal.person_ref,
+            why=f"no agency covers {signal.commune}: nobody to ask for consent",
+        )
         return
     needs = tuple(need for need, _, _ in parked)
     suggested: list[str] = []
