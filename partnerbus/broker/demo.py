@@ -274,6 +274,12 @@ def summary(bus: Bus) -> None:
         f"outbox sent {bus.relay.sent}, pending {bus.store.pending_count()}; "
         f"audit records {bus.store.count('audit')}"
     )
+    person = "T-59599-0077"
+    console.rule(f"[bold]What the audit trail says about {person}")
+    for r in bus.store.audit_trail(person):
+        partner = f" → {r.partner_id}" if r.partner_id else ""
+        why = r.why or ""
+        console.print(f"{r.at:%H:%M:%S}  [bold]{r.action}[/bold] by {r.actor}{partner}  {why}")
 
 
 async def main(settings: Settings, timeout: float = 60.0) -> int:

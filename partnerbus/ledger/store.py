@@ -613,6 +613,12 @@ class Store:
 
     def audit_trail(self, subject_or_person: str) -> list[AuditRow]:
         """Every audit record about a person (by reference) or a signal or referral (by id)."""
+        signal_ids = select(t.signals.c.signal_id).where(
+            t.signals.c.person_ref == subject_or_person
+        )
+        referral_ids = select(t.referrals.c.referral_id).where(
+            t.referrals.c.signal_id.in_(signal_ids)
+        )
         with self.engine.connect() as conn:
             rows = conn.execute(
                 select(
@@ -628,6 +634,8 @@ class Store:
                     or_(
                         t.audit.c.subject == subject_or_person,
                         t.audit.c.person_ref == subject_or_person,
+                        # a person's trail includes what happened to her signals' referrals
+                        t.audit.c.subject.in_(referral_ids),
                     )
                 )
                 .order_by(t.audit.c.id)

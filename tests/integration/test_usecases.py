@@ -360,3 +360,23 @@ def test_the_advisor_is_told_of_a_consent_about_to_expire_once(ledger: Ledger) -
     ((key, body),) = sent(ledger, "consent-expiring")
     assert key == "lmh-agence-roubaix"
     assert body["person_ref"] == "T-EXP-1"
+
+
+def test_a_persons_trail_includes_what_partners_did_with_her_referrals(ledger: Ledger) -> None:
+    """The advisor's timeline of a person shows the partners' answers, not only the bus's acts."""
+    run(ledger, usecases.grant_consent, a_consent(ledger, person="T-TRAIL-1"))
+    run(ledger, usecases.receive_signal, a_signal(ledger, person="T-TRAIL-1"))
+    referral = sent(ledger, "referral")[0][1]
+    rejection = ReferralStatusChanged(
+        message_id=mid("st"),
+        occurred_at=ledger.clock(),
+        referral_id=referral["referral_id"],
+        partner=referral["partner"],
+        status="rejected",
+        reason="full",
+    )
+    run(ledger, usecases.record_status, rejection)
+    actions = [r.action for r in ledger.store.audit_trail("T-TRAIL-1")]
+    assert actions[:3] == ["consent-granted", "signal-received", "referral-disclosed"]
+    assert "referral-rejected" in actions
+    assert actions.count("referral-disclosed") == 2, "the reroute is on the trail too"
