@@ -30,7 +30,7 @@ test-faults: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/ruff format --check .
+	$(BIN)/ruff format --check partnerbus tests bench
 
 types: $(STAMP)
 	$(BIN)/mypy partnerbus

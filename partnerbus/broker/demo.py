@@ -276,10 +276,12 @@ def summary(bus: Bus) -> None:
     )
     person = "T-59599-0077"
     console.rule(f"[bold]What the audit trail says about {person}")
-    for r in bus.store.audit_trail(person):
-        partner = f" → {r.partner_id}" if r.partner_id else ""
-        why = r.why or ""
-        console.print(f"{r.at:%H:%M:%S}  [bold]{r.action}[/bold] by {r.actor}{partner}  {why}")
+    for record in bus.store.audit_trail(person):
+        partner = f" → {record.partner_id}" if record.partner_id else ""
+        console.print(
+            f"{record.at:%H:%M:%S}  [bold]{record.action}[/bold] by {record.actor}{partner}  "
+            f"{record.why or ''}"
+        )
 
 
 async def main(settings: Settings, timeout: float = 60.0) -> int:

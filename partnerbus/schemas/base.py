@@ -46,6 +46,7 @@ def _pseudonymous(value: str) -> str:
 
 PseudonymousRef = Annotated[str, AfterValidator(_pseudonymous)]
 
+
 def _iso_instant(value: object) -> object:
     # pydantic would read a number as seconds since 1970: a partner's bug, not a date.
     if isinstance(value, int | float):
