@@ -290,8 +290,9 @@ async def main(settings: Settings, timeout: float = 60.0) -> int:
     if not broker_reachable(url):
         console.print(
             f"[red]RabbitMQ is not reachable at {where}.[/red]\n"
-            "Start it with `rabbitmq-server -detached` (Debian package rabbitmq-server), or "
-            "`docker compose up -d rabbitmq` from this repository, then run `make demo` again.\n"
+            "Start it with `rabbitmq-server -detached` (Debian package rabbitmq-server) and run "
+            "`make demo` again; or `docker compose up -d rabbitmq` from this repository and run "
+            "`PARTNERBUS_AMQP_URL=amqp://partnerbus:partnerbus@127.0.0.1:5672/ make demo`.\n"
             "Another broker: set PARTNERBUS_AMQP_URL=amqp://user:password@host:5672/"
         )
         return 2
