@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
+import secrets
 import socket
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from urllib.parse import urlsplit
 
 import aio_pika
 import pytest
 from sqlalchemy import create_engine, text
 
+from partnerbus.broker.access import apply_with_rabbitmqctl, grants_for, remove_with_rabbitmqctl
 from partnerbus.broker.app import Bus, create_app
 from partnerbus.broker.settings import Settings
 from partnerbus.ledger.store import Store
@@ -42,6 +46,29 @@ def require(service: str, url: str, port: int) -> None:
     if os.environ.get("CI"):
         pytest.fail(message + " (CI must start it: see .ci/run)")
     pytest.skip(message + "; start it (see README) to run these tests")
+
+
+@asynccontextmanager
+async def as_partner(
+    bus: Bus, partner_id: str
+) -> AsyncIterator[tuple[str, aio_pika.abc.AbstractChannel]]:
+    """A partner's own RabbitMQ user, with the rights derived from the directory (created
+    with `partnerbus.broker.access`, removed after): its user name and a confirming channel."""
+    partner = bus.directory.partner(partner_id)
+    password = secrets.token_urlsafe(16)
+    (grant,) = grants_for([partner], bus.topology)
+    await asyncio.to_thread(
+        apply_with_rabbitmqctl, [grant], vhost="/", passwords={grant.username: password}
+    )
+    url = bus.settings.amqp_url.get_secret_value().replace(
+        "guest:guest", f"{grant.username}:{password}"
+    )
+    connection = await aio_pika.connect(url)
+    try:
+        yield grant.username, await connection.channel(publisher_confirms=True)
+    finally:
+        await connection.close()
+        await asyncio.to_thread(remove_with_rabbitmqctl, [grant.username])
 
 
 @pytest.fixture

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
-import secrets
 
 import aio_pika
 import pytest
 
-from partnerbus.broker.access import apply_with_rabbitmqctl, grants_for, remove_with_rabbitmqctl
 from partnerbus.testing import Inbox
+from tests.conftest import as_partner
 
 from .helpers import signal
 
@@ -20,19 +18,8 @@ pytestmark = pytest.mark.rabbitmq
 @pytest.fixture
 async def proximity_team(bus):
     """The proximity team's own RabbitMQ user, with the rights derived from the directory."""
-    partner = bus.directory.partner("lmh-proximite")
-    password = secrets.token_urlsafe(16)
-    (grant,) = grants_for([partner], bus.topology)
-    await asyncio.to_thread(
-        apply_with_rabbitmqctl, [grant], vhost="/", passwords={grant.username: password}
-    )
-    url = bus.settings.amqp_url.get_secret_value().replace(
-        "guest:guest", f"{grant.username}:{password}"
-    )
-    connection = await aio_pika.connect(url)
-    yield grant.username, await connection.channel(publisher_confirms=True)
-    await connection.close()
-    await asyncio.to_thread(remove_with_rabbitmqctl, [grant.username])
+    async with as_partner(bus, "lmh-proximite") as user_and_channel:
+        yield user_and_channel
 
 
 async def publish_as(channel, user: str, exchange: str, body: dict) -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import secrets
 import time
 import uuid
 from collections import Counter
@@ -19,8 +18,8 @@ from hypothesis import HealthCheck, Phase, given, seed
 from hypothesis import settings as hyp_settings
 from hypothesis import strategies as st
 
-from partnerbus.broker.access import apply_with_rabbitmqctl, grants_for, remove_with_rabbitmqctl
 from partnerbus.testing import Inbox
+from tests.conftest import as_partner
 from tests.e2e.helpers import ARREARS, ROUBAIX, consent, signal, status
 
 pytestmark = [pytest.mark.slow, pytest.mark.rabbitmq, pytest.mark.timeout(300)]
@@ -166,19 +165,8 @@ def generate() -> list[Case]:
 @pytest.fixture
 async def partner_channel(bus):
     """The centre social's own RabbitMQ user (rights derived from the directory), removed after."""
-    partner = bus.directory.partner(PARTNER)
-    password = secrets.token_urlsafe(16)
-    (grant,) = grants_for([partner], bus.topology)
-    await asyncio.to_thread(
-        apply_with_rabbitmqctl, [grant], vhost="/", passwords={grant.username: password}
-    )
-    url = bus.settings.amqp_url.get_secret_value().replace(
-        "guest:guest", f"{grant.username}:{password}"
-    )
-    connection = await aio_pika.connect(url)
-    yield grant.username, await connection.channel(publisher_confirms=True)
-    await connection.close()
-    await asyncio.to_thread(remove_with_rabbitmqctl, [grant.username])
+    async with as_partner(bus, PARTNER) as user_and_channel:
+        yield user_and_channel
 
 
 async def test_every_generated_bad_message_is_dead_lettered_with_a_reason_and_none_disappears(
