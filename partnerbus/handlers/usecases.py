@@ -123,20 +123,7 @@ def receive_signal(ledger: Ledger, tx: LedgerTx, signal: Signal, queue: str) -> 
         else ledger.directory.agency_for(signal.commune)
     )
     advisor = ledger.directory.advisor_for(agency.id, signal.commune) if agency else None
-    row = SignalRow(
-        signal_id=signal.message_id,
-        source=signal.source,
-        person_ref=signal.person_ref,
-        commune=signal.commune,
-        urgency=signal.urgency,
-        agency=agency.id if agency else None,
-        advisor=advisor.id if advisor else None,
-        body=signal.model_dump_json(),
-        received_at=now,
-        note_deleted_at=None,
-        anonymised_at=None,
-    )
-    tx.add_signal(signal, row.agency, row.advisor, now)
+    row = tx.add_signal(signal, agency.id if agency else None, advisor.id if advisor else None, now)
     tx.audit(
         signal.source,
         "signal-received",

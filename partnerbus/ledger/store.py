@@ -9,6 +9,7 @@ tests and for partners who test against us.
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -148,20 +149,22 @@ class LedgerTx:
     # signals -------------------------------------------------------------------------
     def add_signal(
         self, signal: Signal, agency: str | None, advisor: str | None, now: datetime
-    ) -> None:
-        self.conn.execute(
-            t.signals.insert().values(
-                signal_id=signal.message_id,
-                source=signal.source,
-                person_ref=signal.person_ref,
-                commune=signal.commune,
-                urgency=signal.urgency,
-                agency=agency,
-                advisor=advisor,
-                body=signal.model_dump_json(),
-                received_at=now,
-            )
+    ) -> SignalRow:
+        row = SignalRow(
+            signal_id=signal.message_id,
+            source=signal.source,
+            person_ref=signal.person_ref,
+            commune=signal.commune,
+            urgency=signal.urgency,
+            agency=agency,
+            advisor=advisor,
+            body=signal.model_dump_json(),
+            received_at=now,
+            note_deleted_at=None,
+            anonymised_at=None,
         )
+        self.conn.execute(t.signals.insert().values(**dataclasses.asdict(row)))
+        return row
 
     def signal(self, signal_id: str) -> SignalRow | None:
         row = self.conn.execute(select(t.signals).where(t.signals.c.signal_id == signal_id)).first()
