@@ -52,12 +52,9 @@ class Relay:
         # a constant footprint.
         self._recorded: dict[str, None] = {}
         self._progress = asyncio.Event()
-        # Rows this process is publishing now: a slow send (broker failing over, confirms
-        # late) can outlive its lease, and the next sweep of this same process would claim
-        # the row again and send it a second time.
-        self._sending: set[int] = set()
-        # One sender at a time in a process, so that messages leave in commit order; the
-        # subscribers only wake it (`kick`) and ack without waiting for the send.
+        # One sender at a time in a process, so that messages leave in commit order and a
+        # row is never sent twice by the same process; the subscribers only wake it (`kick`)
+        # and ack without waiting for the send.
         self._lock = asyncio.Lock()
         self._wake = asyncio.Event()
 
@@ -88,17 +85,11 @@ class Relay:
         claimed_at = time.monotonic()
         sent = 0
         for row in rows:
-            if row.id in self._sending:
-                continue  # already on its way from this process; that send marks or releases it
             if time.monotonic() - claimed_at > self.lease.total_seconds() / 2:
                 # Past half the lease: another worker may claim the rest soon; leave them to it
                 # (or to us, once the lease is over) rather than race it.
                 break
-            self._sending.add(row.id)
-            try:
-                sent += await self._send(row)
-            finally:
-                self._sending.discard(row.id)
+            sent += await self._send(row)
         self.sent += sent
         return sent
 

@@ -29,7 +29,6 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.pool import StaticPool
 
 from partnerbus.schemas import ConsentScope, Message, Signal
@@ -705,7 +704,6 @@ def _engine(url: str, *, schema: str | None, echo: bool) -> Engine:
 __all__ = [
     "AuditRow",
     "ConsentRow",
-    "IntegrityError",
     "LedgerTx",
     "OutboxRow",
     "ReferralRow",

@@ -289,7 +289,6 @@ class ConsentExpiring(Message):
     valid_until: Instant
 
 
-InboundSignal = Signal
 StatusMessage = Annotated[ReferralStatusChanged | CapacityChanged, Field(discriminator="type")]
 ConsentMessage = Annotated[
     ConsentGranted | ConsentRevoked | ConsentRefused, Field(discriminator="type")
