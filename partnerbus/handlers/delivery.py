@@ -14,7 +14,6 @@ Outcomes of one delivery:
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -92,12 +91,11 @@ class Intake:
         if len(body) > self.max_bytes:
             raise Refused(f"message too large: {len(body)} bytes, limit {self.max_bytes}")
         try:
-            json.loads(body)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise Refused(f"not JSON: {exc}") from None
-        try:
-            return adapter.validate_json(body)
+            return adapter.validate_json(body)  # one parse: syntax and schema together
         except ValidationError as exc:
+            first = exc.errors(include_url=False)[0]
+            if first["type"] == "json_invalid":
+                raise Refused(f"not JSON: {first['msg']}") from None
             raise Refused(describe_validation(exc)) from None
 
     def authenticate(self, raw: IncomingMessage, claimed_partner: str) -> None:
