@@ -431,9 +431,8 @@ def release_parked(ledger: Ledger, tx: LedgerTx, person_ref: str) -> int:
     for signal_id, need in tx.parked_needs(person_ref):
         row = tx.signal(signal_id)
         assert row is not None
-        attempt = len(tx.referrals_for(signal_id, need)) + 1
         tried = tuple(r.partner_id for r in tx.referrals_for(signal_id, need))
-        if _route(ledger, tx, row, row.signal(), need, attempt, tried) is None:
+        if _route(ledger, tx, row, row.signal(), need, len(tried) + 1, tried) is None:
             released += 1
     return released
 
