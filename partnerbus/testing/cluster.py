@@ -396,6 +396,27 @@ class LocalCluster:
         msg = f"no queue {queue!r} in vhost {vhost!r}"
         raise ClusterError(msg)
 
+    def await_leader(
+        self, queue: str, *, via: str, not_on: str | None = None, vhost: str = "/"
+    ) -> dict:
+        """Block until `via` reports a leader for `queue` (other than `not_on`, a node just
+        killed). While a quorum queue elects a new leader, `list_queues` may leave it out
+        or name no leader: both mean "not yet", not an error (each call is itself a
+        blocking round trip, so the loop does not spin)."""
+        deadline = time.monotonic() + self.timeout
+        last: object = None
+        while True:
+            try:
+                info = self.queue_info(queue, vhost=vhost, via=via)
+                if info.get("leader") not in (None, "", not_on):
+                    return info
+                last = info
+            except ClusterError as exc:
+                last = exc
+            if time.monotonic() > deadline:
+                msg = f"no leader for {queue!r} seen by {via} within {self.timeout}s: {last}"
+                raise ClusterError(msg)
+
     def status(self) -> list[dict[str, object]]:
         rows: list[dict[str, object]] = []
         for n in self.nodes:

@@ -78,7 +78,11 @@ async def test_a_cluster_node_killed_mid_stream_loses_and_duplicates_no_referral
                 await counter.settle(bus.store.pending_count)
             seconds = time.monotonic() - began
         leaders = {
-            name: (await asyncio.to_thread(cluster.queue_info, name, via=bus_node.name))["leader"]
+            name: (
+                await asyncio.to_thread(
+                    cluster.await_leader, name, via=bus_node.name, not_on=leader_node.nodename
+                )
+            )["leader"]
             for name in (t.signal_queue.name, target)
         }
         tally = counter.tally

@@ -17,17 +17,6 @@ COUNT = 200
 pytestmark = [pytest.mark.slow, pytest.mark.rabbitmq, pytest.mark.timeout(600)]
 
 
-def _await_new_leader(cluster: LocalCluster, queue: str, via: str, old: str) -> dict:
-    """Block until a surviving node reports a leader other than the killed one."""
-    deadline = time.monotonic() + 60
-    while True:
-        info = cluster.queue_info(queue, via=via)
-        if info.get("leader") not in (None, "", old):
-            return info
-        if time.monotonic() > deadline:
-            pytest.fail(f"no new leader for {queue} within 60s: {info}")
-
-
 async def test_quorum_queue_survives_leader_kill(cluster: LocalCluster) -> None:
     """200 confirmed persistent messages are all consumed from a survivor after the leader dies."""
     queue_name = f"pbt-smoke-{uuid.uuid4().hex[:8]}"
@@ -54,7 +43,7 @@ async def test_quorum_queue_survives_leader_kill(cluster: LocalCluster) -> None:
     await asyncio.to_thread(cluster.kill_node, leader.name)
     survivor = next(n for n in cluster.nodes if n != leader)
     after = await asyncio.to_thread(
-        _await_new_leader, cluster, queue_name, survivor.name, leader.nodename
+        cluster.await_leader, queue_name, via=survivor.name, not_on=leader.nodename
     )
     failover_s = time.monotonic() - killed_at
 
