@@ -16,7 +16,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
-from urllib.parse import unquote, urlsplit
 
 from faststream import AckPolicy, FastStream
 from faststream.rabbit import Channel, RabbitBroker, RabbitQueue
@@ -32,14 +31,10 @@ from partnerbus.ledger.store import Store
 from partnerbus.schemas import utcnow
 
 from .relay import Relay
-from .settings import Settings
+from .settings import Settings, amqp_user
 from .topology import Topology
 
 log = logging.getLogger("partnerbus")
-
-
-def amqp_user(url: str) -> str:
-    return unquote(urlsplit(url).username or "guest")
 
 
 def deadline_policy(settings: Settings) -> DeadlinePolicy:
@@ -285,6 +280,7 @@ def create_app(
         trusted_senders=settings.trusted_senders,
         own_user=amqp_user(settings.amqp_url.get_secret_value()),
         max_bytes=settings.max_message_bytes,
+        publish_timeout_s=settings.publish_timeout_s,
         on_verdict=bus.record_verdict,
     )
     broker.include_router(build_router(wiring))

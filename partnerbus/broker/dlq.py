@@ -21,11 +21,12 @@ from rich.table import Table
 
 from partnerbus.ledger.store import Store
 
-from .settings import Settings
+from .settings import Settings, amqp_user
 from .topology import (
     ATTEMPT_HEADER,
     ERROR_HEADER,
     ERROR_QUEUE_HEADER,
+    LAST_ERROR_HEADER,
     ORIGINAL_EXCHANGE_HEADER,
     ORIGINAL_KEY_HEADER,
     ORIGINAL_USER_HEADER,
@@ -39,7 +40,7 @@ _OUR_HEADERS = (
     ORIGINAL_EXCHANGE_HEADER,
     ORIGINAL_KEY_HEADER,
     ATTEMPT_HEADER,
-    "partnerbus-last-error",
+    LAST_ERROR_HEADER,
 )
 
 
@@ -59,12 +60,17 @@ class DeadLetter:
     body: bytes
 
 
-def describe(queue: str, message: AbstractIncomingMessage) -> DeadLetter:
-    """Where it came from and why it died, whether we refused it or RabbitMQ dead-lettered it."""
+def describe(queue: str, message: AbstractIncomingMessage, own_user: str) -> DeadLetter:
+    """Where it came from and why it died, whether we refused it or RabbitMQ dead-lettered it.
+
+    Our headers (reason, first sender, origin) are believed only on a message the bus
+    published itself (`user_id` is the bus's user, which RabbitMQ verifies): a partner
+    could have set them on its own message, which then died by the delivery limit."""
     headers: dict[str, Any] = dict(message.headers or {})
+    ours = message.user_id == own_user
     deaths = headers.get("x-death") or []
     first = deaths[0] if deaths else {}
-    if ERROR_HEADER in headers:
+    if ours and ERROR_HEADER in headers:
         reason = str(headers[ERROR_HEADER])
         died_in = str(headers.get(ERROR_QUEUE_HEADER, ""))
         exchange = str(headers.get(ORIGINAL_EXCHANGE_HEADER, ""))
@@ -81,7 +87,7 @@ def describe(queue: str, message: AbstractIncomingMessage) -> DeadLetter:
         exchange = str(first.get("exchange", ""))
         keys = first.get("routing-keys") or [""]
         routing_key = str(keys[0])
-    sender = headers.get(ORIGINAL_USER_HEADER) or message.user_id
+    sender = (ours and headers.get(ORIGINAL_USER_HEADER)) or message.user_id
     return DeadLetter(
         queue=queue,
         message_id=message.message_id,
@@ -117,7 +123,10 @@ async def dead_letter_queues(
 
 
 async def peek(
-    connection: aio_pika.abc.AbstractConnection, queue_name: str, limit: int = 1000
+    connection: aio_pika.abc.AbstractConnection,
+    queue_name: str,
+    own_user: str,
+    limit: int = 1000,
 ) -> list[DeadLetter]:
     """Read up to `limit` messages without removing them: they are taken unacked, then the
     channel closes and RabbitMQ puts them back."""
@@ -129,7 +138,7 @@ async def peek(
             message = await queue.get(no_ack=False, fail=False)
             if message is None:
                 break
-            found.append(describe(queue_name, message))
+            found.append(describe(queue_name, message, own_user))
         return found
     finally:
         await channel.close()
@@ -140,6 +149,7 @@ async def take(
     queue_name: str,
     wanted: set[str] | None,
     handle: Any,
+    own_user: str,
 ) -> list[DeadLetter]:
     """Get messages one by one; `handle(message, letter)` returns True to ack (remove) it.
     Those not wanted, or not handled, go back when the channel closes.
@@ -155,7 +165,7 @@ async def take(
             message = await queue.get(no_ack=False, fail=False)
             if message is None:
                 break
-            letter = describe(queue_name, message)
+            letter = describe(queue_name, message, own_user)
             if wanted is not None and letter.message_id not in wanted:
                 continue
             if await handle(channel, message, letter):
@@ -201,7 +211,7 @@ async def replay(
         )
         return True
 
-    return await take(connection, queue_name, wanted, handle)
+    return await take(connection, queue_name, wanted, handle, own_user)
 
 
 # the command line ----------------------------------------------------------------------
@@ -219,6 +229,11 @@ def _context() -> tuple[Settings, Topology, list[str], Store]:
     store = Store(settings.database_url)
     store.create_all()
     return settings, Topology(settings.prefix), [p.id for p in directory.partners()], store
+
+
+def _own_user(settings: Settings) -> str:
+    """The bus's AMQP user: only its dead letters carry headers worth believing."""
+    return amqp_user(settings.amqp_url.get_secret_value())
 
 
 def _audit(store: Store, by: str, action: str, letters: Iterable[DeadLetter]) -> None:
@@ -251,7 +266,7 @@ def list_command() -> None:
                 table.add_column(column)
             count = 0
             for name in queues:
-                for letter in await peek(connection, name):
+                for letter in await peek(connection, name, _own_user(settings)):
                     count += 1
                     table.add_row(
                         letter.message_id or "-",
@@ -277,7 +292,7 @@ def show(
         settings, topology, partners, store = _context()
         async with await _connect(settings) as connection:
             for name in await dead_letter_queues(connection, topology, partners):
-                for letter in await peek(connection, name):
+                for letter in await peek(connection, name, _own_user(settings)):
                     if letter.message_id == message_id:
                         _audit(store, by, "dead-letter-read", [letter])
                         console.print(f"[bold]{letter.message_id}[/bold] in {letter.queue}")
@@ -310,16 +325,12 @@ def replay_command(
         raise typer.Exit(2)
 
     async def main() -> int:
-        from .app import amqp_user
-
         settings, topology, partners, store = _context()
         wanted = None if all_ else set(message_ids or [])
         total = 0
         async with await _connect(settings) as connection:
             for name in await dead_letter_queues(connection, topology, partners):
-                letters = await replay(
-                    connection, name, wanted, amqp_user(settings.amqp_url.get_secret_value()), by
-                )
+                letters = await replay(connection, name, wanted, _own_user(settings), by)
                 _audit(store, by, "dead-letter-replayed", letters)
                 total += len(letters)
         console.print(f"replayed {total} message(s)")
@@ -349,7 +360,7 @@ def purge(
                 async def remove(*_: Any) -> bool:
                     return True
 
-                letters = await take(connection, name, None, remove)
+                letters = await take(connection, name, None, remove, _own_user(settings))
                 total += len(letters)
                 _audit(store, by, "dead-letter-purged", letters)
         console.print(f"purged {total} message(s)")

@@ -26,8 +26,7 @@ from partnerbus.handlers.subscribers import CONSENT, SIGNAL, STATUS
 from partnerbus.schemas import Partner
 
 from .access import derive_password
-from .app import amqp_user
-from .settings import Settings
+from .settings import Settings, amqp_user
 from .topology import ORIGINAL_USER_HEADER, Topology
 
 bearer = HTTPBearer(auto_error=False)

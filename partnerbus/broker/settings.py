@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
+from urllib.parse import unquote, urlsplit
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def amqp_user(url: str) -> str:
+    """The user name of an AMQP URL: the bus's own user when it is the bus's URL."""
+    return unquote(urlsplit(url).username or "guest")
 
 
 class Deadlines(BaseSettings):

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 ERROR_HEADER = "partnerbus-error"
 ERROR_QUEUE_HEADER = "partnerbus-error-queue"
 ATTEMPT_HEADER = "partnerbus-attempt"
+LAST_ERROR_HEADER = "partnerbus-last-error"
 ORIGINAL_USER_HEADER = "partnerbus-original-user"
 ORIGINAL_EXCHANGE_HEADER = "partnerbus-original-exchange"
 ORIGINAL_KEY_HEADER = "partnerbus-original-routing-key"

@@ -27,6 +27,7 @@ from partnerbus.broker.topology import (
     ATTEMPT_HEADER,
     ERROR_HEADER,
     ERROR_QUEUE_HEADER,
+    LAST_ERROR_HEADER,
     ORIGINAL_EXCHANGE_HEADER,
     ORIGINAL_KEY_HEADER,
     ORIGINAL_USER_HEADER,
@@ -78,8 +79,10 @@ class Intake:
         trusted_senders: tuple[str, ...],
         max_bytes: int,
         own_user: str,
+        publish_timeout_s: float = 10.0,
     ) -> None:
         self.queue = queue
+        self.publish_timeout_s = publish_timeout_s
         self.topology = topology
         self.directory = directory
         self.publish = publish
@@ -98,13 +101,36 @@ class Intake:
                 raise Refused(f"not JSON: {first['msg']}") from None
             raise Refused(describe_validation(exc)) from None
 
+    def from_bus(self, raw: IncomingMessage) -> bool:
+        """Published by the bus itself (a delay queue, a replay, the HTTP gateway)?
+        RabbitMQ refuses a `user_id` that is not the connection's, so this is proof."""
+        return raw.user_id == self.own_user
+
+    def vouched_sender(self, raw: IncomingMessage) -> str | None:
+        """The AMQP user that first sent this message. Our header naming the first sender
+        is honoured only on the bus's own messages: a partner that sets it itself is
+        ignored, so it cannot pass for another partner, now or after a replay."""
+        headers = raw.headers or {}
+        if self.from_bus(raw) and headers.get(ORIGINAL_USER_HEADER):
+            return str(headers[ORIGINAL_USER_HEADER])
+        return raw.user_id
+
+    def _origin_headers(self, raw: IncomingMessage) -> dict[str, Any]:
+        """The message's headers, with our origin headers set to what the bus vouches for."""
+        headers: dict[str, Any] = dict(raw.headers or {})
+        ours = self.from_bus(raw)
+        headers[ORIGINAL_USER_HEADER] = self.vouched_sender(raw) or ""
+        headers[ORIGINAL_EXCHANGE_HEADER] = (
+            (ours and headers.get(ORIGINAL_EXCHANGE_HEADER)) or raw.exchange or ""
+        )
+        headers[ORIGINAL_KEY_HEADER] = (
+            (ours and headers.get(ORIGINAL_KEY_HEADER)) or raw.routing_key or ""
+        )
+        return headers
+
     def authenticate(self, raw: IncomingMessage, claimed_partner: str) -> None:
-        """The claimed partner must be the AMQP user RabbitMQ authenticated. RabbitMQ refuses
-        a `user_id` property that differs from the connection's user, so `user_id` is proof."""
-        user = raw.user_id
-        if user == self.own_user and ORIGINAL_USER_HEADER in (raw.headers or {}):
-            # Back from one of our own delay queues: the bus vouched for the first sender.
-            user = str((raw.headers or {})[ORIGINAL_USER_HEADER])
+        """The claimed partner must be the AMQP user RabbitMQ authenticated."""
+        user = self.vouched_sender(raw)
         if user is None:
             raise Refused(
                 "no user_id property: publish with user_id set to your AMQP user name, "
@@ -122,51 +148,47 @@ class Intake:
                 f"user {user!r}"
             )
 
-    async def dead_letter(self, raw: IncomingMessage, reason: str) -> None:
-        """Keep the message where ops can see it, with the reason and its original headers."""
-        headers: dict[str, Any] = dict(raw.headers or {})
-        headers.update(
-            {
-                ERROR_HEADER: reason[:4000],
-                ERROR_QUEUE_HEADER: self.queue,
-                ORIGINAL_EXCHANGE_HEADER: headers.get(ORIGINAL_EXCHANGE_HEADER)
-                or raw.exchange
-                or "",
-                ORIGINAL_KEY_HEADER: headers.get(ORIGINAL_KEY_HEADER) or raw.routing_key or "",
-                ORIGINAL_USER_HEADER: headers.get(ORIGINAL_USER_HEADER) or raw.user_id or "",
-            }
-        )
+    async def _publish_copy(
+        self, raw: IncomingMessage, headers: dict[str, Any], **where: Any
+    ) -> None:
+        """A persistent, confirmed copy published as the bus (so that our headers on it are
+        trusted later); unroutable raised, bounded by the publish timeout."""
         await self.publish(
             raw.body,
-            exchange=self.topology.dead_letters,
-            routing_key=self.queue,
-            headers=headers,
-            message_id=raw.message_id,
-            message_type=raw.type,
-            content_type=raw.content_type,
-        )
-        log.warning("dead-lettered %s from %s: %s", raw.message_id, self.queue, reason)
-
-    async def retry_later(self, raw: IncomingMessage, error: BaseException) -> bool:
-        """Put a copy in the next delay queue; False when no delay is left."""
-        headers: dict[str, Any] = dict(raw.headers or {})
-        attempt = int(headers.get(ATTEMPT_HEADER, 0) or 0)
-        if attempt >= len(self.topology.retry_delays_ms):
-            return False
-        headers[ATTEMPT_HEADER] = attempt + 1
-        headers.setdefault(ORIGINAL_USER_HEADER, raw.user_id or "")
-        headers.setdefault(ORIGINAL_EXCHANGE_HEADER, raw.exchange or "")
-        headers.setdefault(ORIGINAL_KEY_HEADER, raw.routing_key or "")
-        headers["partnerbus-last-error"] = f"{type(error).__name__}: {error}"[:2000]
-        await self.publish(
-            raw.body,
-            exchange=self.topology.retries,
-            routing_key=self.topology.retry_queue_name(self.queue, attempt),
             headers=headers,
             message_id=raw.message_id,
             message_type=raw.type,
             content_type=raw.content_type,
             user_id=self.own_user,
+            persist=True,
+            mandatory=True,
+            timeout=self.publish_timeout_s,
+            **where,
+        )
+
+    async def dead_letter(self, raw: IncomingMessage, reason: str) -> None:
+        """Keep the message where ops can see it, with the reason and its original headers."""
+        headers = self._origin_headers(raw)
+        headers[ERROR_HEADER] = reason[:4000]
+        headers[ERROR_QUEUE_HEADER] = self.queue
+        await self._publish_copy(
+            raw, headers, exchange=self.topology.dead_letters, routing_key=self.queue
+        )
+        log.warning("dead-lettered %s from %s: %s", raw.message_id, self.queue, reason)
+
+    async def retry_later(self, raw: IncomingMessage, error: BaseException) -> bool:
+        """Put a copy in the next delay queue; False when no delay is left."""
+        headers = self._origin_headers(raw)
+        attempt = int(headers.get(ATTEMPT_HEADER, 0) or 0) if self.from_bus(raw) else 0
+        if attempt >= len(self.topology.retry_delays_ms):
+            return False
+        headers[ATTEMPT_HEADER] = attempt + 1
+        headers[LAST_ERROR_HEADER] = f"{type(error).__name__}: {error}"[:2000]
+        await self._publish_copy(
+            raw,
+            headers,
+            exchange=self.topology.retries,
+            routing_key=self.topology.retry_queue_name(self.queue, attempt),
         )
         log.warning("retry %d of %s in %s: %s", attempt + 1, raw.message_id, self.queue, error)
         return True

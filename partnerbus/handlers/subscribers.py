@@ -58,6 +58,7 @@ class Wiring:
     trusted_senders: tuple[str, ...]
     own_user: str
     max_bytes: int
+    publish_timeout_s: float = 10.0
     on_verdict: Callable[[str, Verdict], None] = lambda _queue, _verdict: None
 
     def intake(self, queue: RabbitQueue) -> Intake:
@@ -69,6 +70,7 @@ class Wiring:
             trusted_senders=self.trusted_senders,
             max_bytes=self.max_bytes,
             own_user=self.own_user,
+            publish_timeout_s=self.publish_timeout_s,
         )
 
     async def in_transaction(self, use_case: Callable[..., bool], message: Any, queue: str) -> bool:

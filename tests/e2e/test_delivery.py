@@ -175,7 +175,7 @@ async def test_a_message_dead_lettered_after_its_retries_is_replayed_after_the_f
         assert "gave up after 1 retries" in verdicts[-1].reason
 
         dlq_name = t.dlq_name(t.signal_queue.name)
-        (letter,) = await peek(connection, dlq_name)
+        (letter,) = await peek(connection, dlq_name, "guest")
         assert letter.message_id == body["message_id"]
         assert letter.sender == "guest"
         assert "database is down" in letter.reason
@@ -184,7 +184,7 @@ async def test_a_message_dead_lettered_after_its_retries_is_replayed_after_the_f
         assert [r.message_id for r in replayed] == [body["message_id"]]
         (referral,) = await inbox.expect(1)
         assert referral.body["signal_id"] == body["message_id"]
-        assert await peek(connection, dlq_name) == []
+        assert await peek(connection, dlq_name, "guest") == []
     finally:
         await bus.stop()
         await bus.teardown()

@@ -7,6 +7,7 @@ import json
 import aio_pika
 import pytest
 
+from partnerbus.broker.dlq import peek, replay
 from partnerbus.testing import Inbox
 from tests.conftest import as_partner
 
@@ -22,13 +23,14 @@ async def proximity_team(bus):
         yield user_and_channel
 
 
-async def publish_as(channel, user: str, exchange: str, body: dict) -> None:
+async def publish_as(channel, user: str, exchange: str, body: dict, headers=None) -> None:
     ex = await channel.get_exchange(exchange, ensure=False)
     await ex.publish(
         aio_pika.Message(
             json.dumps(body).encode(),
             message_id=body["message_id"],
             user_id=user,
+            headers=headers,
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
         ),
         routing_key="lmh-proximite",
@@ -58,3 +60,35 @@ async def test_a_partner_claiming_another_source_is_refused_to_the_dead_letter_q
     assert verdict.outcome == "processed"
     assert bus.store.count("signals", signal_id=own["message_id"]) == 1
     assert bus.store.count("signals", signal_id=spoofed["message_id"]) == 0
+
+
+async def test_a_partner_forging_the_bus_sender_header_is_refused_now_and_after_a_replay(
+    bus, channel, connection, proximity_team
+):
+    """A partner that sets the bus's own first-sender header to another partner is judged by its own AMQP user: refused, listed under its own name, and refused again when ops replay it."""
+    user, partner_channel = proximity_team
+    t = bus.topology
+    dlq_name = t.dlq_name(t.signal_queue.name)
+    forged = signal(source="lmh-recouvrement")
+    headers = {
+        "partnerbus-original-user": "pb-lmh-recouvrement",
+        "partnerbus-original-exchange": "elsewhere",
+        "partnerbus-attempt": 99,
+    }
+    before = len(bus.verdicts)
+    await publish_as(partner_channel, user, t.signals.name, forged, headers=headers)
+    (verdict,) = (await bus.wait_verdicts(before + 1))[before:]
+    assert verdict.outcome == "refused"
+    assert f"the authenticated AMQP user {user!r}" in str(verdict.reason)
+
+    (letter,) = await peek(connection, dlq_name, "guest")
+    assert letter.sender == user
+    assert letter.exchange == t.signals.name
+    assert letter.headers["partnerbus-original-user"] == user
+
+    replayed = await replay(connection, dlq_name, None, "guest", "ops.tester")
+    assert [r.message_id for r in replayed] == [forged["message_id"]]
+    (again,) = (await bus.wait_verdicts(before + 2))[before + 1 :]
+    assert again.outcome == "refused"
+    assert f"the authenticated AMQP user {user!r}" in str(again.reason)
+    assert bus.store.count("signals", signal_id=forged["message_id"]) == 0

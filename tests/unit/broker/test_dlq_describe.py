@@ -1,0 +1,64 @@
+"""How a dead letter is described to ops: our headers are believed only on the bus's own copies."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+from partnerbus.broker.dlq import describe
+
+
+def message(user_id: str | None, headers: dict[str, Any]) -> Any:
+    return SimpleNamespace(
+        user_id=user_id, headers=headers, message_id="m-1", type="signal", body=b"{}"
+    )
+
+
+def test_the_bus_own_dead_letter_gives_its_reason_origin_and_first_sender() -> None:
+    """A copy the bus published (user_id is the bus) is read from our headers."""
+    letter = describe(
+        "p.intake.signals.dlq",
+        message(
+            "guest",
+            {
+                "partnerbus-error": "invalid message: needs: field required",
+                "partnerbus-error-queue": "p.intake.signals",
+                "partnerbus-original-exchange": "p.signals",
+                "partnerbus-original-routing-key": "lmh-proximite",
+                "partnerbus-original-user": "pb-lmh-proximite",
+            },
+        ),
+        "guest",
+    )
+    assert letter.reason == "invalid message: needs: field required"
+    assert letter.died_in == "p.intake.signals"
+    assert (letter.exchange, letter.routing_key) == ("p.signals", "lmh-proximite")
+    assert letter.sender == "pb-lmh-proximite"
+
+
+def test_headers_a_partner_set_itself_are_ignored_on_a_message_rabbitmq_dead_lettered() -> None:
+    """A partner's own message that died by the delivery limit is described from x-death and its verified user_id, whatever our headers on it claim."""
+    letter = describe(
+        "p.intake.signals.dlq",
+        message(
+            "pb-lmh-proximite",
+            {
+                "partnerbus-error": "harmless, replay me",
+                "partnerbus-error-queue": "p.partner.caf-nord",
+                "partnerbus-original-user": "pb-lmh-recouvrement",
+                "x-death": [
+                    {
+                        "reason": "delivery_limit",
+                        "count": 3,
+                        "queue": "p.intake.signals",
+                        "exchange": "p.signals",
+                        "routing-keys": ["lmh-proximite"],
+                    }
+                ],
+            },
+        ),
+        "guest",
+    )
+    assert letter.reason.startswith("delivery limit reached")
+    assert letter.died_in == "p.intake.signals"
+    assert letter.sender == "pb-lmh-proximite"
