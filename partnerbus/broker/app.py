@@ -162,6 +162,11 @@ class Bus:
         ]
 
     async def _on_shutdown(self) -> None:
+        # Take no new message first: each subscriber finishes (and acks) the handlers under
+        # way, within the broker's graceful timeout, and cancels its consumer; what it had
+        # prefetched but not started goes back to the queue when the channel closes.
+        for subscriber in self.broker.subscribers:
+            await subscriber.stop()
         self._stop.set()
         self.relay.kick()
         relay, *others = self._tasks

@@ -373,7 +373,9 @@ class LocalCluster:
             raise ClusterError("; ".join(errors))
 
     # quorum queues -------------------------------------------------------------------
-    def queue_info(self, queue: str, *, vhost: str = "/", via: str | None = None) -> dict:
+    def queue_info(
+        self, queue: str, *, vhost: str = "/", via: str | None = None, timeout: float | None = None
+    ) -> dict:
         """`name`, `type`, `leader` and `members` of a queue, as a live node sees it."""
         node = via or self.running_nodes()[0].name
         out = self.ctl(
@@ -389,6 +391,7 @@ class LocalCluster:
             "--formatter",
             "json",
             "--quiet",
+            timeout=timeout,
         ).stdout
         for row in json.loads(out):
             if row["name"] == queue:
@@ -407,11 +410,11 @@ class LocalCluster:
         last: object = None
         while True:
             try:
-                info = self.queue_info(queue, vhost=vhost, via=via)
+                info = self.queue_info(queue, vhost=vhost, via=via, timeout=30)
                 if info.get("leader") not in (None, "", not_on):
                     return info
                 last = info
-            except ClusterError as exc:
+            except (ClusterError, subprocess.TimeoutExpired) as exc:
                 last = exc
             if time.monotonic() > deadline:
                 msg = f"no leader for {queue!r} seen by {via} within {self.timeout}s: {last}"

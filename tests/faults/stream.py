@@ -34,7 +34,8 @@ N = 200
 
 
 def fault_settings(url: str, prefix: str, db: Path, **overrides: object) -> Settings:
-    """Settings of a bus under fault: short lease and sweep, so crashes heal in seconds."""
+    """Settings of a bus under fault: short lease and sweep, so crashes heal in seconds;
+    the lease stays above twice the publish timeout, the rule docs/RELIABILITY.md gives."""
     values: dict[str, object] = {
         "amqp_url": url,
         "prefix": prefix,
@@ -42,8 +43,8 @@ def fault_settings(url: str, prefix: str, db: Path, **overrides: object) -> Sett
         "retry_delays_ms": (200,),
         "delivery_limit": 5,
         "relay_interval_s": 0.5,
-        "outbox_lease_s": 3,
-        "publish_timeout_s": 5,
+        "outbox_lease_s": 5,
+        "publish_timeout_s": 2,
         "scheduler_interval_s": 3600,
         "pseudonym_key": "test-key",
     }
@@ -355,6 +356,26 @@ class Worker:
             return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
         except OSError:
             return ""
+
+
+async def wait_consumers_gone(url: str, queue: str, timeout: float = 60) -> float:
+    """Wait until no consumer is attached to `queue` (a killed worker's consumer is gone
+    once RabbitMQ has seen its connection close); polled, never slept."""
+    began = time.monotonic()
+    connection = await aio_pika.connect(url)
+    try:
+        async with asyncio.timeout(timeout):
+            while True:
+                channel = await connection.channel()
+                try:
+                    q = await channel.declare_queue(queue, passive=True)
+                    if not q.declaration_result.consumer_count:
+                        return time.monotonic() - began
+                finally:
+                    await channel.close()
+                await asyncio.sleep(0.05)
+    finally:
+        await connection.close()
 
 
 async def wait_ready(url: str, workload: Workload, timeout: float = 60) -> float:

@@ -74,4 +74,3 @@ async def test_quorum_queue_survives_leader_kill(cluster: LocalCluster) -> None:
     began = time.monotonic()
     await asyncio.to_thread(cluster.restart_node, leader.name)
     print(f"{leader.nodename} restarted and rejoined in {time.monotonic() - began:.1f}s")
-    assert len(cluster.running_nodes()) == len(cluster.nodes)

@@ -67,6 +67,10 @@ async def test_a_bus_stopped_mid_stream_hands_every_signal_to_the_next_instance(
         )
         assert tally.lost == 0, f"lost {tally.lost} of {N}"
         check_duplicates(tally, second.store)
+        # The stop was mid-stream: the first instance took no new signal once stopping,
+        # so the second one had work left.
+        assert by_first.count("processed") < N
+        assert by_second.count("processed") > 0
         assert by_first.count("processed") + by_second.count("processed") == N
         assert second.store.count("referrals") == N
     finally:

@@ -22,6 +22,7 @@ from .stream import (
     check_duplicates,
     fault_settings,
     pending_of,
+    wait_consumers_gone,
     wait_for,
     wait_ready,
 )
@@ -51,6 +52,9 @@ async def test_a_worker_killed_mid_stream_and_restarted_loses_and_duplicates_no_
             await counter.wait_distinct(N // 3, timeout=60)
             await asyncio.to_thread(first.kill)
             killed_at = counter.tally.distinct
+            pending_at_kill = await asyncio.to_thread(pending_of(db))
+            # The dead worker's consumer must be gone, or `wait_ready` could see it.
+            await wait_consumers_gone(amqp_url, t.signal_queue.name)
             second.start()
             ready_s = await wait_ready(amqp_url, work)
             await stream
@@ -60,8 +64,10 @@ async def test_a_worker_killed_mid_stream_and_restarted_loses_and_duplicates_no_
         tally = counter.tally
         print(
             "\n" + tally.line("worker-sigkill", seconds),
-            f"referrals-before-kill={killed_at} restart-ready={ready_s:.1f}s",
+            f"referrals-before-kill={killed_at} outbox-pending-at-kill={pending_at_kill}",
+            f"restart-ready={ready_s:.1f}s",
         )
+        assert N // 3 <= killed_at < N, f"the kill was not mid-stream: {killed_at} of {N} out"
         assert tally.lost == 0, f"lost {tally.lost} of {N}\n{second.tail()}"
         check_duplicates(tally, store)
         assert store.count("referrals") == N
