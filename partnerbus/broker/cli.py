@@ -271,7 +271,8 @@ def ops_status() -> None:
     console.print(f"referrals: {statuses or 'none'}")
     console.print(
         f"overdue {len(snap.ledger.overdue)} · parked needs {snap.ledger.parked_needs} · "
-        f"outbox pending {snap.ledger.outbox_pending} · dead letters {snap.dead_letters}"
+        f"outbox pending {snap.ledger.outbox_pending} (failing {snap.ledger.outbox_failing}) · "
+        f"dead letters {snap.dead_letters}"
     )
 
 

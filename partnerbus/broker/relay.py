@@ -19,7 +19,9 @@ from datetime import timedelta
 from functools import partial
 from typing import Any
 
-from partnerbus.handlers.usecases import Ledger, mark_delivered
+from aio_pika.exceptions import DeliveryError
+
+from partnerbus.handlers.usecases import Ledger, clear_to_send, mark_delivered
 from partnerbus.ledger.store import OutboxRow
 
 from .topology import Topology
@@ -48,6 +50,7 @@ class Relay:
         self.lease = lease
         self.sent = 0
         self.failed = 0
+        self.withheld = 0
         # The last ids sent, for `wait_recorded`; bounded so a long-running service keeps
         # a constant footprint.
         self._recorded: dict[str, None] = {}
@@ -84,17 +87,29 @@ class Relay:
         )
         claimed_at = time.monotonic()
         sent = 0
-        for row in rows:
+        for index, row in enumerate(rows):
             if time.monotonic() - claimed_at > self.lease.total_seconds() / 2:
                 # Past half the lease: another worker may claim the rest soon; leave them to it
                 # (or to us, once the lease is over) rather than race it.
                 break
-            sent += await self._send(row)
+            if self._is_referral(row) and not await self._db(self._clear, row):
+                self.withheld += 1
+                self.kick()  # the withdrawal it may have queued goes out next
+                continue
+            outcome = await self._send(row)
+            if outcome == "unreachable":
+                # The broker is gone: trying the rest of the batch now would only fail
+                # again. Give them back untried, for the next sweep (or another worker).
+                await self._db(store.release_untried, [r.id for r in rows[index + 1 :]])
+                break
+            sent += outcome == "sent"
         self.sent += sent
         return sent
 
-    async def _send(self, row: OutboxRow) -> int:
-        """Publish one claimed row and record its confirm; 0 when it must be tried again."""
+    async def _send(self, row: OutboxRow) -> str:
+        """Publish one claimed row and record its confirm: `sent`; `refused` when the broker
+        refused this message (unroutable, nacked); `unreachable` when it could not be asked
+        (connection or channel lost, confirm timed out). Both leave the row for a later try."""
         store = self.ledger.store
         try:
             await self.publish(
@@ -108,17 +123,32 @@ class Relay:
                 content_type="application/json",
                 timeout=self.timeout_s,
             )
-        except Exception as exc:  # unroutable, timeout, connection lost: try again later
+        except Exception as exc:
             self.failed += 1
             log.warning("outbox row %s to %s not sent: %s", row.id, row.routing_key, exc)
             await self._db(store.release, row.id, f"{type(exc).__name__}: {exc}")
-            return 0
+            return "refused" if isinstance(exc, DeliveryError) else "unreachable"
         await self._db(self._confirmed, row)
         self._recorded[row.message_id] = None
         if len(self._recorded) > 10_000:
             del self._recorded[next(iter(self._recorded))]
         self._progress.set()
-        return 1
+        return "sent"
+
+    @staticmethod
+    def _is_referral(row: OutboxRow) -> bool:
+        return row.message_type == "referral" and row.referral_id is not None
+
+    def _clear(self, row: OutboxRow) -> bool:
+        """Check, at the moment of sending, that the referral may still leave (it is open
+        and a consent valid now covers it); if not, the row is dropped unsent."""
+        assert row.referral_id is not None
+        with self.ledger.store.begin() as tx:
+            if clear_to_send(self.ledger, tx, row.referral_id, row.attempts):
+                return True
+            tx.drop_outbox_row(row.id)
+        log.info("referral %s withheld: no longer open or consented", row.referral_id)
+        return False
 
     def _confirmed(self, row: OutboxRow) -> None:
         now = self.ledger.clock()

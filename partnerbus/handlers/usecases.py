@@ -51,6 +51,8 @@ DIRECTORY_UPDATES_KEY = "directory.updates"
 """Routing key, on the deliveries exchange, of the broadcast every worker's directory hears
 (no partner id can contain a dot, so it never reaches a partner)."""
 BUS = "partnerbus"
+UNANSWERED = frozenset({"requested", "delivered", "received"})
+"""A referral the partner has not yet taken up (accepted or later)."""
 
 
 class Refused(Exception):  # noqa: N818 - a business refusal, not a crash
@@ -425,14 +427,23 @@ def grant_consent(ledger: Ledger, tx: LedgerTx, event: ConsentGranted, queue: st
     return True
 
 
+def _tried(tx: LedgerTx, signal_id: str, need: str) -> tuple[tuple[str, ...], int]:
+    """The partners already tried for this need (excluded from the next match) and the
+    next attempt number. A referral withdrawn for want of consent did not try its partner:
+    that partner may be chosen again once the person consents again."""
+    earlier = tx.referrals_for(signal_id, need)
+    tried = tuple(dict.fromkeys(r.partner_id for r in earlier if r.status != "withdrawn"))
+    return tried, len(earlier) + 1
+
+
 def release_parked(ledger: Ledger, tx: LedgerTx, person_ref: str) -> int:
     """Route every parked need of this person that a consent now covers."""
     released = 0
     for signal_id, need in tx.parked_needs(person_ref):
         row = tx.signal(signal_id)
         assert row is not None
-        tried = tuple(r.partner_id for r in tx.referrals_for(signal_id, need))
-        if _route(ledger, tx, row, row.signal(), need, len(tried) + 1, tried) is None:
+        tried, attempt = _tried(tx, signal_id, need)
+        if _route(ledger, tx, row, row.signal(), need, attempt, tried) is None:
             released += 1
     return released
 
@@ -511,31 +522,85 @@ def revoke_consent(ledger: Ledger, tx: LedgerTx, event: ConsentRevoked, queue: s
     return True
 
 
-def _withdraw(ledger: Ledger, tx: LedgerTx, referral: ReferralRow, why: str, actor: str) -> None:
+def _withdraw(
+    ledger: Ledger,
+    tx: LedgerTx,
+    referral: ReferralRow,
+    why: str,
+    actor: str,
+    *,
+    reason: str = "consent-revoked",
+    may_have_left: bool | None = None,
+) -> None:
+    """Close an open referral for want of consent. If it may have reached the partner, the
+    partner is told to drop the data (`ReferralWithdrawn`); if no relay ever picked it up
+    (`may_have_left` None: the outbox says), it is withheld: it never leaves."""
     now = ledger.clock()
     _apply(ledger, tx, referral, "withdrawn", "bus", actor, why)
-    tx.enqueue(
-        ReferralWithdrawn(
-            message_id=_derived_id("withdrawn", referral.referral_id),
-            occurred_at=now,
+    if may_have_left is None:
+        may_have_left = not (
+            referral.status == "requested" and tx.drop_unclaimed_referral(referral.referral_id)
+        )
+    if may_have_left:
+        tx.enqueue(
+            ReferralWithdrawn(
+                message_id=_derived_id("withdrawn", referral.referral_id),
+                occurred_at=now,
+                referral_id=referral.referral_id,
+                partner=referral.partner_id,
+                reason=reason,  # type: ignore[arg-type]
+            ),
+            referral.partner_id,
+            now,
             referral_id=referral.referral_id,
-            partner=referral.partner_id,
-            reason="consent-revoked",
-        ),
-        referral.partner_id,
-        now,
-        referral_id=referral.referral_id,
-    )
+        )
     tx.set_need_state(referral.signal_id, referral.need, "withdrawn", why, now)
     _notify_status(ledger, tx, referral, "withdrawn", why)
     tx.audit(
         actor,
-        "referral-withdrawn",
+        "referral-withdrawn" if may_have_left else "referral-withheld",
         referral.referral_id,
         now,
         partner_id=referral.partner_id,
-        why=why,
+        why=why if may_have_left else f"{why}; it had not left: the partner never received it",
     )
+
+
+def clear_to_send(ledger: Ledger, tx: LedgerTx, referral_id: str, attempts: int) -> bool:
+    """The last check, just before the relay publishes a referral: it is still waiting to
+    leave and a consent valid at this very moment covers it. A referral closed meanwhile
+    does not leave; one whose consent ran out (the broker was down, the outbox waited) is
+    withdrawn, and its need goes back to the consent gate: the advisor is asked again.
+    `attempts` counts the relay's claims of the row: above one, an earlier try may have
+    reached the partner, who is then told to drop it."""
+    referral = tx.referral(referral_id)
+    if referral is None or referral.status != "requested":
+        return False
+    consent = tx.consent(referral.consent_id)
+    row = tx.signal(referral.signal_id)
+    assert consent is not None and row is not None
+    now = ledger.clock()
+    decision = evaluate_consent(
+        [_record(consent)],
+        row.person_ref,
+        referral.need,
+        referral.partner_id,
+        referral.partner_kind,
+        now,
+    )
+    if decision.allowed:
+        return True
+    _withdraw(
+        ledger,
+        tx,
+        referral,
+        f"not sent: {decision.detail}",
+        BUS,
+        reason="consent-expired",
+        may_have_left=attempts > 1,
+    )
+    _reroute(ledger, tx, referral, row)
+    return False
 
 
 # statuses ------------------------------------------------------------------------------
@@ -639,9 +704,7 @@ def record_status(ledger: Ledger, tx: LedgerTx, event: ReferralStatusChanged, qu
 
 def _reroute(ledger: Ledger, tx: LedgerTx, referral: ReferralRow, row: SignalRow) -> None:
     """To the next-best partner from the directory (those tried are excluded)."""
-    earlier = tx.referrals_for(referral.signal_id, referral.need)
-    tried = tuple(r.partner_id for r in earlier)
-    attempt = len(earlier) + 1
+    tried, attempt = _tried(tx, referral.signal_id, referral.need)
     parked = _route(ledger, tx, row, row.signal(), referral.need, attempt, tried)
     if parked is not None:
         _request_consent(ledger, tx, row, row.signal(), [(referral.need, *parked)], attempt)
@@ -688,9 +751,16 @@ def record_capacity(ledger: Ledger, tx: LedgerTx, event: CapacityChanged, queue:
 
 # time-driven work ----------------------------------------------------------------------
 def watch_deadlines(ledger: Ledger, tx: LedgerTx) -> dict[str, int]:
-    """Remind partners that have not answered; past the deadline, expire and reroute."""
+    """Remind partners that have not answered; past the deadline, expire and reroute;
+    withdraw what a partner has not taken up when its consent runs out; tell the advisor
+    of consents about to expire."""
     now = ledger.clock()
-    counts = {"reminded": 0, "expired": 0, "consents-expiring": 0}
+    counts = {
+        "reminded": 0,
+        "expired": 0,
+        "withdrawn-consent-expired": 0,
+        "consents-expiring": 0,
+    }
     for referral in tx.waiting_referrals():
         action = deadline_action(
             referral.status,
@@ -730,6 +800,21 @@ def watch_deadlines(ledger: Ledger, tx: LedgerTx) -> dict[str, int]:
             )
             _reroute(ledger, tx, referral, row)
             counts["expired"] += 1
+    for referral in tx.referrals_with_ended_consent(now, UNANSWERED):
+        # The partner has not taken it up, and may no longer contact the person: withdrawn,
+        # and the need goes back to the consent gate (the advisor is asked again).
+        _withdraw(
+            ledger,
+            tx,
+            referral,
+            "the consent ran out before the partner took it up",
+            BUS,
+            reason="consent-expired",
+        )
+        signal_row = tx.signal(referral.signal_id)
+        assert signal_row is not None
+        _reroute(ledger, tx, referral, signal_row)
+        counts["withdrawn-consent-expired"] += 1
     for consent in expiring_soon(
         [_record(c) for c in tx.unnotified_consents()], now, ledger.consent_notice
     ):

@@ -296,6 +296,23 @@ class LedgerTx:
         )
         return [_row(ReferralRow, r) for r in rows]
 
+    def referrals_with_ended_consent(
+        self, now: datetime, statuses: frozenset[str]
+    ) -> list[ReferralRow]:
+        """Referrals in `statuses` whose consent has run out (not revoked: revocation
+        withdraws at once)."""
+        rows = self.conn.execute(
+            select(t.referrals)
+            .join(t.consents, t.consents.c.consent_id == t.referrals.c.consent_id)
+            .where(
+                t.referrals.c.status.in_(statuses),
+                t.consents.c.valid_until <= now,
+                t.consents.c.revoked_at.is_(None),
+            )
+            .order_by(t.referrals.c.referral_id)
+        )
+        return [_row(ReferralRow, r) for r in rows]
+
     def waiting_referrals(self) -> list[ReferralRow]:
         """Referrals still waiting for the partner's answer, for the deadline watch."""
         rows = self.conn.execute(
@@ -463,6 +480,25 @@ class LedgerTx:
                 )
             )
 
+    def drop_unclaimed_referral(self, referral_id: str) -> bool:
+        """Delete a referral's outbox row that no relay has ever claimed (so it cannot have
+        left); True if there was one. A row claimed once may have been published."""
+        return bool(
+            self.conn.execute(
+                delete(t.outbox).where(
+                    t.outbox.c.referral_id == referral_id,
+                    t.outbox.c.message_type == "referral",
+                    t.outbox.c.sent_at.is_(None),
+                    t.outbox.c.attempts == 0,
+                )
+            ).rowcount
+        )
+
+    def drop_outbox_row(self, outbox_id: int) -> None:
+        """A claimed row that must not leave after all (its referral is closed, or its
+        consent ran out): removed without being published."""
+        self.conn.execute(delete(t.outbox).where(t.outbox.c.id == outbox_id))
+
     def mark_sent(self, outbox_id: int, now: datetime) -> None:
         self.conn.execute(
             update(t.outbox)
@@ -559,6 +595,28 @@ class Store:
                 update(t.outbox)
                 .where(t.outbox.c.id == outbox_id)
                 .values(claimed_until=None, last_error=error[:2000])
+            )
+
+    def release_untried(self, outbox_ids: list[int]) -> None:
+        """Give back claimed rows that were never tried (their claim did not count)."""
+        if not outbox_ids:
+            return
+        with self.engine.begin() as conn:
+            conn.execute(
+                update(t.outbox)
+                .where(t.outbox.c.id.in_(outbox_ids), t.outbox.c.sent_at.is_(None))
+                .values(claimed_until=None, attempts=t.outbox.c.attempts - 1)
+            )
+
+    def failing_count(self) -> int:
+        """Unsent outbox rows whose last try failed (unroutable, refused, broker away)."""
+        with self.engine.connect() as conn:
+            return int(
+                conn.execute(
+                    select(func.count())
+                    .select_from(t.outbox)
+                    .where(t.outbox.c.sent_at.is_(None), t.outbox.c.last_error.is_not(None))
+                ).scalar_one()
             )
 
     def outbox(self, *, pending_only: bool = False) -> list[tuple[str, str, str]]:

@@ -33,6 +33,8 @@ class LedgerFigures:
     overdue: list[ReferralRow]
     parked_needs: int
     outbox_pending: int
+    outbox_failing: int = 0
+    """Unsent rows whose last publish failed (an unroutable partner, the broker away)."""
 
 
 @dataclass(frozen=True)
@@ -85,6 +87,7 @@ def ledger_figures(store: Store, now: datetime) -> LedgerFigures:
         overdue=overdue,
         parked_needs=store.count("signal_needs", state="parked"),
         outbox_pending=store.pending_count(),
+        outbox_failing=store.failing_count(),
     )
 
 
@@ -130,6 +133,11 @@ def metrics(snap: Snapshot) -> bytes:
         "Messages committed, not yet confirmed by the broker",
         registry=registry,
     ).set(snap.ledger.outbox_pending)
+    Gauge(
+        "partnerbus_outbox_failing",
+        "Unsent messages whose last publish failed (unroutable, refused, broker away)",
+        registry=registry,
+    ).set(snap.ledger.outbox_failing)
     Gauge("partnerbus_dead_letters", "Messages in dead-letter queues", registry=registry).set(
         snap.dead_letters
     )
@@ -147,6 +155,11 @@ def page(snap: Snapshot, prefix: str) -> str:
         attention.append(f"broker unreachable: {e(snap.broker_error)}")
     if snap.dead_letters:
         attention.append(f"{snap.dead_letters} dead letter(s): <code>partnerbus dlq list</code>")
+    if snap.ledger.outbox_failing:
+        attention.append(
+            f"{snap.ledger.outbox_failing} message(s) the broker did not take on the last try "
+            "(see the service log; a partner queue missing?)"
+        )
     if snap.ledger.overdue:
         attention.append(f"{len(snap.ledger.overdue)} referral(s) past their deadline")
     idle = [q.name for q in snap.queues if q.role == "intake" and q.consumers == 0]
@@ -185,7 +198,8 @@ td,th{{border:1px solid #ccc;padding:.25rem .6rem;text-align:left}} th{{backgrou
 <h1>partnerbus — <code>{e(prefix)}</code> at {snap.at:%Y-%m-%d %H:%M:%S} UTC</h1>
 <ul class="attention">{banner}</ul>
 <div class="numbers"><div>parked needs: <b>{snap.ledger.parked_needs}</b></div>
-<div>outbox pending: <b>{snap.ledger.outbox_pending}</b></div>
+<div>outbox pending: <b>{snap.ledger.outbox_pending}</b>
+(failing: <b>{snap.ledger.outbox_failing}</b>)</div>
 <div>dead letters: <b>{snap.dead_letters}</b></div></div>
 <h2>Referrals by status</h2><table><tr><th>status</th><th>referrals</th></tr>{statuses}</table>
 <h2>Past their deadline</h2>

@@ -188,3 +188,35 @@ async def test_a_message_dead_lettered_after_its_retries_is_replayed_after_the_f
     finally:
         await bus.stop()
         await bus.teardown()
+
+
+async def test_an_unroutable_message_stays_in_the_outbox_until_its_queue_exists(bus, channel):
+    """The broker refuses a message no queue is bound for (mandatory publish): the relay keeps it, counted as failing, and sends it once the partner's queue exists."""
+    from datetime import timedelta
+
+    from partnerbus.schemas import ReferralReminder
+
+    t = bus.topology
+    now = bus.ledger.clock()
+    reminder = ReferralReminder(
+        message_id=new_id("rem"),
+        occurred_at=now,
+        referral_id=new_id("ref"),
+        partner="ghost-partner",
+        due_by=now + timedelta(days=1),
+    )
+    with bus.store.begin() as tx:
+        tx.enqueue(reminder, "ghost-partner", now)
+    await bus.relay.flush()  # waits for any sweep under way: the row has been tried once
+    assert bus.store.pending_count() == 1
+    assert bus.store.failing_count() == 1
+
+    queue = await channel.declare_queue(f"{t.prefix}.ghost", exclusive=True)
+    await queue.bind(t.deliveries.name, routing_key="ghost-partner")
+    inbox = await Inbox.open(channel, queue.name)
+    bus.relay.kick()
+    (got,) = await inbox.expect(1)
+    assert got.message_id == reminder.message_id
+    await bus.relay.flush()  # the send that delivered it has recorded its confirm
+    assert bus.store.pending_count() == 0
+    assert bus.store.failing_count() == 0

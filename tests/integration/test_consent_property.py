@@ -1,9 +1,15 @@
 """Property: no referral ever leaves without a consent valid at that moment, whatever the
-sequence of grants, revocations, signals, rejections and passing time (SQLite and PostgreSQL)."""
+sequence of grants, revocations, signals, rejections, passing time and sends (SQLite and
+PostgreSQL). "Leaves" is checked twice: when the referral is decided (its row and outbox
+entry are written) and when the relay publishes it, which may be much later (a broker
+outage): the relay runs with a publish function that records what it is given."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from typing import Any
 
@@ -11,6 +17,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from partnerbus.broker.relay import Relay
+from partnerbus.broker.topology import Topology
 from partnerbus.directory import load_sample
 from partnerbus.handlers import usecases
 from partnerbus.handlers.usecases import Ledger
@@ -66,6 +74,7 @@ reject = st.tuples(
     st.sampled_from(("full", "not-eligible", "other", "unreachable")),
 )
 tick = st.tuples(st.just("tick"))
+send = st.tuples(st.just("send"))
 # A broad grant (every need, every kind, from now on) makes referrals likely, so that the
 # property is exercised, not only vacuously true.
 broad = st.tuples(
@@ -77,7 +86,9 @@ broad = st.tuples(
     st.integers(min_value=1, max_value=40),
 )
 operations = st.lists(
-    st.one_of(grant, broad, revoke, signal, signal, advance, reject, tick), min_size=3, max_size=25
+    st.one_of(grant, broad, revoke, signal, signal, advance, reject, tick, send, send),
+    min_size=3,
+    max_size=25,
 )
 
 
@@ -105,6 +116,29 @@ def run_sequence(store: Store, ops: list[tuple[Any, ...]]) -> int:
     )
     consents: list[str] = []
     checked = 0
+    published: list[dict[str, Any]] = []
+
+    async def publish(body: bytes, **options: Any) -> None:
+        if options.get("message_type") == "referral":
+            published.append(json.loads(body))
+
+    def send_pending() -> int:
+        """Run the relay once, as the service does; check every referral it publishes
+        against the consent at this instant."""
+        published.clear()
+        with ThreadPoolExecutor(1) as executor:
+            relay = Relay(ledger, Topology("p"), publish, executor, timeout_s=1)
+            asyncio.run(relay.flush())
+        now = clock()
+        with store.begin() as tx:
+            for body in published:
+                referral = tx.referral(body["referral_id"])
+                consent = tx.consent(referral.consent_id)
+                person = tx.signal(referral.signal_id).person_ref
+                assert allows(
+                    consent, person, referral.need, referral.partner_id, referral.partner_kind, now
+                ), f"{referral.referral_id} published without a consent valid at that moment"
+        return len(published)
 
     def mid() -> str:
         return uuid.uuid4().hex
@@ -188,6 +222,8 @@ def run_sequence(store: Store, ops: list[tuple[Any, ...]]) -> int:
                     )
             elif op[0] == "tick":
                 usecases.watch_deadlines(ledger, tx)
+        if op[0] == "send":
+            checked += send_pending()
         new = [r for r in store.referrals() if r.referral_id not in before]
         with store.begin() as tx:
             for referral in new:

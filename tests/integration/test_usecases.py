@@ -167,12 +167,7 @@ class TestConsent:
         run(ledger, usecases.grant_consent, a_consent(ledger))
         assert ledger.store.count("referrals") == 0, "a refused need is not released later"
 
-    def test_a_revocation_withdraws_the_open_referral(self, ledger: Ledger) -> None:
-        """Revoking sends ReferralWithdrawn to the partner and marks the referral withdrawn."""
-        consent = a_consent(ledger)
-        run(ledger, usecases.grant_consent, consent)
-        run(ledger, usecases.receive_signal, a_signal(ledger))
-        ((partner, referral),) = sent(ledger, "referral")
+    def _revoke(self, ledger: Ledger, consent: ConsentGranted) -> None:
         run(
             ledger,
             usecases.revoke_consent,
@@ -185,10 +180,109 @@ class TestConsent:
                 revoked_at=ledger.clock(),
             ),
         )
+
+    def test_a_revocation_withdraws_the_open_referral(self, ledger: Ledger) -> None:
+        """Revoking after the relay picked the referral up sends ReferralWithdrawn to the partner and marks the referral withdrawn."""
+        consent = a_consent(ledger)
+        run(ledger, usecases.grant_consent, consent)
+        run(ledger, usecases.receive_signal, a_signal(ledger))
+        ((partner, referral),) = sent(ledger, "referral")
+        claim_and_send(ledger)
+        self._revoke(ledger, consent)
         ((key, withdrawn),) = sent(ledger, "referral-withdrawn")
         assert key == partner
         assert withdrawn["referral_id"] == referral["referral_id"]
+        assert withdrawn["reason"] == "consent-revoked"
         assert ledger.store.referral(referral["referral_id"]).status == "withdrawn"
+
+    def test_a_revocation_before_the_referral_left_withholds_it(self, ledger: Ledger) -> None:
+        """Revoked before any relay picked the referral up: its outbox row is dropped, the partner hears nothing, the source and advisor hear 'withdrawn', the audit says 'withheld'."""
+        consent = a_consent(ledger)
+        run(ledger, usecases.grant_consent, consent)
+        run(ledger, usecases.receive_signal, a_signal(ledger))
+        ((_, referral),) = sent(ledger, "referral")
+        self._revoke(ledger, consent)
+        assert sent(ledger, "referral") == []
+        assert sent(ledger, "referral-withdrawn") == []
+        told = {
+            key
+            for key, body in sent(ledger, "referral-status-changed")
+            if body["status"] == "withdrawn"
+        }
+        assert told == {"lmh-recouvrement", "lmh-agence-roubaix"}
+        assert ledger.store.referral(referral["referral_id"]).status == "withdrawn"
+        actions = [a.action for a in ledger.store.audit_trail(referral["referral_id"])]
+        assert "referral-withheld" in actions
+        assert "referral-withdrawn" not in actions
+
+    def test_a_referral_whose_consent_ran_out_before_sending_is_not_sent(
+        self, ledger: Ledger
+    ) -> None:
+        """The last check before publishing refuses a referral whose consent expired while it waited: withdrawn unsent, and the advisor is asked for consent again."""
+        run(ledger, usecases.grant_consent, a_consent(ledger, days=1))
+        run(ledger, usecases.receive_signal, a_signal(ledger))
+        ((_, referral),) = sent(ledger, "referral")
+        assert isinstance(ledger.clock, FakeClock)
+        ledger.clock.advance(timedelta(days=2))  # the broker was down meanwhile
+        (row,) = ledger.store.claim_pending(ledger.clock(), timedelta(minutes=1))
+        with ledger.store.begin() as tx:
+            assert not usecases.clear_to_send(ledger, tx, referral["referral_id"], row.attempts)
+        assert ledger.store.referral(referral["referral_id"]).status == "withdrawn"
+        assert sent(ledger, "referral-withdrawn") == [], "it never left: nothing to withdraw"
+        ((_, again),) = [(k, b) for k, b in sent(ledger, "consent-requested")]
+        assert again["needs"] == [ARREARS]
+
+    def test_a_referral_still_consented_is_cleared_to_send(self, ledger: Ledger) -> None:
+        """The last check lets a referral leave while its consent holds."""
+        run(ledger, usecases.grant_consent, a_consent(ledger))
+        run(ledger, usecases.receive_signal, a_signal(ledger))
+        ((_, referral),) = sent(ledger, "referral")
+        (row,) = ledger.store.claim_pending(ledger.clock(), timedelta(minutes=1))
+        with ledger.store.begin() as tx:
+            assert usecases.clear_to_send(ledger, tx, referral["referral_id"], row.attempts)
+        assert ledger.store.referral(referral["referral_id"]).status == "requested"
+
+    def test_an_expired_consent_withdraws_what_the_partner_has_not_taken_up(
+        self, ledger: Ledger
+    ) -> None:
+        """When a consent runs out, a delivered but unanswered referral is withdrawn (reason consent-expired) and the advisor is asked again; an accepted one goes on."""
+        run(ledger, usecases.grant_consent, a_consent(ledger, person="T-EXP-A", days=5))
+        run(ledger, usecases.grant_consent, a_consent(ledger, person="T-EXP-B", days=5))
+        run(ledger, usecases.receive_signal, a_signal(ledger, person="T-EXP-A"))
+        run(ledger, usecases.receive_signal, a_signal(ledger, person="T-EXP-B"))
+        (_, waiting), (_, taken) = sent(ledger, "referral")
+        claim_and_send(ledger)
+        run(
+            ledger,
+            usecases.record_status,
+            ReferralStatusChanged(
+                message_id=mid("st"),
+                occurred_at=ledger.clock(),
+                referral_id=taken["referral_id"],
+                partner=taken["partner"],
+                status="accepted",
+            ),
+        )
+        assert isinstance(ledger.clock, FakeClock)
+        ledger.clock.advance(timedelta(days=6))
+        with ledger.store.begin() as tx:
+            counts = usecases.watch_deadlines(ledger, tx)
+        assert counts["withdrawn-consent-expired"] == 1
+        assert ledger.store.referral(waiting["referral_id"]).status == "withdrawn"
+        assert ledger.store.referral(taken["referral_id"]).status == "accepted"
+        ((key, withdrawn),) = sent(ledger, "referral-withdrawn")
+        assert (key, withdrawn["reason"]) == (waiting["partner"], "consent-expired")
+        asked = [b for _, b in sent(ledger, "consent-requested") if b["person_ref"] == "T-EXP-A"]
+        assert len(asked) == 1
+
+
+def claim_and_send(ledger: Ledger) -> None:
+    """What the relay does: claim what is pending and record each confirm."""
+    for row in ledger.store.claim_pending(ledger.clock(), timedelta(minutes=1)):
+        with ledger.store.begin() as tx:
+            tx.mark_sent(row.id, ledger.clock())
+            if row.message_type == "referral" and row.referral_id:
+                usecases.mark_delivered(ledger, tx, row.referral_id)
 
 
 class TestStatuses:
