@@ -16,6 +16,7 @@ from datetime import datetime, timedelta
 
 from partnerbus.directory import Candidate, Directory, match
 from partnerbus.ledger.rules import (
+    DURATIONS,
     OPEN,
     ConsentDecision,
     ConsentRecord,
@@ -27,6 +28,7 @@ from partnerbus.ledger.rules import (
     pseudonym,
     referral_id,
     reroute_after_rejection,
+    signal_pseudonym,
     transition,
 )
 from partnerbus.ledger.store import ConsentRow, LedgerTx, ReferralRow, SignalRow, Store
@@ -51,6 +53,8 @@ DIRECTORY_UPDATES_KEY = "directory.updates"
 """Routing key, on the deliveries exchange, of the broadcast every worker's directory hears
 (no partner id can contain a dot, so it never reaches a partner)."""
 BUS = "partnerbus"
+MAX_CONSENT = max(DURATIONS.values()) + timedelta(days=1)
+"""The longest fixed duration, and a day's grace for time zones and clocks."""
 UNANSWERED = frozenset({"requested", "delivered", "received"})
 """A referral the partner has not yet taken up (accepted or later)."""
 
@@ -185,6 +189,15 @@ def _route(
                 row.agency,
                 now,
             )
+            tx.audit(
+                BUS,
+                "no-partner-disclosed",
+                row.signal_id,
+                now,
+                person_ref=signal.person_ref,
+                partner_id=row.agency,
+                why=f"{reason}; the agency is told, with the person's reference",
+            )
         _tell_source(
             ledger,
             tx,
@@ -241,7 +254,7 @@ def _send_referral(
         message_id=rid,
         occurred_at=now,
         referral_id=rid,
-        signal_id=row.signal_id,
+        signal_ref=signal_pseudonym(ledger.pseudonym_key, partner.id, row.signal_id),
         attempt=attempt,
         partner=partner.id,
         need=need,
@@ -386,10 +399,29 @@ def _notify_status(
 
 
 # consents ------------------------------------------------------------------------------
+def check_consent(ledger: Ledger, event: ConsentGranted) -> None:
+    """Refuse a consent the bus could not honour as written: collected for an agency or
+    naming partners the directory does not know, or for longer than the longest fixed
+    duration (a consent is asked again, not given forever)."""
+    directory = ledger.directory
+    unknown = [p for p in (event.agency, *event.scope.partners) if p not in directory]
+    if unknown:
+        raise Refused(f"unknown partner(s) {', '.join(unknown)}")
+    missing = [n for n in event.scope.needs if not directory.has_need(n)]
+    if missing:
+        raise Refused(f"unknown need(s) {', '.join(missing)}: not in the taxonomy")
+    if event.valid_until - event.granted_at > MAX_CONSENT:
+        raise Refused(
+            f"a consent lasts at most {MAX_CONSENT.days} days; this one runs "
+            f"{(event.valid_until - event.granted_at).days} days: ask again when it ends"
+        )
+
+
 def grant_consent(ledger: Ledger, tx: LedgerTx, event: ConsentGranted, queue: str) -> bool:
     now = ledger.clock()
     if not tx.first_time(event.message_id, queue, now):
         return False
+    check_consent(ledger, event)
     record = ConsentRecord.from_event(event)
     added = tx.add_consent(
         ConsentRow(
@@ -687,19 +719,55 @@ def record_status(ledger: Ledger, tx: LedgerTx, event: ReferralStatusChanged, qu
         referral.referral_id,
         now,
         partner_id=event.partner,
-        why=event.reason or event.outcome,
+        # A code, never the partner's free text (an outcome, a note): the audit outlives the
+        # free-text retention period.
+        why=event.reason or ("with an outcome" if event.outcome else None),
     )
     if event.status == "completed":
-        tx.set_need_state(referral.signal_id, referral.need, "closed", event.outcome, now)
+        _close_need(ledger, tx, row, referral, "completed", f"completed by {event.partner}")
     if event.status == "rejected":
         assert event.reason is not None
         if reroute_after_rejection(event.reason):
             _reroute(ledger, tx, referral, row)
         else:
-            tx.set_need_state(
-                referral.signal_id, referral.need, "closed", f"advisor decides: {event.reason}", now
+            # The person is the problem (unreachable, not interested): rerouting would not
+            # help. The advisor, who knows her, decides: she may talk with her and send a
+            # new signal.
+            _close_need(
+                ledger,
+                tx,
+                row,
+                referral,
+                "advisor-decides",
+                f"{event.partner} rejected it ({event.reason}); the advisor decides what next",
             )
     return True
+
+
+def _close_need(
+    ledger: Ledger,
+    tx: LedgerTx,
+    row: SignalRow,
+    referral: ReferralRow,
+    outcome: str,
+    detail: str,
+) -> None:
+    """The need of this signal ends here: recorded, and the source and advisor are told."""
+    now = ledger.clock()
+    tx.set_need_state(referral.signal_id, referral.need, "closed", detail, now)
+    _tell_source(
+        ledger,
+        tx,
+        row,
+        SignalClosed(
+            message_id=_derived_id("closed", referral.signal_id, referral.need, outcome),
+            occurred_at=now,
+            signal_id=referral.signal_id,
+            need=referral.need,
+            outcome=outcome,  # type: ignore[arg-type]
+            detail=detail,
+        ),
+    )
 
 
 def _reroute(ledger: Ledger, tx: LedgerTx, referral: ReferralRow, row: SignalRow) -> None:
@@ -840,13 +908,15 @@ def apply_retention(
 ) -> dict[str, int]:
     """Delete free text after `keep_free_text`; anonymise what is closed after `keep`.
 
-    Free text (the signal's note) goes first; then, once every referral of a signal has
+    Free text goes first: the signal's note, and what partners wrote (their notes on each
+    status, a completion's outcome); then, once every referral of a signal has
     been closed for `keep`, the person's reference is replaced by a random token in the
     signal, its referrals and the audit trail, and the facts, contact and profile are
     dropped. Sent copies in the outbox and old dedupe marks are deleted with the free text.
     """
     now = ledger.clock()
     counts = {"free-text-deleted": 0, "anonymised": 0}
+    counts["partner-text-deleted"] = tx.delete_partner_text_before(now - keep_free_text, BUS)
     for row in tx.signals_with_text_before(now - keep_free_text):
         body = json.loads(row.body)
         if (body.get("facts") or {}).get("note") is not None:

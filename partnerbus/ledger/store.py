@@ -368,6 +368,25 @@ class LedgerTx:
         )
         return [_row(SignalRow, r) for r in rows]
 
+    def delete_partner_text_before(self, cutoff: datetime, bus_actor: str) -> int:
+        """Erase what partners wrote (status notes, outcomes) before `cutoff`; the codes
+        (status, rejection reason) stay. Returns how many texts were erased."""
+        notes = self.conn.execute(
+            update(t.referral_history)
+            .where(
+                t.referral_history.c.at < cutoff,
+                t.referral_history.c.actor != bus_actor,
+                t.referral_history.c.reason.is_not(None),
+            )
+            .values(reason=None)
+        ).rowcount
+        outcomes = self.conn.execute(
+            update(t.referrals)
+            .where(t.referrals.c.updated_at < cutoff, t.referrals.c.outcome.is_not(None))
+            .values(outcome=None)
+        ).rowcount
+        return int(notes) + int(outcomes)
+
     def rewrite_signal(self, signal_id: str, **values: Any) -> None:
         self.conn.execute(
             update(t.signals).where(t.signals.c.signal_id == signal_id).values(**values)

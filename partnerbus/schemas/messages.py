@@ -190,7 +190,9 @@ class Referral(Message):
 
     type: Literal["referral"] = "referral"
     referral_id: MessageId
-    signal_id: MessageId
+    signal_ref: MessageId
+    """The signal's reference for this partner only (a keyed hash): referrals from one
+    signal to this partner share it; two partners cannot join on it."""
     attempt: Annotated[int, Field(ge=1)]
     partner: PartnerId
     need: NeedCode
@@ -229,6 +231,9 @@ class ReferralStatusChanged(Message):
                 "a rejection carries a reason: unreachable, not-eligible, not-interested, "
                 "full, duplicate or other"
             )
+            raise ValueError(msg)
+        if self.status == "completed" and not self.outcome:
+            msg = "a completion carries its outcome: what was done for the person"
             raise ValueError(msg)
         return self
 

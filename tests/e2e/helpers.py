@@ -21,6 +21,14 @@ def new_id(prefix: str = "m") -> str:
     return f"{prefix}-{uuid.uuid4().hex[:16]}"
 
 
+def signal_ref(referral: dict[str, Any], signal_id: str, key: bytes = b"test-key") -> bool:
+    """Whether this referral body comes from that signal: partners see the signal only
+    through their own keyed reference (the tests' bus key is `test-key`)."""
+    from partnerbus.ledger.rules import signal_pseudonym
+
+    return referral["signal_ref"] == signal_pseudonym(key, referral["partner"], signal_id)
+
+
 def iso(moment: datetime) -> str:
     return moment.isoformat()
 

@@ -14,7 +14,7 @@ from partnerbus.directory import Directory, load_sample
 from partnerbus.ledger.store import LedgerTx, Store
 from partnerbus.testing import Inbox
 
-from .helpers import ARREARS, ROUBAIX, consent, new_id, publish, signal
+from .helpers import ARREARS, ROUBAIX, consent, new_id, publish, signal, signal_ref
 from .test_flow import KINDS, consented, expected_partner, grant
 
 pytestmark = pytest.mark.rabbitmq
@@ -183,7 +183,7 @@ async def test_a_message_dead_lettered_after_its_retries_is_replayed_after_the_f
         replayed = await replay(connection, dlq_name, {body["message_id"]}, "guest", "ops.tester")
         assert [r.message_id for r in replayed] == [body["message_id"]]
         (referral,) = await inbox.expect(1)
-        assert referral.body["signal_id"] == body["message_id"]
+        assert signal_ref(referral.body, body["message_id"])
         assert await peek(connection, dlq_name, "guest") == []
     finally:
         await bus.stop()

@@ -7,7 +7,17 @@ import pytest
 from partnerbus.directory import match
 from partnerbus.testing import Inbox
 
-from .helpers import ARREARS, ROUBAIX, consent, new_id, publish, queue_depth, signal, status
+from .helpers import (
+    ARREARS,
+    ROUBAIX,
+    consent,
+    new_id,
+    publish,
+    queue_depth,
+    signal,
+    signal_ref,
+    status,
+)
 
 KINDS = ("ccas-cias", "points-conseil-budget", "cresus", "caf", "maisons-des-solidarites")
 
@@ -61,7 +71,7 @@ async def test_a_consented_signal_yields_exactly_one_referral_in_the_right_partn
 
     (referral,) = await inbox.expect(1)
     assert referral.kind == "referral"
-    assert referral.body["signal_id"] == body["message_id"]
+    assert signal_ref(referral.body, body["message_id"])
     assert referral.body["partner"] == target
     assert referral.body["need"] == ARREARS
     assert person not in referral.raw.decode(), "the partner sees a pseudonym, not our reference"
@@ -100,7 +110,7 @@ async def test_an_unconsented_signal_waits_for_consent_then_leaves(bus, channel)
 
     await grant(bus, channel, person, agency, kinds=(bus.directory.partner(target).kind,))
     (referral,) = await partner_inbox.expect(1)
-    assert referral.body["signal_id"] == body["message_id"]
+    assert signal_ref(referral.body, body["message_id"])
 
 
 async def test_a_malformed_message_is_dead_lettered_with_its_reason_and_the_next_flows(
@@ -129,7 +139,7 @@ async def test_a_malformed_message_is_dead_lettered_with_its_reason_and_the_next
     assert "commune" in reasons[bad["message_id"]]
     assert all(d.headers["partnerbus-error-queue"] == t.signal_queue.name for d in dead)
     (referral,) = await inbox.expect(1)
-    assert referral.body["signal_id"] == good["message_id"]
+    assert signal_ref(referral.body, good["message_id"])
 
 
 async def test_a_duplicate_signal_yields_no_second_referral(bus, channel):
@@ -184,3 +194,26 @@ async def test_a_partner_status_reaches_the_source_and_the_advisor(bus, channel)
     told = await agency_inbox.expect_kind("referral-status-changed", status="accepted")
     assert told.body["status"] == "accepted"
     assert bus.store.referral(rid).status == "accepted"
+
+
+async def test_a_need_no_partner_covers_tells_the_advisor_and_closes_for_the_source(bus, channel):
+    """A need nobody covers in the commune: NoPartnerFound to the tenant's agency, SignalClosed(no-partner) to the source, no referral, an audit record of the disclosure."""
+    t = bus.topology
+    uncovered = "sante--sante-mentale"
+    assert not match(bus.directory, uncovered, ROUBAIX, sender="lmh-recouvrement")
+    agency = bus.directory.agency_for(ROUBAIX).id
+    agency_inbox = await Inbox.open(channel, t.partner_queue_name(agency))
+    source_inbox = await Inbox.open(channel, t.partner_queue_name("lmh-recouvrement"))
+    body = signal(needs=(uncovered,))
+    await publish(channel, f"{t.prefix}.signals", body, routing_key="lmh-recouvrement")
+
+    told = await agency_inbox.expect_kind("no-partner-found")
+    assert told.body["signal_id"] == body["message_id"]
+    assert told.body["need"] == uncovered
+    assert told.body["person_ref"] == body["person_ref"]
+    assert "no partner for sante--sante-mentale in 59512" in told.body["reason"]
+    closed = await source_inbox.expect_kind("signal-closed")
+    assert closed.body["outcome"] == "no-partner"
+    assert bus.store.count("referrals", signal_id=body["message_id"]) == 0
+    actions = [a.action for a in bus.store.audit_trail(body["message_id"])]
+    assert "no-partner-disclosed" in actions

@@ -24,6 +24,7 @@ from partnerbus.broker.settings import Settings
 from partnerbus.broker.topology import Topology
 from partnerbus.directory import Directory, load_sample
 from partnerbus.ledger import tables
+from partnerbus.ledger.rules import signal_pseudonym
 from partnerbus.ledger.store import Store
 from tests.e2e.helpers import ROUBAIX, consent, new_id, signal
 
@@ -200,6 +201,7 @@ class ReferralCounter:
         self.tally = Tally(workload.n)
         self.others = 0
         self._ids = workload.signal_ids
+        self._refs: dict[object, set[str]] = {}
         self._changed = asyncio.Event()
         self.connection: AbstractRobustConnection | None = None
 
@@ -222,7 +224,7 @@ class ReferralCounter:
             body = json.loads(message.body)
         except ValueError:
             body = {}
-        if message.type == "referral" and body.get("signal_id") in self._ids:
+        if message.type == "referral" and self._ours(body):
             self.tally.deliveries.append(
                 (str(body["referral_id"]), str(message.message_id), bool(message.redelivered))
             )
@@ -230,6 +232,16 @@ class ReferralCounter:
             self.others += 1
         await message.ack()
         self._changed.set()
+
+    def _ours(self, body: dict) -> bool:
+        """A referral of one of our signals: partners see a signal only through their own
+        keyed reference of it (`fault_settings` use the key `test-key`)."""
+        partner = body.get("partner")
+        if partner not in self._refs:
+            self._refs[partner] = {
+                signal_pseudonym(b"test-key", str(partner), sid) for sid in self._ids
+            }
+        return body.get("signal_ref") in self._refs[partner]
 
     async def wait_distinct(self, count: int, timeout: float) -> None:
         with contextlib.suppress(TimeoutError):

@@ -18,6 +18,7 @@ from hypothesis import HealthCheck, Phase, given, seed
 from hypothesis import settings as hyp_settings
 from hypothesis import strategies as st
 
+from partnerbus.ledger.rules import signal_pseudonym
 from partnerbus.testing import Inbox
 from tests.conftest import as_partner
 from tests.e2e.helpers import ARREARS, ROUBAIX, consent, signal, status
@@ -251,5 +252,9 @@ async def test_every_generated_bad_message_is_dead_lettered_with_a_reason_and_no
         aio_pika.Message(json.dumps(good).encode(), message_id=good["message_id"], user_id="guest"),
         routing_key="lmh-recouvrement",
     )
-    referral = await inbox.expect_kind("referral", timeout=20, signal_id=good["message_id"])
+    referral = await inbox.expect_kind(
+        "referral",
+        timeout=20,
+        signal_ref=signal_pseudonym(b"test-key", "ccas-roubaix", good["message_id"]),
+    )
     assert referral.body["need"] == ARREARS

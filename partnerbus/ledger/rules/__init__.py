@@ -25,6 +25,7 @@ from .disclosure import (
     minimise,
     pseudonym,
     referral_id,
+    signal_pseudonym,
 )
 from .lifecycle import (
     ACTORS,
@@ -82,6 +83,7 @@ __all__ = [
     "pseudonym",
     "referral_id",
     "reroute_after_rejection",
+    "signal_pseudonym",
     "transition",
     "valid_until_for",
 ]

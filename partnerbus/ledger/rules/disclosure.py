@@ -126,6 +126,17 @@ def pseudonym(key: bytes, partner_id: str, person_ref: str) -> str:
     return "p-" + digest[:24]
 
 
+def signal_pseudonym(key: bytes, partner_id: str, signal_id: str) -> str:
+    """The signal's reference for this partner only: two referrals to one partner from one
+    signal share it (so the partner sees they belong together), but two partners that each
+    received a referral from the signal cannot join on it."""
+    if not key:
+        msg = "a pseudonym needs a secret key: without one it can be reversed by guessing"
+        raise ValueError(msg)
+    digest = hmac.new(key, f"signal|{partner_id}|{signal_id}".encode(), hashlib.sha256)
+    return "s-" + digest.hexdigest()[:24]
+
+
 REFERRAL_NAMESPACE = uuid.UUID("4f1d3c2a-8a59-5b0e-9c61-2d7e0b6a51c3")
 """Fixed forever: changing it would give every redelivered signal new referral ids."""
 

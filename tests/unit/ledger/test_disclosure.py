@@ -14,6 +14,7 @@ from partnerbus.ledger.rules import (
     minimise,
     pseudonym,
     referral_id,
+    signal_pseudonym,
 )
 from partnerbus.schemas import Contact, Facts, Profile
 
@@ -151,6 +152,18 @@ def test_a_pseudonym_without_a_key_is_refused() -> None:
     """An empty key raises ValueError: an unkeyed hash could be reversed by guessing."""
     with pytest.raises(ValueError, match="secret key"):
         pseudonym(b"", "ccas-lille", "tenant-0001")
+
+
+def test_two_partners_cannot_join_on_the_signal_reference() -> None:
+    """One signal gets one reference per partner, stable for that partner, and never equal to the person's pseudonym of the same string."""
+    at_ccas = signal_pseudonym(KEY, "ccas-lille", "sig-1")
+    assert at_ccas == signal_pseudonym(KEY, "ccas-lille", "sig-1")
+    assert at_ccas != signal_pseudonym(KEY, "caf-59", "sig-1")
+    assert at_ccas != signal_pseudonym(KEY, "ccas-lille", "sig-2")
+    assert at_ccas[2:] != pseudonym(KEY, "ccas-lille", "sig-1")[2:]
+    assert at_ccas.startswith("s-")
+    with pytest.raises(ValueError, match="secret key"):
+        signal_pseudonym(b"", "ccas-lille", "sig-1")
 
 
 def test_the_referral_id_derives_from_signal_need_and_attempt() -> None:
