@@ -8,6 +8,7 @@ messages with publisher confirms, `user_id` set so the broker vouches for the se
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
@@ -21,6 +22,8 @@ from pydantic import TypeAdapter
 from partnerbus.broker.topology import Topology
 from partnerbus.schemas import Message, ReferralStatusChanged
 from partnerbus.schemas.messages import OutboundMessage
+
+log = logging.getLogger("partnerbus.client")
 
 OUTBOUND: TypeAdapter[Any] = TypeAdapter(OutboundMessage)
 Handler = Callable[[Any], Awaitable[None]]
@@ -90,20 +93,27 @@ class PartnerClient:
 
     async def consume(self, handler: Handler, *, acknowledge_receipt: bool = True) -> str:
         """Call `handler` with each message of our queue (decoded); ack after it returns.
-        Referrals are answered with `received` first, when `acknowledge_receipt`."""
+        Each referral taken is then answered with `received` (the status that says the
+        partner's consumer acked it), when `acknowledge_receipt`. A message the handler
+        fails on is given back (nack): after the queue's delivery limit, RabbitMQ moves it
+        to our dead-letter queue, where it can be read and replayed."""
         queue = await self.channel.get_queue(
             self.topology.partner_queue_name(self.partner_id), ensure=False
         )
 
         async def on_message(raw: AbstractIncomingMessage) -> None:
-            message = OUTBOUND.validate_json(raw.body)
-            if message.message_id in self._seen:  # a redelivery: already handled
-                await raw.ack()
+            try:
+                message = OUTBOUND.validate_json(raw.body)
+                first = message.message_id not in self._seen  # else a redelivery: handled
+                if first:
+                    await handler(message)
+            except Exception:
+                log.exception("message %s not handled; given back to the queue", raw.message_id)
+                await raw.nack(requeue=True)
                 return
-            if acknowledge_receipt and message.type == "referral":
-                await self.send_status(message.referral_id, "received")
-            await handler(message)
             self._seen.add(message.message_id)
             await raw.ack()
+            if first and acknowledge_receipt and message.type == "referral":
+                await self.send_status(message.referral_id, "received")
 
         return await queue.consume(on_message)

@@ -84,13 +84,33 @@ def _fail(message: str) -> None:
     raise typer.Exit(2)
 
 
-async def _publish_consent(settings: Settings, message: ConsentGranted | ConsentRevoked) -> None:
+async def _send_consent(settings: Settings, message: ConsentGranted | ConsentRevoked) -> None:
     from partnerbus.client import PartnerClient
 
     async with PartnerClient(
         settings.amqp_url.get_secret_value(), message.agency, prefix=settings.prefix
     ) as client:
         await client.send_consent(message)
+
+
+def _publish_consent(settings: Settings, message: ConsentGranted | ConsentRevoked) -> None:
+    """Publish with confirms; a broker that cannot be reached is a clear error, not a trace."""
+    import aio_pika
+
+    try:
+        asyncio.run(_send_consent(settings, message))
+    except (OSError, aio_pika.exceptions.AMQPError) as exc:
+        _fail(
+            f"the broker did not take the message ({type(exc).__name__}: {exc}); nothing was "
+            "recorded. Is RabbitMQ running (rabbitmq-server -detached) and "
+            "PARTNERBUS_AMQP_URL right?"
+        )
+
+
+def _directory(settings: Settings):  # type: ignore[no-untyped-def]
+    from partnerbus.directory import load_directory, load_sample
+
+    return load_directory(settings.directory_path) if settings.directory_path else load_sample()
 
 
 @consent_app.command("grant")
@@ -107,17 +127,26 @@ def consent_grant(
     duration: Annotated[str, typer.Option(help="1d, 1m, 6m or 1y.")] = "6m",
 ) -> None:
     """Record a consent the person gave; parked signals it covers leave at once."""
-    from partnerbus.directory import load_directory, load_sample
     from partnerbus.ledger.rules import valid_until_for
 
     settings = Settings()
-    directory = (
-        load_directory(settings.directory_path) if settings.directory_path else load_sample()
-    )
+    directory = _directory(settings)
     split = lambda s: tuple(x.strip() for x in s.split(",") if x.strip())  # noqa: E731
     unknown = [n for n in split(needs) if not directory.has_need(n)]
     if unknown:
         _fail(f"unknown need(s): {', '.join(unknown)}")
+    if agency not in directory:
+        _fail(f"unknown agency {agency!r}: not a partner of the directory")
+    strangers = [p for p in split(partners) if p not in directory]
+    if strangers:
+        _fail(f"unknown partner(s): {', '.join(strangers)}")
+    known_kinds = {p.kind for p in directory.partners()}
+    odd = [k for k in split(kinds) if k not in known_kinds]
+    if odd:
+        _fail(
+            f"no partner of the directory has the kind(s) {', '.join(odd)}; "
+            f"known kinds: {', '.join(sorted(known_kinds))}"
+        )
     now = datetime.now(UTC)
     try:
         until = valid_until_for(now, duration)
@@ -138,7 +167,7 @@ def consent_grant(
     except (ValidationError, ValueError) as exc:
         _fail(str(exc))
         return
-    asyncio.run(_publish_consent(settings, message))
+    _publish_consent(settings, message)
     console.print(f"consent [bold]{message.consent_id}[/bold] sent, valid until {until:%Y-%m-%d}")
 
 
@@ -150,6 +179,20 @@ def consent_revoke(
     reason: Annotated[str, typer.Option(help="Why, in a few words.")] = "",
 ) -> None:
     """Revoke a consent: every open referral under it is withdrawn from its partner."""
+    settings = Settings()
+    store = _store()
+    try:
+        with store.begin() as tx:
+            known = tx.consent(consent_id)
+    finally:
+        store.dispose()
+    if known is None:
+        _fail(f"no consent {consent_id} in the ledger ({settings.database_url})")
+        return
+    if known.agency != agency:
+        _fail(f"consent {consent_id} was collected by {known.agency}, not {agency}")
+    if known.revoked_at is not None:
+        _fail(f"consent {consent_id} was already revoked on {known.revoked_at:%Y-%m-%d %H:%M}")
     now = datetime.now(UTC)
     try:
         message = ConsentRevoked(
@@ -164,7 +207,7 @@ def consent_revoke(
     except ValidationError as exc:
         _fail(str(exc))
         return
-    asyncio.run(_publish_consent(Settings(), message))
+    _publish_consent(settings, message)
     console.print(f"revocation of [bold]{consent_id}[/bold] sent")
 
 

@@ -17,7 +17,9 @@ def amqp_user(url: str) -> str:
 class Deadlines(BaseSettings):
     """Hours a partner has to answer a referral, per urgency, and when to remind it."""
 
-    model_config = SettingsConfigDict(env_prefix="PARTNERBUS_DEADLINE_", frozen=True)
+    model_config = SettingsConfigDict(
+        env_prefix="PARTNERBUS_DEADLINE_", env_file=".env", extra="ignore", frozen=True
+    )
 
     routine_hours: float = 10 * 24
     urgent_hours: float = 72

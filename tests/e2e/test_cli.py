@@ -105,7 +105,58 @@ async def test_the_command_line_refuses_bad_consent_input_with_a_clear_error(cli
     nobody = await invoke(*base, "--needs", ARREARS)
     assert nobody.exit_code == 2
     assert "partner kinds or partners" in nobody.output
+    odd_kind = await invoke(*base, "--needs", ARREARS, "--kinds", "not-a-kind")
+    assert odd_kind.exit_code == 2
+    assert "not-a-kind" in odd_kind.output
+    assert "known kinds" in odd_kind.output
+    stranger = await invoke(*base, "--needs", ARREARS, "--partners", "ghost-partner")
+    assert stranger.exit_code == 2
+    assert "unknown partner(s): ghost-partner" in stranger.output
+    elsewhere = await invoke(
+        "consent",
+        "grant",
+        "--person",
+        "T-cli-1",
+        "--agency",
+        "nowhere",
+        "--by",
+        "a.martin",
+        "--needs",
+        ARREARS,
+        "--kinds",
+        "caf",
+    )
+    assert elsewhere.exit_code == 2
+    assert "unknown agency 'nowhere'" in elsewhere.output
+    unknown = await invoke(
+        "consent", "revoke", "consent-nope", "--agency", "lmh-agence-roubaix", "--by", "a.martin"
+    )
+    assert unknown.exit_code == 2
+    assert "no consent consent-nope" in unknown.output
     assert cli_env.store.count("consents") == 0
+
+
+async def test_the_command_line_says_when_the_broker_cannot_be_reached(cli_env, monkeypatch):
+    """With no broker at the configured address, `consent grant` fails with a clear message and exit code 2, not a traceback."""
+    monkeypatch.setenv("PARTNERBUS_AMQP_URL", "amqp://guest:guest@127.0.0.1:1/")
+    result = await invoke(
+        "consent",
+        "grant",
+        "--person",
+        "T-cli-2",
+        "--agency",
+        "lmh-agence-roubaix",
+        "--by",
+        "a.martin",
+        "--needs",
+        ARREARS,
+        "--kinds",
+        "caf",
+    )
+    assert result.exit_code == 2, result.output
+    assert "did not take the message" in result.output
+    assert "rabbitmq-server" in result.output
+    assert "Traceback" not in result.output
 
 
 async def test_ops_list_and_replay_dead_letters_from_the_command_line(cli_env, channel):
@@ -162,6 +213,9 @@ async def test_an_advisor_revokes_a_consent_from_the_command_line(cli_env, chann
     assert revoked.exit_code == 0, revoked.output
     withdrawn = await inbox.expect_kind("referral-withdrawn")
     assert withdrawn.body["reason"] == "consent-revoked"
+    again = await invoke("consent", "revoke", consent_id, "--agency", agency, "--by", "a.martin")
+    assert again.exit_code == 2
+    assert "already revoked" in again.output
 
 
 async def test_purging_dead_letters_asks_for_confirmation_then_audits_each(cli_env, channel):

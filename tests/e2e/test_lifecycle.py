@@ -174,3 +174,36 @@ async def test_the_partner_client_answers_received_and_the_status_moves(bus, cha
         await source.expect_kind("referral-status-changed", status="received")
     assert got and got[0].type == "referral"
     assert bus.store.referral(got[0].referral_id).status == "received"
+
+
+async def test_a_referral_the_partner_client_fails_on_ends_in_its_dead_letters_unreceived(
+    bus, channel
+):
+    """The shipped client gives back a message its handler fails on; after the delivery limit it is in the partner's dead-letter queue, and no `received` was claimed."""
+    from partnerbus.client import PartnerClient
+
+    t = bus.topology
+    person = new_id("T")
+    agency = bus.directory.agency_for(ROUBAIX).id
+    await grant(bus, channel, person, agency, kinds=KINDS)
+    target = expected_partner(bus)
+    dead = await Inbox.open(channel, t.dlq_name(t.partner_queue_name(target)))
+    tries = []
+    async with PartnerClient(
+        bus.settings.amqp_url.get_secret_value(), target, prefix=t.prefix
+    ) as client:
+
+        async def handler(message):
+            tries.append(message.message_id)
+            msg = "the partner's system is broken"
+            raise RuntimeError(msg)
+
+        await client.consume(handler)
+        await publish(
+            channel, f"{t.prefix}.signals", signal(person=person), routing_key="lmh-recouvrement"
+        )
+        (letter,) = await dead.expect(1, timeout=20)
+    assert letter.kind == "referral"
+    assert letter.headers["x-death"][0]["reason"] == "delivery_limit"
+    assert len(tries) == bus.settings.delivery_limit + 1
+    assert bus.store.referral(letter.body["referral_id"]).status == "delivered"

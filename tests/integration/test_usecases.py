@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from datetime import timedelta
 
 import pytest
@@ -326,6 +327,24 @@ class TestStatuses:
         assert len(sent(ledger, "referral")) == 1
         told = [k for k, b in sent(ledger, "referral-status-changed") if b["status"] == "rejected"]
         assert set(told) == {"lmh-recouvrement", "lmh-agence-roubaix"}
+        closed = sent(ledger, "signal-closed")
+        assert {k for k, _ in closed} == {"lmh-recouvrement", "lmh-agence-roubaix"}
+        assert {b["outcome"] for _, b in closed} == {"advisor-decides"}
+        assert all("unreachable" in b["detail"] for _, b in closed)
+
+    def test_a_completion_closes_the_need_for_the_source_and_the_advisor(
+        self, ledger: Ledger
+    ) -> None:
+        """`completed` (with its outcome) ends the need: SignalClosed(completed) to both."""
+        first = self._referral(ledger)
+        for status, extra in (("accepted", {}), ("completed", {"outcome": "FSL granted"})):
+            run(ledger, usecases.record_status, self._status(ledger, first, status, **extra))
+        closed = sent(ledger, "signal-closed")
+        assert {k for k, _ in closed} == {"lmh-recouvrement", "lmh-agence-roubaix"}
+        assert {b["outcome"] for _, b in closed} == {"completed"}
+        signal_id = ledger.store.referral(first["referral_id"]).signal_id
+        with ledger.store.begin() as tx:
+            assert tx.need_states(signal_id) == {ARREARS: "closed"}
 
     def test_an_illegal_transition_is_refused_and_recorded(self, ledger: Ledger) -> None:
         """completed → accepted is refused, recorded in history, not applied."""
@@ -390,8 +409,10 @@ class TestRetention:
             partner=referral["partner"],
             status="completed",
             outcome="repayment plan signed",
+            note="Mme X said her son pays from March",
         )
         run(ledger, usecases.record_status, completed)
+        assert ledger.store.referral(referral["referral_id"]).outcome == "repayment plan signed"
         for row in ledger.store.claim_pending(ledger.clock(), timedelta(minutes=1)):
             with ledger.store.begin() as tx:  # what the relay does after each confirm
                 tx.mark_sent(row.id, ledger.clock())
@@ -408,6 +429,16 @@ class TestRetention:
         assert row is not None
         assert "free text" not in row.body
         assert row.person_ref == "T-RET-1"
+        assert counts["partner-text-deleted"] >= 2, "the partner's note and outcome"
+        assert ledger.store.referral(referral["referral_id"]).outcome is None
+        assert ledger.store.referral(referral["referral_id"]).status == "completed"
+        kept = json.dumps(
+            [ledger.store.history(referral["referral_id"])]
+            + [a.why for a in ledger.store.audit_trail(referral["referral_id"])],
+            default=str,
+        )
+        assert "son pays" not in kept
+        assert "repayment plan" not in kept
         assert counts["outbox-deleted"] >= 1, "sent copies are not kept"
 
         clock.advance(timedelta(days=730))
@@ -425,7 +456,7 @@ class TestRetention:
 
     def test_an_open_referral_is_never_anonymised(self, ledger: Ledger) -> None:
         """A referral still in progress keeps its person, however old."""
-        run(ledger, usecases.grant_consent, a_consent(ledger, person="T-RET-2", days=3000))
+        run(ledger, usecases.grant_consent, a_consent(ledger, person="T-RET-2", days=365))
         signal = a_signal(ledger, person="T-RET-2")
         run(ledger, usecases.receive_signal, signal)
         clock = ledger.clock
@@ -437,6 +468,24 @@ class TestRetention:
             )
         assert counts["anonymised"] == 0
         assert ledger.store.audit_trail("T-RET-2") != []
+
+
+def test_a_consent_the_bus_could_not_honour_is_refused(ledger: Ledger) -> None:
+    """An unknown agency, an unknown named partner or a period beyond a year is refused with its reason, and nothing is recorded."""
+    good = a_consent(ledger, person="T-BAD-1")
+    cases = {
+        "unknown partner(s) nowhere": good.model_copy(update={"agency": "nowhere"}),
+        "unknown partner(s) ghost": good.model_copy(
+            update={"scope": ConsentScope(needs=("logement-hebergement",), partners=("ghost",))}
+        ),
+        "at most 366 days": good.model_copy(
+            update={"valid_until": good.granted_at + timedelta(days=400)}
+        ),
+    }
+    for expected, consent in cases.items():
+        with pytest.raises(Refused, match=re.escape(expected)):
+            run(ledger, usecases.grant_consent, consent)
+    assert ledger.store.count("consents") == 0
 
 
 def test_the_advisor_is_told_of_a_consent_about_to_expire_once(ledger: Ledger) -> None:

@@ -97,6 +97,20 @@ def test_a_rejection_carries_a_reason_from_the_fixed_list() -> None:
     assert ReferralStatusChanged.model_validate({**base, "reason": "full"}).reason == "full"
 
 
+def test_a_completion_carries_its_outcome() -> None:
+    """`completed` without an outcome is refused; with one it is valid."""
+    base = {
+        "message_id": "m",
+        "occurred_at": NOW,
+        "referral_id": "r-1",
+        "partner": "ccas-roubaix",
+        "status": "completed",
+    }
+    assert "carries its outcome" in reason(ReferralStatusChanged, base)
+    done = ReferralStatusChanged.model_validate({**base, "outcome": "FSL granted"})
+    assert done.outcome == "FSL granted"
+
+
 def test_a_number_is_not_a_moment() -> None:
     """A Unix timestamp where a date is expected is refused, not read as seconds since 1970."""
     assert "ISO 8601" in reason(Signal, signal(occurred_at=-28964))
