@@ -66,7 +66,8 @@ SOCIAL_NEEDS = [
     "numerique--acceder-a-des-services-en-ligne",
 ]
 PARENTS = sorted({n.split("--")[0] for n in SOCIAL_NEEDS})
-# kind, share of partners, coverage level, how many needs
+# kind, share of partners, coverage level, how many needs; `association` and `udaf` are
+# local kinds (partnerbus.directory.kinds.LOCAL_KINDS), the others data·inclusion codes
 MIX = [
     ("ccas-cias", 0.30, "commune", (3, 6)),
     ("fcsf", 0.07, "commune", (2, 4)),

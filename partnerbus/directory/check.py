@@ -8,6 +8,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
+from .kinds import is_known_kind
 from .match import match
 from .model import Directory
 
@@ -129,11 +130,40 @@ def find_problems(d: Directory) -> list[Problem]:
                     f"{len(orphans)} communes have no landlord agency: {shown}",
                 )
             )
+    out.extend(_unknown_kinds(d))
     used = {n for p in d.partners() for n in p.needs}
     for need in d.needs.values():
         if need.local and need.code not in used:
             out.append(Problem("info", need.code, "local need that no partner serves"))
     return out
+
+
+def _unknown_kinds(d: Directory) -> list[Problem]:
+    """One warning per kind that is neither a data·inclusion network code nor a declared
+    local kind (a typo, or a local kind the file should declare under `local_kinds`)."""
+    unknown: defaultdict[str, list[str]] = defaultdict(list)
+    for p in d.partners():
+        if not is_known_kind(p.kind, d.local_kinds):
+            unknown[p.kind].append(p.id)
+    out = []
+    for kind, ids in sorted(unknown.items()):
+        shown = ", ".join(ids[:5]) + (" …" if len(ids) > 5 else "")
+        out.append(
+            Problem(
+                "warning",
+                f"kind {kind}",
+                "neither a data·inclusion network code nor a declared local kind "
+                f"(declare it under local_kinds): {len(ids)} partner(s): {shown}",
+            )
+        )
+    return out
+
+
+def communes_within(d: Directory, code: str) -> list[str]:
+    """The communes inside a territory (EPCI, département, région…), sorted; KeyError for
+    an unknown territory code."""
+    code = d.territory(code).code
+    return [c for c in d.communes() if any(t == code for t, _ in d._chain[c])]
 
 
 def find_gaps(
@@ -179,12 +209,21 @@ def _coverage_status(d: Directory, need: str, commune: str) -> str:
     return "restricted" if found_restricted else "none"
 
 
-def check(d: Directory, needs: Iterable[str] | None = None, sender: str | None = None) -> Report:
-    """The full report: problems, then coverage gaps."""
+def check(
+    d: Directory,
+    needs: Iterable[str] | None = None,
+    sender: str | None = None,
+    communes: Iterable[str] | None = None,
+) -> Report:
+    """The full report: problems (in the whole directory), then coverage gaps (in
+    `communes`, by default every commune)."""
     needs = list(needs) if needs is not None else list(WATCHED_NEEDS)
-    report = Report(problems=find_problems(d), gaps=find_gaps(d, needs, sender=sender))
+    communes = list(communes) if communes is not None else d.communes()
+    report = Report(
+        problems=find_problems(d), gaps=find_gaps(d, needs, communes=communes, sender=sender)
+    )
     report.needs_checked = sum(1 for n in needs if d.has_need(n))
-    report.communes_checked = len(d.communes())
+    report.communes_checked = len(communes)
     return report
 
 

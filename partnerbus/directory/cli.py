@@ -3,20 +3,24 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated
 
 import typer
+from pydantic import ValidationError
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn
 from rich.table import Table
 
 from partnerbus.schemas import Profile
 
 from .check import check as run_check
-from .check import gaps_by_parent
-from .errors import DirectoryError
+from .check import communes_within, gaps_by_parent
+from .errors import DirectoryError, RowError
 from .load import load_directory, load_sample
+from .match import ignored_qpv
 from .match import match as run_match
 from .model import Directory
 
@@ -25,6 +29,8 @@ app = typer.Typer(
     no_args_is_help=True,
 )
 console = Console()
+err_console = Console(stderr=True)
+"""Where messages and tables go when stdout carries JSON."""
 
 DirectoryOption = Annotated[
     Path | None,
@@ -43,39 +49,32 @@ DiServices = Annotated[
 
 
 def _load(
-    path: Path | None, di_structures: Path | None = None, di_services: Path | None = None
-) -> Directory:
+    path: Path | None,
+    di_structures: Path | None = None,
+    di_services: Path | None = None,
+    *,
+    out: Console = console,
+) -> tuple[Directory, list[RowError]]:
+    """The directory and the import's row errors; messages and tables go to `out`."""
     try:
         if di_structures is not None or di_services is not None:
             if di_structures is None or di_services is None:
-                console.print("[red]give both --di-structures and --di-services[/red]")
+                out.print("[red]give both --di-structures and --di-services[/red]")
                 raise typer.Exit(2)
             from .datainclusion import load_data_inclusion
 
             base = load_directory(path) if path is not None else None
             d, errors = load_data_inclusion(di_structures, di_services, base=base)
             if errors:
-                table = Table(title=f"{len(errors)} import problems", show_lines=False)
-                for col in ("file", "row", "id", "field", "why", "kept"):
-                    table.add_column(col)
-                for e in errors[:200]:
-                    table.add_row(
-                        e.file,
-                        str(e.row),
-                        e.record_id or "",
-                        e.field,
-                        e.why,
-                        "no" if e.dropped else "row kept",
-                    )
-                console.print(table)
-            return d
+                out.print(_import_table(errors))
+            return d, errors
         if path is None:
-            return load_sample()
+            return load_sample(), []
         with Progress(
             TextColumn("loading {task.description}"),
             BarColumn(),
             TextColumn("{task.percentage:>3.0f}%"),
-            console=console,
+            console=out,
             transient=True,
         ) as bar:
             task = bar.add_task(path.name, total=1)
@@ -83,10 +82,30 @@ def _load(
             def progress(_stage: str, done: int, total: int) -> None:
                 bar.update(task, total=max(total, 1), completed=done)
 
-            return load_directory(path, progress=progress)
+            return load_directory(path, progress=progress), []
     except DirectoryError as exc:
-        console.print(f"[red]directory error:[/red] {exc}")
+        out.print(f"[red]directory error:[/red] {escape(str(exc))}")
         raise typer.Exit(1) from exc
+
+
+def _import_table(errors: list[RowError], shown: int = 200) -> Table:
+    dropped = sum(1 for e in errors if e.dropped)
+    more = f", first {shown} shown" if len(errors) > shown else ""
+    table = Table(
+        title=f"{len(errors)} import problems ({dropped} rows dropped{more})", show_lines=False
+    )
+    for col in ("file", "row", "id", "field", "why", "kept"):
+        table.add_column(col)
+    for e in errors[:shown]:
+        table.add_row(
+            e.file,
+            str(e.row),
+            e.record_id or "",
+            e.field,
+            e.why,
+            "no" if e.dropped else "row kept",
+        )
+    return table
 
 
 @app.command()
@@ -99,26 +118,40 @@ def check(
     need: Annotated[
         list[str] | None, typer.Option("--need", help="Need to check (repeatable).")
     ] = None,
+    departement: Annotated[
+        str | None,
+        typer.Option(
+            "--departement", help="Look for coverage gaps in this département only (e.g. 59)."
+        ),
+    ] = None,
     di_structures: DiStructures = None,
     di_services: DiServices = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable report.")] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Machine-readable report on stdout (tables to stderr).")
+    ] = False,
 ) -> None:
-    """Report problems in the data and coverage gaps: which needs have no partner where."""
-    d = _load(directory, di_structures, di_services)
+    """Report problems in the data and coverage gaps: which needs have no partner where.
+    Exits 1 when the data has errors or the import reported problems."""
+    out = err_console if as_json else console
+    d, import_errors = _load(directory, di_structures, di_services, out=out)
     if sender is not None and sender not in d:
-        console.print(f"[red]unknown sender {sender!r}[/red]")
+        out.print(f"[red]unknown sender {escape(repr(sender))}[/red]")
         raise typer.Exit(2)
-    report = run_check(d, needs=need or None, sender=sender)
+    communes = None
+    if departement is not None:
+        found = d.territories.get(departement)
+        if found is None or found.level != "departement":
+            out.print(f"[red]unknown département {escape(repr(departement))}[/red]")
+            raise typer.Exit(2)
+        communes = communes_within(d, departement)
+    report = run_check(d, needs=need or None, sender=sender, communes=communes)
+    failed = bool(report.errors or import_errors)
     if as_json:
         payload = {
             "partners": len(d),
             "communes": report.communes_checked,
-            "problems": [
-                p.__dict__
-                if hasattr(p, "__dict__")
-                else {"severity": p.severity, "subject": p.subject, "message": p.message}
-                for p in report.problems
-            ],
+            "departement": departement,
+            "problems": [asdict(p) for p in report.problems],
             "gaps": [
                 {
                     "need": g.need,
@@ -127,12 +160,24 @@ def check(
                 }
                 for g in report.gaps
             ],
+            "import_errors": [
+                {
+                    "file": e.file,
+                    "row": e.row,
+                    "record_id": e.record_id,
+                    "field": e.field,
+                    "why": e.why,
+                    "dropped": e.dropped,
+                }
+                for e in import_errors
+            ],
         }
         typer.echo(json.dumps(payload, ensure_ascii=False, indent=2))
-        raise typer.Exit(1 if report.errors else 0)
+        raise typer.Exit(1 if failed else 0)
+    where = f" in département {departement}" if departement else ""
     console.print(
         f"[bold]{d.name or d.source}[/bold]: {len(d)} partners, "
-        f"{report.communes_checked} communes, {report.needs_checked} needs checked"
+        f"{report.communes_checked} communes{where}, {report.needs_checked} needs checked"
         + (f", as seen from {sender}" if sender else "")
     )
     if report.problems:
@@ -174,7 +219,13 @@ def check(
             )
     else:
         console.print("[green]no coverage gap for the needs checked[/green]")
-    raise typer.Exit(1 if report.errors else 0)
+    if import_errors:
+        dropped = sum(1 for e in import_errors if e.dropped)
+        console.print(
+            f"[red]the import left out {dropped} rows and "
+            f"{len(import_errors) - dropped} values (see the import problems above)[/red]"
+        )
+    raise typer.Exit(1 if failed else 0)
 
 
 @app.command()
@@ -193,7 +244,12 @@ def match(
     limit: Annotated[int | None, typer.Option(help="At most this many candidates.")] = None,
 ) -> None:
     """Print the ranked candidates for a need in a commune, with their reasons."""
-    d = _load(directory)
+    try:
+        person = Profile.model_validate_json(profile) if profile else None
+    except ValidationError as exc:
+        console.print(f"[red]invalid --profile:[/red] {escape(_validation_reason(exc))}")
+        raise typer.Exit(2) from exc
+    d, _ = _load(directory)
     if not d.has_need(need):
         console.print(f"[red]unknown need {need!r}[/red]")
         raise typer.Exit(2)
@@ -203,12 +259,14 @@ def match(
     if sender is not None and sender not in d:
         console.print(f"[red]unknown sender {sender!r}[/red]")
         raise typer.Exit(2)
-    person = Profile.model_validate_json(profile) if profile else None
     candidates = run_match(d, need, commune, person, sender, frozenset(exclude or ()), limit)
     where = d.territories[commune].name
     console.print(
         f"[bold]{need}[/bold] in {commune} {where}" + (f" from {sender}" if sender else "")
     )
+    ignored = ignored_qpv(d, commune, person)
+    if ignored is not None:
+        console.print(f"[yellow]{escape(ignored)}: it does not count for eligibility[/yellow]")
     if not candidates:
         console.print("[yellow]no partner found[/yellow]")
         raise typer.Exit(3)
@@ -250,7 +308,7 @@ def show(
         raise typer.Exit(2)
     if out is None and graphml is None:
         out = Path("directory.png")
-    d = _load(directory)
+    d, _ = _load(directory)
     try:
         graph = neighbourhood(d, commune=commune, need=need, sender=sender)
     except KeyError as exc:
@@ -272,3 +330,13 @@ def show(
     if graphml is not None:
         write_graphml(graph, graphml)
         console.print(f"wrote {graphml}")
+
+
+def _validation_reason(exc: ValidationError) -> str:
+    """A pydantic error as one line: `field: message; …` (the JSON error alone if the
+    text is not JSON)."""
+    parts = []
+    for err in exc.errors():
+        where = ".".join(str(x) for x in err["loc"])
+        parts.append(f"{where}: {err['msg']}" if where else err["msg"])
+    return "; ".join(parts)

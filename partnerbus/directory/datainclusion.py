@@ -2,7 +2,9 @@
 
 Each structure becomes an organisation, each service a partner. A bad row is reported
 (file, row, field, why) and left out; the good rows are kept. A bad value inside a good row
-(an unknown thématique, an unknown zone code) is reported and only that value is left out.
+(an unknown thématique, zone code, public or reception mode, a malformed network code) is
+reported and only that value is left out. A structure in several networks takes the kind of
+the most specific one (`kinds.pick_kind`).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pydantic import ValidationError
 from partnerbus.schemas import Eligibility, Partner
 
 from .errors import DirectoryError, RowError
+from .kinds import KIND_PATTERN, pick_kind
 from .load import load_sample
 from .model import Directory
 from .territory import FRANCE, FRANCE_ALIASES
@@ -137,9 +140,21 @@ def load_data_inclusion(
                 RowError(s_file, i, "reseaux_porteurs", "not a list of codes", sid, dropped=False)
             )
             reseaux = []
-        kinds = sorted(r for r in reseaux if re.fullmatch(r"[a-z0-9-]{2,60}", r))
+        for code in reseaux:
+            if not KIND_PATTERN.fullmatch(code):
+                errors.append(
+                    RowError(
+                        s_file,
+                        i,
+                        "reseaux_porteurs",
+                        f"network code {code!r} is not a code (2-60 lowercase letters, "
+                        "digits, hyphens)",
+                        sid,
+                        dropped=False,
+                    )
+                )
         org = slug(sid)
-        structures[sid] = (org, kinds[0] if kinds else DEFAULT_KIND, row.get("code_insee"))
+        structures[sid] = (org, pick_kind(reseaux, DEFAULT_KIND), row.get("code_insee"))
         orgs.setdefault(org, nom.strip())
 
     taken = {p.id for p in partners}
@@ -220,6 +235,11 @@ def load_data_inclusion(
                 RowError(v_file, i, "modes_accueil", "not a list of modes", vid, dropped=False)
             )
             modes = []
+        for mode in modes:
+            if mode not in MODES:
+                errors.append(
+                    RowError(v_file, i, "modes_accueil", f"unknown mode {mode!r}", vid, False)
+                )
         kept_modes = tuple(m for m in modes if m in MODES) or ("en-presentiel",)
 
         pid = slug(vid)
@@ -254,6 +274,7 @@ def load_data_inclusion(
         organisations=orgs,
         name=f"data·inclusion import ({services_path.name})",
         source=str(services_path),
+        local_kinds=base.local_kinds if base is not None else None,
     )
     return directory, errors
 

@@ -18,6 +18,7 @@ from pydantic import ValidationError
 from partnerbus.schemas import Agreement, Partner
 
 from .errors import DirectoryError
+from .kinds import DATA_INCLUSION_KINDS, KIND_PATTERN
 from .model import Directory
 from .needs import LOCAL_PREFIX, Need, parent_code
 from .territory import FRANCE, Territory, departement_of, region_key
@@ -132,6 +133,7 @@ def directory_from_document(
         organisations={str(k): str(v) for k, v in organisations.items()},
         name=str(raw.get("name", "")),
         source=origin,
+        local_kinds=_local_kinds(raw.get("local_kinds") or {}),
     )
 
 
@@ -228,6 +230,23 @@ def _local_needs(raw: Mapping[str, Any]) -> dict[str, Need]:
             msg = f"local_needs.{code}: unknown parent {parent!r}"
             raise DirectoryError(msg)
         out[str(code)] = Need(str(code), label, parent)
+    return out
+
+
+def _local_kinds(raw: Mapping[str, Any]) -> dict[str, str]:
+    if not isinstance(raw, dict):
+        msg = "`local_kinds` must map a local partner kind to its label"
+        raise DirectoryError(msg)
+    out: dict[str, str] = {}
+    for code, label in raw.items():
+        code = str(code)
+        if not KIND_PATTERN.fullmatch(code):
+            msg = f"local_kinds.{code}: a kind is 2-60 lowercase letters, digits or hyphens"
+            raise DirectoryError(msg)
+        if code in DATA_INCLUSION_KINDS:
+            msg = f"local_kinds.{code}: a data·inclusion network code, not a local kind"
+            raise DirectoryError(msg)
+        out[code] = str(label)
     return out
 
 

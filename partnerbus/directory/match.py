@@ -5,7 +5,8 @@ One pure function over the directory's indexes. The ranking key, in order:
 1. territory: the most specific coverage first (QPV, commune, EPCI, département, région, France);
 2. need: a partner listing the exact need before one listing its parent;
 3. eligibility: a service aimed at this person's public before a service open to all
-   (a service the person is not eligible to is never returned);
+   (a service the person is not eligible to is never returned; a QPV code counts only when
+   the directory knows it in the person's commune, any other is ignored and said so);
 4. agreement: a need-scoped agreement before a general one (no agreement, no referral;
    partners of the sender's own organisation need none);
 5. capacity: `capacity`, then `additional-assessment-required`, then `waitlist`
@@ -24,6 +25,8 @@ from .model import Directory, Entry, Restrictions
 
 SENIOR_BANDS = frozenset({"60-74", "75-plus"})
 FAMILY_HOUSEHOLDS = frozenset({"family", "single-parent"})
+QPV_PUBLIC = "residents-qpv-frr"
+OPEN_TO_ALL = "open to all"
 
 
 @dataclass(frozen=True)
@@ -42,13 +45,36 @@ class Candidate:
         return self.partner.id
 
 
-def person_publics(profile: Profile | None) -> frozenset[str]:
-    """The data·inclusion publics a profile belongs to, stated or implied."""
+def resident_qpv(d: Directory, commune: str, profile: Profile | None) -> str | None:
+    """The profile's QPV when it counts: a QPV the directory knows, located in the person's
+    commune. Any other QPV code is an unknown fact and never qualifies anyone."""
+    qpv = profile.qpv if profile is not None else None
+    if qpv is not None and d._qpv_commune.get(qpv) == commune:
+        return qpv
+    return None
+
+
+def ignored_qpv(d: Directory, commune: str, profile: Profile | None) -> str | None:
+    """Why the profile's QPV is ignored for eligibility (unknown to the directory or not in
+    the commune), or None when there is no QPV or it counts."""
+    if profile is None or profile.qpv is None or resident_qpv(d, commune, profile):
+        return None
+    return _ignored(profile.qpv, commune)
+
+
+def _ignored(qpv: str, commune: str) -> str:
+    return f"QPV {qpv} ignored (not a known QPV of {commune})"
+
+
+def person_publics(profile: Profile | None, qpv: str | None = None) -> frozenset[str]:
+    """The data·inclusion publics a profile belongs to, stated or implied. `qpv` is the
+    person's QPV once checked (`resident_qpv`): only a checked QPV implies
+    `residents-qpv-frr`."""
     if profile is None:
         return frozenset()
     publics = set(profile.publics)
-    if profile.qpv is not None:
-        publics.add("residents-qpv-frr")
+    if qpv is not None:
+        publics.add(QPV_PUBLIC)
     if profile.age_band in SENIOR_BANDS:
         publics.add("seniors")
     if profile.household in FAMILY_HOUSEHOLDS:
@@ -62,6 +88,8 @@ def eligible(
     """Whether the person is eligible, and a reason. Unknown facts never make someone
     eligible to a restricted service: it is then left out rather than guessed."""
     elig = partner.eligibility
+    qpv = resident_qpv(d, commune, profile)
+    ignored = ignored_qpv(d, commune, profile)
     reasons: list[str] = []
     if elig.age_bands:
         if profile is None or profile.age_band not in elig.age_bands:
@@ -71,25 +99,25 @@ def eligible(
         if profile is None or profile.household not in elig.households:
             return False, "household not in " + ", ".join(elig.households)
         reasons.append(f"household {profile.household}")
+    about_qpv = elig.qpv_only
     if elig.qpv_only:
-        qpv = profile.qpv if profile is not None else None
         if qpv is None:
-            return False, "QPV residents only"
-        known = d._qpv_commune.get(qpv)
-        if known is not None and known != commune:
-            return False, f"QPV {qpv} is not in {commune}"
+            return False, "QPV residents only" + (f"; {ignored}" if ignored else "")
         reasons.append(f"QPV resident ({qpv})")
     if elig.publics and "tous-publics" not in elig.publics:
-        shared = sorted(person_publics(profile).intersection(elig.publics))
+        about_qpv = about_qpv or QPV_PUBLIC in elig.publics
+        shared = sorted(person_publics(profile, qpv).intersection(elig.publics))
         if not shared:
-            return False, "publics: " + ", ".join(elig.publics)
+            why = "publics: " + ", ".join(elig.publics)
+            return False, why + (f"; {ignored}" if ignored and about_qpv else "")
         reasons.append("public " + ", ".join(shared))
     if not reasons:
-        return True, "open to all"
+        return True, OPEN_TO_ALL
+    if ignored and about_qpv:
+        reasons.append(ignored)
     return True, "eligible: " + "; ".join(reasons)
 
 
-OPEN_TO_ALL = "open to all"
 NO_SENDER = "no sender: agreement not checked"
 _new = object.__new__
 
@@ -128,10 +156,17 @@ def match(
     if exclude:
         entries = d._entries
         skip = {entries[pid] for pid in exclude if pid in entries}
-    if profile is not None and profile.qpv and d._qpv_commune.get(profile.qpv) == commune:
-        qpv_level = d._levels.get(profile.qpv)
-        if qpv_level is not None:
-            chain = (qpv_level, *chain)
+    qpv = ignored = None
+    if profile is not None and profile.qpv is not None:
+        # a QPV counts only when the directory knows it in this commune: any other code is
+        # an unknown fact, ignored for coverage and eligibility (and said so)
+        if d._qpv_commune.get(profile.qpv) == commune:
+            qpv = profile.qpv
+            qpv_level = d._levels.get(qpv)
+            if qpv_level is not None:
+                chain = (qpv_level, *chain)
+        else:
+            ignored = _ignored(profile.qpv, commune)
     heads = d._score_heads
     seen: set[Entry] | None = None
     out: list[Candidate] = []
@@ -166,7 +201,7 @@ def match(
                 elif profile is None:
                     continue  # unknown facts never qualify for a restricted service
                 else:
-                    why = _eligible(e.restrictions, d, commune, profile)
+                    why = _eligible(e.restrictions, profile, qpv, ignored)
                     if why is None:
                         continue
                     elig_reason = why
@@ -229,9 +264,10 @@ def match(
 
 
 def _eligible(
-    restrictions: Restrictions | None, d: Directory, commune: str, profile: Profile
+    restrictions: Restrictions | None, profile: Profile, qpv: str | None, ignored: str | None
 ) -> str | None:
-    """`eligible()` on an entry's flattened restrictions: the reason, or None when the
+    """`eligible()` on an entry's flattened restrictions, with the person's checked QPV
+    (`resident_qpv`) and the note when a QPV was ignored: the reason, or None when the
     person is not eligible."""
     if restrictions is None:
         return OPEN_TO_ALL
@@ -246,18 +282,16 @@ def _eligible(
             return None
         reasons.append(f"household {profile.household}")
     if qpv_only:
-        qpv = profile.qpv
         if qpv is None:
-            return None
-        known = d._qpv_commune.get(qpv)
-        if known is not None and known != commune:
             return None
         reasons.append(f"QPV resident ({qpv})")
     if publics is not None:
-        shared = sorted(person_publics(profile).intersection(publics))
+        shared = sorted(person_publics(profile, qpv).intersection(publics))
         if not shared:
             return None
         reasons.append("public " + ", ".join(shared))
+    if ignored is not None and (qpv_only or (publics is not None and QPV_PUBLIC in publics)):
+        reasons.append(ignored)
     return "eligible: " + "; ".join(reasons)
 
 

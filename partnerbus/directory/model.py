@@ -20,6 +20,7 @@ import networkx as nx
 from partnerbus.schemas import Advisor, Agreement, Partner
 
 from .errors import DirectoryError
+from .kinds import LOCAL_KINDS
 from .needs import Need, need_chain
 from .territory import FRANCE, FRANCE_ALIASES, LEVEL_RANK, Territory
 
@@ -189,9 +190,13 @@ class Directory:
         organisations: Mapping[str, str] | None = None,
         name: str = "",
         source: str = "",
+        local_kinds: Mapping[str, str] | None = None,
     ) -> None:
         self.name = name
         self.source = source
+        self.local_kinds: dict[str, str] = {**LOCAL_KINDS, **(local_kinds or {})}
+        """Partner kinds declared local (the project's, then the file's `local_kinds`):
+        with data·inclusion's network codes, the kinds `check` accepts without a warning."""
         self.territories: dict[str, Territory] = dict(territories)
         if FRANCE not in self.territories:
             self.territories[FRANCE] = Territory(FRANCE, "France", "france", None)
@@ -668,6 +673,7 @@ def directory_from_records(
     agreements: Sequence[Agreement] = (),
     organisations: Mapping[str, str] | None = None,
     name: str = "",
+    local_kinds: Mapping[str, str] | None = None,
 ) -> Directory:
     """Build a directory from plain records (handy in tests)."""
     return Directory(
@@ -677,4 +683,5 @@ def directory_from_records(
         agreements=agreements,
         organisations=organisations,
         name=name,
+        local_kinds=local_kinds,
     )

@@ -22,8 +22,9 @@ def neighbourhood(
     d: Directory, commune: str | None = None, need: str | None = None, sender: str | None = None
 ) -> nx.DiGraph:
     """The part of the graph that matters around a commune and/or a need: the territories
-    enclosing the commune, the partners covering them (serving the need if given), their
-    organisations, the agreements between those organisations, and the needs served.
+    enclosing the commune and its QPVs, the partners covering them (serving the need if
+    given), their organisations, the agreements between those organisations, and the needs
+    served.
     With a sender, its partner node and organisation are added, so its agreements show."""
     if commune is None and need is None:
         msg = "give a commune, a need, or both"
@@ -36,6 +37,8 @@ def neighbourhood(
             msg = f"unknown commune {commune!r}"
             raise KeyError(msg)
         territory_nodes = {f"t:{code}" for code, _ in d._chain[commune]}
+        # the commune's QPVs too: a partner covering one of them only still works there
+        territory_nodes |= {f"t:{q}" for q, c in d._qpv_commune.items() if c == commune}
         keep |= territory_nodes
         partners = {
             src

@@ -11,6 +11,7 @@ import yaml
 
 from partnerbus.directory import DirectoryError, RowError, load_directory, match
 from partnerbus.directory.datainclusion import load_data_inclusion, slug
+from partnerbus.directory.kinds import pick_kind
 
 from .conftest import ARREARS, RIGHTS
 
@@ -113,6 +114,9 @@ def test_the_sample_round_trips_through_json(tmp_path: Path) -> None:
         ),
         (minimal(agreements=[{"from": "a1"}]), "agreements[0]: to_org"),
         (minimal(local_needs={"logement--x": "no prefix"}), "starts with 'local-'"),
+        (minimal(local_kinds={"caf": "CAF"}), "local_kinds.caf: a data·inclusion network code"),
+        (minimal(local_kinds={"Bad Kind": "x"}), "local_kinds.Bad Kind: a kind is"),
+        (minimal(local_kinds=["epicerie"]), "`local_kinds` must map"),
     ],
 )
 def test_a_bad_file_raises_a_clear_directory_error(
@@ -140,6 +144,13 @@ def test_a_file_of_the_wrong_shape_is_a_directory_error(tmp_path: Path, doc: obj
     path = write(tmp_path, doc)
     with pytest.raises(DirectoryError, match=re.escape(str(path))):
         load_directory(path)
+
+
+def test_a_file_declares_its_own_local_kinds(tmp_path: Path) -> None:
+    """`local_kinds` in a directory file adds to the project's declared local kinds."""
+    d = load_directory(write(tmp_path, minimal(local_kinds={"epicerie-solidaire": "Épicerie"})))
+    assert d.local_kinds["epicerie-solidaire"] == "Épicerie"
+    assert {"bailleur-social", "adil", "association"} <= set(d.local_kinds)
 
 
 def test_unreadable_or_malformed_files_raise_directory_errors(tmp_path: Path) -> None:
@@ -204,6 +215,62 @@ def test_data_inclusion_import_reports_each_bad_row_with_file_row_field_and_why(
     orphan = next(e for e in errors if e.field == "structure_id")
     assert "dora--nowhere" in orphan.why
     assert str(orphan).startswith("di-services.json:4 (dora--svc-orphan): structure_id:")
+
+
+def test_a_structure_in_several_networks_takes_the_most_specific_kind() -> None:
+    """A Maison Nord Solidarités (`maisons-des-solidarites`, `departements`) is a Maison des solidarités, not a département."""
+    d, _ = load_data_inclusion(FIXTURES / "di-structures.json", FIXTURES / "di-services.json")
+    assert d.partner("dora-svc-hem-droits").kind == "maisons-des-solidarites"
+    assert pick_kind(["departements", "maisons-des-solidarites"]) == "maisons-des-solidarites"
+    assert pick_kind(["communes", "ccas-cias"]) == "ccas-cias"
+    assert pick_kind(["unaf", "points-conseil-budget"]) == "points-conseil-budget"
+    assert pick_kind(["regions", "departements"]) == "departements"
+    assert pick_kind(["departements", "new-network"]) == "departements"  # known before unknown
+    assert pick_kind(["new-network"]) == "new-network"
+    assert pick_kind(["Not A Code", "x"]) == "autre"
+    assert pick_kind([]) == "autre"
+
+
+def test_bad_modes_and_network_codes_are_reported_and_the_row_kept(tmp_path: Path) -> None:
+    """An unknown reception mode or a malformed network code is a row error (file, row, field, why) and the row stays."""
+    structures, services = tmp_path / "s.json", tmp_path / "v.json"
+    structures.write_text(
+        json.dumps(
+            [
+                {
+                    "id": "st-1",
+                    "nom": "CCAS de Lille",
+                    "reseaux_porteurs": ["CCAS Lille", "ccas-cias"],
+                }
+            ]
+        ),
+        encoding="utf-8",
+    )
+    services.write_text(
+        json.dumps(
+            [
+                {
+                    "id": "sv-1",
+                    "structure_id": "st-1",
+                    "nom": "Impayés",
+                    "thematiques": [ARREARS],
+                    "zone_eligibilite": ["59350"],
+                    "modes_accueil": ["par-pigeon", "a-distance"],
+                }
+            ]
+        ),
+        encoding="utf-8",
+    )
+    d, errors = load_data_inclusion(structures, services)
+    got = {(e.file, e.row, e.field, e.record_id, e.dropped): e.why for e in errors}
+    assert got == {
+        ("s.json", 0, "reseaux_porteurs", "st-1", False): (
+            "network code 'CCAS Lille' is not a code (2-60 lowercase letters, digits, hyphens)"
+        ),
+        ("v.json", 0, "modes_accueil", "sv-1", False): "unknown mode 'par-pigeon'",
+    }
+    kept = d.partner("sv-1")
+    assert (kept.kind, kept.modes) == ("ccas-cias", ("a-distance",))
 
 
 def test_data_inclusion_ids_become_valid_partner_ids() -> None:

@@ -88,7 +88,8 @@ profiles = st.none() | st.builds(
     Profile,
     age_band=st.none() | st.sampled_from(AGE_BANDS),
     household=st.none() | st.sampled_from(HOUSEHOLDS),
-    qpv=st.none() | st.sampled_from([QPV_ROUBAIX, "QN0620001"]),
+    # QN0620001 and QN9999999 are unknown to the directory: they must never qualify
+    qpv=st.none() | st.sampled_from([QPV_ROUBAIX, "QN0620001", "QN9999999"]),
     publics=st.sets(st.sampled_from(PUBLICS), max_size=2).map(tuple),
 )
 
@@ -99,12 +100,14 @@ def oracle_eligible(p: Partner, commune: str, profile: Profile | None) -> bool:
         return False
     if e.households and (profile is None or profile.household not in e.households):
         return False
+    # a QPV counts only when the directory knows it and it lies in the person's commune
     qpv = profile.qpv if profile else None
-    if e.qpv_only and (qpv is None or (qpv in PARENT and PARENT[qpv] != commune)):
+    resident = qpv is not None and PARENT.get(qpv) == commune
+    if e.qpv_only and not resident:
         return False
     if e.publics and "tous-publics" not in e.publics:
         have = set(profile.publics) if profile else set()
-        if profile and profile.qpv:
+        if resident:
             have.add("residents-qpv-frr")
         if profile and profile.age_band in ("60-74", "75-plus"):
             have.add("seniors")

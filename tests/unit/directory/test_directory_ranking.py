@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from partnerbus.directory import match
+from partnerbus.directory.match import eligible, ignored_qpv
 from partnerbus.schemas import Agreement, Eligibility, Profile
 
 from .conftest import (
@@ -118,6 +119,42 @@ def test_a_qpv_only_service_needs_a_resident_of_a_qpv_of_that_commune() -> None:
     assert ids(match(d, ARREARS, ROUBAIX, Profile(qpv=QPV_ROUBAIX))) == ["a-qpv"]
     assert ids(match(d, ARREARS, LILLE, Profile(qpv=QPV_ROUBAIX))) == []
     assert ids(match(d, ARREARS, ROUBAIX, Profile())) == []
+
+
+def test_a_qpv_unknown_to_the_directory_never_qualifies() -> None:
+    """A QPV code the directory does not know, or knows in another commune, is ignored for eligibility, and the reasons say so."""
+    d = make_directory(
+        [
+            partner("a-qpv-only", eligibility=Eligibility(qpv_only=True), coverage=(NORD,)),
+            partner(
+                "b-qpv-public",
+                eligibility=Eligibility(publics=("residents-qpv-frr",)),
+                coverage=(NORD,),
+            ),
+            partner(
+                "c-qpv-or-seniors",
+                eligibility=Eligibility(publics=("residents-qpv-frr", "seniors")),
+                coverage=(NORD,),
+            ),
+            partner("d-open", coverage=(NORD,)),
+        ]
+    )
+    unknown = Profile(qpv="QN9999999")
+    assert ids(match(d, ARREARS, ROUBAIX, unknown)) == ["d-open"]
+    assert ids(match(d, ARREARS, LILLE, Profile(qpv=QPV_ROUBAIX))) == ["d-open"]
+    (senior, _) = match(d, ARREARS, ROUBAIX, Profile(qpv="QN9999999", age_band="75-plus"))
+    assert senior.partner_id == "c-qpv-or-seniors"
+    assert senior.reasons[2] == (
+        "eligible: public seniors; QPV QN9999999 ignored (not a known QPV of 59512)"
+    )
+    assert eligible(d, d.partner("a-qpv-only"), ROUBAIX, unknown) == (
+        False,
+        "QPV residents only; QPV QN9999999 ignored (not a known QPV of 59512)",
+    )
+    assert ignored_qpv(d, ROUBAIX, unknown) == "QPV QN9999999 ignored (not a known QPV of 59512)"
+    assert ignored_qpv(d, ROUBAIX, Profile(qpv=QPV_ROUBAIX)) is None
+    known = match(d, ARREARS, ROUBAIX, Profile(qpv=QPV_ROUBAIX))
+    assert ids(known) == ["a-qpv-only", "b-qpv-public", "c-qpv-or-seniors", "d-open"]
 
 
 def test_seniors_and_qpv_residents_are_derived_publics() -> None:
