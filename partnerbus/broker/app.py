@@ -35,6 +35,8 @@ from .settings import Settings, amqp_user
 from .topology import Topology
 
 log = logging.getLogger("partnerbus")
+ANSWERS_LOOKBACK = timedelta(days=180)
+"""Answers older than this no longer count in a partner's acceptance rate."""
 
 
 def deadline_policy(settings: Settings) -> DeadlinePolicy:
@@ -152,6 +154,24 @@ class Bus:
         ):
             with contextlib.suppress(KeyError):
                 self.directory.apply_capacity(partner_id, status, remaining)
+        await self.refresh_answers()
+
+    async def refresh_answers(self) -> int:
+        """Load the partners' recent answers from the durable record into this worker's
+        directory, so that every worker ranks on the same acceptance rates (each worker
+        also counts the answers it records itself at once; this pass makes them agree and
+        corrects what a rolled-back transaction may have counted). Returns the partners
+        updated."""
+        since = self.ledger.clock() - ANSWERS_LOOKBACK
+        answers = await asyncio.get_running_loop().run_in_executor(
+            self.executor, self.store.recent_answers, since, usecases.BUS
+        )
+        updated = 0
+        for partner_id, recent in answers.items():
+            if partner_id in self.directory:
+                self.directory.set_answers(partner_id, recent)
+                updated += 1
+        return updated
 
     async def _after_startup(self) -> None:
         await self.declare()
@@ -206,6 +226,7 @@ class Bus:
 
         counts = await asyncio.get_running_loop().run_in_executor(self.executor, work)
         await self.relay.flush()
+        counts["answers-refreshed"] = await self.refresh_answers()
         return counts
 
     async def _scheduler(self) -> None:

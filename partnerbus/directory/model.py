@@ -144,6 +144,13 @@ class Entry(_EntryHot):
                 f" ({remaining} left)" if remaining is not None else ""
             )
 
+    def reset_answers(self) -> None:
+        self.answers = None
+        self.accepted = 0
+        self.rate_key = -0.5
+        self.rate_reason = "no recent answers"
+        self._pack()
+
     def add_answer(self, accepted: bool) -> None:
         if self.answers is None:
             self.answers = deque(maxlen=ANSWER_WINDOW)
@@ -531,6 +538,17 @@ class Directory:
         entry = self._entries[partner_id]
         before = entry.sort_key
         entry.add_answer(accepted)
+        if entry.sort_key != before:
+            self._reorder(entry)
+
+    def set_answers(self, partner_id: str, answers: Sequence[bool]) -> None:
+        """Replace the partner's recent answers (oldest first) with what the durable
+        record says: how every worker's directory agrees on acceptance rates."""
+        entry = self._entries[partner_id]
+        before = entry.sort_key
+        entry.reset_answers()
+        for accepted in answers[-ANSWER_WINDOW:]:
+            entry.add_answer(accepted)
         if entry.sort_key != before:
             self._reorder(entry)
 

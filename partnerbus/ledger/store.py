@@ -693,7 +693,10 @@ class Store:
     def audit_trail(self, subject_or_person: str) -> list[AuditRow]:
         """Every audit record about a person (by reference) or a signal or referral (by id)."""
         signal_ids = select(t.signals.c.signal_id).where(
-            t.signals.c.person_ref == subject_or_person
+            or_(
+                t.signals.c.person_ref == subject_or_person,
+                t.signals.c.signal_id == subject_or_person,
+            )
         )
         referral_ids = select(t.referrals.c.referral_id).where(
             t.referrals.c.signal_id.in_(signal_ids)
@@ -713,7 +716,8 @@ class Store:
                     or_(
                         t.audit.c.subject == subject_or_person,
                         t.audit.c.person_ref == subject_or_person,
-                        # a person's trail includes what happened to her signals' referrals
+                        # a person's or a signal's trail includes what happened to the
+                        # referrals made from it
                         t.audit.c.subject.in_(referral_ids),
                     )
                 )
@@ -729,6 +733,30 @@ class Store:
             if conditions:
                 query = query.where(and_(*conditions))
             return int(conn.execute(query).scalar_one())
+
+    def recent_answers(
+        self, since: datetime, bus_actor: str, window: int = 20
+    ) -> dict[str, list[bool]]:
+        """Each partner's last `window` answers since `since` (accepted True, rejected
+        False), oldest first, from the referrals' applied transitions."""
+        query = (
+            select(t.referral_history.c.actor, t.referral_history.c.to_status)
+            .where(
+                t.referral_history.c.outcome == "applied",
+                t.referral_history.c.to_status.in_(("accepted", "rejected")),
+                t.referral_history.c.actor != bus_actor,
+                t.referral_history.c.at >= since,
+            )
+            .order_by(t.referral_history.c.id)
+        )
+        answers: dict[str, list[bool]] = {}
+        with self.engine.connect() as conn:
+            for actor, status in conn.execute(query):
+                kept = answers.setdefault(actor, [])
+                kept.append(status == "accepted")
+                if len(kept) > window:
+                    del kept[0]
+        return answers
 
     def capacities(self) -> list[tuple[str, str, int | None]]:
         with self.engine.connect() as conn:

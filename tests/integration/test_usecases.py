@@ -523,3 +523,31 @@ def test_a_persons_trail_includes_what_partners_did_with_her_referrals(ledger: L
     assert actions[:3] == ["consent-granted", "signal-received", "referral-disclosed"]
     assert "referral-rejected" in actions
     assert actions.count("referral-disclosed") == 2, "the reroute is on the trail too"
+
+
+def test_a_signals_trail_includes_what_partners_did_with_its_referrals(ledger: Ledger) -> None:
+    """The timeline of a signal id shows its referrals' records too, and nothing of another signal."""
+    run(ledger, usecases.grant_consent, a_consent(ledger, person="T-TRAIL-2"))
+    signal = a_signal(ledger, person="T-TRAIL-2")
+    other = a_signal(ledger, person="T-TRAIL-2")
+    run(ledger, usecases.receive_signal, signal)
+    run(ledger, usecases.receive_signal, other)
+    first = sent(ledger, "referral")[0][1]
+    run(
+        ledger,
+        usecases.record_status,
+        ReferralStatusChanged(
+            message_id=mid("st"),
+            occurred_at=ledger.clock(),
+            referral_id=first["referral_id"],
+            partner=first["partner"],
+            status="accepted",
+        ),
+    )
+    trail = ledger.store.audit_trail(signal.message_id)
+    assert [r.action for r in trail] == [
+        "signal-received",
+        "referral-disclosed",
+        "referral-accepted",
+    ]
+    assert {r.subject for r in trail} == {signal.message_id, first["referral_id"]}

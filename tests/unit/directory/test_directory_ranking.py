@@ -305,6 +305,32 @@ def test_a_higher_recent_acceptance_rate_ranks_first() -> None:
     assert "accepted 0/3 recently" in candidates[1].reasons
 
 
+def test_the_acceptance_window_keeps_the_last_twenty_answers_smoothed() -> None:
+    """Only the 20 latest answers count, Laplace-smoothed so one answer does not decide."""
+    d = make_directory([partner("pa"), partner("pb")])
+    for _ in range(20):
+        d.record_answer("pa", accepted=False)
+    for _ in range(20):
+        d.record_answer("pa", accepted=True)
+    assert d.acceptance("pa") == (20, 20), "the 20 declines fell out of the window"
+    # 1 decline: (0 + 1) / (1 + 2) = 0.333, not 0 %: pb stays behind an unknown (0.5) only
+    d2 = make_directory([partner("pa"), partner("pb")])
+    d2.record_answer("pb", accepted=False)
+    assert ids(match(d2, ARREARS, LILLE)) == ["pa", "pb"]
+    assert "accepted 0/1 recently" in match(d2, ARREARS, LILLE)[1].reasons
+
+
+def test_answers_loaded_from_the_record_replace_the_window() -> None:
+    """`set_answers` replaces what a worker had counted with the durable record's last answers, and the ranking follows."""
+    d = make_directory([partner("pa"), partner("pb")])
+    for _ in range(5):
+        d.record_answer("pa", accepted=True)
+    d.set_answers("pa", [False] * 25)
+    assert d.acceptance("pa") == (0, 20)
+    d.set_answers("pb", [True, True])
+    assert ids(match(d, ARREARS, LILLE)) == ["pb", "pa"]
+
+
 def test_capacity_outweighs_acceptance_rate() -> None:
     """A waitlisted partner stays behind an open one whatever its acceptance rate."""
     d = make_directory([partner("pa", capacity_status="waitlist"), partner("pb")])
