@@ -370,9 +370,11 @@ class Worker:
             return ""
 
 
-async def wait_consumers_gone(url: str, queue: str, timeout: float = 60) -> float:
-    """Wait until no consumer is attached to `queue` (a killed worker's consumer is gone
-    once RabbitMQ has seen its connection close); polled, never slept."""
+async def await_queue(
+    url: str, queue: str, ready: Callable[[int, int], bool], timeout: float = 60
+) -> float:
+    """Poll a passive declare of `queue` until `ready(messages, consumers)`; a queue not
+    declared yet is not ready. Seconds taken; polled with tiny awaits, never slept."""
     began = time.monotonic()
     connection = await aio_pika.connect(url)
     try:
@@ -381,36 +383,31 @@ async def wait_consumers_gone(url: str, queue: str, timeout: float = 60) -> floa
                 channel = await connection.channel()
                 try:
                     q = await channel.declare_queue(queue, passive=True)
-                    if not q.declaration_result.consumer_count:
-                        return time.monotonic() - began
-                finally:
-                    await channel.close()
-                await asyncio.sleep(0.05)
-    finally:
-        await connection.close()
-
-
-async def wait_ready(url: str, workload: Workload, timeout: float = 60) -> float:
-    """Wait until a bus consumes the signal queue and has declared every partner queue (the
-    last retry queue of the last partner is declared last); polled, never slept."""
-    t = workload.topology
-    last = t.retry_queue_name(t.partner_queue_name(workload.directory.partners()[-1].id), 0)
-    began = time.monotonic()
-    connection = await aio_pika.connect(url)
-    try:
-        async with asyncio.timeout(timeout):
-            while True:
-                channel = await connection.channel()
-                try:
-                    q = await channel.declare_queue(t.signal_queue.name, passive=True)
-                    if (q.declaration_result.consumer_count or 0) >= 1:
-                        await channel.declare_queue(last, passive=True)
+                    result = q.declaration_result
+                    if ready(int(result.message_count or 0), int(result.consumer_count or 0)):
                         return time.monotonic() - began
                 except aio_pika.exceptions.ChannelClosed:
                     pass  # not declared yet: the passive declare closed the channel
                 finally:
                     if not channel.is_closed:
                         await channel.close()
-                await asyncio.sleep(0.1)
+                await asyncio.sleep(0.05)
     finally:
         await connection.close()
+
+
+async def wait_consumers_gone(url: str, queue: str, timeout: float = 60) -> float:
+    """Wait until no consumer is attached to `queue` (a killed worker's consumer is gone
+    once RabbitMQ has seen its connection close)."""
+    return await await_queue(url, queue, lambda _messages, consumers: consumers == 0, timeout)
+
+
+async def wait_ready(url: str, workload: Workload, timeout: float = 60) -> float:
+    """Wait until a bus consumes the signal queue and has declared every partner queue (the
+    last retry queue of the last partner is declared last)."""
+    t = workload.topology
+    last = t.retry_queue_name(t.partner_queue_name(workload.directory.partners()[-1].id), 0)
+    began = time.monotonic()
+    await await_queue(url, t.signal_queue.name, lambda _m, consumers: consumers >= 1, timeout)
+    await await_queue(url, last, lambda _m, _c: True, timeout)
+    return time.monotonic() - began

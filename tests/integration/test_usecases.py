@@ -253,17 +253,7 @@ class TestConsent:
         run(ledger, usecases.receive_signal, a_signal(ledger, person="T-EXP-B"))
         (_, waiting), (_, taken) = sent(ledger, "referral")
         claim_and_send(ledger)
-        run(
-            ledger,
-            usecases.record_status,
-            ReferralStatusChanged(
-                message_id=mid("st"),
-                occurred_at=ledger.clock(),
-                referral_id=taken["referral_id"],
-                partner=taken["partner"],
-                status="accepted",
-            ),
-        )
+        answer(ledger, taken, "accepted")
         assert isinstance(ledger.clock, FakeClock)
         ledger.clock.advance(timedelta(days=6))
         with ledger.store.begin() as tx:
@@ -275,6 +265,22 @@ class TestConsent:
         assert (key, withdrawn["reason"]) == (waiting["partner"], "consent-expired")
         asked = [b for _, b in sent(ledger, "consent-requested") if b["person_ref"] == "T-EXP-A"]
         assert len(asked) == 1
+
+
+def answer(ledger: Ledger, referral: dict, status: str, **extra) -> None:
+    """The referral's partner sends this status."""
+    run(
+        ledger,
+        usecases.record_status,
+        ReferralStatusChanged(
+            message_id=mid("st"),
+            occurred_at=ledger.clock(),
+            referral_id=referral["referral_id"],
+            partner=referral["partner"],
+            status=status,
+            **extra,
+        ),
+    )
 
 
 def claim_and_send(ledger: Ledger) -> None:
@@ -533,17 +539,7 @@ def test_a_signals_trail_includes_what_partners_did_with_its_referrals(ledger: L
     run(ledger, usecases.receive_signal, signal)
     run(ledger, usecases.receive_signal, other)
     first = sent(ledger, "referral")[0][1]
-    run(
-        ledger,
-        usecases.record_status,
-        ReferralStatusChanged(
-            message_id=mid("st"),
-            occurred_at=ledger.clock(),
-            referral_id=first["referral_id"],
-            partner=first["partner"],
-            status="accepted",
-        ),
-    )
+    answer(ledger, first, "accepted")
     trail = ledger.store.audit_trail(signal.message_id)
     assert [r.action for r in trail] == [
         "signal-received",
