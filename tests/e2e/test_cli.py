@@ -243,3 +243,35 @@ async def test_the_health_check_sees_the_running_service_and_its_absence(cli_env
     unhealthy = await invoke("health")
     assert unhealthy.exit_code == 1
     assert "never started" in unhealthy.output
+
+
+async def test_ops_read_one_dead_letter_and_replay_them_all_after_a_fix(cli_env, channel):
+    """`dlq show` prints one dead letter's reason, headers and body and audits the read; `dlq replay --all` sends every dead letter back and audits each."""
+    bus = cli_env
+    t = bus.topology
+    for n in (1, 2):
+        await publish(
+            channel, t.signals.name, b'{"half": ', routing_key="x", message_id=f"cli-all-{n}"
+        )
+    await bus.wait_verdicts(2)
+
+    shown = await invoke("dlq", "show", "cli-all-1", "--by", "ops.reader")
+    assert shown.exit_code == 0, shown.output
+    assert "not JSON" in shown.output
+    assert '{"half": ' in shown.output
+    assert "partnerbus-error" in shown.output
+    assert [r.action for r in bus.store.audit_trail("cli-all-1")] == ["dead-letter-read"]
+    missing = await invoke("dlq", "show", "cli-nothing", "--by", "ops.reader")
+    assert missing.exit_code == 1
+    assert "no dead letter cli-nothing" in missing.output
+
+    nothing_named = await invoke("dlq", "replay", "--by", "ops.tester")
+    assert nothing_named.exit_code == 2
+    before = len(bus.verdicts)
+    replayed = await invoke("dlq", "replay", "--all", "--by", "ops.tester")
+    assert replayed.exit_code == 0, replayed.output
+    assert "replayed 2 message(s)" in replayed.output
+    await bus.wait_verdicts(before + 2)
+    for n in (1, 2):
+        actions = [r.action for r in bus.store.audit_trail(f"cli-all-{n}")]
+        assert "dead-letter-replayed" in actions
