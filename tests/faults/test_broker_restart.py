@@ -60,6 +60,7 @@ async def test_a_broker_restart_mid_stream_loses_and_duplicates_no_referral(
 
             await wait_for(lambda: signals_decided() >= N // 3, 60, "a third of the stream")
             fault = lone_broker.kill_node if how == "kill" else lone_broker.stop_node
+            fault_at = signals_decided()
             await asyncio.to_thread(fault, "pbr1")
             down_at = signals_decided()
             await asyncio.to_thread(lone_broker.restart_node, "pbr1")
@@ -72,7 +73,8 @@ async def test_a_broker_restart_mid_stream_loses_and_duplicates_no_referral(
         tally = counter.tally
         print(
             "\n" + tally.line(f"broker-{how}", seconds),
-            f"decided-before-fault={down_at} publisher-resends={publisher.resent}",
+            f"decided-when-fault-began={fault_at} decided-when-down={down_at}",
+            f"publisher-resends={publisher.resent}",
             f"relay-failures={bus.relay.failed}",
         )
         assert tally.lost == 0, f"lost {tally.lost} of {N}"
