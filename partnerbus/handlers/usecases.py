@@ -365,13 +365,17 @@ def _request_consent(
 def _tell_source(
     ledger: Ledger, tx: LedgerTx, row: SignalRow, message: SignalClosed | ReferralStatusChanged
 ) -> None:
-    """The closed loop: the source and the advisor's agency hear of every outcome."""
+    """The closed loop: the source and the advisor's agency hear of every outcome. What
+    the partner wrote (a note, a completion's outcome) goes to the advisor only: the
+    source learns where the referral stands, not what the partner learnt of the person."""
     now = ledger.clock()
     for index, target in enumerate(dict.fromkeys(p for p in (row.source, row.agency) if p)):
-        copy = message.model_copy(
-            update={"message_id": _derived_id("loop", message.message_id, target, str(index))}
-        )
-        tx.enqueue(copy, target, now)
+        update: dict[str, object] = {
+            "message_id": _derived_id("loop", message.message_id, target, str(index))
+        }
+        if isinstance(message, ReferralStatusChanged) and target != row.agency:
+            update |= {"note": None, "outcome": None}
+        tx.enqueue(message.model_copy(update=update), target, now)
 
 
 def _notify_status(

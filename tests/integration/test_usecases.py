@@ -352,6 +352,28 @@ class TestStatuses:
         with ledger.store.begin() as tx:
             assert tx.need_states(signal_id) == {ARREARS: "closed"}
 
+    def test_what_the_partner_wrote_reaches_the_advisor_not_the_source(
+        self, ledger: Ledger
+    ) -> None:
+        """A completion's outcome and note go to the advisor's agency; the source hears the status alone."""
+        first = self._referral(ledger)
+        run(
+            ledger,
+            usecases.record_status,
+            self._status(
+                ledger, first, "completed", outcome="FSL granted", note="son helps with rent"
+            ),
+        )
+        told = {
+            key: body
+            for key, body in sent(ledger, "referral-status-changed")
+            if body["status"] == "completed"
+        }
+        assert told["lmh-agence-roubaix"]["outcome"] == "FSL granted"
+        assert told["lmh-agence-roubaix"]["note"] == "son helps with rent"
+        assert told["lmh-recouvrement"]["outcome"] is None
+        assert told["lmh-recouvrement"]["note"] is None
+
     def test_an_illegal_transition_is_refused_and_recorded(self, ledger: Ledger) -> None:
         """completed → accepted is refused, recorded in history, not applied."""
         first = self._referral(ledger)
