@@ -68,3 +68,65 @@ async def test_the_monitor_shows_dead_letters_parked_needs_and_queues(
     assert t.signal_queue.name in page
     assert health.status_code == 200
     assert health.json()["broker"] == "up"
+
+
+def _chromium() -> str:
+    """The machine's Chromium; in CI its absence fails (`.ci/run` installs it)."""
+    import os
+    import shutil
+
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    if found:
+        return found
+    if os.environ.get("CI"):
+        pytest.fail("Chromium is not installed (CI must install it: see .ci/run)")
+    pytest.skip("Chromium is not installed: apt-get install chromium to run the browser test")
+
+
+async def test_the_ops_page_renders_in_a_real_browser(bus, channel, ops_url, tmp_path):
+    """Headless Chromium renders the page: the attention list names the dead letter, the queue table lists the intake queues, and a screenshot is taken."""
+    chromium = _chromium()
+    t = bus.topology
+    await publish(channel, t.signals.name, b"{oops", routing_key="x", message_id="browser-bad-1")
+    await bus.wait_verdicts(1)
+
+    shot = tmp_path / "ops.png"
+    flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tmp_path / 'profile'}",
+    ]
+    dump = await asyncio.create_subprocess_exec(
+        chromium,
+        *flags,
+        "--dump-dom",
+        f"{ops_url}/",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    dom, _ = await asyncio.wait_for(dump.communicate(), 60)
+    assert dump.returncode == 0
+    html = dom.decode()
+    assert "<title>partnerbus — " in html
+    assert "1 dead letter(s)" in html
+    assert f"<td>{t.signal_queue.name}</td><td>intake</td>" in html
+    assert 'href="/metrics"' in html
+
+    capture = await asyncio.create_subprocess_exec(
+        chromium,
+        *flags,
+        f"--screenshot={shot}",
+        "--window-size=1200,900",
+        f"{ops_url}/",
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    await asyncio.wait_for(capture.wait(), 60)
+    assert capture.returncode == 0
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
