@@ -9,6 +9,7 @@ import socket
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
+from datetime import timedelta
 from urllib.parse import urlsplit
 
 import aio_pika
@@ -18,6 +19,9 @@ from sqlalchemy import create_engine, text
 from partnerbus.broker.access import apply_with_rabbitmqctl, grants_for, remove_with_rabbitmqctl
 from partnerbus.broker.app import Bus, create_app
 from partnerbus.broker.settings import Settings
+from partnerbus.directory import load_sample
+from partnerbus.handlers.usecases import Ledger
+from partnerbus.ledger.rules import DeadlinePolicy
 from partnerbus.ledger.store import Store
 from partnerbus.testing import FakeClock
 
@@ -69,6 +73,20 @@ async def as_partner(
     finally:
         await connection.close()
         await asyncio.to_thread(remove_with_rabbitmqctl, [grant.username])
+
+
+def make_ledger(store: Store, clock: FakeClock | None = None) -> Ledger:
+    """The use cases' context over `store`: the bundled directory, a fake clock, a fixed
+    pseudonym key and short deadlines (10 days, 3 days, 1 day)."""
+    return Ledger(
+        store=store,
+        directory=load_sample(),
+        clock=clock or FakeClock(),
+        pseudonym_key=b"k",
+        deadlines=DeadlinePolicy(
+            routine=timedelta(days=10), urgent=timedelta(days=3), asap=timedelta(days=1)
+        ),
+    )
 
 
 @pytest.fixture

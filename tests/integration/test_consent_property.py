@@ -19,10 +19,7 @@ from hypothesis import strategies as st
 
 from partnerbus.broker.relay import Relay
 from partnerbus.broker.topology import Topology
-from partnerbus.directory import load_sample
 from partnerbus.handlers import usecases
-from partnerbus.handlers.usecases import Ledger
-from partnerbus.ledger.rules import DeadlinePolicy
 from partnerbus.ledger.store import Store
 from partnerbus.schemas import (
     ConsentGranted,
@@ -32,6 +29,7 @@ from partnerbus.schemas import (
     Signal,
 )
 from partnerbus.testing import FakeClock
+from tests.conftest import make_ledger
 
 PERSONS = ("T-P1", "T-P2", "T-P3")
 NEEDS = (
@@ -105,15 +103,7 @@ def allows(consent: Any, person: str, need: str, partner_id: str, kind: str, now
 
 def run_sequence(store: Store, ops: list[tuple[Any, ...]]) -> int:
     clock = FakeClock()
-    ledger = Ledger(
-        store=store,
-        directory=load_sample(),
-        clock=clock,
-        pseudonym_key=b"k",
-        deadlines=DeadlinePolicy(
-            routine=timedelta(days=10), urgent=timedelta(days=3), asap=timedelta(days=1)
-        ),
-    )
+    ledger = make_ledger(store, clock)
     consents: list[str] = []
     checked = 0
     published: list[dict[str, Any]] = []

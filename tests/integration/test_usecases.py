@@ -8,10 +8,9 @@ from datetime import timedelta
 
 import pytest
 
-from partnerbus.directory import load_sample, match
+from partnerbus.directory import match
 from partnerbus.handlers import usecases
 from partnerbus.handlers.usecases import Ledger, Refused
-from partnerbus.ledger.rules import DeadlinePolicy
 from partnerbus.ledger.store import Store
 from partnerbus.schemas import (
     ConsentGranted,
@@ -24,6 +23,7 @@ from partnerbus.schemas import (
     Signal,
 )
 from partnerbus.testing import FakeClock
+from tests.conftest import make_ledger
 
 ARREARS = "logement-hebergement--reduire-les-impayes-de-loyer"
 ROUBAIX = "59512"
@@ -33,15 +33,7 @@ Q = "test.queue"
 
 @pytest.fixture
 def ledger(store: Store) -> Ledger:
-    return Ledger(
-        store=store,
-        directory=load_sample(),
-        clock=FakeClock(),
-        pseudonym_key=b"k",
-        deadlines=DeadlinePolicy(
-            routine=timedelta(days=10), urgent=timedelta(days=3), asap=timedelta(days=1)
-        ),
-    )
+    return make_ledger(store)
 
 
 _counter = iter(range(1_000_000))

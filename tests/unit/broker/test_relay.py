@@ -15,28 +15,18 @@ from sqlalchemy import select
 
 from partnerbus.broker.relay import Relay
 from partnerbus.broker.topology import Topology
-from partnerbus.directory import load_sample
 from partnerbus.handlers.usecases import Ledger
 from partnerbus.ledger import tables
-from partnerbus.ledger.rules import DeadlinePolicy
 from partnerbus.ledger.store import Store
 from partnerbus.schemas import ReferralReminder
-from partnerbus.testing import FakeClock
+from tests.conftest import make_ledger
 
 
 @pytest.fixture
 def ledger():
     store = Store("sqlite://")
     store.create_all()
-    yield Ledger(
-        store=store,
-        directory=load_sample(),
-        clock=FakeClock(),
-        pseudonym_key=b"k",
-        deadlines=DeadlinePolicy(
-            routine=timedelta(days=10), urgent=timedelta(days=3), asap=timedelta(days=1)
-        ),
-    )
+    yield make_ledger(store)
     store.dispose()
 
 
