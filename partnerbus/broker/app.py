@@ -15,6 +15,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from functools import partial
 from typing import Any
 
 from faststream import AckPolicy, FastStream
@@ -37,6 +38,8 @@ from .topology import Topology
 log = logging.getLogger("partnerbus")
 ANSWERS_LOOKBACK = timedelta(days=180)
 """Answers older than this no longer count in a partner's acceptance rate."""
+ANSWERS_SLACK = timedelta(minutes=5)
+"""How far back each refresh looks for partners that answered, beyond its last pass."""
 
 
 def deadline_policy(settings: Settings) -> DeadlinePolicy:
@@ -66,6 +69,7 @@ class Bus:
     _verdict_seen: asyncio.Event = field(default_factory=asyncio.Event)
     _tasks: list[asyncio.Task[Any]] = field(default_factory=list)
     _retention_at: datetime | None = None
+    _answers_at: datetime | None = None
 
     @property
     def store(self) -> Store:
@@ -162,10 +166,20 @@ class Bus:
         also counts the answers it records itself at once; this pass makes them agree and
         corrects what a rolled-back transaction may have counted). Returns the partners
         updated."""
-        since = self.ledger.clock() - ANSWERS_LOOKBACK
+        now = self.ledger.clock()
+        # After the first load, only the partners that answered since the last pass (with
+        # a margin for transactions still open then and for clocks of other workers).
+        changed_since = None if self._answers_at is None else self._answers_at - ANSWERS_SLACK
         answers = await asyncio.get_running_loop().run_in_executor(
-            self.executor, self.store.recent_answers, since, usecases.BUS
+            self.executor,
+            partial(
+                self.store.recent_answers,
+                now - ANSWERS_LOOKBACK,
+                usecases.BUS,
+                answered_since=changed_since,
+            ),
         )
+        self._answers_at = now
         updated = 0
         for partner_id, recent in answers.items():
             if partner_id in self.directory:

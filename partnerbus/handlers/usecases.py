@@ -16,6 +16,7 @@ from datetime import datetime, timedelta
 
 from partnerbus.directory import Candidate, Directory, match
 from partnerbus.ledger.rules import (
+    AWAITING_ANSWER,
     DURATIONS,
     OPEN,
     ConsentDecision,
@@ -55,8 +56,6 @@ DIRECTORY_UPDATES_KEY = "directory.updates"
 BUS = "partnerbus"
 MAX_CONSENT = max(DURATIONS.values()) + timedelta(days=1)
 """The longest fixed duration, and a day's grace for time zones and clocks."""
-UNANSWERED = frozenset({"requested", "delivered", "received"})
-"""A referral the partner has not yet taken up (accepted or later)."""
 
 
 class Refused(Exception):  # noqa: N818 - a business refusal, not a crash
@@ -872,7 +871,7 @@ def watch_deadlines(ledger: Ledger, tx: LedgerTx) -> dict[str, int]:
             )
             _reroute(ledger, tx, referral, row)
             counts["expired"] += 1
-    for referral in tx.referrals_with_ended_consent(now, UNANSWERED):
+    for referral in tx.referrals_with_ended_consent(now, AWAITING_ANSWER):
         # The partner has not taken it up, and may no longer contact the person: withdrawn,
         # and the need goes back to the consent gate (the advisor is asked again).
         _withdraw(

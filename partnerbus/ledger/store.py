@@ -735,23 +735,30 @@ class Store:
             return int(conn.execute(query).scalar_one())
 
     def recent_answers(
-        self, since: datetime, bus_actor: str, window: int = 20
+        self,
+        since: datetime,
+        bus_actor: str,
+        window: int = 20,
+        *,
+        answered_since: datetime | None = None,
     ) -> dict[str, list[bool]]:
         """Each partner's last `window` answers since `since` (accepted True, rejected
-        False), oldest first, from the referrals' applied transitions."""
-        query = (
-            select(t.referral_history.c.actor, t.referral_history.c.to_status)
-            .where(
-                t.referral_history.c.outcome == "applied",
-                t.referral_history.c.to_status.in_(("accepted", "rejected")),
-                t.referral_history.c.actor != bus_actor,
-                t.referral_history.c.at >= since,
-            )
-            .order_by(t.referral_history.c.id)
+        False), oldest first, from the referrals' applied transitions. With
+        `answered_since`, only the partners that answered at or after it (a refresh reads
+        what changed, not the whole history)."""
+        h = t.referral_history.c
+        answers_only = (
+            h.outcome == "applied",
+            h.to_status.in_(("accepted", "rejected")),
+            h.actor != bus_actor,
         )
+        query = select(h.actor, h.to_status).where(*answers_only, h.at >= since)
+        if answered_since is not None:
+            changed = select(h.actor).where(*answers_only, h.at >= answered_since).distinct()
+            query = query.where(h.actor.in_(changed))
         answers: dict[str, list[bool]] = {}
         with self.engine.connect() as conn:
-            for actor, status in conn.execute(query):
+            for actor, status in conn.execute(query.order_by(h.id)):
                 kept = answers.setdefault(actor, [])
                 kept.append(status == "accepted")
                 if len(kept) > window:

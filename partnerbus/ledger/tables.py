@@ -146,6 +146,9 @@ referral_history = Table(
     Column("actor", String(80), nullable=False),
     Column("reason", Text),
     Column("at", UTCDateTime, nullable=False),
+    # The workers' acceptance-rate refresh: who answered lately, then their last answers.
+    Index("ix_referral_history_at", "at"),
+    Index("ix_referral_history_actor", "actor", "id"),
 )
 
 outbox = Table(

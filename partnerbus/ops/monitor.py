@@ -16,6 +16,7 @@ import aio_pika
 from prometheus_client import CollectorRegistry, Gauge, generate_latest
 
 from partnerbus.broker.topology import Topology
+from partnerbus.ledger.rules import AWAITING_ANSWER
 from partnerbus.ledger.store import ReferralRow, Store
 
 
@@ -79,7 +80,7 @@ def ledger_figures(store: Store, now: datetime) -> LedgerFigures:
     counts = store.referral_counts()
     overdue = [
         r
-        for r in store.referrals(statuses=frozenset({"requested", "delivered", "received"}))
+        for r in store.referrals(statuses=AWAITING_ANSWER)
         if r.due_at is not None and r.due_at < now
     ]
     return LedgerFigures(

@@ -10,16 +10,18 @@ from partnerbus.broker.settings import Settings
 from partnerbus.directory import load_sample
 from partnerbus.handlers import usecases
 from partnerbus.schemas import ConsentGranted, ConsentScope, ReferralStatusChanged, Signal
+from partnerbus.testing import FakeClock
 
 KINDS = ("ccas-cias", "points-conseil-budget", "cresus", "caf", "maisons-des-solidarites")
 ARREARS = "logement-hebergement--reduire-les-impayes-de-loyer"
 
 
 async def test_a_worker_learns_the_answers_another_worker_recorded(engine_url: str) -> None:
-    """Answers recorded by one worker reach another worker's directory at its next pass, oldest dropped past the window."""
+    """Answers recorded by one worker reach another worker's directory at its next pass; a later pass reloads only the partners that answered since."""
     settings = Settings(database_url=engine_url, prefix="pbt-workers", pseudonym_key="k")
-    first = create_app(settings, directory=load_sample())
-    second = create_app(settings, directory=load_sample())
+    clock = FakeClock()
+    first = create_app(settings, directory=load_sample(), clock=clock)
+    second = create_app(settings, directory=load_sample(), clock=clock)
     try:
         first.store.create_all()
         ledger = first.ledger
@@ -80,10 +82,15 @@ async def test_a_worker_learns_the_answers_another_worker_recorded(engine_url: s
             answered.setdefault(referral["partner"], []).append(status == "accepted")
 
         assert all(second.directory.acceptance(p) == (0, 0) for p in answered)
+        clock.advance(timedelta(hours=1))
         assert await second.refresh_answers() == len(answered)
         for partner, answers in answered.items():
             assert second.directory.acceptance(partner) == (sum(answers), len(answers))
             assert first.directory.acceptance(partner) == (sum(answers), len(answers))
+        clock.advance(timedelta(hours=1))
+        assert await second.refresh_answers() == 0, "nobody answered since the last pass"
+        for partner, answers in answered.items():
+            assert second.directory.acceptance(partner) == (sum(answers), len(answers))
     finally:
         for bus in (first, second):
             bus.executor.shutdown()
