@@ -224,8 +224,7 @@ class Bus:
         pass; retention (free text, anonymisation) when a day has passed since the last."""
 
         def work() -> dict[str, int]:
-            with self.store.begin() as tx:
-                counts = usecases.watch_deadlines(self.ledger, tx)
+            counts = self.store.run(lambda tx: usecases.watch_deadlines(self.ledger, tx))
             now = self.ledger.clock()
             if self._retention_at is None or now - self._retention_at >= timedelta(days=1):
                 with self.store.begin() as tx:

@@ -5,6 +5,11 @@ subscriber asks the relay to send them right after the commit, and a background 
 whatever a crash left behind. A row is claimed for a lease before it is sent, so two workers
 do not send it together; a crash between the confirm and `mark_sent` sends it once more,
 with the same `message_id` (at least once; partners deduplicate on it).
+
+A referral is sent inside one transaction that holds its consent (shared) and its row
+(locked) from the last check to the recorded confirm: a revocation, an answer or an expiry
+comes wholly before (the referral does not leave) or after (it sees that it left). Rows
+about one referral leave in outbox order across relays (`Store.claim_pending`).
 """
 
 from __future__ import annotations
@@ -15,14 +20,15 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
+from concurrent.futures import TimeoutError as FutureTimeout
 from datetime import timedelta
 from functools import partial
 from typing import Any
 
 from aio_pika.exceptions import DeliveryError
 
-from partnerbus.handlers.usecases import Ledger, clear_to_send, mark_delivered
-from partnerbus.ledger.store import OutboxRow
+from partnerbus.handlers.usecases import Ledger, mark_delivered, send_or_withhold
+from partnerbus.ledger.store import LedgerTx, OutboxRow, backoff, is_conflict
 
 from .topology import Topology
 
@@ -89,14 +95,19 @@ class Relay:
         sent = 0
         for index, row in enumerate(rows):
             if time.monotonic() - claimed_at > self.lease.total_seconds() / 2:
-                # Past half the lease: another worker may claim the rest soon; leave them to it
-                # (or to us, once the lease is over) rather than race it.
+                # Past half the lease: another worker may claim the rest soon; give them
+                # back untried (their claims do not count as tries) rather than race it.
+                await self._db(store.release_untried, [r.id for r in rows[index:]])
                 break
-            if self._is_referral(row) and not await self._db(self._clear, row):
-                self.withheld += 1
-                self.kick()  # the withdrawal it may have queued goes out next
-                continue
-            outcome = await self._send(row)
+            if self._is_referral(row):
+                outcome = await self._db(self._send_referral, row, asyncio.get_running_loop())
+                if outcome == "withheld":
+                    self.withheld += 1
+                    self.kick()  # the withdrawal it may have queued goes out next
+                    continue
+                self._after_send(row, outcome)
+            else:
+                outcome = await self._send(row)
             if outcome == "unreachable":
                 # The broker is gone: trying the rest of the batch now would only fail
                 # again. Give them back untried, for the next sweep (or another worker).
@@ -106,56 +117,103 @@ class Relay:
         self.sent += sent
         return sent
 
+    def _publish(self, row: OutboxRow) -> Awaitable[Any]:
+        return self.publish(
+            row.body.encode(),
+            exchange=self.topology.deliveries,
+            routing_key=row.routing_key,
+            persist=True,
+            mandatory=True,
+            message_id=row.message_id,
+            message_type=row.message_type,
+            content_type="application/json",
+            timeout=self.timeout_s,
+        )
+
     async def _send(self, row: OutboxRow) -> str:
         """Publish one claimed row and record its confirm: `sent`; `refused` when the broker
         refused this message (unroutable, nacked); `unreachable` when it could not be asked
         (connection or channel lost, confirm timed out). Both leave the row for a later try."""
         store = self.ledger.store
         try:
-            await self.publish(
-                row.body.encode(),
-                exchange=self.topology.deliveries,
-                routing_key=row.routing_key,
-                persist=True,
-                mandatory=True,
-                message_id=row.message_id,
-                message_type=row.message_type,
-                content_type="application/json",
-                timeout=self.timeout_s,
-            )
+            await self._publish(row)
         except Exception as exc:
-            self.failed += 1
-            log.warning("outbox row %s to %s not sent: %s", row.id, row.routing_key, exc)
+            self._failed(row, exc)
             await self._db(store.release, row.id, f"{type(exc).__name__}: {exc}")
-            return "refused" if isinstance(exc, DeliveryError) else "unreachable"
+            return _failure(exc)
         await self._db(self._confirmed, row)
+        self._after_send(row, "sent")
+        return "sent"
+
+    def _failed(self, row: OutboxRow, exc: BaseException) -> None:
+        self.failed += 1
+        log.warning("outbox row %s to %s not sent: %s", row.id, row.routing_key, exc)
+
+    def _after_send(self, row: OutboxRow, outcome: str) -> None:
+        if outcome != "sent":
+            return
         self._recorded[row.message_id] = None
         if len(self._recorded) > 10_000:
             del self._recorded[next(iter(self._recorded))]
         self._progress.set()
-        return "sent"
+
+    def _send_referral(self, row: OutboxRow, loop: asyncio.AbstractEventLoop) -> str:
+        """On a database thread: check, publish and record the confirm of one referral in
+        ONE transaction, holding its consent (shared) and its row (locked) throughout, so
+        that a revocation either commits before (the referral is withheld, never leaves)
+        or waits and comes after (it sees that the referral left, and the partner is told).
+        The publish runs on the event loop, which is free meanwhile. A conflict before the
+        publish re-runs the transaction; after it, the row waits for the next try (sent
+        again with the same message id if the first reached the partner)."""
+        published = False
+
+        def attempt(tx: LedgerTx) -> str:
+            nonlocal published
+            assert row.referral_id is not None
+            if not send_or_withhold(self.ledger, tx, row.referral_id, row.id, row.attempts):
+                log.info("referral %s withheld: no longer open or consented", row.referral_id)
+                return "withheld"
+            published = True
+            future = asyncio.run_coroutine_threadsafe(_awaited(self._publish(row)), loop)
+            try:
+                future.result(timeout=self.timeout_s + 5)
+            except Exception as exc:
+                future.cancel()
+                if isinstance(exc, FutureTimeout):
+                    exc = TimeoutError("no confirm in time")
+                self._failed(row, exc)
+                tx.release_row(row.id, f"{type(exc).__name__}: {exc}")
+                return _failure(exc)
+            tx.mark_sent(row.id, self.ledger.clock())
+            mark_delivered(self.ledger, tx, row.referral_id)
+            return "sent"
+
+        store = self.ledger.store
+        for tries in range(1, 9):
+            try:
+                with store.begin() as tx:
+                    return attempt(tx)
+            except Exception as exc:
+                if published or tries == 8 or not is_conflict(exc):
+                    if published:
+                        # It may have left: the row keeps its claim (counted as a try) and
+                        # goes again after the lease, with the same message id.
+                        log.warning(
+                            "referral row %s published but its confirm not recorded (%s)",
+                            row.id,
+                            type(exc).__name__,
+                        )
+                    raise
+                backoff(tries)
+        raise AssertionError("unreachable")  # pragma: no cover
 
     @staticmethod
     def _is_referral(row: OutboxRow) -> bool:
         return row.message_type == "referral" and row.referral_id is not None
 
-    def _clear(self, row: OutboxRow) -> bool:
-        """Check, at the moment of sending, that the referral may still leave (it is open
-        and a consent valid now covers it); if not, the row is dropped unsent."""
-        assert row.referral_id is not None
-        with self.ledger.store.begin() as tx:
-            if clear_to_send(self.ledger, tx, row.referral_id, row.attempts):
-                return True
-            tx.drop_outbox_row(row.id)
-        log.info("referral %s withheld: no longer open or consented", row.referral_id)
-        return False
-
     def _confirmed(self, row: OutboxRow) -> None:
         now = self.ledger.clock()
-        with self.ledger.store.begin() as tx:
-            tx.mark_sent(row.id, now)
-            if row.message_type == "referral" and row.referral_id:
-                mark_delivered(self.ledger, tx, row.referral_id)
+        self.ledger.store.run(lambda tx: tx.mark_sent(row.id, now))
 
     async def wait_recorded(self, message_id: str, timeout: float = 10.0) -> None:
         """Wait until this process has sent `message_id` and recorded the confirm."""
@@ -180,3 +238,11 @@ class Relay:
             await self.flush()
         except Exception:
             log.exception("last outbox flush before shutdown failed; the next start sends it")
+
+
+async def _awaited(awaitable: Awaitable[Any]) -> Any:
+    return await awaitable
+
+
+def _failure(exc: BaseException) -> str:
+    return "refused" if isinstance(exc, DeliveryError) else "unreachable"

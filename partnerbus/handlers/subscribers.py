@@ -74,9 +74,11 @@ class Wiring:
         )
 
     async def in_transaction(self, use_case: Callable[..., bool], message: Any, queue: str) -> bool:
+        """Run the use case in one transaction, re-run whole when it met a concurrent change
+        (a compare-and-set that found another status, a deadlock, a serialization failure)."""
+
         def work() -> bool:
-            with self.ledger.store.begin() as tx:
-                return use_case(self.ledger, tx, message, queue)
+            return self.ledger.store.run(lambda tx: use_case(self.ledger, tx, message, queue))
 
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.executor, work)

@@ -32,7 +32,14 @@ from partnerbus.ledger.rules import (
     signal_pseudonym,
     transition,
 )
-from partnerbus.ledger.store import ConsentRow, LedgerTx, ReferralRow, SignalRow, Store
+from partnerbus.ledger.store import (
+    Conflict,
+    ConsentRow,
+    LedgerTx,
+    ReferralRow,
+    SignalRow,
+    Store,
+)
 from partnerbus.schemas import (
     CapacityChanged,
     ConsentExpiring,
@@ -159,6 +166,9 @@ def _route(
     """Send this need to the best partner the person consented to. Returns the consent
     decision and the candidates when the need must wait for consent (parked)."""
     now = ledger.clock()
+    # What this person consented to and which of her needs wait for it are decided under
+    # her lock: a grant committing meanwhile either is seen here or sees the need parked.
+    tx.lock_person(signal.person_ref)
     candidates = match(
         ledger.directory,
         need,
@@ -286,21 +296,16 @@ def _send_referral(
     )
     tx.record_transition(rid, "requested", "requested", "applied", BUS, decision.detail, now)
     tx.set_need_state(row.signal_id, need, "routed", f"to {partner.id} (attempt {attempt})", now)
+    # Nothing is disclosed yet: the audit records the disclosure when the broker confirms
+    # the referral (`mark_delivered`), or that it was withheld if it never leaves.
     tx.enqueue(referral, partner.id, now, referral_id=rid)
-    shared = [
-        name
-        for name, part in (("profile", profile), ("facts", facts), ("contact", contact))
-        if part
-    ]
-    tx.audit(
-        BUS,
-        "referral-disclosed",
-        rid,
-        now,
-        person_ref=signal.person_ref,
-        partner_id=partner.id,
-        why=f"{need}; consent {decision.consent_id}; shared: {', '.join(shared) or 'ids only'}",
-    )
+
+
+def _shared(kind: str, signal: Signal) -> str:
+    """What of the person a partner of this kind receives, for the audit."""
+    profile, facts, contact = minimise(kind, signal.profile, signal.facts, signal.contact)
+    parts = (("profile", profile), ("facts", facts), ("contact", contact))
+    return ", ".join(name for name, part in parts if part) or "ids only"
 
 
 def _request_consent(
@@ -425,6 +430,7 @@ def grant_consent(ledger: Ledger, tx: LedgerTx, event: ConsentGranted, queue: st
     if not tx.first_time(event.message_id, queue, now):
         return False
     check_consent(ledger, event)
+    tx.lock_person(event.person_ref)
     record = ConsentRecord.from_event(event)
     added = tx.add_consent(
         ConsentRow(
@@ -490,6 +496,7 @@ def refuse_consent(ledger: Ledger, tx: LedgerTx, event: ConsentRefused, queue: s
     row = tx.signal(event.signal_id)
     if row is None or row.person_ref != event.person_ref:
         raise Refused(f"no signal {event.signal_id} about {event.person_ref}")
+    tx.lock_person(event.person_ref)  # a grant releasing these needs meanwhile is seen
     states = tx.need_states(event.signal_id)
     needs = event.needs or tuple(n for n, s in states.items() if s == "parked")
     tx.journal(None, event.person_ref, "refused", event.collected_by, now, event.model_dump_json())
@@ -529,7 +536,9 @@ def revoke_consent(ledger: Ledger, tx: LedgerTx, event: ConsentRevoked, queue: s
     now = ledger.clock()
     if not tx.first_time(event.message_id, queue, now):
         return False
-    consent = tx.consent(event.consent_id)
+    # Taken for update: a relay sending under this consent holds it (shared) until its
+    # referral is confirmed, so the revocation comes wholly before or after that send.
+    consent = tx.consent(event.consent_id, lock="update")
     if consent is None:
         raise Refused(f"unknown consent {event.consent_id}")
     if consent.agency != event.agency:
@@ -566,17 +575,17 @@ def _withdraw(
     *,
     reason: str = "consent-revoked",
     may_have_left: bool | None = None,
-) -> None:
+) -> bool:
     """Close an open referral for want of consent. If it may have reached the partner, the
-    partner is told to drop the data (`ReferralWithdrawn`); if no relay ever picked it up
-    (`may_have_left` None: the outbox says), it is withheld: it never leaves."""
+    partner is told to drop the data (`ReferralWithdrawn`, after the referral: the relay
+    keeps one referral's messages in order); if it never left, it is withheld: its outbox
+    row is deleted and the partner hears nothing. `may_have_left` None: the outbox says.
+    False if the referral had closed meanwhile (nothing done)."""
     now = ledger.clock()
-    _apply(ledger, tx, referral, "withdrawn", "bus", actor, why)
-    if may_have_left is None:
-        may_have_left = not (
-            referral.status == "requested" and tx.drop_unclaimed_referral(referral.referral_id)
-        )
-    if may_have_left:
+    if not _apply(ledger, tx, referral, "withdrawn", "bus", actor, why):
+        return False
+    left = _may_have_left(tx, referral) if may_have_left is None else may_have_left
+    if left is not False:
         tx.enqueue(
             ReferralWithdrawn(
                 message_id=_derived_id("withdrawn", referral.referral_id),
@@ -591,27 +600,105 @@ def _withdraw(
         )
     tx.set_need_state(referral.signal_id, referral.need, "withdrawn", why, now)
     _notify_status(ledger, tx, referral, "withdrawn", why)
+    if left is None:
+        # A relay holds a claim on the referral and has not tried it yet: it settles the
+        # matter when it gets to it (`send_or_withhold`); the audit says then which.
+        return True
     tx.audit(
         actor,
-        "referral-withdrawn" if may_have_left else "referral-withheld",
+        "referral-withdrawn" if left else "referral-withheld",
         referral.referral_id,
         now,
         partner_id=referral.partner_id,
-        why=why if may_have_left else f"{why}; it had not left: the partner never received it",
+        why=why if left else f"{why}; it had not left: the partner never received it",
+    )
+    return True
+
+
+def _may_have_left(tx: LedgerTx, referral: ReferralRow) -> bool | None:
+    """Whether the referral may have reached its partner, from what the relays did: True
+    once sent or tried; False if it never was, and then its outbox row is deleted so that
+    it never will be; None while a relay holds the only claims on it, untried (that relay
+    decides, under the referral's lock, in `send_or_withhold`)."""
+    if referral.status != "requested" or referral.sent_at is not None:
+        return True
+    rows = tx.referral_rows(referral.referral_id)
+    if any(sent for _, _, sent in rows):
+        return True
+    if all(claims == 0 for _, claims, _ in rows):
+        for outbox_id, _, _ in rows:
+            tx.drop_outbox_row(outbox_id)
+        return False
+    return None
+
+
+def send_or_withhold(
+    ledger: Ledger, tx: LedgerTx, referral_id: str, outbox_id: int, claims: int
+) -> bool:
+    """The relay's decision for one referral row, under the locks `clear_to_send` takes
+    (held until the relay has published and recorded the confirm in this transaction).
+    True: publish it now. False: the row is deleted unsent, and a withdrawal queued for
+    the referral meanwhile is settled: dropped if the referral never left (the partner
+    never hears of it), kept if an earlier try may have reached the partner."""
+    verdict = _check_before_sending(ledger, tx, referral_id, claims)
+    if verdict == "send":
+        return True
+    tx.drop_outbox_row(outbox_id)
+    if verdict == "closed":
+        _settle_withdrawal(ledger, tx, referral_id, claims)
+    return False
+
+
+def _settle_withdrawal(ledger: Ledger, tx: LedgerTx, referral_id: str, claims: int) -> None:
+    """A withdrawal queued while a relay held an untried claim on the referral (see
+    `_may_have_left`) is decided here: `claims` counts the tries that may have published
+    the referral, this one (which did not) included."""
+    withdrawals = tx.pending_withdrawals(referral_id)
+    if not withdrawals or any(sent for _, _, sent in tx.referral_rows(referral_id)):
+        return  # nothing waits, or it was decided when the referral was withdrawn
+    referral = tx.referral(referral_id)
+    assert referral is not None
+    left = claims > 1
+    if not left:
+        for row_id in withdrawals:
+            tx.drop_outbox_row(row_id)
+    tx.audit(
+        BUS,
+        "referral-withdrawn" if left else "referral-withheld",
+        referral_id,
+        ledger.clock(),
+        partner_id=referral.partner_id,
+        why="an earlier try may have reached the partner: it is told to drop it"
+        if left
+        else "withdrawn before it left: the partner never received it",
     )
 
 
 def clear_to_send(ledger: Ledger, tx: LedgerTx, referral_id: str, attempts: int) -> bool:
-    """The last check, just before the relay publishes a referral: it is still waiting to
-    leave and a consent valid at this very moment covers it. A referral closed meanwhile
-    does not leave; one whose consent ran out (the broker was down, the outbox waited) is
-    withdrawn, and its need goes back to the consent gate: the advisor is asked again.
-    `attempts` counts the relay's claims of the row: above one, an earlier try may have
+    """The last check, just before a referral is published: True if it may leave now.
+    See `_check_before_sending`; `attempts` counts the claims of the row that may have
+    published it, this one included."""
+    return _check_before_sending(ledger, tx, referral_id, attempts) == "send"
+
+
+def _check_before_sending(ledger: Ledger, tx: LedgerTx, referral_id: str, attempts: int) -> str:
+    """The relay publishes and records the confirm in the transaction that ran this,
+    holding what this takes: the consent (shared: a revocation waits) and the referral's
+    row (a status, a withdrawal, an expiry wait). The referral must still be waiting for
+    an answer (a referral re-sent from the dead letters may be delivered or received
+    already) and a consent valid at this very moment must cover it: `send`. A referral
+    closed meanwhile does not leave: `closed`. One whose consent ran out (the broker was
+    down, the outbox waited) is withdrawn, and its need goes back to the consent gate,
+    the advisor is asked again: `withdrawn`. Above one attempt, an earlier try may have
     reached the partner, who is then told to drop it."""
-    referral = tx.referral(referral_id)
-    if referral is None or referral.status != "requested":
-        return False
-    consent = tx.consent(referral.consent_id)
+    seen = tx.referral(referral_id)
+    if seen is None or seen.status not in AWAITING_ANSWER:
+        return "closed"
+    # Locks in one order everywhere: the consent, then the referral.
+    consent = tx.consent(seen.consent_id, lock="share")
+    referral = tx.referral(referral_id, lock=True)
+    if referral is None or referral.status not in AWAITING_ANSWER:
+        return "closed"
     row = tx.signal(referral.signal_id)
     assert consent is not None and row is not None
     now = ledger.clock()
@@ -624,7 +711,7 @@ def clear_to_send(ledger: Ledger, tx: LedgerTx, referral_id: str, attempts: int)
         now,
     )
     if decision.allowed:
-        return True
+        return "send"
     _withdraw(
         ledger,
         tx,
@@ -632,10 +719,10 @@ def clear_to_send(ledger: Ledger, tx: LedgerTx, referral_id: str, attempts: int)
         f"not sent: {decision.detail}",
         BUS,
         reason="consent-expired",
-        may_have_left=attempts > 1,
+        may_have_left=attempts > 1 or referral.status != "requested",
     )
     _reroute(ledger, tx, referral, row)
-    return False
+    return "withdrawn"
 
 
 # statuses ------------------------------------------------------------------------------
@@ -650,9 +737,19 @@ def _apply(
     *,
     reason: str | None = None,
     outcome: str | None = None,
+    also: dict[str, object] | None = None,
 ) -> bool:
-    """Run the state machine; record the attempt whatever its outcome. True if applied."""
+    """Run the state machine; record the attempt whatever its outcome. True if applied.
+
+    The decision is made on `referral` as the caller read it, so the row is locked and
+    must still say the same; the write is a compare-and-set on that status. Otherwise a
+    `Conflict` re-runs the whole transaction on fresh reads: no transition is decided on
+    a stale status, and none overwrites another. `also`: more columns written with it."""
     now = ledger.clock()
+    current = tx.referral(referral.referral_id, lock=True)
+    if current is None or current.status != referral.status:
+        msg = f"referral {referral.referral_id} changed since it was read"
+        raise Conflict(msg)
     result = transition(referral.status, new, actor_kind)  # type: ignore[arg-type]
     tx.record_transition(
         referral.referral_id,
@@ -681,7 +778,7 @@ def _apply(
         values["outcome"] = outcome
     if new not in OPEN:
         values["closed_at"] = now
-    tx.update_referral(referral.referral_id, **values)
+    tx.update_referral(referral.referral_id, referral.status, **values, **(also or {}))
     return True
 
 
@@ -689,7 +786,7 @@ def record_status(ledger: Ledger, tx: LedgerTx, event: ReferralStatusChanged, qu
     now = ledger.clock()
     if not tx.first_time(event.message_id, queue, now):
         return False
-    referral = tx.referral(event.referral_id)
+    referral = tx.referral(event.referral_id, lock=True)
     if referral is None:
         raise Refused(f"unknown referral {event.referral_id}")
     if referral.partner_id != event.partner:
@@ -782,21 +879,44 @@ def _reroute(ledger: Ledger, tx: LedgerTx, referral: ReferralRow, row: SignalRow
 
 
 def mark_delivered(ledger: Ledger, tx: LedgerTx, referral_id: str) -> None:
-    """The broker confirmed the referral: its clock starts now."""
-    referral = tx.referral(referral_id)
+    """The broker confirmed the referral: it is disclosed (audited now, not when it was
+    decided), and its clock starts now. Only `requested` moves to `delivered`: a referral
+    sent again (from the dead letters) that is further along stays where it is."""
+    referral = tx.referral(referral_id, lock=True)
     if referral is None:
         return
     now = ledger.clock()
-    if _apply(ledger, tx, referral, "delivered", "bus", BUS, "publisher confirm"):
-        tx.update_referral(
-            referral_id,
-            sent_at=now,
-            due_at=ledger.deadlines.due_by(referral.urgency, now),
-            remind_at=ledger.deadlines.remind_at(referral.urgency, now),
-        )
+    first = referral.status == "requested"
+    if first and _apply(
+        ledger,
+        tx,
+        referral,
+        "delivered",
+        "bus",
+        BUS,
+        "publisher confirm",
+        also={
+            "sent_at": now,
+            "due_at": ledger.deadlines.due_by(referral.urgency, now),
+            "remind_at": ledger.deadlines.remind_at(referral.urgency, now),
+        },
+    ):
         _notify_status(
             ledger, tx, referral, "delivered", "in the partner's queue (the broker confirmed it)"
         )
+    row = tx.signal(referral.signal_id)
+    assert row is not None
+    tx.audit(
+        BUS,
+        "referral-disclosed",
+        referral_id,
+        now,
+        person_ref=row.person_ref,
+        partner_id=referral.partner_id,
+        why=f"{referral.need}; consent {referral.consent_id}; "
+        f"shared: {_shared(referral.partner_kind, row.signal())}"
+        + ("" if first else f"; sent again while {referral.status}"),
+    )
 
 
 def record_capacity(ledger: Ledger, tx: LedgerTx, event: CapacityChanged, queue: str) -> bool:
@@ -842,7 +962,7 @@ def watch_deadlines(ledger: Ledger, tx: LedgerTx) -> dict[str, int]:
             ledger.deadlines,
         )
         if action.kind == "remind":
-            tx.update_referral(referral.referral_id, reminded=True)
+            tx.update_referral(referral.referral_id, referral.status, reminded=True)
             tx.enqueue(
                 ReferralReminder(
                     message_id=_derived_id("reminder", referral.referral_id),

@@ -10,30 +10,66 @@ tests and for partners who test against us.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import logging
+import random
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import (
     Connection,
     Engine,
+    Table,
     and_,
     create_engine,
     delete,
     event,
+    exists,
     func,
     or_,
     select,
     update,
 )
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.pool import StaticPool
 
 from partnerbus.schemas import ConsentScope, Message, Signal
 
 from . import tables as t
+
+log = logging.getLogger("partnerbus.ledger")
+T = TypeVar("T")
+
+RETRYABLE_SQLSTATES = frozenset({"40001", "40P01", "23505"})
+"""PostgreSQL errors that mean "another transaction got there first", not "this is wrong":
+serialization failure, deadlock detected, and a unique key another transaction has just
+inserted (a concurrent upsert or dedupe mark). Re-running the transaction settles them."""
+MAX_TRIES = 8
+
+
+class Conflict(Exception):  # noqa: N818 - a signal to re-run, not an error
+    """The row changed since this transaction read it (a compare-and-set found another
+    status): the decision was made on a stale read, so the whole transaction re-runs."""
+
+
+def is_conflict(exc: BaseException) -> bool:
+    """True for a failure that re-running the transaction settles."""
+    if isinstance(exc, Conflict):
+        return True
+    if isinstance(exc, DBAPIError):
+        return getattr(exc.orig, "sqlstate", None) in RETRYABLE_SQLSTATES
+    return False
+
+
+def backoff(attempt: int) -> None:
+    """A short random pause before the next try, so that two rivals do not meet again."""
+    time.sleep(random.uniform(0, 0.005 * 2**attempt))
 
 
 @dataclass(frozen=True)
@@ -169,20 +205,34 @@ class LedgerTx:
         row = self.conn.execute(select(t.signals).where(t.signals.c.signal_id == signal_id)).first()
         return _row(SignalRow, row) if row else None
 
+    def lock_person(self, person_ref: str) -> None:
+        """Serialise, until this transaction ends, every decision about this person's
+        consents and parked needs (a grant releasing parked needs against a signal or a
+        reroute parking one: without it each could miss the other's uncommitted write).
+        A PostgreSQL transaction-scoped advisory lock; SQLite's BEGIN IMMEDIATE already
+        serialises every writer."""
+        if self.conn.dialect.name != "postgresql":
+            return
+        key = int.from_bytes(
+            hashlib.blake2b(person_ref.encode(), digest_size=8).digest(), "big", signed=True
+        )
+        self.conn.execute(select(func.pg_advisory_xact_lock(key)))
+
     def set_need_state(
         self, signal_id: str, need: str, state: str, detail: str | None, now: datetime
     ) -> None:
-        updated = self.conn.execute(
-            update(t.signal_needs)
-            .where(t.signal_needs.c.signal_id == signal_id, t.signal_needs.c.need == need)
-            .values(state=state, detail=detail, updated_at=now)
+        self._upsert(
+            t.signal_needs,
+            {"signal_id": signal_id, "need": need},
+            {"state": state, "detail": detail, "updated_at": now},
         )
-        if updated.rowcount == 0:
-            self.conn.execute(
-                t.signal_needs.insert().values(
-                    signal_id=signal_id, need=need, state=state, detail=detail, updated_at=now
-                )
+
+    def need_state(self, signal_id: str, need: str) -> str | None:
+        return self.conn.execute(
+            select(t.signal_needs.c.state).where(
+                t.signal_needs.c.signal_id == signal_id, t.signal_needs.c.need == need
             )
+        ).scalar_one_or_none()
 
     def need_states(self, signal_id: str) -> dict[str, str]:
         rows = self.conn.execute(
@@ -221,10 +271,13 @@ class LedgerTx:
         )
         return True
 
-    def consent(self, consent_id: str) -> ConsentRow | None:
-        row = self.conn.execute(
-            select(t.consents).where(t.consents.c.consent_id == consent_id)
-        ).first()
+    def consent(self, consent_id: str, *, lock: str | None = None) -> ConsentRow | None:
+        """A consent; `lock="share"` keeps it from being revoked until this transaction
+        ends (the relay, while it sends under it), `lock="update"` takes it for a change."""
+        query = select(t.consents).where(t.consents.c.consent_id == consent_id)
+        if lock is not None:
+            query = query.with_for_update(read=lock == "share")
+        row = self.conn.execute(query).first()
         return _consent(row) if row else None
 
     def consents_of(self, person_ref: str) -> list[ConsentRow]:
@@ -235,11 +288,14 @@ class LedgerTx:
         )
         return [_consent(r) for r in rows]
 
-    def revoke_consent(self, consent_id: str, at: datetime, by: str) -> None:
-        self.conn.execute(
-            update(t.consents)
-            .where(t.consents.c.consent_id == consent_id, t.consents.c.revoked_at.is_(None))
-            .values(revoked_at=at, revoked_by=by)
+    def revoke_consent(self, consent_id: str, at: datetime, by: str) -> bool:
+        """Revoke once: False if it already was (the first revocation stands)."""
+        return bool(
+            self.conn.execute(
+                update(t.consents)
+                .where(t.consents.c.consent_id == consent_id, t.consents.c.revoked_at.is_(None))
+                .values(revoked_at=at, revoked_by=by)
+            ).rowcount
         )
 
     def mark_expiry_notified(self, consent_id: str, at: datetime) -> None:
@@ -273,10 +329,13 @@ class LedgerTx:
     def add_referral(self, **values: Any) -> None:
         self.conn.execute(t.referrals.insert().values(**values))
 
-    def referral(self, referral_id: str) -> ReferralRow | None:
-        row = self.conn.execute(
-            select(t.referrals).where(t.referrals.c.referral_id == referral_id)
-        ).first()
+    def referral(self, referral_id: str, *, lock: bool = False) -> ReferralRow | None:
+        """A referral; with `lock`, its row is held until this transaction ends
+        (SELECT … FOR UPDATE on PostgreSQL; SQLite's BEGIN IMMEDIATE holds everything)."""
+        query = select(t.referrals).where(t.referrals.c.referral_id == referral_id)
+        if lock:
+            query = query.with_for_update()
+        row = self.conn.execute(query).first()
         return _row(ReferralRow, row) if row else None
 
     def referrals_for(self, signal_id: str, need: str | None = None) -> list[ReferralRow]:
@@ -330,10 +389,21 @@ class LedgerTx:
         )
         return [_consent(r) for r in rows]
 
-    def update_referral(self, referral_id: str, **values: Any) -> None:
-        self.conn.execute(
-            update(t.referrals).where(t.referrals.c.referral_id == referral_id).values(**values)
-        )
+    def update_referral(self, referral_id: str, expected_status: str, **values: Any) -> None:
+        """Compare-and-set: write only if the referral is still `expected_status` (the
+        status the decision was made on); otherwise raise `Conflict` and the transaction
+        re-runs on a fresh read. Every write of a referral's state goes through here."""
+        changed = self.conn.execute(
+            update(t.referrals)
+            .where(
+                t.referrals.c.referral_id == referral_id,
+                t.referrals.c.status == expected_status,
+            )
+            .values(**values)
+        ).rowcount
+        if changed != 1:
+            msg = f"referral {referral_id} is no longer {expected_status}"
+            raise Conflict(msg)
 
     def record_transition(
         self,
@@ -487,31 +557,40 @@ class LedgerTx:
     def set_capacity(
         self, partner_id: str, status: str, remaining: int | None, now: datetime
     ) -> None:
-        updated = self.conn.execute(
-            update(t.partner_capacity)
-            .where(t.partner_capacity.c.partner_id == partner_id)
-            .values(status=status, remaining=remaining, updated_at=now)
+        self._upsert(
+            t.partner_capacity,
+            {"partner_id": partner_id},
+            {"status": status, "remaining": remaining, "updated_at": now},
         )
-        if updated.rowcount == 0:
-            self.conn.execute(
-                t.partner_capacity.insert().values(
-                    partner_id=partner_id, status=status, remaining=remaining, updated_at=now
-                )
-            )
 
-    def drop_unclaimed_referral(self, referral_id: str) -> bool:
-        """Delete a referral's outbox row that no relay has ever claimed (so it cannot have
-        left); True if there was one. A row claimed once may have been published."""
-        return bool(
-            self.conn.execute(
-                delete(t.outbox).where(
-                    t.outbox.c.referral_id == referral_id,
-                    t.outbox.c.message_type == "referral",
-                    t.outbox.c.sent_at.is_(None),
-                    t.outbox.c.attempts == 0,
-                )
-            ).rowcount
+    def _upsert(self, table: Table, key: dict[str, Any], values: dict[str, Any]) -> None:
+        """Insert or update in one statement (INSERT … ON CONFLICT DO UPDATE): two
+        transactions writing the same key never both insert, nor lose the row."""
+        dialect = postgresql if self.conn.dialect.name == "postgresql" else sqlite
+        statement = dialect.insert(table).values(**key, **values)
+        self.conn.execute(statement.on_conflict_do_update(index_elements=list(key), set_=values))
+
+    def referral_rows(self, referral_id: str) -> list[tuple[int, int, bool]]:
+        """The outbox rows carrying this referral itself: (id, claims, sent), oldest first.
+        A row's claims count the relays' tries that may have published it (a claim given
+        back untried is not counted)."""
+        rows = self.conn.execute(
+            select(t.outbox.c.id, t.outbox.c.attempts, t.outbox.c.sent_at)
+            .where(t.outbox.c.referral_id == referral_id, t.outbox.c.message_type == "referral")
+            .order_by(t.outbox.c.id)
         )
+        return [(r.id, r.attempts, r.sent_at is not None) for r in rows]
+
+    def pending_withdrawals(self, referral_id: str) -> list[int]:
+        """Unsent `referral-withdrawn` rows of this referral (ids)."""
+        rows = self.conn.execute(
+            select(t.outbox.c.id).where(
+                t.outbox.c.referral_id == referral_id,
+                t.outbox.c.message_type == "referral-withdrawn",
+                t.outbox.c.sent_at.is_(None),
+            )
+        )
+        return [r.id for r in rows]
 
     def drop_outbox_row(self, outbox_id: int) -> None:
         """A claimed row that must not leave after all (its referral is closed, or its
@@ -523,6 +602,15 @@ class LedgerTx:
             update(t.outbox)
             .where(t.outbox.c.id == outbox_id)
             .values(sent_at=now, claimed_until=None, last_error=None)
+        )
+
+    def release_row(self, outbox_id: int, error: str) -> None:
+        """A try that failed: the row waits for the next one (its claim still counts: the
+        publish may have reached the broker)."""
+        self.conn.execute(
+            update(t.outbox)
+            .where(t.outbox.c.id == outbox_id)
+            .values(claimed_until=None, last_error=error[:2000])
         )
 
     def audit(
@@ -571,15 +659,44 @@ class Store:
         with self.engine.begin() as conn:
             yield LedgerTx(conn)
 
+    def run(self, work: Callable[[LedgerTx], T], *, tries: int = MAX_TRIES) -> T:
+        """Run `work` in one transaction; when it meets a concurrent change (a `Conflict`,
+        a serialization failure, a deadlock, a key another transaction just inserted), roll
+        back and run the whole of it again, on fresh reads, up to `tries` times. `work`
+        must have no effect outside the transaction that a second run would repeat."""
+        for attempt in range(1, tries + 1):
+            try:
+                with self.begin() as tx:
+                    return work(tx)
+            except Exception as exc:
+                if attempt == tries or not is_conflict(exc):
+                    raise
+                log.info(
+                    "transaction re-run after a concurrent change (%s, try %d)",
+                    _error_code(exc),
+                    attempt,
+                )
+                backoff(attempt)
+        raise AssertionError("unreachable")  # pragma: no cover
+
     # outbox relay ---------------------------------------------------------------------
     def claim_pending(self, now: datetime, lease: timedelta, limit: int = 100) -> list[OutboxRow]:
         """Claim unsent outbox rows for `lease`, so that two relays do not send the same row."""
         claimed: list[OutboxRow] = []
+        # Messages about one referral leave in outbox order, whichever relay sends them: a
+        # row waits while an earlier row of its referral is unsent (claimed or not).
+        earlier = t.outbox.alias("earlier")
+        waits = exists().where(
+            earlier.c.referral_id == t.outbox.c.referral_id,
+            earlier.c.sent_at.is_(None),
+            earlier.c.id < t.outbox.c.id,
+        )
         with self.engine.begin() as conn:
             query = (
                 select(t.outbox.c.id)
                 .where(t.outbox.c.sent_at.is_(None))
                 .where(or_(t.outbox.c.claimed_until.is_(None), t.outbox.c.claimed_until < now))
+                .where(or_(t.outbox.c.referral_id.is_(None), ~waits))
                 .order_by(t.outbox.c.id)
                 .limit(limit)
             )
@@ -777,6 +894,14 @@ class Store:
             return [(r.partner_id, r.status, r.remaining) for r in rows]
 
 
+def _error_code(exc: BaseException) -> str:
+    """What a log line may say of a database error: its class and SQLSTATE, never its
+    parameters (they carry personal data)."""
+    if isinstance(exc, DBAPIError):
+        return f"{type(exc.orig).__name__} {getattr(exc.orig, 'sqlstate', '')}".strip()
+    return type(exc).__name__
+
+
 def _engine(url: str, *, schema: str | None, echo: bool) -> Engine:
     if url.startswith("sqlite"):
         in_memory = url in ("sqlite://", "sqlite:///:memory:")
@@ -815,6 +940,7 @@ def _engine(url: str, *, schema: str | None, echo: bool) -> Engine:
 
 __all__ = [
     "AuditRow",
+    "Conflict",
     "ConsentRow",
     "LedgerTx",
     "OutboxRow",

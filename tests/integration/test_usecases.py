@@ -530,6 +530,7 @@ def test_a_persons_trail_includes_what_partners_did_with_her_referrals(ledger: L
     run(ledger, usecases.grant_consent, a_consent(ledger, person="T-TRAIL-1"))
     run(ledger, usecases.receive_signal, a_signal(ledger, person="T-TRAIL-1"))
     referral = sent(ledger, "referral")[0][1]
+    claim_and_send(ledger)  # disclosed when the broker confirms it, not when decided
     rejection = ReferralStatusChanged(
         message_id=mid("st"),
         occurred_at=ledger.clock(),
@@ -539,6 +540,7 @@ def test_a_persons_trail_includes_what_partners_did_with_her_referrals(ledger: L
         reason="full",
     )
     run(ledger, usecases.record_status, rejection)
+    claim_and_send(ledger)
     actions = [r.action for r in ledger.store.audit_trail("T-TRAIL-1")]
     assert actions[:3] == ["consent-granted", "signal-received", "referral-disclosed"]
     assert "referral-rejected" in actions
@@ -553,6 +555,7 @@ def test_a_signals_trail_includes_what_partners_did_with_its_referrals(ledger: L
     run(ledger, usecases.receive_signal, signal)
     run(ledger, usecases.receive_signal, other)
     first = sent(ledger, "referral")[0][1]
+    claim_and_send(ledger)
     answer(ledger, first, "accepted")
     trail = ledger.store.audit_trail(signal.message_id)
     assert [r.action for r in trail] == [
