@@ -51,6 +51,7 @@ RETRYABLE_SQLSTATES = frozenset({"40001", "40P01", "23505"})
 serialization failure, deadlock detected, and a unique key another transaction has just
 inserted (a concurrent upsert or dedupe mark). Re-running the transaction settles them."""
 MAX_TRIES = 8
+READ_ONLY = "partnerbus_read_only"
 
 
 class Conflict(Exception):  # noqa: N818 - a signal to re-run, not an error
@@ -659,6 +660,12 @@ class Store:
         with self.engine.begin() as conn:
             yield LedgerTx(conn)
 
+    @contextmanager
+    def _reading(self) -> Iterator[Connection]:
+        """A connection for reads only: on SQLite it does not wait for the writer."""
+        with self.engine.connect() as conn:
+            yield conn.execution_options(**{READ_ONLY: True})
+
     def run(self, work: Callable[[LedgerTx], T], *, tries: int = MAX_TRIES) -> T:
         """Run `work` in one transaction; when it meets a concurrent change (a `Conflict`,
         a serialization failure, a deadlock, a key another transaction just inserted), roll
@@ -746,7 +753,7 @@ class Store:
 
     def failing_count(self) -> int:
         """Unsent outbox rows whose last try failed (unroutable, refused, broker away)."""
-        with self.engine.connect() as conn:
+        with self._reading() as conn:
             return int(
                 conn.execute(
                     select(func.count())
@@ -760,14 +767,14 @@ class Store:
         query = select(t.outbox.c.routing_key, t.outbox.c.message_type, t.outbox.c.body)
         if pending_only:
             query = query.where(t.outbox.c.sent_at.is_(None))
-        with self.engine.connect() as conn:
+        with self._reading() as conn:
             return [
                 (r.routing_key, r.message_type, r.body)
                 for r in conn.execute(query.order_by(t.outbox.c.id))
             ]
 
     def pending_count(self) -> int:
-        with self.engine.connect() as conn:
+        with self._reading() as conn:
             return int(
                 conn.execute(
                     select(func.count()).select_from(t.outbox).where(t.outbox.c.sent_at.is_(None))
@@ -779,7 +786,7 @@ class Store:
         query = select(t.referrals)
         if statuses is not None:
             query = query.where(t.referrals.c.status.in_(statuses))
-        with self.engine.connect() as conn:
+        with self._reading() as conn:
             return [
                 _row(ReferralRow, r)
                 for r in conn.execute(
@@ -788,7 +795,7 @@ class Store:
             ]
 
     def referral_counts(self) -> dict[str, int]:
-        with self.engine.connect() as conn:
+        with self._reading() as conn:
             rows = conn.execute(
                 select(t.referrals.c.status, func.count()).group_by(t.referrals.c.status)
             )
@@ -799,7 +806,7 @@ class Store:
             return tx.referral(referral_id)
 
     def history(self, referral_id: str) -> list[dict[str, Any]]:
-        with self.engine.connect() as conn:
+        with self._reading() as conn:
             rows = conn.execute(
                 select(t.referral_history)
                 .where(t.referral_history.c.referral_id == referral_id)
@@ -818,7 +825,7 @@ class Store:
         referral_ids = select(t.referrals.c.referral_id).where(
             t.referrals.c.signal_id.in_(signal_ids)
         )
-        with self.engine.connect() as conn:
+        with self._reading() as conn:
             rows = conn.execute(
                 select(
                     t.audit.c.at,
@@ -845,7 +852,7 @@ class Store:
     def count(self, table: str, **where: Any) -> int:
         tbl = t.metadata.tables[table]
         conditions = [tbl.c[k] == v for k, v in where.items()]
-        with self.engine.connect() as conn:
+        with self._reading() as conn:
             query = select(func.count()).select_from(tbl)
             if conditions:
                 query = query.where(and_(*conditions))
@@ -874,7 +881,7 @@ class Store:
             changed = select(h.actor).where(*answers_only, h.at >= answered_since).distinct()
             query = query.where(h.actor.in_(changed))
         answers: dict[str, list[bool]] = {}
-        with self.engine.connect() as conn:
+        with self._reading() as conn:
             for actor, status in conn.execute(query.order_by(h.id)):
                 kept = answers.setdefault(actor, [])
                 kept.append(status == "accepted")
@@ -883,7 +890,7 @@ class Store:
         return answers
 
     def capacities(self) -> list[tuple[str, str, int | None]]:
-        with self.engine.connect() as conn:
+        with self._reading() as conn:
             rows = conn.execute(
                 select(
                     t.partner_capacity.c.partner_id,
@@ -927,7 +934,12 @@ def _engine(url: str, *, schema: str | None, echo: bool) -> Engine:
         @event.listens_for(engine, "begin")
         def _begin(conn: Any) -> None:
             # Take the write lock at the start: no deadlock between two upgrading readers.
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
+            # A read-only connection (`Store._reading`) takes none: WAL lets it read beside
+            # the writer (the relay holds the write lock while it publishes a referral).
+            if conn.get_execution_options().get(READ_ONLY):
+                conn.exec_driver_sql("BEGIN")
+            else:
+                conn.exec_driver_sql("BEGIN IMMEDIATE")
 
         return engine
     if url.startswith("postgresql://"):

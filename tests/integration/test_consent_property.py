@@ -107,10 +107,13 @@ def run_sequence(store: Store, ops: list[tuple[Any, ...]]) -> int:
     consents: list[str] = []
     checked = 0
     published: list[dict[str, Any]] = []
+    stream: list[tuple[str, str | None]] = []  # (type, referral id) as they left, in order
 
     async def publish(body: bytes, **options: Any) -> None:
+        message = json.loads(body)
+        stream.append((options["message_type"], message.get("referral_id")))
         if options.get("message_type") == "referral":
-            published.append(json.loads(body))
+            published.append(message)
 
     def send_pending() -> int:
         """Run the relay once, as the service does; check every referral it publishes
@@ -231,7 +234,26 @@ def run_sequence(store: Store, ops: list[tuple[Any, ...]]) -> int:
                     clock(),
                 ), f"{referral.referral_id} left without a valid consent"
                 checked += 1
+    check_what_left(store, stream)
     return checked
+
+
+def check_what_left(store: Store, stream: list[tuple[str, str | None]]) -> None:
+    """Of what the relay published: a withdrawal only for a referral that left before it,
+    and the audit records a disclosure exactly for the referrals that left, and a
+    withheld referral as withheld."""
+    left: set[str] = set()
+    for kind, rid in stream:
+        if kind == "referral" and rid:
+            left.add(rid)
+        if kind == "referral-withdrawn":
+            assert rid in left, f"a withdrawal of {rid}, which never left (or not before it)"
+    for referral in store.referrals():
+        actions = [a.action for a in store.audit_trail(referral.referral_id)]
+        rid = referral.referral_id
+        assert ("referral-disclosed" in actions) == (rid in left), f"{rid}: {actions}"
+        if "referral-withheld" in actions:
+            assert rid not in left, f"{rid} left, yet the audit says withheld"
 
 
 def check_property(store: Store, examples: int) -> int:
