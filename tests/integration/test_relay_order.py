@@ -1,0 +1,122 @@
+"""Two relays on one record, one of them slow, with publish functions that record what
+leaves (SQLite and PostgreSQL; the real-broker race is tests/e2e/test_referral_order.py).
+
+A consent revoked while a relay holds an untried claim on the referral: the other relay
+must not send the withdrawal first, and once the claim is settled the referral is
+withheld and no withdrawal is sent at all (the partner never received it)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
+from typing import Any
+
+from partnerbus.broker.relay import Relay
+from partnerbus.broker.topology import Topology
+from partnerbus.handlers import usecases
+from partnerbus.ledger.store import Store
+from partnerbus.schemas import (
+    ConsentGranted,
+    ConsentRevoked,
+    ConsentScope,
+    ReferralReminder,
+    Signal,
+)
+from tests.conftest import make_ledger
+
+ARREARS = "logement-hebergement--reduire-les-impayes-de-loyer"
+TO_PARTNER = ("referral", "referral-withdrawn")
+KINDS = ("ccas-cias", "points-conseil-budget", "cresus", "caf", "maisons-des-solidarites")
+
+
+async def test_a_withdrawal_never_overtakes_nor_outlives_a_referral_another_relay_holds(
+    store: Store,
+) -> None:
+    """Relay 1 has claimed [x, referral] and is busy with x; the consent is revoked; relay 2 sends nothing for the referral; relay 1 then withholds it and drops the withdrawal."""
+    ledger = make_ledger(store)
+    now = ledger.clock()
+    with store.begin() as tx:  # an earlier message, so that relay 1 is busy before the referral
+        tx.enqueue(
+            ReferralReminder(
+                message_id="x",
+                occurred_at=now,
+                referral_id="other",
+                partner="ccas-roubaix",
+                due_by=now,
+            ),
+            "ccas-roubaix",
+            now,
+        )
+    grant = ConsentGranted(
+        message_id="g",
+        occurred_at=now,
+        consent_id="c-slow",
+        person_ref="T-SLOW",
+        scope=ConsentScope(needs=("logement-hebergement",), partner_kinds=KINDS),
+        collected_by="a.martin",
+        agency="lmh-agence-roubaix",
+        method="oral",
+        granted_at=now,
+        valid_until=now + timedelta(days=30),
+    )
+    signal = Signal(
+        message_id="s",
+        occurred_at=now,
+        source="lmh-recouvrement",
+        person_ref="T-SLOW",
+        commune="59512",
+        needs=(ARREARS,),
+    )
+    store.run(lambda tx: usecases.grant_consent(ledger, tx, grant, "q"))
+    store.run(lambda tx: usecases.receive_signal(ledger, tx, signal, "q"))
+    (referral,) = store.referrals()
+    rid = referral.referral_id
+
+    left: list[tuple[str, str | None]] = []
+    busy, go_on = asyncio.Event(), asyncio.Event()
+
+    async def slow(body: bytes, **options: Any) -> None:
+        if options["message_id"] == "x":
+            busy.set()
+            await go_on.wait()
+        left.append((options["message_type"], json.loads(body).get("referral_id")))
+
+    async def quick(body: bytes, **options: Any) -> None:
+        left.append((options["message_type"], json.loads(body).get("referral_id")))
+
+    revoked = ConsentRevoked(
+        message_id="r",
+        occurred_at=now,
+        consent_id="c-slow",
+        revoked_by="a.martin",
+        agency="lmh-agence-roubaix",
+        revoked_at=now,
+    )
+    with ThreadPoolExecutor(1) as one, ThreadPoolExecutor(1) as two:
+        first = Relay(ledger, Topology("p"), slow, one, timeout_s=5)
+        second = Relay(ledger, Topology("p"), quick, two, timeout_s=5)
+        flushing = asyncio.create_task(first.flush(rounds=1))
+        async with asyncio.timeout(30):
+            await busy.wait()  # relay 1 holds its claim on the referral, untried
+            await asyncio.to_thread(
+                store.run, lambda tx: usecases.revoke_consent(ledger, tx, revoked, "q")
+            )
+            await second.flush()
+            about = [kind for kind, r in left if r == rid and kind in TO_PARTNER]
+            assert about == [], f"relay 2 sent {about} while relay 1 held the referral"
+            go_on.set()
+            await flushing
+            await first.flush()
+            await second.flush()
+
+    about = [kind for kind, r in left if r == rid and kind in TO_PARTNER]
+    assert about == [], f"the partner heard of a referral it never received: {about}"
+    assert store.pending_count() == 0
+    assert store.referral(rid).status == "withdrawn"
+    actions = [a.action for a in store.audit_trail(rid)]
+    assert "referral-disclosed" not in actions
+    assert [a for a in actions if a in ("referral-withheld", "referral-withdrawn")] == [
+        "referral-withheld"
+    ]
