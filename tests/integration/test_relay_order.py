@@ -73,6 +73,7 @@ async def test_a_withdrawal_never_overtakes_nor_outlives_a_referral_another_rela
     store.run(lambda tx: usecases.receive_signal(ledger, tx, signal, "q"))
     (referral,) = store.referrals()
     rid = referral.referral_id
+    assert referral.consent_id == "c-slow"
 
     left: list[tuple[str, str | None]] = []
     busy, go_on = asyncio.Event(), asyncio.Event()
@@ -119,4 +120,64 @@ async def test_a_withdrawal_never_overtakes_nor_outlives_a_referral_another_rela
     assert "referral-disclosed" not in actions
     assert [a for a in actions if a in ("referral-withheld", "referral-withdrawn")] == [
         "referral-withheld"
+    ]
+
+
+async def test_a_referral_whose_publish_failed_is_withdrawn_after_it_not_withheld(
+    store: Store,
+) -> None:
+    """A publish that failed (no confirm) may have reached the partner: after a revocation the referral is not sent again, but the partner is told to drop it, and the audit says withdrawn, not disclosed."""
+    ledger = make_ledger(store)
+    now = ledger.clock()
+    grant = ConsentGranted(
+        message_id="g2",
+        occurred_at=now,
+        consent_id="c-lost",
+        person_ref="T-LOST",
+        scope=ConsentScope(needs=("logement-hebergement",), partner_kinds=KINDS),
+        collected_by="a.martin",
+        agency="lmh-agence-roubaix",
+        method="oral",
+        granted_at=now,
+        valid_until=now + timedelta(days=30),
+    )
+    signal = Signal(
+        message_id="s2",
+        occurred_at=now,
+        source="lmh-recouvrement",
+        person_ref="T-LOST",
+        commune="59512",
+        needs=(ARREARS,),
+    )
+    store.run(lambda tx: usecases.grant_consent(ledger, tx, grant, "q"))
+    store.run(lambda tx: usecases.receive_signal(ledger, tx, signal, "q"))
+    (referral,) = store.referrals()
+    rid = referral.referral_id
+    left: list[tuple[str, str | None]] = []
+
+    async def lost(body: bytes, **options: Any) -> None:
+        raise TimeoutError  # no confirm: it may or may not be in the partner's queue
+
+    async def fine(body: bytes, **options: Any) -> None:
+        left.append((options["message_type"], json.loads(body).get("referral_id")))
+
+    revoked = ConsentRevoked(
+        message_id="r2",
+        occurred_at=now,
+        consent_id="c-lost",
+        revoked_by="a.martin",
+        agency="lmh-agence-roubaix",
+        revoked_at=now,
+    )
+    with ThreadPoolExecutor(1) as executor:
+        await Relay(ledger, Topology("p"), lost, executor, timeout_s=5).flush(rounds=1)
+        store.run(lambda tx: usecases.revoke_consent(ledger, tx, revoked, "q"))
+        await Relay(ledger, Topology("p"), fine, executor, timeout_s=5).flush()
+
+    assert [kind for kind, r in left if r == rid and kind in TO_PARTNER] == ["referral-withdrawn"]
+    assert store.pending_count() == 0
+    actions = [a.action for a in store.audit_trail(rid)]
+    assert "referral-disclosed" not in actions
+    assert [a for a in actions if a in ("referral-withheld", "referral-withdrawn")] == [
+        "referral-withdrawn"
     ]
