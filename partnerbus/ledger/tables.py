@@ -166,6 +166,9 @@ outbox = Table(
     Column("attempts", Integer, nullable=False, default=0),
     Column("last_error", Text),
     Index("ix_outbox_pending", "sent_at", "id"),
+    # One referral's messages leave in order: a row waits for the earlier rows of its
+    # referral (the relay's claim looks them up by referral).
+    Index("ix_outbox_referral", "referral_id", "id"),
 )
 
 audit = Table(
