@@ -174,11 +174,13 @@ class Relay:
                 log.info("referral %s withheld: no longer open or consented", row.referral_id)
                 return "withheld"
             published = True
-            future = asyncio.run_coroutine_threadsafe(_awaited(self._publish(row)), loop)
+            future = None
             try:
+                future = asyncio.run_coroutine_threadsafe(_awaited(self._publish(row)), loop)
                 future.result(timeout=self.timeout_s + 5)
             except Exception as exc:
-                future.cancel()
+                if future is not None:
+                    future.cancel()
                 if isinstance(exc, FutureTimeout):
                     exc = TimeoutError("no confirm in time")
                 self._failed(row, exc)
