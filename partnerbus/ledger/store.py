@@ -802,8 +802,8 @@ class Store:
             return {status: int(n) for status, n in rows}
 
     def referral(self, referral_id: str) -> ReferralRow | None:
-        with self.begin() as tx:
-            return tx.referral(referral_id)
+        with self._reading() as conn:
+            return LedgerTx(conn).referral(referral_id)
 
     def history(self, referral_id: str) -> list[dict[str, Any]]:
         with self._reading() as conn:
