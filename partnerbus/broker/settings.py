@@ -59,3 +59,6 @@ class Settings(BaseSettings):
     consent_expiry_notice_days: int = Field(default=14, ge=0)
     deadlines: Deadlines = Field(default_factory=Deadlines)
     metrics_port: int | None = None
+    """Serve this process's counters (Prometheus text format, `/metrics`) on this port."""
+    metrics_host: str = "127.0.0.1"
+    """Address of the metrics port; `0.0.0.0` to let a scraper in another container in."""

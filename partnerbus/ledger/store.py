@@ -548,6 +548,18 @@ class LedgerTx:
             )
         )
 
+    @contextmanager
+    def savepoint(self) -> Iterator[None]:
+        """A nested transaction: what runs inside is rolled back alone if it raises (the
+        exception propagates), and the enclosing transaction goes on."""
+        with self.conn.begin_nested():
+            yield
+
+    @property
+    def usable(self) -> bool:
+        """False once the connection was lost: nothing more can run in this transaction."""
+        return not self.conn.invalidated
+
 
 class Store:
     """The ledger's database. Nothing connects until the first use."""
