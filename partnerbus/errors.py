@@ -10,6 +10,7 @@ the broker's and the network's own errors, whose text names queues and hosts, ne
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 
 from sqlalchemy.exc import SQLAlchemyError
@@ -68,4 +69,40 @@ def _package(exc: BaseException) -> str:
     return type(exc).__module__.split(".", 1)[0]
 
 
-__all__ = ["StoreError", "describe_error", "error_code", "is_database_error"]
+WIRE_LOGGERS = ("aiormq.connection", "aiormq.channel")
+"""At DEBUG, aiormq logs every AMQP frame it sends or receives: message bodies included."""
+
+
+class WireRedactor(logging.Filter):
+    """Keeps a frame logged by aiormq, but as its kind only: `<ChannelFrame>`, never the
+    bytes of a message body (a referral's phone, a signal's note)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple) and any(map(_is_wire, record.args)):
+            record.args = tuple(f"<{type(a).__name__}>" if _is_wire(a) else a for a in record.args)
+        return True
+
+
+def _is_wire(value: object) -> bool:
+    return isinstance(value, bytes | bytearray | memoryview) or type(value).__module__.split(
+        ".", 1
+    )[0] in ("aiormq", "pamqp")
+
+
+def redact_wire_logs() -> None:
+    """Install `WireRedactor` on aiormq's loggers (once per process): whatever level an
+    operator sets, no message body reaches a log line."""
+    for name in WIRE_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, WireRedactor) for f in logger.filters):
+            logger.addFilter(WireRedactor())
+
+
+__all__ = [
+    "StoreError",
+    "WireRedactor",
+    "describe_error",
+    "error_code",
+    "is_database_error",
+    "redact_wire_logs",
+]

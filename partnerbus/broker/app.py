@@ -23,7 +23,7 @@ from faststream.rabbit import Channel, RabbitBroker, RabbitQueue
 from faststream.rabbit.annotations import RabbitMessage
 
 from partnerbus.directory import Directory, load_directory, load_sample
-from partnerbus.errors import describe_error
+from partnerbus.errors import describe_error, redact_wire_logs
 from partnerbus.handlers import usecases
 from partnerbus.handlers.delivery import Verdict
 from partnerbus.handlers.subscribers import CAPACITY, Wiring, build_router, raw_body
@@ -299,6 +299,7 @@ def create_app(
 ) -> Bus:
     """Build the service. Nothing connects here: the broker connects on start."""
     settings = settings or Settings()
+    redact_wire_logs()
     if directory is None:
         directory = (
             load_directory(settings.directory_path) if settings.directory_path else load_sample()

@@ -21,6 +21,7 @@ from typing import Any
 
 from aio_pika.exceptions import DeliveryError
 
+from partnerbus.errors import describe_error
 from partnerbus.handlers.usecases import Ledger, clear_to_send, mark_delivered
 from partnerbus.ledger.store import OutboxRow
 
@@ -125,8 +126,9 @@ class Relay:
             )
         except Exception as exc:
             self.failed += 1
-            log.warning("outbox row %s to %s not sent: %s", row.id, row.routing_key, exc)
-            await self._db(store.release, row.id, f"{type(exc).__name__}: {exc}")
+            said = describe_error(exc)
+            log.warning("outbox row %s to %s not sent: %s", row.id, row.routing_key, said)
+            await self._db(store.release, row.id, said)
             return "refused" if isinstance(exc, DeliveryError) else "unreachable"
         await self._db(self._confirmed, row)
         self._recorded[row.message_id] = None
@@ -172,11 +174,17 @@ class Relay:
             try:
                 while await self.flush() > 0:
                     pass
-            except Exception:
-                log.exception("outbox relay failed; next try in %.1fs", interval_s)
+            except Exception as exc:
+                # no traceback: a database error's text would carry the values it was given
+                log.error(
+                    "outbox relay failed (%s); next try in %.1fs", describe_error(exc), interval_s
+                )
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=interval_s)
         try:
             await self.flush()
-        except Exception:
-            log.exception("last outbox flush before shutdown failed; the next start sends it")
+        except Exception as exc:
+            log.error(
+                "last outbox flush before shutdown failed (%s); the next start sends it",
+                describe_error(exc),
+            )

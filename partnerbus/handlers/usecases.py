@@ -496,7 +496,8 @@ def refuse_consent(ledger: Ledger, tx: LedgerTx, event: ConsentRefused, queue: s
         return False
     row = tx.signal(event.signal_id)
     if row is None or row.person_ref != event.person_ref:
-        raise Refused(f"no signal {event.signal_id} about {event.person_ref}")
+        # the reason goes to a header and a log line: the signal's id, never the person's
+        raise Refused(f"no signal {event.signal_id} about the person named in the refusal")
     states = tx.need_states(event.signal_id)
     needs = event.needs or tuple(n for n, s in states.items() if s == "parked")
     tx.journal(None, event.person_ref, "refused", event.collected_by, now, event.model_dump_json())

@@ -795,6 +795,7 @@ def _engine(url: str, *, schema: str | None, echo: bool) -> Engine:
         engine = create_engine(
             url,
             echo=echo,
+            hide_parameters=True,  # bound values (a person, a phone, a note) stay out of errors
             connect_args={"check_same_thread": False, "timeout": 30},
             poolclass=StaticPool if in_memory else None,
         )
@@ -822,7 +823,9 @@ def _engine(url: str, *, schema: str | None, echo: bool) -> Engine:
     connect_args: dict[str, Any] = {}
     if schema:
         connect_args["options"] = f"-csearch_path={schema}"
-    return create_engine(url, echo=echo, pool_pre_ping=True, connect_args=connect_args)
+    return create_engine(
+        url, echo=echo, hide_parameters=True, pool_pre_ping=True, connect_args=connect_args
+    )
 
 
 __all__ = [

@@ -178,7 +178,9 @@ async def test_a_message_dead_lettered_after_its_retries_is_replayed_after_the_f
         (letter,) = await peek(connection, dlq_name, "guest")
         assert letter.message_id == body["message_id"]
         assert letter.sender == "guest"
-        assert "database is down" in letter.reason
+        # the error's kind only: a database error's text may carry the values it was given
+        assert "OperationalError" in letter.reason
+        assert "database is down" not in letter.reason
 
         replayed = await replay(connection, dlq_name, {body["message_id"]}, "guest", "ops.tester")
         assert [r.message_id for r in replayed] == [body["message_id"]]
