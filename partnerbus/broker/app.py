@@ -33,7 +33,7 @@ from partnerbus.ledger.store import Store
 from partnerbus.schemas import utcnow
 
 from .relay import Relay
-from .settings import Settings, amqp_user
+from .settings import Settings, amqp_user, pseudonym_key_of
 from .topology import Topology
 
 log = logging.getLogger("partnerbus")
@@ -299,6 +299,7 @@ def create_app(
 ) -> Bus:
     """Build the service. Nothing connects here: the broker connects on start."""
     settings = settings or Settings()
+    pseudonym_key = pseudonym_key_of(settings)  # refused here, before anything is built
     redact_wire_logs()
     if directory is None:
         directory = (
@@ -322,7 +323,7 @@ def create_app(
         store=store,
         directory=directory,
         clock=clock,
-        pseudonym_key=settings.pseudonym_key.get_secret_value().encode(),
+        pseudonym_key=pseudonym_key,
         deadlines=deadline_policy(settings),
         consent_notice=timedelta(days=settings.consent_expiry_notice_days),
     )

@@ -25,6 +25,7 @@ from partnerbus.ledger.rules import (
     ConsentDecision,
     ConsentRecord,
     DeadlinePolicy,
+    check_pseudonym_key,
     deadline_action,
     evaluate_consent,
     expiring_soon,
@@ -78,6 +79,9 @@ class Ledger:
     pseudonym_key: bytes
     deadlines: DeadlinePolicy
     consent_notice: timedelta = timedelta(days=14)
+
+    def __post_init__(self) -> None:
+        check_pseudonym_key(self.pseudonym_key)  # a guessable key makes pseudonyms reversible
 
 
 def _record(row: ConsentRow) -> ConsentRecord:
