@@ -24,6 +24,7 @@ from partnerbus.handlers.usecases import Ledger
 from partnerbus.ledger.rules import DeadlinePolicy
 from partnerbus.ledger.store import Store
 from partnerbus.testing import FakeClock
+from tests.keys import TEST_KEY, TEST_KEY_BYTES
 
 AMQP_URL = os.environ.get("PARTNERBUS_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 POSTGRES_URL = os.environ.get(
@@ -77,12 +78,12 @@ async def as_partner(
 
 def make_ledger(store: Store, clock: FakeClock | None = None) -> Ledger:
     """The use cases' context over `store`: the bundled directory, a fake clock, a fixed
-    pseudonym key and short deadlines (10 days, 3 days, 1 day)."""
+    pseudonym key (the tests' `TEST_KEY`) and short deadlines (10 days, 3 days, 1 day)."""
     return Ledger(
         store=store,
         directory=load_sample(),
         clock=clock or FakeClock(),
-        pseudonym_key=b"k",
+        pseudonym_key=TEST_KEY_BYTES,
         deadlines=DeadlinePolicy(
             routine=timedelta(days=10), urgent=timedelta(days=3), asap=timedelta(days=1)
         ),
@@ -158,7 +159,7 @@ def settings(amqp_url: str, prefix: str, database_url: str) -> Settings:
         delivery_limit=3,
         relay_interval_s=0.2,
         scheduler_interval_s=3600,
-        pseudonym_key="test-key",
+        pseudonym_key=TEST_KEY,
     )
 
 

@@ -23,6 +23,7 @@ from faststream.rabbit import Channel, RabbitBroker, RabbitQueue
 from faststream.rabbit.annotations import RabbitMessage
 
 from partnerbus.directory import Directory, load_directory, load_sample
+from partnerbus.errors import describe_error, redact_wire_logs
 from partnerbus.handlers import usecases
 from partnerbus.handlers.delivery import Verdict
 from partnerbus.handlers.subscribers import CAPACITY, Wiring, build_router, raw_body
@@ -32,7 +33,7 @@ from partnerbus.ledger.store import Store
 from partnerbus.schemas import utcnow
 
 from .relay import Relay
-from .settings import Settings, amqp_user
+from .settings import Settings, amqp_user, pseudonym_key_of
 from .topology import Topology
 
 log = logging.getLogger("partnerbus")
@@ -70,6 +71,7 @@ class Bus:
     _tasks: list[asyncio.Task[Any]] = field(default_factory=list)
     _retention_at: datetime | None = None
     _answers_at: datetime | None = None
+    _metrics: tuple[Any, Any] | None = None
 
     @property
     def store(self) -> Store:
@@ -187,8 +189,24 @@ class Bus:
                 updated += 1
         return updated
 
+    def _serve_metrics(self) -> None:
+        """This process's counters (`partnerbus.ops.counters`) on `metrics_port`, when set.
+        Several workers on one host: the first serves them, the others say so and go on."""
+        port = self.settings.metrics_port
+        if port is None or self._metrics is not None:
+            return
+        from prometheus_client import start_http_server
+
+        try:
+            self._metrics = start_http_server(port, addr=self.settings.metrics_host)
+        except OSError as exc:
+            log.warning(
+                "metrics not served on %s:%d (%s)", self.settings.metrics_host, port, exc.strerror
+            )
+
     async def _after_startup(self) -> None:
         await self.declare()
+        self._serve_metrics()
         self._stop.clear()
         self._tasks = [
             asyncio.create_task(self.relay.run(self.settings.relay_interval_s, self._stop)),
@@ -216,6 +234,11 @@ class Bus:
         self._tasks = []
 
     async def _after_shutdown(self) -> None:
+        if self._metrics is not None:
+            server, _thread = self._metrics
+            server.shutdown()
+            server.server_close()
+            self._metrics = None
         self.executor.shutdown(wait=True)
         self.store.dispose()
 
@@ -224,17 +247,29 @@ class Bus:
         pass; retention (free text, anonymisation) when a day has passed since the last."""
 
         def work() -> dict[str, int]:
-            counts = self.store.run(lambda tx: usecases.watch_deadlines(self.ledger, tx))
+            # The deadline pass and retention each run in their own transaction: one that
+            # fails (logged, counted) does not stop the other; each item of the deadline
+            # pass is isolated in its turn (`watch_deadlines`).
+            counts: dict[str, int] = {}
+            try:
+                counts |= self.store.run(lambda tx: usecases.watch_deadlines(self.ledger, tx))
+            except Exception as exc:
+                usecases.scheduled_item_failed("deadlines", "the deadline pass", exc)
             now = self.ledger.clock()
             if self._retention_at is None or now - self._retention_at >= timedelta(days=1):
-                with self.store.begin() as tx:
-                    counts |= usecases.apply_retention(
-                        self.ledger,
-                        tx,
-                        keep=timedelta(days=self.settings.retention_days),
-                        keep_free_text=timedelta(days=self.settings.free_text_retention_days),
-                    )
-                self._retention_at = now
+                try:
+                    with self.store.begin() as tx:
+                        counts |= usecases.apply_retention(
+                            self.ledger,
+                            tx,
+                            keep=timedelta(days=self.settings.retention_days),
+                            keep_free_text=timedelta(days=self.settings.free_text_retention_days),
+                        )
+                except Exception as exc:
+                    # not marked done: the next pass tries again
+                    usecases.scheduled_item_failed("retention", "the retention pass", exc)
+                else:
+                    self._retention_at = now
             return counts
 
         counts = await asyncio.get_running_loop().run_in_executor(self.executor, work)
@@ -246,8 +281,9 @@ class Bus:
         while not self._stop.is_set():
             try:
                 await self.tick()
-            except Exception:
-                log.exception("scheduler pass failed")
+            except Exception as exc:
+                # no traceback: a database error's text would carry the values it was given
+                log.error("scheduler pass failed: %s", describe_error(exc))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), self.settings.scheduler_interval_s)
 
@@ -262,6 +298,8 @@ def create_app(
 ) -> Bus:
     """Build the service. Nothing connects here: the broker connects on start."""
     settings = settings or Settings()
+    pseudonym_key = pseudonym_key_of(settings)  # refused here, before anything is built
+    redact_wire_logs()
     if directory is None:
         directory = (
             load_directory(settings.directory_path) if settings.directory_path else load_sample()
@@ -284,7 +322,7 @@ def create_app(
         store=store,
         directory=directory,
         clock=clock,
-        pseudonym_key=settings.pseudonym_key.get_secret_value().encode(),
+        pseudonym_key=pseudonym_key,
         deadlines=deadline_policy(settings),
         consent_notice=timedelta(days=settings.consent_expiry_notice_days),
     )

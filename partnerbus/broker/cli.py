@@ -66,6 +66,12 @@ def run(
     workers: Annotated[int, typer.Option(min=1, help="Worker processes.")] = 1,
 ) -> None:
     """Run the service (FastStream workers consuming the intake queues)."""
+    from .settings import pseudonym_key_of
+
+    try:
+        pseudonym_key_of(Settings())
+    except ValueError as exc:
+        _fail(f"{exc}; the service does not start without it")
     args = [
         sys.executable,
         "-m",

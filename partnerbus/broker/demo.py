@@ -20,9 +20,11 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from secrets import token_urlsafe
 from typing import Any
 from urllib.parse import urlsplit
 
+from pydantic import SecretStr
 from rich.console import Console
 from rich.table import Table
 
@@ -30,7 +32,7 @@ from partnerbus.client import PartnerClient
 from partnerbus.schemas import ConsentGranted, ConsentScope, Facts, Profile, Signal
 
 from .app import Bus, create_app
-from .settings import Settings
+from .settings import Settings, pseudonym_key_of
 
 ARREARS = "logement-hebergement--reduire-les-impayes-de-loyer"
 KEEP_HOME = "logement-hebergement--se-maintenir-dans-le-logement"
@@ -284,7 +286,30 @@ def summary(bus: Bus) -> None:
         )
 
 
+def demo_key(settings: Settings) -> Settings | None:
+    """The demo's settings with a pseudonym key: the one set (checked like the service's),
+    or a throwaway random key when none is set, said on screen. None when the key set is
+    refused (the reason is printed)."""
+    if settings.pseudonym_key is None:
+        console.print(
+            "[yellow]no PARTNERBUS_PSEUDONYM_KEY set: this demo uses a throwaway random key "
+            "(pseudonyms differ at every run). The service itself refuses to start "
+            "without a key of its own.[/yellow]"
+        )
+        return settings.model_copy(update={"pseudonym_key": SecretStr(token_urlsafe(32))})
+    try:
+        pseudonym_key_of(settings)
+    except ValueError as exc:
+        console.print(f"[red]{exc}[/red]\n(unset it for a throwaway key in the demo)")
+        return None
+    return settings
+
+
 async def main(settings: Settings, timeout: float = 60.0) -> int:
+    keyed = demo_key(settings)
+    if keyed is None:
+        return 2
+    settings = keyed
     url = settings.amqp_url.get_secret_value()
     where = f"{urlsplit(url).hostname}:{urlsplit(url).port or 5672}"
     if not broker_reachable(url):

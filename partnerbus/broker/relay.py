@@ -27,6 +27,7 @@ from typing import Any
 
 from aio_pika.exceptions import DeliveryError
 
+from partnerbus.errors import describe_error
 from partnerbus.handlers.usecases import Ledger, mark_delivered, send_or_withhold
 from partnerbus.ledger.store import LedgerTx, OutboxRow, backoff, is_conflict
 
@@ -139,7 +140,7 @@ class Relay:
             await self._publish(row)
         except Exception as exc:
             self._failed(row, exc)
-            await self._db(store.release, row.id, f"{type(exc).__name__}: {exc}")
+            await self._db(store.release, row.id, describe_error(exc))
             return _failure(exc)
         await self._db(self._confirmed, row)
         self._after_send(row, "sent")
@@ -147,7 +148,9 @@ class Relay:
 
     def _failed(self, row: OutboxRow, exc: BaseException) -> None:
         self.failed += 1
-        log.warning("outbox row %s to %s not sent: %s", row.id, row.routing_key, exc)
+        log.warning(
+            "outbox row %s to %s not sent: %s", row.id, row.routing_key, describe_error(exc)
+        )
 
     def _after_send(self, row: OutboxRow, outcome: str) -> None:
         if outcome != "sent":
@@ -184,7 +187,7 @@ class Relay:
                 if isinstance(exc, FutureTimeout):
                     exc = TimeoutError("no confirm in time")
                 self._failed(row, exc)
-                tx.release_row(row.id, f"{type(exc).__name__}: {exc}")
+                tx.release_row(row.id, describe_error(exc))
                 return _failure(exc)
             tx.mark_sent(row.id, self.ledger.clock())
             mark_delivered(self.ledger, tx, row.referral_id)
@@ -232,14 +235,20 @@ class Relay:
             try:
                 while await self.flush() > 0:
                     pass
-            except Exception:
-                log.exception("outbox relay failed; next try in %.1fs", interval_s)
+            except Exception as exc:
+                # no traceback: a database error's text would carry the values it was given
+                log.error(
+                    "outbox relay failed (%s); next try in %.1fs", describe_error(exc), interval_s
+                )
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=interval_s)
         try:
             await self.flush()
-        except Exception:
-            log.exception("last outbox flush before shutdown failed; the next start sends it")
+        except Exception as exc:
+            log.error(
+                "last outbox flush before shutdown failed (%s); the next start sends it",
+                describe_error(exc),
+            )
 
 
 async def _awaited(awaitable: Awaitable[Any]) -> Any:

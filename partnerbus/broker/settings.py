@@ -28,6 +28,15 @@ class Deadlines(BaseSettings):
     """A reminder leaves when this share of the deadline has passed."""
 
 
+def pseudonym_key_of(settings: Settings) -> bytes:
+    """The settings' pseudonym key, checked: `PseudonymKeyError` (a `ValueError`) saying
+    why and how to make one when it is missing, short or a known value."""
+    from partnerbus.ledger.rules import check_pseudonym_key
+
+    key = settings.pseudonym_key
+    return check_pseudonym_key(key.get_secret_value() if key is not None else None)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="PARTNERBUS_", env_file=".env", extra="ignore", frozen=True
@@ -39,8 +48,10 @@ class Settings(BaseSettings):
     """Prefix of every exchange and queue name: several buses (or test runs) share a broker."""
     directory_path: Path | None = None
     """YAML/JSON directory file; the bundled Lille/Nord sample when unset."""
-    pseudonym_key: SecretStr = SecretStr("change-me-in-production")
-    """Key of the per-partner keyed hash of person references."""
+    pseudonym_key: SecretStr | None = None
+    """Key of the per-partner keyed hash of person references. No default: the service
+    refuses to start without one of at least 32 characters that is not a published value
+    (`check_pseudonym_key`); `partnerbus demo` makes a throwaway one when it is unset."""
     trusted_senders: tuple[str, ...] = ()
     """AMQP users allowed to publish on behalf of any partner (the bus itself, a gateway)."""
     delivery_limit: int = Field(default=5, ge=1, le=100)
@@ -59,3 +70,6 @@ class Settings(BaseSettings):
     consent_expiry_notice_days: int = Field(default=14, ge=0)
     deadlines: Deadlines = Field(default_factory=Deadlines)
     metrics_port: int | None = None
+    """Serve this process's counters (Prometheus text format, `/metrics`) on this port."""
+    metrics_host: str = "127.0.0.1"
+    """Address of the metrics port; `0.0.0.0` to let a scraper in another container in."""

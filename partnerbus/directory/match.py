@@ -136,7 +136,7 @@ def match(
     `sender` is the partner raising the signal: a referral leaves its organisation only
     along an agreement, and never goes back to the sender itself. `exclude` holds the
     partners already tried (rerouting asks again with them excluded). Unknown need or
-    commune: no candidate. Unknown sender: KeyError.
+    commune: no candidate. Unknown sender: no agreement, so no candidate either.
     """
     # Everything static is precomputed at load (see Directory._build_indexes): the
     # commune's chain of territory levels, each holding its need → entries dict, every
@@ -151,7 +151,12 @@ def match(
     sender_entry = None
     reach = None
     if sender is not None:
-        sender_entry, reach = d.sender(sender)
+        try:
+            sender_entry, reach = d.sender(sender)
+        except KeyError:
+            # a sender the directory does not know (never did, or was removed since its
+            # signal): no agreement to travel along, so nobody may receive its referral
+            return []
     skip = None
     if exclude:
         entries = d._entries

@@ -534,8 +534,11 @@ class Directory:
             self._reorder(entry)
 
     def record_answer(self, partner_id: str, accepted: bool) -> None:
-        """A partner accepted or declined a referral: feeds its recent acceptance rate."""
-        entry = self._entries[partner_id]
+        """A partner accepted or declined a referral: feeds its recent acceptance rate.
+        A partner no longer in the directory is ranked nowhere: nothing to feed."""
+        entry = self._entries.get(partner_id)
+        if entry is None:
+            return
         before = entry.sort_key
         entry.add_answer(accepted)
         if entry.sort_key != before:

@@ -34,6 +34,7 @@ from partnerbus.broker.topology import (
     Topology,
 )
 from partnerbus.directory import Directory
+from partnerbus.errors import StoreError, describe_error, is_database_error
 
 from .usecases import Refused
 
@@ -183,14 +184,20 @@ class Intake:
         if attempt >= len(self.topology.retry_delays_ms):
             return False
         headers[ATTEMPT_HEADER] = attempt + 1
-        headers[LAST_ERROR_HEADER] = f"{type(error).__name__}: {error}"[:2000]
+        headers[LAST_ERROR_HEADER] = describe_error(error)[:2000]
         await self._publish_copy(
             raw,
             headers,
             exchange=self.topology.retries,
             routing_key=self.topology.retry_queue_name(self.queue, attempt),
         )
-        log.warning("retry %d of %s in %s: %s", attempt + 1, raw.message_id, self.queue, error)
+        log.warning(
+            "retry %d of %s in %s: %s",
+            attempt + 1,
+            raw.message_id,
+            self.queue,
+            headers[LAST_ERROR_HEADER],
+        )
         return True
 
     async def run(
@@ -210,10 +217,14 @@ class Intake:
             return Verdict("refused", str(refusal))
         except Exception as exc:
             if not is_transient(exc):
+                if is_database_error(exc):
+                    # propagated (nack, then the delivery limit), but its text carries values
+                    raise StoreError(describe_error(exc)) from None
                 raise
+            said = describe_error(exc)
             if await self.retry_later(raw, exc):
-                return Verdict("retried", str(exc))
-            reason = f"gave up after {len(self.topology.retry_delays_ms)} retries: {exc}"
+                return Verdict("retried", said)
+            reason = f"gave up after {len(self.topology.retry_delays_ms)} retries: {said}"
             await self.dead_letter(raw, reason)
             return Verdict("refused", reason)
         return Verdict("processed" if done else "duplicate")

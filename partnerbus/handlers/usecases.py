@@ -9,12 +9,15 @@ outbox. Nothing here touches the broker; the subscribers call these and the rela
 from __future__ import annotations
 
 import json
+import logging
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from functools import partial
 
 from partnerbus.directory import Candidate, Directory, match
+from partnerbus.errors import describe_error
 from partnerbus.ledger.rules import (
     AWAITING_ANSWER,
     DURATIONS,
@@ -22,6 +25,7 @@ from partnerbus.ledger.rules import (
     ConsentDecision,
     ConsentRecord,
     DeadlinePolicy,
+    check_pseudonym_key,
     deadline_action,
     evaluate_consent,
     expiring_soon,
@@ -40,6 +44,7 @@ from partnerbus.ledger.store import (
     SignalRow,
     Store,
 )
+from partnerbus.ops.counters import SCHEDULED_ITEM_FAILURES
 from partnerbus.schemas import (
     CapacityChanged,
     ConsentExpiring,
@@ -56,6 +61,7 @@ from partnerbus.schemas import (
     SignalClosed,
 )
 
+log = logging.getLogger("partnerbus.scheduler")
 Clock = Callable[[], datetime]
 DIRECTORY_UPDATES_KEY = "directory.updates"
 """Routing key, on the deliveries exchange, of the broadcast every worker's directory hears
@@ -80,6 +86,9 @@ class Ledger:
     pseudonym_key: bytes
     deadlines: DeadlinePolicy
     consent_notice: timedelta = timedelta(days=14)
+
+    def __post_init__(self) -> None:
+        check_pseudonym_key(self.pseudonym_key)  # a guessable key makes pseudonyms reversible
 
 
 def _record(row: ConsentRow) -> ConsentRecord:
@@ -181,6 +190,8 @@ def _route(
         reason = f"no partner for {need} in {signal.commune}" + (
             f" besides {', '.join(tried)}" if tried else ""
         )
+        if signal.source not in ledger.directory:
+            reason += f": the source {signal.source} is no longer in the directory (no agreement)"
         tx.set_need_state(row.signal_id, need, "no-partner", reason, now)
         if row.agency:
             tx.enqueue(
@@ -495,7 +506,8 @@ def refuse_consent(ledger: Ledger, tx: LedgerTx, event: ConsentRefused, queue: s
         return False
     row = tx.signal(event.signal_id)
     if row is None or row.person_ref != event.person_ref:
-        raise Refused(f"no signal {event.signal_id} about {event.person_ref}")
+        # the reason goes to a header and a log line: the signal's id, never the person's
+        raise Refused(f"no signal {event.signal_id} about the person named in the refusal")
     tx.lock_person(event.person_ref)  # a grant releasing these needs meanwhile is seen
     states = tx.need_states(event.signal_id)
     needs = event.needs or tuple(n for n, s in states.items() if s == "parked")
@@ -941,17 +953,53 @@ def record_capacity(ledger: Ledger, tx: LedgerTx, event: CapacityChanged, queue:
 
 
 # time-driven work ----------------------------------------------------------------------
+def scheduled_item_failed(task: str, item: str, exc: BaseException) -> None:
+    """Log (the item's id and the error's kind, no personal data) and count an item of a
+    scheduled pass that failed; nothing marks it done, so the next pass tries it again."""
+    SCHEDULED_ITEM_FAILURES.labels(task).inc()
+    log.error(
+        "scheduled %s of %s failed, rolled back, tried again at the next pass: %s",
+        task,
+        item,
+        describe_error(exc),
+    )
+
+
+def _isolated(tx: LedgerTx, task: str, item: str, work: Callable[[], bool]) -> bool | None:
+    """Run one item of a scheduled pass in its own savepoint: if it raises, only its own
+    changes are rolled back, the failure is logged and counted, and the pass goes on
+    (None). A lost connection ends the pass: nothing else could run."""
+    try:
+        with tx.savepoint():
+            return work()
+    except Exception as exc:
+        if not tx.usable:
+            raise
+        scheduled_item_failed(task, item, exc)
+        return None
+
+
 def watch_deadlines(ledger: Ledger, tx: LedgerTx) -> dict[str, int]:
     """Remind partners that have not answered; past the deadline, expire and reroute;
     withdraw what a partner has not taken up when its consent runs out; tell the advisor
-    of consents about to expire."""
+    of consents about to expire. Each item runs alone (`_isolated`): one that fails (a
+    partner gone from the directory, a row that cannot be written) is rolled back, logged,
+    counted and tried again at the next pass; the others are done."""
     now = ledger.clock()
     counts = {
         "reminded": 0,
         "expired": 0,
         "withdrawn-consent-expired": 0,
         "consents-expiring": 0,
+        "failed": 0,
     }
+
+    def tally(key: str, done: bool | None) -> None:
+        if done is None:
+            counts["failed"] += 1
+        elif done:
+            counts[key] += 1
+
     for referral in tx.waiting_referrals():
         action = deadline_action(
             referral.status,
@@ -962,68 +1010,117 @@ def watch_deadlines(ledger: Ledger, tx: LedgerTx) -> dict[str, int]:
             ledger.deadlines,
         )
         if action.kind == "remind":
-            tx.update_referral(referral.referral_id, referral.status, reminded=True)
-            tx.enqueue(
-                ReferralReminder(
-                    message_id=_derived_id("reminder", referral.referral_id),
-                    occurred_at=now,
-                    referral_id=referral.referral_id,
-                    partner=referral.partner_id,
-                    due_by=referral.due_at or now,
+            tally(
+                "reminded",
+                _isolated(
+                    tx, "remind", referral.referral_id, partial(_remind, ledger, tx, referral)
                 ),
-                referral.partner_id,
-                now,
-                referral_id=referral.referral_id,
             )
-            counts["reminded"] += 1
-        elif action.kind == "expire" and _apply(
-            ledger, tx, referral, "expired", "bus", BUS, "deadline passed"
-        ):
-            row = _notify_status(
-                ledger,
-                tx,
-                referral,
+        elif action.kind == "expire":
+            tally(
                 "expired",
-                "no answer before the deadline; sent to the next-best partner",
+                _isolated(
+                    tx, "expire", referral.referral_id, partial(_expire, ledger, tx, referral)
+                ),
             )
-            tx.audit(
-                BUS, "referral-expired", referral.referral_id, now, partner_id=referral.partner_id
-            )
-            _reroute(ledger, tx, referral, row)
-            counts["expired"] += 1
     for referral in tx.referrals_with_ended_consent(now, AWAITING_ANSWER):
-        # The partner has not taken it up, and may no longer contact the person: withdrawn,
-        # and the need goes back to the consent gate (the advisor is asked again).
-        _withdraw(
-            ledger,
-            tx,
-            referral,
-            "the consent ran out before the partner took it up",
-            BUS,
-            reason="consent-expired",
+        tally(
+            "withdrawn-consent-expired",
+            _isolated(
+                tx,
+                "consent-ended",
+                referral.referral_id,
+                partial(_withdraw_consent_ended, ledger, tx, referral),
+            ),
         )
-        signal_row = tx.signal(referral.signal_id)
-        assert signal_row is not None
-        _reroute(ledger, tx, referral, signal_row)
-        counts["withdrawn-consent-expired"] += 1
     for consent in expiring_soon(
         [_record(c) for c in tx.unnotified_consents()], now, ledger.consent_notice
     ):
-        tx.mark_expiry_notified(consent.consent_id, now)
-        tx.enqueue(
-            ConsentExpiring(
-                message_id=_derived_id("consent-expiring", consent.consent_id),
-                occurred_at=now,
-                consent_id=consent.consent_id,
-                person_ref=consent.person_ref,
-                agency=consent.agency,
-                valid_until=consent.valid_until,
+        tally(
+            "consents-expiring",
+            _isolated(
+                tx,
+                "consent-expiring",
+                consent.consent_id,
+                partial(_notify_consent_expiring, ledger, tx, consent),
             ),
-            consent.agency,
-            now,
         )
-        counts["consents-expiring"] += 1
     return counts
+
+
+def _remind(ledger: Ledger, tx: LedgerTx, referral: ReferralRow) -> bool:
+    now = ledger.clock()
+    tx.update_referral(referral.referral_id, referral.status, reminded=True)
+    tx.enqueue(
+        ReferralReminder(
+            message_id=_derived_id("reminder", referral.referral_id),
+            occurred_at=now,
+            referral_id=referral.referral_id,
+            partner=referral.partner_id,
+            due_by=referral.due_at or now,
+        ),
+        referral.partner_id,
+        now,
+        referral_id=referral.referral_id,
+    )
+    return True
+
+
+def _expire(ledger: Ledger, tx: LedgerTx, referral: ReferralRow) -> bool:
+    """Past the deadline: expired, the source and advisor told, rerouted."""
+    if not _apply(ledger, tx, referral, "expired", "bus", BUS, "deadline passed"):
+        return False
+    row = _notify_status(
+        ledger,
+        tx,
+        referral,
+        "expired",
+        "no answer before the deadline; sent to the next-best partner",
+    )
+    tx.audit(
+        BUS,
+        "referral-expired",
+        referral.referral_id,
+        ledger.clock(),
+        partner_id=referral.partner_id,
+    )
+    _reroute(ledger, tx, referral, row)
+    return True
+
+
+def _withdraw_consent_ended(ledger: Ledger, tx: LedgerTx, referral: ReferralRow) -> bool:
+    """The partner has not taken it up, and may no longer contact the person: withdrawn,
+    and the need goes back to the consent gate (the advisor is asked again)."""
+    _withdraw(
+        ledger,
+        tx,
+        referral,
+        "the consent ran out before the partner took it up",
+        BUS,
+        reason="consent-expired",
+    )
+    signal_row = tx.signal(referral.signal_id)
+    assert signal_row is not None
+    _reroute(ledger, tx, referral, signal_row)
+    return True
+
+
+def _notify_consent_expiring(ledger: Ledger, tx: LedgerTx, consent: ConsentRecord) -> bool:
+    now = ledger.clock()
+    tx.mark_expiry_notified(consent.consent_id, now)
+    tx.enqueue(
+        ConsentExpiring(
+            message_id=_derived_id("consent-expiring", consent.consent_id),
+            occurred_at=now,
+            consent_id=consent.consent_id,
+            person_ref=consent.person_ref,
+            agency=consent.agency,
+            valid_until=consent.valid_until,
+        ),
+        consent.agency,
+        now,
+    )
+    return True
 
 
 def apply_retention(

@@ -637,6 +637,18 @@ class LedgerTx:
             )
         )
 
+    @contextmanager
+    def savepoint(self) -> Iterator[None]:
+        """A nested transaction: what runs inside is rolled back alone if it raises (the
+        exception propagates), and the enclosing transaction goes on."""
+        with self.conn.begin_nested():
+            yield
+
+    @property
+    def usable(self) -> bool:
+        """False once the connection was lost: nothing more can run in this transaction."""
+        return not self.conn.invalidated
+
 
 class Store:
     """The ledger's database. Nothing connects until the first use."""
@@ -915,6 +927,7 @@ def _engine(url: str, *, schema: str | None, echo: bool) -> Engine:
         engine = create_engine(
             url,
             echo=echo,
+            hide_parameters=True,  # bound values (a person, a phone, a note) stay out of errors
             connect_args={"check_same_thread": False, "timeout": 30},
             poolclass=StaticPool if in_memory else None,
         )
@@ -947,7 +960,9 @@ def _engine(url: str, *, schema: str | None, echo: bool) -> Engine:
     connect_args: dict[str, Any] = {}
     if schema:
         connect_args["options"] = f"-csearch_path={schema}"
-    return create_engine(url, echo=echo, pool_pre_ping=True, connect_args=connect_args)
+    return create_engine(
+        url, echo=echo, hide_parameters=True, pool_pre_ping=True, connect_args=connect_args
+    )
 
 
 __all__ = [

@@ -3,12 +3,16 @@
 - `FakeClock`: an injectable clock that moves only when told.
 - `Inbox`: reads one queue of a real broker and waits for messages with a timeout
   (never a sleep).
+- `wait_until`, `wait_for_status`: wait for a condition that another task or process
+  completes (the relay confirming a referral, a consumer recording a status), polling it
+  within a timeout instead of assuming it is already done.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -119,4 +123,49 @@ class Inbox:
             self._tag = None
 
 
-__all__ = ["FakeClock", "Inbox", "Received"]
+async def wait_until(
+    condition: Callable[[], Awaitable[bool] | bool],
+    *,
+    timeout: float = 30.0,
+    poll: float = 0.05,
+    what: str = "the condition",
+) -> None:
+    """Return as soon as `condition()` holds (a plain or an async callable); fail with
+    `what` if it still does not after `timeout` seconds. Short polls inside a generous
+    timeout: never a bet on how long the other side takes."""
+    try:
+        async with asyncio.timeout(timeout):
+            while True:
+                held = condition()
+                if not isinstance(held, bool):
+                    held = await held
+                if held:
+                    return
+                await asyncio.sleep(poll)
+    except TimeoutError:
+        msg = f"{what} did not hold within {timeout:.0f}s"
+        raise AssertionError(msg) from None
+
+
+async def wait_for_status(
+    store: Any, referral_id: str, *statuses: str, timeout: float = 30.0
+) -> str:
+    """Wait until the ledger (a `Store`) records one of `statuses` for the referral, and
+    return it: the relay and the consumers record states after the messages a test sees."""
+    seen: list[str | None] = [None]
+
+    async def reached() -> bool:
+        row = await asyncio.to_thread(store.referral, referral_id)
+        seen[0] = row.status if row is not None else None
+        return seen[0] in statuses
+
+    try:
+        await wait_until(reached, timeout=timeout, what=f"referral {referral_id} {statuses}")
+    except AssertionError:
+        msg = f"referral {referral_id} is {seen[0]!r}, not {' or '.join(statuses)}"
+        raise AssertionError(msg + f", after {timeout:.0f}s") from None
+    assert seen[0] is not None
+    return seen[0]
+
+
+__all__ = ["FakeClock", "Inbox", "Received", "wait_for_status", "wait_until"]

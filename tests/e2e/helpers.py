@@ -9,6 +9,8 @@ from typing import Any
 
 import aio_pika
 
+from tests.keys import TEST_KEY_BYTES
+
 ARREARS = "logement-hebergement--reduire-les-impayes-de-loyer"
 KEEP_HOME = "logement-hebergement--se-maintenir-dans-le-logement"
 RIGHTS = "difficultes-administratives-ou-juridiques--accompagnement-pour-lacces-aux-droits"
@@ -21,9 +23,9 @@ def new_id(prefix: str = "m") -> str:
     return f"{prefix}-{uuid.uuid4().hex[:16]}"
 
 
-def signal_ref(referral: dict[str, Any], signal_id: str, key: bytes = b"test-key") -> bool:
+def signal_ref(referral: dict[str, Any], signal_id: str, key: bytes = TEST_KEY_BYTES) -> bool:
     """Whether this referral body comes from that signal: partners see the signal only
-    through their own keyed reference (the tests' bus key is `test-key`)."""
+    through their own keyed reference (the tests' bus key is `TEST_KEY`)."""
     from partnerbus.ledger.rules import signal_pseudonym
 
     return referral["signal_ref"] == signal_pseudonym(key, referral["partner"], signal_id)

@@ -22,6 +22,7 @@ from partnerbus.broker.topology import Topology
 from partnerbus.directory import load_sample, match
 from partnerbus.ledger.store import Store
 from partnerbus.testing import Inbox
+from tests.keys import TEST_KEY
 
 from .helpers import ARREARS, ROUBAIX, consent, new_id, publish, signal, signal_ref
 
@@ -30,7 +31,7 @@ pytestmark = pytest.mark.rabbitmq
 PARTNERBUS = str(Path(sys.executable).parent / "partnerbus")
 """The console script installed beside the interpreter running the tests."""
 KINDS = ("ccas-cias", "points-conseil-budget", "cresus", "caf", "maisons-des-solidarites")
-KEY = "commands-test-key"
+KEY = TEST_KEY
 
 
 def command_env(settings: Settings) -> dict[str, str]:
@@ -173,7 +174,9 @@ async def test_the_demo_command_plays_the_day_prints_the_summary_and_leaves_noth
     left = await existing(amqp_url, names)
     if left:  # clean up after a demo that did not, then fail
         bus = create_app(
-            Settings(amqp_url=amqp_url, prefix=demo_prefix, database_url="sqlite://"),
+            Settings(
+                amqp_url=amqp_url, prefix=demo_prefix, database_url="sqlite://", pseudonym_key=KEY
+            ),
             directory=directory,
         )
         bus.executor.shutdown()

@@ -12,7 +12,7 @@ from partnerbus.broker.app import create_app
 from partnerbus.broker.dlq import peek, replay
 from partnerbus.directory import Directory, load_sample
 from partnerbus.ledger.store import LedgerTx, Store
-from partnerbus.testing import Inbox
+from partnerbus.testing import Inbox, wait_for_status
 
 from .helpers import ARREARS, ROUBAIX, consent, new_id, publish, signal, signal_ref
 from .test_flow import KINDS, consented, expected_partner, grant
@@ -140,7 +140,10 @@ async def test_a_status_from_another_partner_is_refused(bus, channel):
     await publish(channel, f"{t.prefix}.statuses", body, routing_key="siao-nord")
     (dead,) = await dlq.expect(1)
     assert "was not sent to siao-nord" in dead.headers["partnerbus-error"]
-    assert bus.store.referral(referral.body["referral_id"]).status == "delivered"
+    # the relay records the confirm after the partner may already hold the referral
+    assert await wait_for_status(bus.store, referral.body["referral_id"], "delivered") == (
+        "delivered"
+    )
 
 
 async def test_a_consent_with_an_inverted_period_is_refused(bus, channel):
@@ -178,7 +181,9 @@ async def test_a_message_dead_lettered_after_its_retries_is_replayed_after_the_f
         (letter,) = await peek(connection, dlq_name, "guest")
         assert letter.message_id == body["message_id"]
         assert letter.sender == "guest"
-        assert "database is down" in letter.reason
+        # the error's kind only: a database error's text may carry the values it was given
+        assert "OperationalError" in letter.reason
+        assert "database is down" not in letter.reason
 
         replayed = await replay(connection, dlq_name, {body["message_id"]}, "guest", "ops.tester")
         assert [r.message_id for r in replayed] == [body["message_id"]]

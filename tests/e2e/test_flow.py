@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from partnerbus.directory import match
-from partnerbus.testing import Inbox
+from partnerbus.testing import Inbox, wait_for_status
 
 from .helpers import (
     ARREARS,
@@ -193,7 +193,7 @@ async def test_a_partner_status_reaches_the_source_and_the_advisor(bus, channel)
     assert forwarded.body["need"] == ARREARS
     told = await agency_inbox.expect_kind("referral-status-changed", status="accepted")
     assert told.body["status"] == "accepted"
-    assert bus.store.referral(rid).status == "accepted"
+    assert await wait_for_status(bus.store, rid, "accepted") == "accepted"
 
 
 async def test_a_need_no_partner_covers_tells_the_advisor_and_closes_for_the_source(bus, channel):

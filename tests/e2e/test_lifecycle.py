@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from partnerbus.broker.app import create_app
-from partnerbus.testing import FakeClock, Inbox
+from partnerbus.testing import FakeClock, Inbox, wait_for_status
 
 from .helpers import ARREARS, ROUBAIX, new_id, publish, signal
 from .test_flow import KINDS, expected_partner, grant
@@ -51,7 +51,7 @@ async def test_a_revoked_consent_withdraws_the_open_referral_from_the_partner(bu
     assert withdrawn.body["referral_id"] == rid
     assert withdrawn.body["reason"] == "consent-revoked"
     await source.expect_kind("referral-status-changed", status="withdrawn")
-    assert bus.store.referral(rid).status == "withdrawn"
+    assert await wait_for_status(bus.store, rid, "withdrawn") == "withdrawn"
 
 
 async def test_a_passed_deadline_reroutes_to_the_next_best_partner(settings, channel):
@@ -173,7 +173,7 @@ async def test_the_partner_client_answers_received_and_the_status_moves(bus, cha
         )
         await source.expect_kind("referral-status-changed", status="received")
     assert got and got[0].type == "referral"
-    assert bus.store.referral(got[0].referral_id).status == "received"
+    assert await wait_for_status(bus.store, got[0].referral_id, "received") == "received"
 
 
 async def test_a_referral_the_partner_client_fails_on_ends_in_its_dead_letters_unreceived(
@@ -206,6 +206,28 @@ async def test_a_referral_the_partner_client_fails_on_ends_in_its_dead_letters_u
     assert letter.kind == "referral"
     assert letter.headers["x-death"][0]["reason"] == "delivery_limit"
     assert len(tries) == bus.settings.delivery_limit + 1
-    # The partner may have failed on it before the relay recorded the confirm: wait for that.
-    await bus.relay.wait_recorded(letter.message_id, timeout=20)
-    assert bus.store.referral(letter.body["referral_id"]).status == "delivered"
+    # The partner can dead-letter the referral before the relay has recorded the broker's
+    # confirm: wait for the state (it must reach `delivered`, never `received`).
+    assert await wait_for_status(bus.store, letter.body["referral_id"], "delivered") == (
+        "delivered"
+    )
+
+
+async def test_the_dead_letter_outcome_holds_when_the_relay_records_its_confirm_late(
+    bus, channel, monkeypatch
+):
+    """A loaded host: the broker's confirm of the referral is recorded after the partner has already dead-lettered it. The state is waited for, not assumed."""
+    import time
+
+    from partnerbus.broker import relay as relay_module
+
+    real = relay_module.mark_delivered
+
+    def late(ledger, tx, referral_id):
+        time.sleep(1.5)  # in the relay's database thread: the recording is late
+        return real(ledger, tx, referral_id)
+
+    monkeypatch.setattr(relay_module, "mark_delivered", late)
+    await test_a_referral_the_partner_client_fails_on_ends_in_its_dead_letters_unreceived(
+        bus, channel
+    )

@@ -27,6 +27,7 @@ from partnerbus.ledger import tables
 from partnerbus.ledger.rules import signal_pseudonym
 from partnerbus.ledger.store import Store
 from tests.e2e.helpers import ROUBAIX, consent, new_id, signal
+from tests.keys import TEST_KEY, TEST_KEY_BYTES
 
 KINDS = ("ccas-cias", "points-conseil-budget", "cresus", "caf", "maisons-des-solidarites")
 SOURCE = "lmh-recouvrement"
@@ -47,7 +48,7 @@ def fault_settings(url: str, prefix: str, db: Path, **overrides: object) -> Sett
         "outbox_lease_s": 5,
         "publish_timeout_s": 2,
         "scheduler_interval_s": 3600,
-        "pseudonym_key": "test-key",
+        "pseudonym_key": TEST_KEY,
     }
     values.update(overrides)
     return Settings(**values)  # type: ignore[arg-type]
@@ -235,11 +236,11 @@ class ReferralCounter:
 
     def _ours(self, body: dict) -> bool:
         """A referral of one of our signals: partners see a signal only through their own
-        keyed reference of it (`fault_settings` use the key `test-key`)."""
+        keyed reference of it (`fault_settings` use the tests' `TEST_KEY`)."""
         partner = body.get("partner")
         if partner not in self._refs:
             self._refs[partner] = {
-                signal_pseudonym(b"test-key", str(partner), sid) for sid in self._ids
+                signal_pseudonym(TEST_KEY_BYTES, str(partner), sid) for sid in self._ids
             }
         return body.get("signal_ref") in self._refs[partner]
 

@@ -22,6 +22,7 @@ from partnerbus.ledger.rules import signal_pseudonym
 from partnerbus.testing import Inbox
 from tests.conftest import as_partner
 from tests.e2e.helpers import ARREARS, ROUBAIX, consent, signal, status
+from tests.keys import TEST_KEY_BYTES
 
 pytestmark = [pytest.mark.slow, pytest.mark.rabbitmq, pytest.mark.timeout(300)]
 
@@ -255,6 +256,6 @@ async def test_every_generated_bad_message_is_dead_lettered_with_a_reason_and_no
     referral = await inbox.expect_kind(
         "referral",
         timeout=20,
-        signal_ref=signal_pseudonym(b"test-key", "ccas-roubaix", good["message_id"]),
+        signal_ref=signal_pseudonym(TEST_KEY_BYTES, "ccas-roubaix", good["message_id"]),
     )
     assert referral.body["need"] == ARREARS

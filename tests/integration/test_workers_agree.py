@@ -11,6 +11,7 @@ from partnerbus.directory import load_sample
 from partnerbus.handlers import usecases
 from partnerbus.schemas import ConsentGranted, ConsentScope, ReferralStatusChanged, Signal
 from partnerbus.testing import FakeClock
+from tests.keys import TEST_KEY
 
 KINDS = ("ccas-cias", "points-conseil-budget", "cresus", "caf", "maisons-des-solidarites")
 ARREARS = "logement-hebergement--reduire-les-impayes-de-loyer"
@@ -18,7 +19,7 @@ ARREARS = "logement-hebergement--reduire-les-impayes-de-loyer"
 
 async def test_a_worker_learns_the_answers_another_worker_recorded(engine_url: str) -> None:
     """Answers recorded by one worker reach another worker's directory at its next pass; a later pass reloads only the partners that answered since."""
-    settings = Settings(database_url=engine_url, prefix="pbt-workers", pseudonym_key="k")
+    settings = Settings(database_url=engine_url, prefix="pbt-workers", pseudonym_key=TEST_KEY)
     clock = FakeClock()
     first = create_app(settings, directory=load_sample(), clock=clock)
     second = create_app(settings, directory=load_sample(), clock=clock)

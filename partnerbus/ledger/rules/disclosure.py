@@ -112,6 +112,55 @@ def minimise(
     return shown_profile, shown_facts, shown_contact
 
 
+MIN_KEY_LENGTH = 32
+"""Characters of the pseudonym key, at the least: `secrets.token_urlsafe(32)` gives 43."""
+KNOWN_KEYS: frozenset[str] = frozenset(
+    {
+        "change-me-in-production",  # the default of partnerbus 0.1: published
+        "changeme",
+        "change-me",
+        "secret",
+        "password",
+        "partnerbus",
+        "test-key",
+        "test",
+        "key",
+        "k",
+    }
+)
+"""Values published in this repository, its history or any tutorial: anyone may try them."""
+KNOWN_PARTS = ("change-me", "changeme", "example", "placeholder", "your-key", "replace-me")
+"""Text a key copied from an example still holds."""
+MIN_DISTINCT = 10
+"""Distinct characters a key holds at the least: `aaaa…` or `0101…` is guessed at once."""
+MAKE_A_KEY = "python -c 'import secrets; print(secrets.token_urlsafe(32))'"
+
+
+class PseudonymKeyError(ValueError):
+    """The pseudonym key is missing or could be guessed: the bus does not start with it."""
+
+
+def check_pseudonym_key(key: str | bytes | None) -> bytes:
+    """The key, as bytes, when it is fit to pseudonymise with; `PseudonymKeyError` saying
+    why and how to make one otherwise. With a guessable key, a partner recovers a person's
+    reference from its pseudonym by trying references (a tenancy number is a few thousand
+    guesses) and computes another partner's pseudonym for the same person."""
+    text = key.decode("utf-8", "replace") if isinstance(key, bytes) else (key or "")
+    how = f"set PARTNERBUS_PSEUDONYM_KEY to a random secret of its own, e.g. `{MAKE_A_KEY}`"
+    if not text.strip():
+        msg = f"no pseudonym key: {how}"
+    elif len(text) < MIN_KEY_LENGTH:
+        msg = f"the pseudonym key is too short ({len(text)} characters, at least {MIN_KEY_LENGTH})"
+        msg += f": {how}"
+    elif text.lower() in KNOWN_KEYS or any(part in text.lower() for part in KNOWN_PARTS):
+        msg = f"the pseudonym key is a published example value, anyone can try it: {how}"
+    elif len(set(text)) < MIN_DISTINCT:
+        msg = f"the pseudonym key repeats a few characters, it would be guessed: {how}"
+    else:
+        return text.encode() if isinstance(key, str) else bytes(key or b"")
+    raise PseudonymKeyError(msg)
+
+
 def pseudonym(key: bytes, partner_id: str, person_ref: str) -> str:
     """The person's reference for this partner only: an HMAC-SHA256 under the bus's key.
 

@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
+import secrets
+
+import pytest
+
+from partnerbus.broker.app import create_app
 from partnerbus.broker.settings import Settings
+from partnerbus.ledger.rules import PseudonymKeyError, check_pseudonym_key
 
 
 def test_a_dotenv_file_sets_the_deadlines_too(tmp_path, monkeypatch) -> None:
@@ -47,3 +55,82 @@ def test_the_defaults_are_the_documented_ones(tmp_path, monkeypatch) -> None:
         24,
     )
     assert (s.retention_days, s.free_text_retention_days) == (730, 90)
+
+
+@pytest.fixture
+def bare_environment(tmp_path, monkeypatch) -> None:
+    """No PARTNERBUS_* variable and no `.env` file."""
+    monkeypatch.chdir(tmp_path)
+    for name in list(os.environ):
+        if name.startswith("PARTNERBUS_"):
+            monkeypatch.delenv(name)
+
+
+def test_there_is_no_default_pseudonym_key_and_the_service_refuses_to_start_without_one(
+    bare_environment,
+) -> None:
+    """No key set: `create_app` refuses, saying which variable to set and how to make a key."""
+    assert Settings().pseudonym_key is None
+    with pytest.raises(PseudonymKeyError, match="PARTNERBUS_PSEUDONYM_KEY") as refused:
+        create_app(Settings())
+    assert "token_urlsafe" in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    ("key", "why"),
+    [
+        ("", "no pseudonym key"),
+        ("   ", "no pseudonym key"),
+        ("change-me-in-production", "too short"),
+        ("test-key", "too short"),
+        ("k", "too short"),
+        ("correct-horse-battery", "too short"),
+        ("change-me-in-production-change-me-now", "published example"),
+        ("my-example-pseudonym-key-for-the-bus-1234", "published example"),
+        ("a" * 48, "repeats a few characters"),
+        ("ab12" * 12, "repeats a few characters"),
+    ],
+)
+def test_a_missing_short_known_or_obvious_key_is_refused_at_start(key: str, why: str) -> None:
+    """The service, and any ledger that pseudonymises, refuse a key that could be guessed."""
+    with pytest.raises(PseudonymKeyError, match=why):
+        create_app(Settings(pseudonym_key=key))
+    with pytest.raises(PseudonymKeyError, match=why):
+        check_pseudonym_key(key.encode())
+
+
+def test_a_random_key_of_32_characters_or_more_is_accepted() -> None:
+    """What `secrets.token_urlsafe(32)` makes passes; the service is built with it."""
+    key = secrets.token_urlsafe(32)
+    assert check_pseudonym_key(key) == key.encode()
+    bus = create_app(Settings(pseudonym_key=key, database_url="sqlite://"))
+    assert bus.ledger.pseudonym_key == key.encode()
+    bus.executor.shutdown()
+    bus.store.dispose()
+
+
+def test_partnerbus_run_refuses_to_start_without_a_key(bare_environment) -> None:
+    """`partnerbus run` says why and exits 2 before starting any worker."""
+    from typer.testing import CliRunner
+
+    from partnerbus.broker.cli import app
+
+    result = CliRunner().invoke(app, ["run", "--workers", "1"])
+    assert result.exit_code == 2
+    assert "no pseudonym key" in result.output
+    assert "PARTNERBUS_PSEUDONYM_KEY" in result.output
+
+
+def test_the_demo_makes_a_throwaway_key_when_none_is_set_and_says_so(
+    bare_environment, capsys
+) -> None:
+    """`make demo` needs no set-up: without a key the demo uses a random one and says so; a weak key set is refused."""
+    from partnerbus.broker.demo import main as demo_main
+
+    unreachable = "amqp://guest:guest@127.0.0.1:1/"
+    assert asyncio.run(demo_main(Settings(amqp_url=unreachable))) == 2  # no broker there
+    assert "throwaway random key" in capsys.readouterr().out
+    assert asyncio.run(demo_main(Settings(amqp_url=unreachable, pseudonym_key="test-key"))) == 2
+    said = capsys.readouterr().out
+    assert "too short" in said
+    assert "not reachable" not in said, "refused before anything else"

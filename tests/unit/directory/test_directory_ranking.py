@@ -383,14 +383,13 @@ def test_ranks_are_one_based_and_limit_cuts_the_list() -> None:
     assert candidates[0].score < candidates[1].score
 
 
-def test_unknown_need_or_commune_gives_no_candidate_and_unknown_sender_raises() -> None:
-    """An unknown need or commune is a business outcome (no partner); an unknown sender is a bug."""
+def test_unknown_need_commune_or_sender_gives_no_candidate() -> None:
+    """An unknown need or commune is a business outcome (no partner); an unknown sender (one removed from the directory since its signal) has no agreement: no partner either, never a KeyError."""
     d = make_directory([partner("pa")])
     assert match(d, "logement-hebergement--inconnu", LILLE) == []
     assert match(d, ARREARS, "99999") == []
     assert match(d, ARREARS, ARRAS) == []
-    with pytest.raises(KeyError):
-        match(d, ARREARS, LILLE, sender="nobody")
+    assert match(d, ARREARS, LILLE, sender="nobody") == []
 
 
 def test_reasons_say_where_what_who_and_how_full() -> None:
