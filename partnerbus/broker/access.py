@@ -8,7 +8,8 @@ What a partner's user may do (see docs/ACCESS.md):
 
 - read (consume, get) only its own queue `<prefix>.partner.<id>`;
 - write only to `<prefix>.signals` and `<prefix>.statuses`, plus `<prefix>.consents` when
-  it has advisors (a landlord's agency records consent);
+  it has advisors (a landlord's agency records consent): `partnerbus.directory.rights`, the
+  one table every door reads (the HTTP gateway too);
 - configure nothing: the bus declares every queue, partners use passive declares;
 - on those topic exchanges, publish only with its own partner id as routing key
   (RabbitMQ topic permissions);
@@ -35,10 +36,12 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from faststream.rabbit import RabbitExchange
 from rich.console import Console
 from rich.table import Table
 
 from partnerbus.broker.topology import Topology
+from partnerbus.directory.rights import Intake, may_publish
 from partnerbus.schemas.directory import Partner
 
 NOTHING = ""
@@ -57,6 +60,16 @@ def _exact(names: Iterable[str]) -> str:
     if len(escaped) == 1:
         return f"^{escaped[0]}$"
     return "^(" + "|".join(escaped) + ")$"
+
+
+def intake_exchange(topology: Topology, intake: Intake) -> RabbitExchange:
+    """The exchange of one intake of the rights table."""
+    exchanges = {
+        "signals": topology.signals,
+        "statuses": topology.statuses,
+        "consents": topology.consents,
+    }
+    return exchanges[intake]
 
 
 @dataclass(frozen=True)
@@ -84,9 +97,10 @@ def grants_for(
     (when consents are recorded only through the bus's own tools)."""
     grants: dict[str, PartnerGrant] = {}
     for partner in partners:
-        exchanges = [topology.signals.name, topology.statuses.name]
-        if consent_writers and partner.advisors:
-            exchanges.append(topology.consents.name)
+        exchanges = [
+            intake_exchange(topology, intake).name
+            for intake in may_publish(partner, consent_writers=consent_writers)
+        ]
         grant = PartnerGrant(
             username=partner.username,
             partner_id=partner.id,
@@ -418,6 +432,7 @@ __all__ = [
     "definitions",
     "derive_password",
     "grants_for",
+    "intake_exchange",
     "password_deriver",
     "rabbit_password_hash",
     "remove_with_rabbitmqctl",

@@ -7,6 +7,7 @@ import os
 import sys
 import uuid
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -119,6 +120,17 @@ def _directory(settings: Settings):  # type: ignore[no-untyped-def]
     return load_directory(settings.directory_path) if settings.directory_path else load_sample()
 
 
+def _check_pivot(directory, agency: str, by: str) -> None:  # type: ignore[no-untyped-def]
+    """Say at once what the bus would refuse: only a pivot's own advisor records consent."""
+    from partnerbus.directory.rights import advisor_ids
+
+    own = advisor_ids(directory.partner(agency))
+    if not own:
+        _fail(f"{agency!r} has no social advisors: only a pivot records consent")
+    if by not in own:
+        _fail(f"{by!r} is not an advisor of {agency}; its advisors: {', '.join(sorted(own))}")
+
+
 @consent_app.command("grant")
 def consent_grant(
     person: Annotated[str, typer.Option(help="Pseudonymous person reference.")],
@@ -143,6 +155,7 @@ def consent_grant(
         _fail(f"unknown need(s): {', '.join(unknown)}")
     if agency not in directory:
         _fail(f"unknown agency {agency!r}: not a partner of the directory")
+    _check_pivot(directory, agency, by)
     strangers = [p for p in split(partners) if p not in directory]
     if strangers:
         _fail(f"unknown partner(s): {', '.join(strangers)}")
@@ -373,31 +386,85 @@ def ops_serve(
     )
 
 
-@app.command()
+gateway_app = typer.Typer(
+    help="HTTP door for partners that cannot speak AMQP (POST /v1/signals, statuses, "
+    "consents): serve it, issue and revoke its tokens."
+)
+token_app = typer.Typer(help="The gateway's bearer tokens (random; only their hashes are kept).")
+gateway_app.add_typer(token_app, name="token")
+app.add_typer(gateway_app, name="gateway")
+
+
+def _tokens_path(settings: Settings) -> Path:
+    if settings.gateway_tokens_path is None:
+        _fail("set PARTNERBUS_GATEWAY_TOKENS_PATH: the file that keeps the tokens' hashes")
+    assert settings.gateway_tokens_path is not None
+    return settings.gateway_tokens_path
+
+
+@gateway_app.callback(invoke_without_command=True)
 def gateway(
+    ctx: typer.Context,
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port of the HTTP gateway.")] = 8080,
-    secret: Annotated[
-        str, typer.Option(envvar="PARTNERBUS_ACCESS_SECRET", help="The access secret.")
-    ] = "",
+    consent_writers: Annotated[
+        bool,
+        typer.Option(help="Let partners with advisors post consent events (as `access apply`)."),
+    ] = True,
 ) -> None:
-    """HTTP door for partners that cannot speak AMQP (POST /v1/signals, statuses, consents)."""
+    """Serve the gateway (without a sub-command); tokens from PARTNERBUS_GATEWAY_TOKENS_PATH."""
+    if ctx.invoked_subcommand is not None:
+        return
     import uvicorn
-
-    from partnerbus.directory import load_directory, load_sample
 
     from .gateway import create_gateway
 
     settings = Settings()
-    directory = (
-        load_directory(settings.directory_path) if settings.directory_path else load_sample()
-    )
     try:
-        web = create_gateway(settings, directory, secret)
-    except ValueError as exc:
+        web = create_gateway(settings, _directory(settings), consent_writers=consent_writers)
+    except (OSError, ValueError) as exc:
         _fail(str(exc))
         return
     uvicorn.run(web, host=host, port=port, log_level="info")
+
+
+@token_app.command("issue")
+def gateway_token_issue(
+    partner: Annotated[str, typer.Argument(help="The partner id the token authenticates.")],
+) -> None:
+    """Make a new random token for the partner (replacing its old one) and print it once:
+    only its SHA-256 is written to the token file (mode 0600)."""
+    from .gateway import issue_token
+
+    settings = Settings()
+    if partner not in _directory(settings):
+        _fail(f"unknown partner {partner!r}: not a partner of the directory")
+    path = _tokens_path(settings)
+    try:
+        token = issue_token(path, partner)
+    except (OSError, ValueError) as exc:
+        _fail(str(exc))
+        return
+    err.print(f"token of {partner} (shown once; hand it over a separate channel); hash in {path}")
+    print(token)  # the token alone on stdout, for a pipe
+
+
+@token_app.command("revoke")
+def gateway_token_revoke(
+    partner: Annotated[str, typer.Argument(help="The partner whose token stops working.")],
+) -> None:
+    """Forget the partner's token: the running gateway refuses it at its next request."""
+    from .gateway import revoke_token
+
+    path = _tokens_path(Settings())
+    try:
+        found = revoke_token(path, partner)
+    except (OSError, ValueError) as exc:
+        _fail(str(exc))
+        return
+    if not found:
+        _fail(f"{partner} has no gateway token in {path}")
+    console.print(f"token of {partner} revoked")
 
 
 def main() -> None:

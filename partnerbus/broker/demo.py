@@ -139,7 +139,7 @@ class Day:
                     needs=request.needs,
                     partner_kinds=("association", "ccas-cias", "maisons-des-solidarites"),
                 ),
-                collected_by=request.advisor or "advisor",
+                collected_by=request.advisor or _first_advisor(self.bus, request.agency),
                 agency=request.agency,
                 method="paper",
                 granted_at=now,
@@ -148,8 +148,20 @@ class Day:
         )
 
 
+def _first_advisor(bus: Bus, agency: str) -> str:
+    """Who records a consent for the agency: one of its own advisors (the bus refuses
+    anyone else)."""
+    return min(a.id for a in bus.directory.partner(agency).advisors)
+
+
 def _consent(
-    person: str, agency: str, needs: tuple[str, ...], kinds: tuple[str, ...], method: str
+    person: str,
+    agency: str,
+    needs: tuple[str, ...],
+    kinds: tuple[str, ...],
+    method: str,
+    *,
+    by: str,
 ) -> ConsentGranted:
     now = datetime.now(UTC)
     return ConsentGranted(
@@ -158,7 +170,7 @@ def _consent(
         consent_id=f"consent-{uuid.uuid4().hex[:8]}",
         person_ref=person,
         scope=ConsentScope(needs=needs, partner_kinds=kinds),
-        collected_by="a.martin",
+        collected_by=by,
         agency=agency,
         method=method,  # type: ignore[arg-type]
         granted_at=now - timedelta(days=7),
@@ -203,6 +215,7 @@ async def run_day(bus: Bus, url: str, timeout: float) -> bool:
                 ("logement-hebergement", "difficultes-financieres"),
                 ("ccas-cias", "points-conseil-budget", "cresus", "maisons-des-solidarites"),
                 "oral",
+                by=_first_advisor(bus, roubaix.id),
             )
         )
         await bus.wait_verdicts(1, queue="consents", timeout=timeout)
@@ -242,6 +255,7 @@ async def run_day(bus: Bus, url: str, timeout: float) -> bool:
                 ("difficultes-administratives-ou-juridiques",),
                 ("caf", "ccas-cias", "maisons-des-solidarites", "cidff", "fcsf"),
                 "sms",
+                by=_first_advisor(bus, lille.id),
             )
         )
         await bus.wait_verdicts(3, queue="consents", timeout=timeout)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -73,3 +73,21 @@ class Settings(BaseSettings):
     """Serve this process's counters (Prometheus text format, `/metrics`) on this port."""
     metrics_host: str = "127.0.0.1"
     """Address of the metrics port; `0.0.0.0` to let a scraper in another container in."""
+    gateway_tokens_path: Path | None = None
+    """JSON file of the HTTP gateway's tokens: partner id -> SHA-256 (hex) of its token
+    (`partnerbus gateway token issue`); mode 0600. The tokens are not the AMQP passwords."""
+    gateway_rate_limit: str = "60/minute"
+    """Requests each partner may make to the gateway (`limits` notation, a moving window
+    per gateway process: "60/minute", "10/second;300/hour")."""
+
+    @field_validator("gateway_rate_limit")
+    @classmethod
+    def _rate_limit(cls, value: str) -> str:
+        from limits import parse_many
+
+        try:
+            parse_many(value)
+        except ValueError as exc:
+            msg = f"not a rate limit: {value!r} ({exc}); e.g. 60/minute"
+            raise ValueError(msg) from None
+        return value

@@ -18,6 +18,7 @@ from functools import partial
 
 from partnerbus.directory import Candidate, Directory, match
 from partnerbus.errors import describe_error
+from partnerbus.directory.rights import advisor_ids, is_pivot
 from partnerbus.ledger.rules import (
     AWAITING_ANSWER,
     DURATIONS,
@@ -53,6 +54,7 @@ from partnerbus.schemas import (
     ConsentRequested,
     ConsentRevoked,
     NoPartnerFound,
+    Partner,
     Referral,
     ReferralReminder,
     ReferralStatusChanged,
@@ -418,17 +420,64 @@ def _notify_status(
 
 
 # consents ------------------------------------------------------------------------------
+CLOCK_SKEW = timedelta(minutes=5)
+"""How far a partner's clock may run ahead of the bus's. A time a partner supplies is never
+acted on as later than the bus's now: a consent granted up to this far ahead counts as
+granted now; further ahead it is refused (a consent records what the person said, not what
+she will say). A revocation always takes effect when the bus records it."""
+
+
+def _pivot(ledger: Ledger, agency_id: str, what: str) -> Partner:
+    """The agency of a consent event: it must be a pivot (a partner with advisors), the
+    same rule as RabbitMQ's rights and the gateway's (`partnerbus.directory.rights`), so
+    that a trusted sender (the bus's CLI, the gateway, a replay) cannot pass one off."""
+    try:
+        agency = ledger.directory.partner(agency_id)
+    except KeyError:
+        raise Refused(f"unknown agency {agency_id!r}") from None
+    if not is_pivot(agency):
+        raise Refused(
+            f"{agency_id!r} has no social advisors: only a pivot (an agency with advisors) "
+            f"records {what}"
+        )
+    return agency
+
+
+def _own_advisor(agency: Partner, advisor: str, role: str) -> None:
+    if advisor not in advisor_ids(agency):
+        raise Refused(f"{role} {advisor!r} is not one of the advisors of {agency.id!r}")
+
+
+def _not_foreign_advisor(ledger: Ledger, agency: Partner, who: str, role: str) -> None:
+    """`who` may be free text (the person herself, by phone), but not another agency's
+    advisor: an advisor acts only for her own agency."""
+    if who in advisor_ids(agency):
+        return
+    for other in ledger.directory.partners():
+        if who in advisor_ids(other):
+            raise Refused(f"{role} {who!r} is an advisor of {other.id!r}, not of {agency.id!r}")
+
+
 def check_consent(ledger: Ledger, event: ConsentGranted) -> None:
-    """Refuse a consent the bus could not honour as written: collected for an agency or
-    naming partners the directory does not know, or for longer than the longest fixed
-    duration (a consent is asked again, not given forever)."""
+    """Refuse a consent the bus could not honour as written: not recorded by one of the
+    agency's own advisors, naming partners or needs the directory does not know, granted
+    in the future, or for longer than the longest fixed duration (a consent is asked
+    again, not given forever)."""
     directory = ledger.directory
-    unknown = [p for p in (event.agency, *event.scope.partners) if p not in directory]
+    agency = _pivot(ledger, event.agency, "consent")
+    _own_advisor(agency, event.collected_by, "collected_by")
+    unknown = [p for p in event.scope.partners if p not in directory]
     if unknown:
         raise Refused(f"unknown partner(s) {', '.join(unknown)}")
     missing = [n for n in event.scope.needs if not directory.has_need(n)]
     if missing:
         raise Refused(f"unknown need(s) {', '.join(missing)}: not in the taxonomy")
+    now = ledger.clock()
+    if event.granted_at > now + CLOCK_SKEW:
+        raise Refused(
+            f"granted_at {event.granted_at:%Y-%m-%d %H:%M} is in the future (the bus's "
+            f"clock says {now:%Y-%m-%d %H:%M} UTC): record a consent once the person gave it"
+        )
     if event.valid_until - event.granted_at > MAX_CONSENT:
         raise Refused(
             f"a consent lasts at most {MAX_CONSENT.days} days; this one runs "
@@ -451,7 +500,9 @@ def grant_consent(ledger: Ledger, tx: LedgerTx, event: ConsentGranted, queue: st
             collected_by=record.collected_by,
             agency=record.agency,
             method=record.method,
-            granted_at=record.granted_at,
+            # A clock a little ahead (within CLOCK_SKEW): granted now, never later; the
+            # journal keeps the stated time.
+            granted_at=min(record.granted_at, now),
             valid_until=record.valid_until,
             revoked_at=None,
         )
@@ -508,6 +559,13 @@ def refuse_consent(ledger: Ledger, tx: LedgerTx, event: ConsentRefused, queue: s
     if row is None or row.person_ref != event.person_ref:
         # the reason goes to a header and a log line: the signal's id, never the person's
         raise Refused(f"no signal {event.signal_id} about the person named in the refusal")
+    agency = _pivot(ledger, event.agency, "a refusal")
+    if row.agency != event.agency:
+        raise Refused(
+            f"signal {event.signal_id} is followed by {row.agency or 'no agency'}, "
+            f"not {event.agency!r}: only its own agency records the person's refusal"
+        )
+    _own_advisor(agency, event.collected_by, "collected_by")
     tx.lock_person(event.person_ref)  # a grant releasing these needs meanwhile is seen
     states = tx.need_states(event.signal_id)
     needs = event.needs or tuple(n for n, s in states.items() if s == "parked")
@@ -553,9 +611,14 @@ def revoke_consent(ledger: Ledger, tx: LedgerTx, event: ConsentRevoked, queue: s
     consent = tx.consent(event.consent_id, lock="update")
     if consent is None:
         raise Refused(f"unknown consent {event.consent_id}")
+    agency = _pivot(ledger, event.agency, "a revocation")
     if consent.agency != event.agency:
         raise Refused(f"consent {event.consent_id} was collected by another agency")
-    tx.revoke_consent(event.consent_id, event.revoked_at, event.revoked_by)
+    _not_foreign_advisor(ledger, agency, event.revoked_by, "revoked_by")
+    # A revocation takes effect when the bus records it, whatever time the partner states
+    # (kept in the journal's body): a revocation dated later must not leave referrals
+    # open until then, and one dated earlier cannot rewrite what was sent meanwhile.
+    tx.revoke_consent(event.consent_id, now, event.revoked_by)
     tx.journal(
         event.consent_id,
         consent.person_ref,

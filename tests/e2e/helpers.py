@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -29,6 +30,19 @@ def signal_ref(referral: dict[str, Any], signal_id: str, key: bytes = TEST_KEY_B
     from partnerbus.ledger.rules import signal_pseudonym
 
     return referral["signal_ref"] == signal_pseudonym(key, referral["partner"], signal_id)
+
+
+@functools.cache
+def advisor_of(agency: str) -> str:
+    """An advisor of this agency in the sample directory (its first), or the agency's id when
+    it has none or is unknown (a consent such an agency sends is refused anyway)."""
+    from partnerbus.directory import load_sample
+
+    try:
+        advisors = sorted(a.id for a in load_sample().partner(agency).advisors)
+    except KeyError:
+        advisors = []
+    return advisors[0] if advisors else agency
 
 
 def iso(moment: datetime) -> str:
@@ -70,7 +84,10 @@ def consent(
     granted_at: datetime | None = None,
     days: int = 30,
     consent_id: str | None = None,
+    by: str | None = None,
 ) -> dict[str, Any]:
+    """A consent as the agency's system sends it, collected by one of the agency's own
+    advisors in the sample directory (or `by`)."""
     start = granted_at or datetime.now(UTC) - timedelta(hours=1)
     return {
         "type": "consent-granted",
@@ -79,7 +96,7 @@ def consent(
         "consent_id": consent_id or new_id("c"),
         "person_ref": person,
         "scope": {"needs": list(needs), "partner_kinds": list(kinds), "partners": list(partners)},
-        "collected_by": "a.martin",
+        "collected_by": by or advisor_of(agency),
         "agency": agency,
         "method": "oral",
         "granted_at": iso(start),

@@ -53,7 +53,7 @@ async def test_an_advisor_grants_consent_from_the_command_line_and_the_parked_si
         "--agency",
         agency,
         "--by",
-        "a.martin",
+        "s.benali",
         "--needs",
         "logement-hebergement",
         "--kinds",
@@ -69,7 +69,7 @@ async def test_an_advisor_grants_consent_from_the_command_line_and_the_parked_si
     await bus.relay.flush()
     assert bus.store.count("referrals", signal_id=body["message_id"]) == 1
 
-    listed = await invoke("consent", "list", "--person", person, "--by", "a.martin")
+    listed = await invoke("consent", "list", "--person", person, "--by", "s.benali")
     assert listed.exit_code == 0, listed.output
     assert "paper" in listed.output
     assert "valid" in listed.output
@@ -94,7 +94,7 @@ async def test_the_command_line_refuses_bad_consent_input_with_a_clear_error(cli
         "--agency",
         "lmh-agence-roubaix",
         "--by",
-        "a.martin",
+        "s.benali",
     )
     wrong_duration = await invoke(*base, "--needs", ARREARS, "--kinds", "caf", "--duration", "2w")
     assert wrong_duration.exit_code == 2
@@ -120,7 +120,7 @@ async def test_the_command_line_refuses_bad_consent_input_with_a_clear_error(cli
         "--agency",
         "nowhere",
         "--by",
-        "a.martin",
+        "s.benali",
         "--needs",
         ARREARS,
         "--kinds",
@@ -128,8 +128,20 @@ async def test_the_command_line_refuses_bad_consent_input_with_a_clear_error(cli
     )
     assert elsewhere.exit_code == 2
     assert "unknown agency 'nowhere'" in elsewhere.output
+    not_a_pivot = await invoke(
+        "consent", "grant", "--person", "T-cli-1", "--agency", "ccas-roubaix", "--by", "ccas",
+        "--needs", ARREARS, "--kinds", "caf",
+    )  # fmt: skip
+    assert not_a_pivot.exit_code == 2
+    assert "no social advisors" in not_a_pivot.output
+    not_hers = await invoke(
+        "consent", "grant", "--person", "T-cli-1", "--agency", "lmh-agence-roubaix",
+        "--by", "a.martin", "--needs", ARREARS, "--kinds", "caf",
+    )  # fmt: skip
+    assert not_hers.exit_code == 2
+    assert "'a.martin' is not an advisor of lmh-agence-roubaix" in not_hers.output
     unknown = await invoke(
-        "consent", "revoke", "consent-nope", "--agency", "lmh-agence-roubaix", "--by", "a.martin"
+        "consent", "revoke", "consent-nope", "--agency", "lmh-agence-roubaix", "--by", "s.benali"
     )
     assert unknown.exit_code == 2
     assert "no consent consent-nope" in unknown.output
@@ -147,7 +159,7 @@ async def test_the_command_line_says_when_the_broker_cannot_be_reached(cli_env, 
         "--agency",
         "lmh-agence-roubaix",
         "--by",
-        "a.martin",
+        "s.benali",
         "--needs",
         ARREARS,
         "--kinds",
@@ -193,7 +205,7 @@ async def test_an_advisor_revokes_a_consent_from_the_command_line(cli_env, chann
         "--agency",
         agency,
         "--by",
-        "a.martin",
+        "s.benali",
         "--needs",
         "logement-hebergement",
         "--kinds",
@@ -208,12 +220,12 @@ async def test_an_advisor_revokes_a_consent_from_the_command_line(cli_env, chann
     await publish(channel, t.signals.name, signal(person=person), routing_key="lmh-recouvrement")
     await inbox.expect_kind("referral")
     revoked = await invoke(
-        "consent", "revoke", consent_id, "--agency", agency, "--by", "a.martin", "--reason", "asked"
+        "consent", "revoke", consent_id, "--agency", agency, "--by", "s.benali", "--reason", "asked"
     )
     assert revoked.exit_code == 0, revoked.output
     withdrawn = await inbox.expect_kind("referral-withdrawn")
     assert withdrawn.body["reason"] == "consent-revoked"
-    again = await invoke("consent", "revoke", consent_id, "--agency", agency, "--by", "a.martin")
+    again = await invoke("consent", "revoke", consent_id, "--agency", agency, "--by", "s.benali")
     assert again.exit_code == 2
     assert "already revoked" in again.output
 

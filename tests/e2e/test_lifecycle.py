@@ -41,7 +41,7 @@ async def test_a_revoked_consent_withdraws_the_open_referral_from_the_partner(bu
         "message_id": new_id("rev"),
         "occurred_at": datetime.now(UTC).isoformat(),
         "consent_id": given["consent_id"],
-        "revoked_by": "a.martin",
+        "revoked_by": given["collected_by"],
         "agency": agency,
         "revoked_at": datetime.now(UTC).isoformat(),
         "reason": "the tenant changed her mind",
@@ -140,7 +140,7 @@ async def test_a_refused_consent_closes_the_signal_for_the_source(bus, channel):
         "occurred_at": datetime.now(UTC).isoformat(),
         "signal_id": request.body["signal_id"],
         "person_ref": request.body["person_ref"],
-        "collected_by": "a.martin",
+        "collected_by": "s.benali",
         "agency": agency,
     }
     await publish(channel, f"{t.prefix}.consents", refusal, routing_key=agency)

@@ -55,7 +55,7 @@ grant = st.tuples(
     st.sampled_from(PERSONS),
     st.lists(st.sampled_from(SCOPE_NEEDS), min_size=1, max_size=3, unique=True),
     st.lists(st.sampled_from(KINDS), min_size=1, max_size=4, unique=True),
-    st.integers(min_value=-3, max_value=3),  # start, days from now
+    st.integers(min_value=-3, max_value=3),  # start, days from now (later: refused)
     st.integers(min_value=1, max_value=40),  # duration, days
 )
 revoke = st.tuples(st.just("revoke"), st.integers(min_value=0, max_value=20))
@@ -146,24 +146,25 @@ def run_sequence(store: Store, ops: list[tuple[Any, ...]]) -> int:
                 _, person, needs, kinds, start, days = op
                 begins = now + timedelta(days=start)
                 consent_id = mid()
-                consents.append(consent_id)
-                usecases.grant_consent(
-                    ledger,
-                    tx,
-                    ConsentGranted(
-                        message_id=mid(),
-                        occurred_at=now,
-                        consent_id=consent_id,
-                        person_ref=person,
-                        scope=ConsentScope(needs=tuple(needs), partner_kinds=tuple(kinds)),
-                        collected_by="a.martin",
-                        agency=AGENCY,
-                        method="oral",
-                        granted_at=begins,
-                        valid_until=begins + timedelta(days=days),
-                    ),
-                    "q",
+                event = ConsentGranted(
+                    message_id=mid(),
+                    occurred_at=now,
+                    consent_id=consent_id,
+                    person_ref=person,
+                    scope=ConsentScope(needs=tuple(needs), partner_kinds=tuple(kinds)),
+                    collected_by="s.benali",
+                    agency=AGENCY,
+                    method="oral",
+                    granted_at=begins,
+                    valid_until=begins + timedelta(days=days),
                 )
+                if begins > now:
+                    # A consent dated in the future is refused, never kept to start later.
+                    with pytest.raises(usecases.Refused, match="future"):
+                        usecases.grant_consent(ledger, tx, event, "q")
+                else:
+                    consents.append(consent_id)
+                    usecases.grant_consent(ledger, tx, event, "q")
             elif op[0] == "revoke" and consents:
                 consent_id = consents[op[1] % len(consents)]
                 if tx.consent(consent_id).revoked_at is None:
@@ -174,7 +175,7 @@ def run_sequence(store: Store, ops: list[tuple[Any, ...]]) -> int:
                             message_id=mid(),
                             occurred_at=now,
                             consent_id=consent_id,
-                            revoked_by="a.martin",
+                            revoked_by="s.benali",
                             agency=AGENCY,
                             revoked_at=now,
                         ),

@@ -68,7 +68,7 @@ def a_consent(
         consent_id=mid("c"),
         person_ref=person,
         scope=ConsentScope(needs=("logement-hebergement",), partner_kinds=kinds),
-        collected_by="a.martin",
+        collected_by="s.benali",
         agency="lmh-agence-roubaix",
         method="oral",
         granted_at=now,
@@ -150,7 +150,7 @@ class TestConsent:
             occurred_at=ledger.clock(),
             signal_id=signal.message_id,
             person_ref=signal.person_ref,
-            collected_by="a.martin",
+            collected_by="s.benali",
             agency="lmh-agence-roubaix",
         )
         run(ledger, usecases.refuse_consent, refusal)
@@ -168,7 +168,7 @@ class TestConsent:
                 message_id=mid("msg"),
                 occurred_at=ledger.clock(),
                 consent_id=consent.consent_id,
-                revoked_by="a.martin",
+                revoked_by="s.benali",
                 agency="lmh-agence-roubaix",
                 revoked_at=ledger.clock(),
             ),
@@ -494,7 +494,7 @@ def test_a_consent_the_bus_could_not_honour_is_refused(ledger: Ledger) -> None:
     """An unknown agency, an unknown named partner or a period beyond a year is refused with its reason, and nothing is recorded."""
     good = a_consent(ledger, person="T-BAD-1")
     cases = {
-        "unknown partner(s) nowhere": good.model_copy(update={"agency": "nowhere"}),
+        "unknown agency 'nowhere'": good.model_copy(update={"agency": "nowhere"}),
         "unknown partner(s) ghost": good.model_copy(
             update={"scope": ConsentScope(needs=("logement-hebergement",), partners=("ghost",))}
         ),

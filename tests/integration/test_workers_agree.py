@@ -37,7 +37,7 @@ async def test_a_worker_learns_the_answers_another_worker_recorded(engine_url: s
                     consent_id="c-1",
                     person_ref="T-WORKERS",
                     scope=ConsentScope(needs=("logement-hebergement",), partner_kinds=KINDS),
-                    collected_by="a.martin",
+                    collected_by="s.benali",
                     agency="lmh-agence-roubaix",
                     method="oral",
                     granted_at=now,
