@@ -324,3 +324,61 @@ async def test_a_flood_of_refusals_fills_the_bounded_dead_letters_loses_nothing_
     (verdict,) = (await bus.wait_verdicts(before + 1, timeout=30))[before:]
     assert verdict.outcome == "processed"
     assert bus.store.count("signals", signal_id=good["message_id"]) == 1
+
+
+async def test_a_dead_letter_queue_from_before_the_bounds_is_kept_and_the_bus_starts(
+    settings, channel, connection, caplog
+):
+    """RabbitMQ cannot change a queue's arguments: a dead-letter queue declared by an older version (no bounds) is kept as it is, with a warning that says how to bound it, and the bus starts and dead-letters into it."""
+    from partnerbus.broker.topology import Topology
+
+    old = Topology(settings.prefix).dlq_name(f"{settings.prefix}.intake.signals")
+    await channel.declare_queue(old, durable=True, arguments={"x-queue-type": "quorum"})
+    bus = create_app(settings)
+    await bus.start()
+    try:
+        assert any(old in r.getMessage() and "policy" in r.getMessage() for r in caplog.records), (
+            "a warning names the queue and the way to bound it"
+        )
+        before = len(bus.verdicts)
+        await publish(channel, bus.topology.signals.name, b"{nope", routing_key="x")
+        (verdict,) = (await bus.wait_verdicts(before + 1))[before:]
+        assert verdict.outcome == "refused"
+        (letter,) = await peek(connection, old, "guest")
+        assert "not JSON" in letter.reason
+    finally:
+        await bus.stop()
+        await bus.teardown()
+
+
+async def test_a_full_delay_queue_sends_the_message_to_its_dead_letters_with_that_reason(
+    settings, channel, connection, tmp_path
+):
+    """Transient failures fill a bounded delay queue: the next message is not lost nor looped, it is dead-lettered with the reason (which names no personal data)."""
+    from .test_delivery import FlakyStore
+
+    store = FlakyStore(f"sqlite:///{tmp_path / 'flaky.db'}")
+    bus = create_app(
+        settings.model_copy(update={"retry_max_messages": 1, "retry_delays_ms": (600_000,)}),
+        store=store,
+    )
+    await bus.start()
+    try:
+        t = bus.topology
+        store.failures = 1_000
+        sent = [signal() for _ in range(4)]
+        for body in sent:
+            await publish(channel, t.signals.name, body, routing_key="lmh-recouvrement")
+        verdicts = await bus.wait_verdicts(len(sent), timeout=30)
+        outcomes = [v.outcome for v in verdicts]
+        # one message past the limit, as quorum queues do, then refused
+        assert outcomes.count("retried") in (1, 2)
+        assert outcomes.count("refused") == len(sent) - outcomes.count("retried")
+        dead = await peek(connection, t.dlq_name(t.signal_queue.name), "guest")
+        assert len(dead) == outcomes.count("refused")
+        for letter in dead:
+            assert letter.reason == "delay queue full after a transient failure (OperationalError)"
+    finally:
+        store.failures = 0
+        await bus.stop()
+        await bus.teardown()
