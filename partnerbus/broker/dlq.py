@@ -100,6 +100,11 @@ def describe(queue: str, message: AbstractIncomingMessage, own_user: str) -> Dea
             reason = (
                 "delivery limit reached: the handler failed on every delivery (see the service log)"
             )
+        elif first.get("reason") == "rejected":
+            reason = (
+                "refused while this dead-letter queue was full (the reason was not kept: see "
+                "the service log, or replay it once to hear it again)"
+            )
         died_in = str(first.get("queue", ""))
         exchange = str(first.get("exchange", ""))
         keys = first.get("routing-keys") or [""]

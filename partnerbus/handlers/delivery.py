@@ -214,8 +214,10 @@ class Intake:
             await self._publish_copy(
                 raw, headers, exchange=self.topology.dead_letters, routing_key=self.queue
             )
-        except DeliveryError as exc:  # nacked: the bounded dead-letter queue is full
-            raise DeadLetterRefused(str(exc)) from None
+        except DeliveryError as exc:  # nacked (the bounded queue is full) or returned
+            returned = type(exc.frame).__name__ == "Return"  # pamqp's Basic.Return
+            how = "returned: no queue bound" if returned else "full"
+            raise DeadLetterRefused(how) from None
         log.warning("dead-lettered %s from %s: %s", raw.message_id, self.queue, reason)
 
     async def retry_later(self, raw: IncomingMessage, error: BaseException) -> bool:
@@ -267,20 +269,21 @@ class Intake:
                     reason = f"delay queue full after a transient failure ({type(exc).__name__})"
                 await self.dead_letter(raw, reason)
                 return Verdict("refused", reason)
-        except DeadLetterRefused:
-            return await self._held(raw)
+        except DeadLetterRefused as refused:
+            return await self._held(raw, str(refused))
         return Verdict("processed" if done else "duplicate")
 
-    async def _held(self, raw: IncomingMessage) -> Verdict:
+    async def _held(self, raw: IncomingMessage, how: str) -> Verdict:
         """The dead-letter queue is full: the caller rejects the original, which RabbitMQ
         then keeps in this work queue, dead-lettered but not delivered, and moves to the
         dead-letter queue once it has room (at-least-once dead-lettering). Logged and
         counted; the message is never acked away."""
         log.error(
-            "dead-letter queue of %s is full: %s stays in %s until there is room "
-            "(see partnerbus dlq list)",
+            "the dead-letter queue of %s refused the copy of %s (%s): the message stays in %s "
+            "until there is room (see partnerbus dlq list)",
             self.queue,
             raw.message_id,
+            how,
             self.queue,
         )
         try:
@@ -289,4 +292,4 @@ class Intake:
             log.warning(
                 "could not count the refused dead letter %s: %s", raw.message_id, type(exc).__name__
             )
-        return Verdict("held", f"dead-letter queue of {self.queue} full")
+        return Verdict("held", f"dead-letter queue of {self.queue} refused the copy ({how})")

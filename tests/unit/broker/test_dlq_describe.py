@@ -99,3 +99,28 @@ def test_a_refusal_mark_a_partner_set_itself_is_ignored() -> None:
     )
     assert letter.refusal is None
     assert letter.sender == "pb-lmh-proximite"
+
+
+def test_a_message_held_while_the_dead_letters_were_full_says_so() -> None:
+    """Rejected by the bus while the dead-letter queue was full, then moved in by RabbitMQ: the reason says what happened, and the sender is its own verified user."""
+    letter = describe(
+        "p.intake.signals.dlq",
+        message(
+            "pb-lmh-proximite",
+            {
+                "x-death": [
+                    {
+                        "reason": "rejected",
+                        "count": 1,
+                        "queue": "p.intake.signals",
+                        "exchange": "p.signals",
+                        "routing-keys": ["lmh-proximite"],
+                    }
+                ]
+            },
+        ),
+        "guest",
+    )
+    assert letter.reason.startswith("refused while this dead-letter queue was full")
+    assert letter.died_in == "p.intake.signals"
+    assert letter.sender == "pb-lmh-proximite"
