@@ -67,6 +67,7 @@ async def test_a_signal_without_user_id_is_listed_from_an_unknown_sender_and_nev
     assert listed.exit_code == 0, listed.output
     assert "no user_id property" in listed.output
     assert "guest" not in listed.output, "the bus's own user is never shown as its sender"
+    assert "never (authentication)" in listed.output
 
     replayed = await invoke("dlq", "replay", spoofed["message_id"], "--by", "ops.tester")
     assert replayed.exit_code == 1, replayed.output
