@@ -44,6 +44,15 @@ async def invoke(*args: str):
     return await asyncio.to_thread(runner.invoke, app, list(args))
 
 
+async def settled(connection, queue: str, count: int) -> list:
+    """The queue's messages once it holds `count`: messages a closed channel had taken
+    unacked (a refused replay, a peek) go back to a quorum queue asynchronously."""
+    async with asyncio.timeout(30):
+        while len(found := await peek(connection, queue, "guest")) != count:  # noqa: ASYNC110
+            await asyncio.sleep(0.1)  # polling the broker for a condition, not a delay
+    return found
+
+
 # the sender of a replay ------------------------------------------------------------------
 async def test_a_signal_without_user_id_is_listed_from_an_unknown_sender_and_never_replayed(
     cli_env, channel, connection
@@ -77,9 +86,7 @@ async def test_a_signal_without_user_id_is_listed_from_an_unknown_sender_and_nev
     assert [r.action for r in bus.store.audit_trail(spoofed["message_id"])] == [
         "dead-letter-replay-refused"
     ]
-    assert [x.message_id for x in await peek(connection, dlq_name, "guest")] == [
-        spoofed["message_id"]
-    ]
+    assert [x.message_id for x in await settled(connection, dlq_name, 1)] == [spoofed["message_id"]]
     assert len(bus.verdicts) == before + 1, "nothing went back to the intake"
     assert bus.store.count("signals", signal_id=spoofed["message_id"]) == 0
 
@@ -103,7 +110,7 @@ async def test_a_sender_mismatch_is_not_replayable_either(bus, channel, connecti
     ((refused, why),) = outcome.refused
     assert refused.message_id == spoofed["message_id"]
     assert "authentication" in why
-    assert len(await peek(connection, dlq_name, "guest")) == 1
+    assert len(await settled(connection, dlq_name, 1)) == 1
 
 
 async def test_the_intake_never_takes_an_empty_first_sender_on_a_bus_message_for_the_bus(
@@ -187,9 +194,7 @@ async def test_a_partner_dead_letter_for_a_withdrawn_referral_is_refused_and_nev
     await publish(channel, f"{t.prefix}.consents", revocation, routing_key=agency)
     await bus.wait_verdicts(before + 1)
     await bus.relay.wait_recorded(_derived_id("withdrawn", rid), timeout=30)
-    assert [m.type for m in await peek(connection, partner_queue, "guest")] == [
-        "referral-withdrawn"
-    ]
+    assert [m.type for m in await settled(connection, partner_queue, 1)] == ["referral-withdrawn"]
 
     everything = await invoke("dlq", "replay", "--all", "--by", "ops.tester")
     assert everything.exit_code == 0, everything.output
@@ -202,10 +207,8 @@ async def test_a_partner_dead_letter_for_a_withdrawn_referral_is_refused_and_nev
     assert "dead-letter-replay-refused" in [r.action for r in bus.store.audit_trail(rid)]
 
     await bus.relay.flush()
-    assert [m.type for m in await peek(connection, partner_queue, "guest")] == [
-        "referral-withdrawn"
-    ]
-    assert [m.message_id for m in await peek(connection, partner_dlq, "guest")] == [rid]
+    assert [m.type for m in await settled(connection, partner_queue, 1)] == ["referral-withdrawn"]
+    assert [m.message_id for m in await settled(connection, partner_dlq, 1)] == [rid]
     assert bus.store.referral(rid).status == "withdrawn"
 
 
@@ -241,7 +244,12 @@ BOUND = 3
 @pytest.fixture
 async def bounded_bus(settings):
     """The service with a dead-letter queue bound of three messages."""
-    service = create_app(settings.model_copy(update={"dead_letter_max_messages": BOUND}))
+    # One delivery at a time: a quorum queue refuses publishes once it is past its limit,
+    # and tells each publisher so asynchronously; with N copies in flight at once it can
+    # take up to N past the limit (RabbitMQ's documented overshoot). One in flight: one.
+    service = create_app(
+        settings.model_copy(update={"dead_letter_max_messages": BOUND, "prefetch": 1})
+    )
     await service.start()
     yield service
     await service.stop()
@@ -360,7 +368,9 @@ async def test_a_full_delay_queue_sends_the_message_to_its_dead_letters_with_tha
 
     store = FlakyStore(f"sqlite:///{tmp_path / 'flaky.db'}")
     bus = create_app(
-        settings.model_copy(update={"retry_max_messages": 1, "retry_delays_ms": (600_000,)}),
+        settings.model_copy(
+            update={"retry_max_messages": 1, "retry_delays_ms": (600_000,), "prefetch": 1}
+        ),
         store=store,
     )
     await bus.start()
