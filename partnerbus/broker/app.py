@@ -116,17 +116,19 @@ class Bus:
         work = [q for q, _ in t.intake_queues()] + [
             t.partner_queue(p.id) for p in self.directory.partners()
         ]
-        for queue in work:
-            declared = await self.broker.declare_queue(queue)
-            dlq = await self.broker.declare_queue(t.dead_letter_queue(queue.name))
-            await dlq.bind(exchanges[t.dead_letters.name], routing_key=queue.name)
-            for step in range(len(t.retry_delays_ms)):
-                retry = t.retry_queue(queue.name, step)
-                await (await self.broker.declare_queue(retry)).bind(
-                    exchanges[t.retries.name], routing_key=retry.name
-                )
-            if queue.name.startswith(t.partner_queue_name("")):
-                await declared.bind(exchanges[t.deliveries.name], routing_key=queue.routing_key)
+        import aio_pika
+
+        # The bounded queues are declared on a connection of their own: a queue from before
+        # the bounds makes RabbitMQ refuse the redeclare (PRECONDITION_FAILED), which closes
+        # the channel it was tried on.
+        async with await aio_pika.connect(self.settings.amqp_url.get_secret_value()) as probe:
+            for queue in work:
+                declared = await self.broker.declare_queue(queue)
+                await _declare_bounded(probe, t.dead_letter_queue(queue.name), t.dead_letters.name)
+                for step in range(len(t.retry_delays_ms)):
+                    await _declare_bounded(probe, t.retry_queue(queue.name, step), t.retries.name)
+                if t.partner_of(queue.name):
+                    await declared.bind(exchanges[t.deliveries.name], routing_key=queue.routing_key)
 
     async def teardown(self) -> None:
         """Delete every queue and exchange of this prefix (tests, demo clean-up)."""
@@ -288,6 +290,32 @@ class Bus:
                 await asyncio.wait_for(self._stop.wait(), self.settings.scheduler_interval_s)
 
 
+async def _declare_bounded(connection: Any, queue: RabbitQueue, exchange: str) -> None:
+    """Declare a dead-letter or delay queue with its bounds and bind it. One that exists
+    from before the bounds (or with other ones) is kept as it is, with a warning: RabbitMQ
+    cannot change a queue's arguments; a policy can bound it (docs/RELIABILITY.md)."""
+    import aio_pika
+
+    channel = await connection.channel()
+    try:
+        declared = await channel.declare_queue(
+            queue.name, durable=True, arguments=dict(queue.arguments or {})
+        )
+    except aio_pika.exceptions.ChannelPreconditionFailed as exc:
+        log.warning(
+            "queue %s exists with other arguments than this version declares (%s); kept as it "
+            "is, without the bounds: apply them with a policy, see docs/RELIABILITY.md",
+            queue.name,
+            exc,
+        )
+        channel = await connection.channel()
+        declared = await channel.declare_queue(queue.name, passive=True)
+    try:
+        await declared.bind(exchange, routing_key=queue.routing_key)
+    finally:
+        await channel.close()
+
+
 def create_app(
     settings: Settings | None = None,
     *,
@@ -309,6 +337,10 @@ def create_app(
         settings.prefix,
         delivery_limit=settings.delivery_limit,
         retry_delays_ms=settings.retry_delays_ms,
+        dead_letter_max_messages=settings.dead_letter_max_messages,
+        dead_letter_max_bytes=settings.dead_letter_max_bytes,
+        retry_max_messages=settings.retry_max_messages,
+        retry_max_bytes=settings.retry_max_bytes,
     )
     broker = RabbitBroker(
         settings.amqp_url.get_secret_value(),

@@ -1,15 +1,25 @@
 """Dead letters, for ops: list them with their reasons, show one, replay after a fix, purge.
 
-Every read of a message body, every replay and every purge leaves an audit record: dead
-letters hold personal data like everything else on the bus.
+Every read of a message body, every replay (and every refused replay) and every purge
+leaves an audit record: dead letters hold personal data like everything else on the bus.
+
+A replay is a door into the bus, guarded like the first delivery:
+- a message refused for authentication (no `user_id`, a sender who is not the partner it
+  claims, an unknown partner) is never replayed, nor one whose sender is unknown: the bus
+  would have to vouch for a sender nobody authenticated;
+- what died in an intake queue goes back to it as the bus, with its first sender in our
+  header, and is authenticated again there;
+- what died in a partner's queue (the partner's system failed on it) goes through the
+  outbox and the relay's send-time check (`usecases.replay_to_partner`): a referral leaves
+  again only while it awaits that partner's answer under a consent valid now.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
@@ -19,22 +29,26 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 from rich.console import Console
 from rich.table import Table
 
+from partnerbus.directory import Directory
 from partnerbus.ledger.store import Store
 
 from .settings import Settings, amqp_user
 from .topology import (
     ATTEMPT_HEADER,
+    AUTHENTICATION,
     ERROR_HEADER,
     ERROR_QUEUE_HEADER,
     LAST_ERROR_HEADER,
     ORIGINAL_EXCHANGE_HEADER,
     ORIGINAL_KEY_HEADER,
     ORIGINAL_USER_HEADER,
+    REFUSAL_HEADER,
     Topology,
 )
 
 REPLAYED_BY_HEADER = "partnerbus-replayed-by"
 _OUR_HEADERS = (
+    REFUSAL_HEADER,
     ERROR_HEADER,
     ERROR_QUEUE_HEADER,
     ORIGINAL_EXCHANGE_HEADER,
@@ -55,9 +69,12 @@ class DeadLetter:
     exchange: str
     routing_key: str
     sender: str | None
+    """The AMQP user that first sent it, as RabbitMQ vouched; None when unknown."""
     size: int
     headers: dict[str, Any]
     body: bytes
+    refusal: str | None = None
+    """`authentication` when the bus refused it for its sender: never replayable."""
 
 
 def describe(queue: str, message: AbstractIncomingMessage, own_user: str) -> DeadLetter:
@@ -83,11 +100,22 @@ def describe(queue: str, message: AbstractIncomingMessage, own_user: str) -> Dea
             reason = (
                 "delivery limit reached: the handler failed on every delivery (see the service log)"
             )
+        elif first.get("reason") == "rejected":
+            reason = (
+                "refused while this dead-letter queue was full (the reason was not kept: see "
+                "the service log, or replay it once to hear it again)"
+            )
         died_in = str(first.get("queue", ""))
         exchange = str(first.get("exchange", ""))
         keys = first.get("routing-keys") or [""]
         routing_key = str(keys[0])
-    sender = (ours and headers.get(ORIGINAL_USER_HEADER)) or message.user_id
+    if ours and ORIGINAL_USER_HEADER in headers:
+        # The bus's copy says who first sent it; empty means nobody vouched for a sender
+        # (no user_id): unknown, never the bus that published the copy.
+        sender = str(headers[ORIGINAL_USER_HEADER] or "") or None
+    else:
+        sender = message.user_id
+    refusal = str(headers[REFUSAL_HEADER]) if ours and headers.get(REFUSAL_HEADER) else None
     return DeadLetter(
         queue=queue,
         message_id=message.message_id,
@@ -100,7 +128,22 @@ def describe(queue: str, message: AbstractIncomingMessage, own_user: str) -> Dea
         size=len(message.body),
         headers=headers,
         body=message.body,
+        refusal=refusal,
     )
+
+
+def why_not_replayable(letter: DeadLetter) -> str | None:
+    """Why this dead letter may not go back to its intake queue, or None if it may."""
+    if letter.refusal == AUTHENTICATION:
+        return (
+            f"refused for authentication ({letter.reason[:200]}): not replayable; "
+            "the partner must send it again itself, authenticated"
+        )
+    if letter.sender is None:
+        return "its sender is unknown (no user_id): not replayable"
+    if not letter.died_in:
+        return "where it died is unknown: not replayable"
+    return None
 
 
 async def dead_letter_queues(
@@ -176,26 +219,59 @@ async def take(
     return done
 
 
+@dataclass(frozen=True)
+class ReplayOutcome:
+    replayed: list[DeadLetter] = field(default_factory=list)
+    refused: list[tuple[DeadLetter, str]] = field(default_factory=list)
+    """Left in the dead-letter queue, with the reason."""
+
+
+ToPartner = Callable[[str, DeadLetter], Awaitable[str | None]]
+"""Put a partner's dead letter in the outbox (`usecases.replay_to_partner` in a
+transaction): the partner id and the letter; returns why it is refused, or None."""
+
+
 async def replay(
     connection: aio_pika.abc.AbstractConnection,
     queue_name: str,
     wanted: set[str] | None,
     own_user: str,
     by: str,
-) -> list[DeadLetter]:
-    """Publish each wanted dead letter straight into the work queue it died in (the default
+    *,
+    topology: Topology,
+    to_partner: ToPartner | None = None,
+) -> ReplayOutcome:
+    """Send each wanted dead letter back, removing it from the dead-letter queue once it
+    is safe elsewhere; refused ones stay, with the reason.
+
+    A letter that died in an intake queue is published straight into it (the default
     exchange), as the bus with the original sender kept in a header, so that it is
-    authenticated as before; remove it from the dead-letter queue after the confirm."""
+    authenticated as before; never one refused for authentication or whose sender is
+    unknown. A letter that died in a partner's queue goes through `to_partner` (the
+    outbox), never straight into the partner's queue; without it, it is refused."""
+    outcome = ReplayOutcome()
 
     async def handle(
         channel: AbstractChannel, message: AbstractIncomingMessage, letter: DeadLetter
     ) -> bool:
-        if not letter.died_in:
+        partner = topology.partner_of(letter.died_in)
+        if partner is not None:
+            why = (
+                "a partner's dead letter goes back through the outbox, and none was given"
+                if to_partner is None
+                else await to_partner(partner, letter)
+            )
+        else:
+            why = why_not_replayable(letter)
+        if why is not None:
+            outcome.refused.append((letter, why))
             return False
+        if partner is not None:
+            return True  # in the outbox, committed: the relay sends it
         headers = {
             k: v for k, v in letter.headers.items() if k not in _OUR_HEADERS and k != "x-death"
         }
-        headers[ORIGINAL_USER_HEADER] = letter.sender or ""
+        headers[ORIGINAL_USER_HEADER] = letter.sender
         headers[REPLAYED_BY_HEADER] = by
         await channel.default_exchange.publish(
             aio_pika.Message(
@@ -211,7 +287,8 @@ async def replay(
         )
         return True
 
-    return await take(connection, queue_name, wanted, handle, own_user)
+    outcome.replayed.extend(await take(connection, queue_name, wanted, handle, own_user))
+    return outcome
 
 
 # the command line ----------------------------------------------------------------------
@@ -219,16 +296,18 @@ app = typer.Typer(help="Dead letters: list them with their reasons, show, replay
 console = Console()
 
 
-def _context() -> tuple[Settings, Topology, list[str], Store]:
+def _directory(settings: Settings) -> Directory:
     from partnerbus.directory import load_directory, load_sample
 
+    return load_directory(settings.directory_path) if settings.directory_path else load_sample()
+
+
+def _context() -> tuple[Settings, Topology, list[str], Store]:
     settings = Settings()
-    directory = (
-        load_directory(settings.directory_path) if settings.directory_path else load_sample()
-    )
     store = Store(settings.database_url)
     store.create_all()
-    return settings, Topology(settings.prefix), [p.id for p in directory.partners()], store
+    partners = [p.id for p in _directory(settings).partners()]
+    return settings, Topology(settings.prefix), partners, store
 
 
 def _own_user(settings: Settings) -> str:
@@ -236,21 +315,37 @@ def _own_user(settings: Settings) -> str:
     return amqp_user(settings.amqp_url.get_secret_value())
 
 
-def _audit(store: Store, by: str, action: str, letters: Iterable[DeadLetter]) -> None:
+def _audit(
+    store: Store,
+    by: str,
+    action: str,
+    letters: Iterable[DeadLetter],
+    why: Callable[[DeadLetter], str] | None = None,
+) -> None:
     now = datetime.now(UTC)
     with store.begin() as tx:
         for letter in letters:
             tx.audit(
-                by,
+                by[:80],
                 action,
-                letter.message_id or "-",
+                (letter.message_id or "-")[:128],
                 now,
-                why=f"{letter.queue}: {letter.reason[:200]}",
+                why=f"{letter.queue}: {(why(letter) if why else letter.reason)[:300]}",
             )
 
 
 async def _connect(settings: Settings) -> aio_pika.abc.AbstractConnection:
     return await aio_pika.connect(settings.amqp_url.get_secret_value())
+
+
+def _replay_door(topology: Topology, letter: DeadLetter) -> str:
+    """How `dlq replay` would treat it: back to its intake queue, through the outbox, or
+    never (and why, in short)."""
+    if topology.partner_of(letter.died_in):
+        return "outbox"
+    if letter.refusal:
+        return f"never ({letter.refusal})"
+    return "never" if why_not_replayable(letter) else "intake"
 
 
 @app.command("list")
@@ -262,8 +357,8 @@ def list_command() -> None:
         async with await _connect(settings) as connection:
             queues = await dead_letter_queues(connection, topology, partners)
             table = Table(title=f"dead letters under {settings.prefix}")
-            for column in ("message id", "type", "died in", "sender", "bytes", "reason"):
-                table.add_column(column)
+            for column in ("message id", "type", "died in", "sender", "bytes", "replay", "reason"):
+                table.add_column(column, overflow="fold")  # an id cut short cannot be replayed
             count = 0
             for name in queues:
                 for letter in await peek(connection, name, _own_user(settings)):
@@ -272,11 +367,14 @@ def list_command() -> None:
                         letter.message_id or "-",
                         letter.type or "-",
                         letter.died_in,
-                        letter.sender or "-",
+                        letter.sender or "unknown",
                         str(letter.size),
+                        _replay_door(topology, letter),
                         letter.reason,
                     )
-            console.print(table if count else "no dead letters")
+            # Piped to a file or a program: whole lines, not the 80 columns of no terminal.
+            out = console if console.is_terminal else Console(width=240)
+            out.print(table if count else "no dead letters")
 
     asyncio.run(main())
 
@@ -311,15 +409,66 @@ def show(
     asyncio.run(main())
 
 
+def _audit_refused(store: Store, by: str, refused: list[tuple[DeadLetter, str]]) -> None:
+    reasons = {id(letter): why for letter, why in refused}
+    _audit(
+        store,
+        by,
+        "dead-letter-replay-refused",
+        [letter for letter, _ in refused],
+        lambda letter: reasons[id(letter)],
+    )
+
+
+def _to_partner(settings: Settings, store: Store) -> ToPartner:
+    """The outbox door of a partner's dead letters: `usecases.replay_to_partner` in one
+    transaction of the ledger."""
+    from partnerbus.handlers.usecases import Ledger, replay_to_partner
+    from partnerbus.schemas import utcnow
+
+    from .app import deadline_policy
+
+    ledger = Ledger(
+        store=store,
+        directory=_directory(settings),
+        clock=utcnow,
+        pseudonym_key=settings.pseudonym_key.get_secret_value().encode(),
+        deadlines=deadline_policy(settings),
+    )
+
+    def work(partner_id: str, body: bytes) -> str | None:
+        with store.begin() as tx:
+            return replay_to_partner(ledger, tx, partner_id, body)
+
+    async def to_partner(partner_id: str, letter: DeadLetter) -> str | None:
+        return await asyncio.to_thread(work, partner_id, letter.body)
+
+    return to_partner
+
+
 @app.command("replay")
 def replay_command(
     by: Annotated[str, typer.Option(help="Who replays (recorded in the audit trail).")],
     message_ids: Annotated[
         list[str] | None, typer.Argument(help="Message ids; none with --all.")
     ] = None,
-    all_: Annotated[bool, typer.Option("--all", help="Replay every dead letter.")] = False,
+    all_: Annotated[
+        bool, typer.Option("--all", help="Replay every dead letter of the intake queues.")
+    ] = False,
+    include_partners: Annotated[
+        bool,
+        typer.Option(
+            "--include-partners",
+            help="With --all, the partners' dead letters too (through the outbox and its "
+            "send-time checks). Named message ids are looked for everywhere.",
+        ),
+    ] = False,
 ) -> None:
-    """Send dead letters back where they first went, after a fix (audited)."""
+    """Send dead letters back after a fix (audited). What died in an intake queue goes back
+    to it and is authenticated again; what died in a partner's queue goes through the
+    outbox. Refused, and left where they are: authentication refusals, unknown senders,
+    referrals no longer awaiting that partner or no longer consented. Exit code 1 when any
+    was refused."""
     if not message_ids and not all_:
         console.print("[red]name message ids, or pass --all[/red]")
         raise typer.Exit(2)
@@ -327,16 +476,35 @@ def replay_command(
     async def main() -> int:
         settings, topology, partners, store = _context()
         wanted = None if all_ else set(message_ids or [])
-        total = 0
+        to_partner = _to_partner(settings, store)
+        total, refused = 0, 0
         async with await _connect(settings) as connection:
             for name in await dead_letter_queues(connection, topology, partners):
-                letters = await replay(connection, name, wanted, _own_user(settings), by)
-                _audit(store, by, "dead-letter-replayed", letters)
-                total += len(letters)
+                work = name.removesuffix(".dlq")
+                if all_ and not include_partners and topology.partner_of(work):
+                    continue
+                outcome = await replay(
+                    connection,
+                    name,
+                    wanted,
+                    _own_user(settings),
+                    by,
+                    topology=topology,
+                    to_partner=to_partner,
+                )
+                _audit(store, by, "dead-letter-replayed", outcome.replayed)
+                _audit_refused(store, by, outcome.refused)
+                for letter, why in outcome.refused:
+                    console.print(f"[red]{letter.message_id or '-'} not replayed:[/red] {why}")
+                total += len(outcome.replayed)
+                refused += len(outcome.refused)
         console.print(f"replayed {total} message(s)")
-        return total
+        if refused:
+            console.print(f"[red]{refused} refused, left in the dead letters[/red]")
+        return refused
 
-    asyncio.run(main())
+    if asyncio.run(main()):
+        raise typer.Exit(1)
 
 
 @app.command()

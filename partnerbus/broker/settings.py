@@ -58,6 +58,14 @@ class Settings(BaseSettings):
     prefetch: int = Field(default=16, ge=1, le=1000)
     publish_timeout_s: float = Field(default=10.0, gt=0)
     max_message_bytes: int = Field(default=256 * 1024, ge=1024)
+    dead_letter_max_messages: int | None = Field(default=10_000, ge=1)
+    dead_letter_max_bytes: int | None = Field(default=256 * 1024 * 1024, ge=1024)
+    """Bounds of each dead-letter queue (None: unbounded). When one is full the bus's copy
+    is refused: the original stays in its work queue (RabbitMQ dead-letters it at least
+    once, when there is room), the refusal is logged and counted."""
+    retry_max_messages: int | None = Field(default=10_000, ge=1)
+    retry_max_bytes: int | None = Field(default=64 * 1024 * 1024, ge=1024)
+    """Bounds of each delay queue; a full one sends the message to its dead letters."""
     retry_delays_ms: tuple[int, ...] = (1_000, 5_000, 30_000)
     """Delays of the retry queues for transient failures; then the dead letter."""
     relay_interval_s: float = Field(default=2.0, gt=0)

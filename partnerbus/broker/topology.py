@@ -25,6 +25,10 @@ LAST_ERROR_HEADER = "partnerbus-last-error"
 ORIGINAL_USER_HEADER = "partnerbus-original-user"
 ORIGINAL_EXCHANGE_HEADER = "partnerbus-original-exchange"
 ORIGINAL_KEY_HEADER = "partnerbus-original-routing-key"
+REFUSAL_HEADER = "partnerbus-refusal"
+"""On the bus's dead-letter copy of a message refused for authentication: `authentication`.
+Such a dead letter is never replayed (its sender is unknown or not who it claims)."""
+AUTHENTICATION = "authentication"
 
 
 @dataclass(frozen=True)
@@ -34,6 +38,12 @@ class Topology:
     prefix: str
     delivery_limit: int = 5
     retry_delays_ms: tuple[int, ...] = (1_000, 5_000, 30_000)
+    dead_letter_max_messages: int | None = 10_000
+    dead_letter_max_bytes: int | None = 256 * 1024 * 1024
+    retry_max_messages: int | None = 10_000
+    retry_max_bytes: int | None = 64 * 1024 * 1024
+    """Bounds of each dead-letter and delay queue (None: unbounded). Past them RabbitMQ
+    refuses the publish (`reject-publish`): nothing is dropped, the publisher is told."""
 
     # exchanges -----------------------------------------------------------------------
     def exchange_name(self, role: str) -> str:
@@ -88,6 +98,12 @@ class Topology:
     def partner_queue_name(self, partner_id: str) -> str:
         return f"{self.prefix}.partner.{partner_id}"
 
+    def partner_of(self, queue_name: str) -> str | None:
+        """The partner whose queue this is, or None for any other queue."""
+        head = self.partner_queue_name("")
+        rest = queue_name[len(head) :] if queue_name.startswith(head) else ""
+        return rest if rest and "." not in rest else None
+
     @staticmethod
     def dlq_name(queue_name: str) -> str:
         return f"{queue_name}.dlq"
@@ -140,6 +156,24 @@ class Topology:
     def partner_queue(self, partner_id: str) -> RabbitQueue:
         return self.work_queue(self.partner_queue_name(partner_id), routing_key=partner_id)
 
+    @staticmethod
+    def _bounds(max_messages: int | None, max_bytes: int | None) -> dict[str, Any]:
+        """A length limit that refuses the publish when reached: the publisher gets a nack
+        (the bus's own copies), or RabbitMQ keeps the message in its source quorum queue
+        and tries again later (at-least-once dead-lettering). Never `drop-head`."""
+        bounds: dict[str, Any] = {"x-overflow": "reject-publish"}
+        if max_messages is not None:
+            bounds["x-max-length"] = max_messages
+        if max_bytes is not None:
+            bounds["x-max-length-bytes"] = max_bytes
+        return bounds
+
+    def dead_letter_queue_arguments(self) -> dict[str, Any]:
+        return {
+            "x-queue-type": "quorum",
+            **self._bounds(self.dead_letter_max_messages, self.dead_letter_max_bytes),
+        }
+
     def dead_letter_queue(self, queue_name: str) -> RabbitQueue:
         # Classic-or-quorum does not matter for reading; quorum keeps it replicated.
         return RabbitQueue(
@@ -147,6 +181,7 @@ class Topology:
             queue_type=QueueType.QUORUM,
             durable=True,
             routing_key=queue_name,
+            arguments=cast("QuorumQueueArgs", self.dead_letter_queue_arguments()),
         )
 
     def retry_queue(self, queue_name: str, step: int) -> RabbitQueue:
@@ -167,7 +202,7 @@ class Topology:
                     "x-dead-letter-exchange": "",
                     "x-dead-letter-routing-key": queue_name,
                     "x-dead-letter-strategy": "at-least-once",
-                    "x-overflow": "reject-publish",
+                    **self._bounds(self.retry_max_messages, self.retry_max_bytes),
                 },
             ),
         )

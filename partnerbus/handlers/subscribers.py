@@ -32,7 +32,7 @@ from partnerbus.schemas import (
 from partnerbus.schemas.messages import ConsentMessage, StatusMessage
 
 from . import usecases
-from .delivery import Intake, Publish, Verdict
+from .delivery import Held, Intake, Publish, Verdict
 from .usecases import Ledger
 
 T = TypeVar("T")
@@ -60,6 +60,8 @@ class Wiring:
     max_bytes: int
     publish_timeout_s: float = 10.0
     on_verdict: Callable[[str, Verdict], None] = lambda _queue, _verdict: None
+    on_held: Held | None = None
+    """Told of each dead-letter copy refused (full); the ledger's count when None."""
 
     def intake(self, queue: RabbitQueue) -> Intake:
         return Intake(
@@ -71,6 +73,7 @@ class Wiring:
             max_bytes=self.max_bytes,
             own_user=self.own_user,
             publish_timeout_s=self.publish_timeout_s,
+            on_held=self.on_held or self.count_held,
         )
 
     async def in_transaction(self, use_case: Callable[..., bool], message: Any, queue: str) -> bool:
@@ -82,6 +85,16 @@ class Wiring:
 
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.executor, work)
+
+    async def count_held(self, raw: Any, queue: str) -> None:
+        """A dead-letter copy refused by a full dead-letter queue: counted in the ledger,
+        where every worker's count adds up and the monitor reads it."""
+
+        def work() -> None:
+            with self.ledger.store.begin() as tx:
+                usecases.count_refused_dead_letter(self.ledger, tx, raw.message_id or "-", queue)
+
+        await asyncio.get_running_loop().run_in_executor(self.executor, work)
 
     def then_send(self, done: bool) -> bool:
         if done:
@@ -127,6 +140,9 @@ def build_router(w: Wiring) -> RabbitRouter:
 
         async def handle(body: bytes, message: RabbitMessage) -> None:
             verdict = await intake.run(message.raw_message, body, adapter, sender_of, work)
+            if verdict.outcome == "held":
+                # Not acked: RabbitMQ keeps it, dead-lettered, until its dead letters have room.
+                await message.reject(requeue=False)
             w.on_verdict(queue.name, verdict)
 
         handle.__name__ = f"on_{queue.name.rsplit('.', 1)[-1]}"

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from functools import partial
 
+from pydantic import TypeAdapter, ValidationError
+
 from partnerbus.directory import Candidate, Directory, match
 from partnerbus.errors import describe_error
 from partnerbus.directory.rights import advisor_ids, is_pivot
@@ -62,6 +64,7 @@ from partnerbus.schemas import (
     Signal,
     SignalClosed,
 )
+from partnerbus.schemas.messages import OutboundMessage
 
 log = logging.getLogger("partnerbus.scheduler")
 Clock = Callable[[], datetime]
@@ -1225,3 +1228,66 @@ def apply_retention(
     counts["outbox-deleted"] = tx.delete_sent_outbox_before(now - keep_free_text)
     counts["dedupe-deleted"] = tx.delete_processed_before(now - keep_free_text)
     return counts
+
+
+# dead letters -------------------------------------------------------------------------
+OUTBOUND: TypeAdapter[OutboundMessage] = TypeAdapter(OutboundMessage)
+
+
+def replay_to_partner(ledger: Ledger, tx: LedgerTx, partner_id: str, body: bytes) -> str | None:
+    """A dead letter of a partner's queue (its system failed on the message), sent again
+    through the outbox, so that it meets the same send-time check as any other message
+    and leaves in the ledger's order: a referral only while it still awaits this partner's
+    answer under a consent valid now (checked here, and again by the relay); a reminder
+    only while it awaits the answer; a withdrawal whenever its referral was this
+    partner's. Returns why it is refused (ids and states, no personal data), or None once
+    it is in the outbox."""
+    try:
+        message = OUTBOUND.validate_json(body)
+    except ValidationError as exc:
+        return f"not a message the bus sends ({exc.error_count()} error(s))"
+    now = ledger.clock()
+    rid = None
+    if isinstance(message, Referral | ReferralWithdrawn | ReferralReminder):
+        rid = message.referral_id
+        referral = tx.referral(rid)
+        if referral is None:
+            return f"referral {rid} is no longer in the ledger"
+        if partner_id != referral.partner_id or partner_id != message.partner:
+            return f"referral {rid} was not sent to {partner_id}"
+        if not isinstance(message, ReferralWithdrawn) and referral.status not in AWAITING_ANSWER:
+            return f"referral {rid} is {referral.status}: it no longer awaits {partner_id}'s answer"
+        if isinstance(message, Referral):
+            consent = tx.consent(referral.consent_id)
+            row = tx.signal(referral.signal_id)
+            if consent is None or row is None:
+                return f"referral {rid}: its consent or signal is no longer in the ledger"
+            decision = evaluate_consent(
+                [_record(consent)],
+                row.person_ref,
+                referral.need,
+                referral.partner_id,
+                referral.partner_kind,
+                now,
+            )
+            if not decision.allowed:
+                return f"referral {rid}: consent {decision.consent_id} is {decision.reason} now"
+    tx.enqueue_again(message, partner_id, now, referral_id=rid)
+    return None
+
+
+def count_refused_dead_letter(ledger: Ledger, tx: LedgerTx, message_id: str, queue: str) -> None:
+    """A dead-letter queue was full and refused the bus's copy of a refused message: the
+    message stays in its work queue; ops count these (the monitor's
+    `partnerbus_dead_letter_refused_total`) and find each one in the audit trail."""
+    tx.audit(
+        BUS,
+        DEAD_LETTER_REFUSED,
+        message_id[:128],
+        ledger.clock(),
+        why=f"the dead-letter queue of {queue} is full: the message stays in {queue}",
+    )
+
+
+DEAD_LETTER_REFUSED = "dead-letter-refused"
+"""Audit action of a dead-letter copy refused by a full dead-letter queue."""

@@ -593,6 +593,33 @@ class LedgerTx:
         )
         return [r.id for r in rows]
 
+    def enqueue_again(
+        self, message: Message, routing_key: str, now: datetime, referral_id: str | None = None
+    ) -> None:
+        """Send once more a message that left before (a replayed dead letter), after
+        everything already in the outbox: the row it left in, if still kept, is replaced by
+        a new one at the end. It counts as claimed once already, since it did reach the
+        partner (so a withdrawal follows it if need be). Still waiting to leave: unchanged."""
+        waiting = self.conn.execute(
+            select(t.outbox.c.id).where(
+                t.outbox.c.message_id == message.message_id, t.outbox.c.sent_at.is_(None)
+            )
+        ).first()
+        if waiting is not None:
+            return
+        self.conn.execute(delete(t.outbox).where(t.outbox.c.message_id == message.message_id))
+        self.conn.execute(
+            t.outbox.insert().values(
+                message_id=message.message_id,
+                routing_key=routing_key,
+                message_type=getattr(message, "type", type(message).__name__),
+                body=message.model_dump_json(),
+                referral_id=referral_id,
+                created_at=now,
+                attempts=1,
+            )
+        )
+
     def drop_outbox_row(self, outbox_id: int) -> None:
         """A claimed row that must not leave after all (its referral is closed, or its
         consent ran out): removed without being published."""

@@ -13,9 +13,10 @@ from dataclasses import dataclass
 from datetime import datetime
 
 import aio_pika
-from prometheus_client import CollectorRegistry, Gauge, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 
 from partnerbus.broker.topology import Topology
+from partnerbus.handlers.usecases import DEAD_LETTER_REFUSED
 from partnerbus.ledger.rules import AWAITING_ANSWER
 from partnerbus.ledger.store import ReferralRow, Store
 
@@ -36,6 +37,9 @@ class LedgerFigures:
     outbox_pending: int
     outbox_failing: int = 0
     """Unsent rows whose last publish failed (an unroutable partner, the broker away)."""
+    dead_letters_refused: int = 0
+    """Dead-letter copies a full dead-letter queue refused, since the start of the record
+    (each such message stayed in its work queue)."""
 
 
 @dataclass(frozen=True)
@@ -89,6 +93,7 @@ def ledger_figures(store: Store, now: datetime) -> LedgerFigures:
         parked_needs=store.count("signal_needs", state="parked"),
         outbox_pending=store.pending_count(),
         outbox_failing=store.failing_count(),
+        dead_letters_refused=store.count("audit", action=DEAD_LETTER_REFUSED),
     )
 
 
@@ -142,6 +147,12 @@ def metrics(snap: Snapshot) -> bytes:
     Gauge("partnerbus_dead_letters", "Messages in dead-letter queues", registry=registry).set(
         snap.dead_letters
     )
+    Counter(
+        "partnerbus_dead_letter_refused",
+        "Dead-letter copies refused by a full dead-letter queue (the message stayed in its "
+        "work queue, dead-lettered by RabbitMQ once there is room)",
+        registry=registry,
+    ).inc(snap.ledger.dead_letters_refused)
     Gauge("partnerbus_broker_up", "1 when the monitor reached the broker", registry=registry).set(
         0 if snap.broker_error else 1
     )
@@ -156,6 +167,11 @@ def page(snap: Snapshot, prefix: str) -> str:
         attention.append(f"broker unreachable: {e(snap.broker_error)}")
     if snap.dead_letters:
         attention.append(f"{snap.dead_letters} dead letter(s): <code>partnerbus dlq list</code>")
+    if snap.ledger.dead_letters_refused:
+        attention.append(
+            f"{snap.ledger.dead_letters_refused} message(s) refused by a full dead-letter queue "
+            "so far (they wait in their work queue): read, fix and purge the dead letters"
+        )
     if snap.ledger.outbox_failing:
         attention.append(
             f"{snap.ledger.outbox_failing} message(s) the broker did not take on the last try "

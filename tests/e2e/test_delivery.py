@@ -185,8 +185,10 @@ async def test_a_message_dead_lettered_after_its_retries_is_replayed_after_the_f
         assert "OperationalError" in letter.reason
         assert "database is down" not in letter.reason
 
-        replayed = await replay(connection, dlq_name, {body["message_id"]}, "guest", "ops.tester")
-        assert [r.message_id for r in replayed] == [body["message_id"]]
+        replayed = await replay(
+            connection, dlq_name, {body["message_id"]}, "guest", "ops.tester", topology=t
+        )
+        assert [r.message_id for r in replayed.replayed] == [body["message_id"]]
         (referral,) = await inbox.expect(1)
         assert signal_ref(referral.body, body["message_id"])
         assert await peek(connection, dlq_name, "guest") == []

@@ -42,3 +42,45 @@ def test_a_delay_queue_returns_its_messages_to_the_work_queue_after_its_ttl() ->
     assert retry.arguments["x-message-ttl"] == 2_000
     assert retry.arguments["x-dead-letter-exchange"] == ""
     assert retry.arguments["x-dead-letter-routing-key"] == "pb.intake.signals"
+
+
+def test_dead_letter_and_delay_queues_are_bounded_and_refuse_rather_than_drop() -> None:
+    """Each dead-letter and delay queue has a length limit whose overflow refuses the publish (never `drop-head`); the service's settings reach the topology."""
+    from partnerbus.broker.app import create_app
+
+    t = create_app(
+        Settings(
+            prefix="pb",
+            dead_letter_max_messages=50,
+            dead_letter_max_bytes=4096,
+            retry_max_messages=20,
+            retry_max_bytes=2048,
+        )
+    ).topology
+    dlq = t.dead_letter_queue("pb.intake.signals")
+    assert dlq.arguments["x-max-length"] == 50
+    assert dlq.arguments["x-max-length-bytes"] == 4096
+    assert dlq.arguments["x-overflow"] == "reject-publish"
+    retry = t.retry_queue("pb.intake.signals", 0)
+    assert retry.arguments["x-max-length"] == 20
+    assert retry.arguments["x-max-length-bytes"] == 2048
+    assert retry.arguments["x-overflow"] == "reject-publish"
+    unbounded = Topology("pb", dead_letter_max_messages=None, dead_letter_max_bytes=None)
+    args = unbounded.dead_letter_queue("pb.x").arguments
+    assert "x-max-length" not in args
+    assert args["x-overflow"] == "reject-publish"
+
+
+def test_the_topology_tells_a_partner_queue_from_any_other() -> None:
+    """`partner_of` names the partner of `<prefix>.partner.<id>` only: not its dead letters, delay queues, intake queues, nor another prefix's."""
+    t = Topology("pb.x")
+    assert t.partner_of("pb.x.partner.ccas-lille") == "ccas-lille"
+    for other in (
+        "pb.x.partner.ccas-lille.dlq",
+        "pb.x.partner.ccas-lille.retry.0",
+        "pb.x.intake.signals",
+        "pb.y.partner.ccas-lille",
+        "pb.x.partner.",
+        "",
+    ):
+        assert t.partner_of(other) is None, other

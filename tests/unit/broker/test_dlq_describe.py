@@ -62,3 +62,65 @@ def test_headers_a_partner_set_itself_are_ignored_on_a_message_rabbitmq_dead_let
     assert letter.reason.startswith("delivery limit reached")
     assert letter.died_in == "p.intake.signals"
     assert letter.sender == "pb-lmh-proximite"
+
+
+def test_a_bus_copy_with_an_empty_first_sender_names_no_sender_never_the_bus() -> None:
+    """The bus's copy of a message that came without user_id: the sender is unknown (None), not the bus user that published the copy, and the refusal mark is read."""
+    letter = describe(
+        "p.intake.signals.dlq",
+        message(
+            "guest",
+            {
+                "partnerbus-error": "no user_id property: publish with user_id set",
+                "partnerbus-error-queue": "p.intake.signals",
+                "partnerbus-original-user": "",
+                "partnerbus-refusal": "authentication",
+            },
+        ),
+        "guest",
+    )
+    assert letter.sender is None
+    assert letter.refusal == "authentication"
+
+
+def test_a_message_the_bus_published_itself_names_the_bus_as_its_sender() -> None:
+    """No first-sender header at all on the bus's own message (`partnerbus consent`, the bus's own publications): the bus is the sender."""
+    letter = describe("p.intake.consents.dlq", message("guest", {}), "guest")
+    assert letter.sender == "guest"
+    assert letter.refusal is None
+
+
+def test_a_refusal_mark_a_partner_set_itself_is_ignored() -> None:
+    """Our headers count only on the bus's own copies: a partner's message claiming to be an authentication refusal (or not) is judged by x-death and its own user."""
+    letter = describe(
+        "p.intake.signals.dlq",
+        message("pb-lmh-proximite", {"partnerbus-refusal": "authentication", "x-death": []}),
+        "guest",
+    )
+    assert letter.refusal is None
+    assert letter.sender == "pb-lmh-proximite"
+
+
+def test_a_message_held_while_the_dead_letters_were_full_says_so() -> None:
+    """Rejected by the bus while the dead-letter queue was full, then moved in by RabbitMQ: the reason says what happened, and the sender is its own verified user."""
+    letter = describe(
+        "p.intake.signals.dlq",
+        message(
+            "pb-lmh-proximite",
+            {
+                "x-death": [
+                    {
+                        "reason": "rejected",
+                        "count": 1,
+                        "queue": "p.intake.signals",
+                        "exchange": "p.signals",
+                        "routing-keys": ["lmh-proximite"],
+                    }
+                ]
+            },
+        ),
+        "guest",
+    )
+    assert letter.reason.startswith("refused while this dead-letter queue was full")
+    assert letter.died_in == "p.intake.signals"
+    assert letter.sender == "pb-lmh-proximite"
