@@ -71,6 +71,7 @@ class Wiring:
             max_bytes=self.max_bytes,
             own_user=self.own_user,
             publish_timeout_s=self.publish_timeout_s,
+            clock=self.ledger.clock,
         )
 
     async def in_transaction(self, use_case: Callable[..., bool], message: Any, queue: str) -> bool:
