@@ -976,9 +976,9 @@ def apply_retention(
                 body["facts"]["note"] = None
                 counts["free-text-deleted"] += 1
             tx.rewrite_signal(row.signal_id, body=json.dumps(body), note_deleted_at=now)
-    for unsent in tx.undeliverable_before(text_cutoff, now):
+    for unsent in tx.undeliverable_before(text_cutoff):
         with _isolated(tx, "outbox-expiry", counts):
-            if tx.expire_unsent(unsent.id, text_cutoff, now):
+            if tx.expire_unsent(unsent.id, text_cutoff):
                 tx.audit(
                     BUS,
                     "outbox-expired",

@@ -583,8 +583,8 @@ class LedgerTx:
             )
         return int(audit) + len(revoked)
 
-    def undeliverable_before(self, cutoff: datetime, now: datetime) -> list[UnsentRow]:
-        """Unsent outbox rows created before `cutoff` that no relay is sending right now."""
+    def undeliverable_before(self, cutoff: datetime) -> list[UnsentRow]:
+        """Unsent outbox rows created before `cutoff`, oldest first (without their bodies)."""
         rows = self.conn.execute(
             select(
                 t.outbox.c.id,
@@ -594,25 +594,22 @@ class LedgerTx:
                 t.outbox.c.created_at,
                 t.outbox.c.attempts,
             )
-            .where(
-                t.outbox.c.sent_at.is_(None),
-                t.outbox.c.created_at < cutoff,
-                or_(t.outbox.c.claimed_until.is_(None), t.outbox.c.claimed_until < now),
-            )
+            .where(t.outbox.c.sent_at.is_(None), t.outbox.c.created_at < cutoff)
             .order_by(t.outbox.c.id)
         )
         return [_row(UnsentRow, r) for r in rows]
 
-    def expire_unsent(self, outbox_id: int, cutoff: datetime, now: datetime) -> bool:
-        """Delete an unsent row older than `cutoff` unless a relay sent or claimed it since;
-        True if it was deleted."""
+    def expire_unsent(self, outbox_id: int, cutoff: datetime) -> bool:
+        """Delete an unsent row older than `cutoff` unless a relay has sent it since; True if
+        it was deleted. A relay's claim does not protect it: an undeliverable row is retried
+        at every sweep, so it is claimed much of the time (a publish under way at that very
+        instant may still land once; the relay's `mark_sent` then finds no row)."""
         return bool(
             self.conn.execute(
                 delete(t.outbox).where(
                     t.outbox.c.id == outbox_id,
                     t.outbox.c.sent_at.is_(None),
                     t.outbox.c.created_at < cutoff,
-                    or_(t.outbox.c.claimed_until.is_(None), t.outbox.c.claimed_until < now),
                 )
             ).rowcount
         )

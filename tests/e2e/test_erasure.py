@@ -209,9 +209,7 @@ async def test_after_retention_the_marker_person_is_nowhere(
         # The partner answers anyway, with a free-text outcome naming her.
         for value, extra in (("accepted", {}), ("completed", {"outcome": f"plan for {marker}"})):
             before = len(bus.verdicts)
-            answer = status(
-                referral_id=referral.referral_id, partner=target, value=value, **extra
-            )
+            answer = status(referral_id=referral.referral_id, partner=target, value=value, **extra)
             await publish(channel, f"{t.prefix}.statuses", answer, routing_key=target)
             await bus.wait_verdicts(before + 1)
 
@@ -280,9 +278,9 @@ async def test_after_retention_the_marker_person_is_nowhere(
         assert "referral-completed" in actions, "the facts stay, under a token"
         (purged,) = bus.store.audit_trail(bad["message_id"])
         assert purged.action == "dead-letter-expired", "each purge is audited, by id only"
-        assert bus.store.count("audit", action="dead-letter-expired") == counts[
-            "dead-letters-expired"
-        ]
+        assert (
+            bus.store.count("audit", action="dead-letter-expired") == counts["dead-letters-expired"]
+        )
     finally:
         await bus.stop()
         await bus.teardown()

@@ -142,13 +142,17 @@ class TestUndeliverable:
         assert "consent-requested" in (expired.why or "")
         assert person not in (expired.why or "") and expired.person_ref is None
 
-    def test_a_row_a_relay_is_sending_now_is_left_to_it(self, ledger: Ledger) -> None:
-        """A row claimed by a relay at this moment is not deleted under it (next pass)."""
+    def test_a_row_a_relay_keeps_retrying_is_expired_all_the_same(self, ledger: Ledger) -> None:
+        """An undeliverable row is claimed at every sweep: a claim does not keep it past the period."""
         run(ledger, usecases.receive_signal, a_signal(ledger, person="T-CLAIM-0001"))
         clock_of(ledger).advance(timedelta(days=91))
-        ledger.store.claim_pending(ledger.clock(), timedelta(minutes=1))
-        assert retain(ledger)["outbox-expired"] == 0
-        assert ledger.store.pending_count() == 1
+        (row,) = ledger.store.claim_pending(ledger.clock(), timedelta(minutes=1))
+        assert retain(ledger)["outbox-expired"] == 1
+        assert ledger.store.pending_count() == 0
+        ledger.store.release(row.id, "unroutable")  # the relay's failed try, after: no row
+        with ledger.store.begin() as tx:
+            tx.mark_sent(row.id, ledger.clock())
+        assert ledger.store.pending_count() == 0
 
 
 class TestFreeTextOfTheBus:
@@ -244,7 +248,7 @@ class TestStore:
     def test_undeliverable_rows_are_listed_oldest_first_without_their_bodies(
         self, ledger: Ledger
     ) -> None:
-        """Unsent rows older than the cutoff, not claimed now; sent rows never."""
+        """Unsent rows older than the cutoff, oldest first; sent rows never."""
         now = ledger.clock()
         reminders = [
             ReferralReminder(
@@ -264,12 +268,12 @@ class TestStore:
             tx.mark_sent(first.id, now)
         later = now + timedelta(days=1)
         with ledger.store.begin() as tx:
-            rows = tx.undeliverable_before(later, later)
+            rows = tx.undeliverable_before(later)
             assert [r.message_id for r in rows] == [m.message_id for m in reminders[1:]]
             assert not hasattr(rows[0], "body")
-            assert tx.expire_unsent(rows[0].id, later, later)
-            assert not tx.expire_unsent(rows[0].id, later, later)
-            assert not tx.expire_unsent(first.id, later, later), "a sent row is not expired"
+            assert tx.expire_unsent(rows[0].id, later)
+            assert not tx.expire_unsent(rows[0].id, later)
+            assert not tx.expire_unsent(first.id, later), "a sent row is not expired"
         assert ledger.store.pending_count() == 1
 
 
