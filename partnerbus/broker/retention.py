@@ -87,6 +87,30 @@ def retention_queue_names(topology: Topology, partner_ids: Iterable[str]) -> lis
     return names
 
 
+async def _nonempty(
+    connection: aio_pika.abc.AbstractConnection, queue_names: Iterable[str]
+) -> list[str]:
+    """The queues that exist and hold messages, probed on one channel (a missing queue
+    closes it: a new one is opened), so that a daily pass over hundreds of mostly empty
+    queues costs the broker little."""
+    found: list[str] = []
+    channel = await connection.channel()
+    try:
+        for name in queue_names:
+            if channel.is_closed:
+                channel = await connection.channel()
+            try:
+                queue = await channel.declare_queue(name, passive=True)
+            except aio_pika.exceptions.ChannelNotFoundEntity:
+                continue  # not declared (a partner added since the last start)
+            if int(queue.declaration_result.message_count or 0) > 0:
+                found.append(name)
+    finally:
+        if not channel.is_closed:
+            await channel.close()
+    return found
+
+
 async def purge_expired(
     connection: aio_pika.abc.AbstractConnection,
     queue_names: Iterable[str],
@@ -97,9 +121,10 @@ async def purge_expired(
 ) -> PurgeReport:
     """Remove from each queue the messages that died before `cutoff`; `record` (the audit)
     is awaited before each removal, so that none goes unrecorded. A queue that does not
-    exist is skipped; one that fails is reported and tried again at the next pass."""
+    exist or is empty is skipped; one that fails is reported and tried again at the next
+    pass."""
     report = PurgeReport()
-    for name in queue_names:
+    for name in await _nonempty(connection, queue_names):
 
         async def handle(
             _channel: AbstractChannel,
@@ -120,8 +145,6 @@ async def purge_expired(
 
         try:
             await take(connection, name, None, handle, own_user)
-        except aio_pika.exceptions.ChannelNotFoundEntity:
-            continue  # no such queue (a partner added since the last declare)
         except Exception as exc:
             log.warning("dead-letter retention failed on %s (%s)", name, type(exc).__name__)
             report.failed_queues.append(name)
