@@ -1,7 +1,7 @@
 """Dead letters and retry copies are whole messages (person reference, contact, free text):
 they are purged on the retention schedule, by the bus's clock, like the outbox's copies.
 
-A message's death time is what the broker or the bus recorded, never what a partner wrote:
+A message's death time is what the broker or the bus recorded, not a partner's claim:
 - a copy the bus published itself (`user_id` is the bus's user, which RabbitMQ verifies),
   refused with our reason or put in a delay queue: its AMQP `timestamp`, set from the
   ledger's clock when the copy was made;
