@@ -289,3 +289,37 @@ def test_the_dump_sees_every_table(ledger: Ledger) -> None:
         "processed_messages",
     }
     assert Q in dump
+
+
+class TestStoreConsents:
+    def test_an_ended_consent_is_listed_then_kept_under_a_token(self, ledger: Ledger) -> None:
+        """Only consents that ended before the cutoff are due; anonymising one keeps its dates and scope, empties its journal and drops its revocation reason."""
+        ended = a_consent(ledger, person="T-END-0001", days=10)
+        running = a_consent(ledger, person="T-RUN-0001", days=300)
+        run(ledger, usecases.grant_consent, ended)
+        run(ledger, usecases.grant_consent, running)
+        later = ledger.clock() + timedelta(days=11)
+        with ledger.store.begin() as tx:
+            tx.audit("a.martin", "consent-revoked", ended.consent_id, later, why="she said so")
+            assert tx.ended_consents_before(later) == [ended.consent_id]
+            tx.anonymise_consent(ended.consent_id, "anon-end")
+            assert tx.ended_consents_before(later) == []
+            row = tx.consent(ended.consent_id)
+            assert row is not None
+            assert (row.person_ref, row.valid_until) == ("anon-end", ended.valid_until)
+        dump = dump_database(ledger.store)
+        assert "T-END-0001" not in dump
+        assert "she said so" not in dump
+        assert "T-RUN-0001" in dump
+
+    def test_bus_free_text_is_erased_only_before_the_cutoff(self, ledger: Ledger) -> None:
+        """Reasons older than the cutoff go; younger ones and other actions' texts stay."""
+        now = ledger.clock()
+        with ledger.store.begin() as tx:
+            tx.audit("ops", "dead-letter-replayed", "m-1", now, why="q: old reason")
+            tx.audit("ops", "dead-letter-purged", "m-2", now + timedelta(days=2), why="young")
+            tx.audit("bus", "signal-received", "s-1", now, why="needs x in 59512")
+            assert tx.delete_bus_free_text_before(now + timedelta(days=1)) == 1
+        dump = dump_database(ledger.store)
+        assert "old reason" not in dump
+        assert "young" in dump and "needs x in 59512" in dump
