@@ -32,6 +32,7 @@ from partnerbus.ledger.rules import DeadlinePolicy
 from partnerbus.ledger.store import Store
 from partnerbus.schemas import utcnow
 
+from . import retention
 from .relay import Relay
 from .settings import Settings, amqp_user, pseudonym_key_of
 from .topology import Topology
@@ -246,38 +247,91 @@ class Bus:
 
     async def tick(self) -> dict[str, int]:
         """One pass of the time-driven work, then send: deadlines and consent expiry each
-        pass; retention (free text, anonymisation) when a day has passed since the last."""
+        pass; retention (the record, then the dead letters) when a day has passed since the
+        last."""
 
         def work() -> dict[str, int]:
             # The deadline pass and retention each run in their own transaction: one that
             # fails (logged, counted) does not stop the other; each item of the deadline
             # pass is isolated in its turn (`watch_deadlines`).
-            counts: dict[str, int] = {}
             try:
-                counts |= self.store.run(lambda tx: usecases.watch_deadlines(self.ledger, tx))
+                return self.store.run(lambda tx: usecases.watch_deadlines(self.ledger, tx))
             except Exception as exc:
                 usecases.scheduled_item_failed("deadlines", "the deadline pass", exc)
-            now = self.ledger.clock()
-            if self._retention_at is None or now - self._retention_at >= timedelta(days=1):
-                try:
-                    with self.store.begin() as tx:
-                        counts |= usecases.apply_retention(
-                            self.ledger,
-                            tx,
-                            keep=timedelta(days=self.settings.retention_days),
-                            keep_free_text=timedelta(days=self.settings.free_text_retention_days),
-                        )
-                except Exception as exc:
-                    # not marked done: the next pass tries again
-                    usecases.scheduled_item_failed("retention", "the retention pass", exc)
-                else:
-                    self._retention_at = now
-            return counts
+                return {}
 
         counts = await asyncio.get_running_loop().run_in_executor(self.executor, work)
+        now = self.ledger.clock()
+        if self._retention_at is None or now - self._retention_at >= timedelta(days=1):
+            counts |= await self.retain()
         await self.relay.flush()
         counts["answers-refreshed"] = await self.refresh_answers()
         return counts
+
+    async def retain(self) -> dict[str, int]:
+        """Retention: the record first (free text, anonymisation, erasure by person, copies
+        of messages), then the dead letters and retry copies that died before the free-text
+        period, by the ledger's clock. A failure of the queue step is logged and counted; it
+        is tried again at the next day's pass."""
+        now = self.ledger.clock()
+        settings = self.settings
+
+        def record() -> dict[str, int]:
+            with self.store.begin() as tx:
+                return usecases.apply_retention(
+                    self.ledger,
+                    tx,
+                    keep=timedelta(days=settings.retention_days),
+                    keep_free_text=timedelta(days=settings.free_text_retention_days),
+                )
+
+        loop = asyncio.get_running_loop()
+        try:
+            counts = await loop.run_in_executor(self.executor, record)
+        except Exception as exc:
+            # not marked done: the next pass tries again
+            usecases.scheduled_item_failed("retention", "the retention pass", exc)
+            return {}
+        self._retention_at = now
+        try:
+            counts |= await self.purge_dead_letters(
+                now - timedelta(days=settings.free_text_retention_days)
+            )
+        except Exception as exc:
+            log.warning("dead-letter retention failed (%s); next pass tomorrow", type(exc).__name__)
+            counts["dead-letter-queues-failed"] = counts.get("dead-letter-queues-failed", 0) + 1
+        return counts
+
+    async def purge_dead_letters(self, cutoff: datetime) -> dict[str, int]:
+        """Remove from every dead-letter and delay queue of the prefix the messages that died
+        before `cutoff`, each recorded in the audit first (by id, queue and date only)."""
+        import aio_pika
+
+        loop = asyncio.get_running_loop()
+        now = self.ledger.clock()
+
+        def audit(expired: retention.Expired) -> None:
+            with self.store.begin() as tx:
+                tx.audit(
+                    usecases.BUS,
+                    "dead-letter-expired",
+                    (expired.message_id or "-")[:128],
+                    now,
+                    why=f"{expired.queue}; died {expired.died_at:%Y-%m-%d}",
+                )
+
+        async def record(expired: retention.Expired) -> None:
+            await loop.run_in_executor(self.executor, audit, expired)
+
+        amqp_url = self.settings.amqp_url.get_secret_value()
+        names = retention.retention_queue_names(
+            self.topology, (p.id for p in self.directory.partners())
+        )
+        async with await aio_pika.connect(amqp_url) as connection:
+            report = await retention.purge_expired(
+                connection, names, cutoff, now, amqp_user(amqp_url), record
+            )
+        return report.counts()
 
     async def _scheduler(self) -> None:
         while not self._stop.is_set():

@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, TypeVar
 
 from aio_pika import IncomingMessage
@@ -110,8 +111,10 @@ class Intake:
         own_user: str,
         publish_timeout_s: float = 10.0,
         on_held: Held = ignore_held,
+        clock: Callable[[], datetime] | None = None,
     ) -> None:
         self.queue = queue
+        self.clock = clock
         self.publish_timeout_s = publish_timeout_s
         self.topology = topology
         self.directory = directory
@@ -185,7 +188,11 @@ class Intake:
         self, raw: IncomingMessage, headers: dict[str, Any], **where: Any
     ) -> None:
         """A persistent, confirmed copy published as the bus (so that our headers on it are
-        trusted later); unroutable raised, bounded by the publish timeout."""
+        trusted later); unroutable raised, bounded by the publish timeout. Its AMQP
+        `timestamp` is when the copy was made, by the ledger's clock: retention purges dead
+        letters and retry copies by it."""
+        if self.clock is not None:
+            where.setdefault("timestamp", self.clock())
         await self.publish(
             raw.body,
             headers=headers,

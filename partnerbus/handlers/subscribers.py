@@ -74,6 +74,7 @@ class Wiring:
             own_user=self.own_user,
             publish_timeout_s=self.publish_timeout_s,
             on_held=self.on_held or self.count_held,
+            clock=self.ledger.clock,
         )
 
     async def in_transaction(self, use_case: Callable[..., bool], message: Any, queue: str) -> bool:

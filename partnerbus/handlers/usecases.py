@@ -11,7 +11,8 @@ from __future__ import annotations
 import json
 import logging
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from functools import partial
@@ -1187,46 +1188,127 @@ def _notify_consent_expiring(ledger: Ledger, tx: LedgerTx, consent: ConsentRecor
         now,
     )
     return True
+@contextmanager
+def _retained_item(tx: LedgerTx, step: str, counts: dict[str, int]) -> Iterator[None]:
+    """One item of a retention pass in its own savepoint: a failure undoes that item only,
+    is logged (error class and SQLSTATE, never the values) and counted; the next pass tries
+    it again."""
+    try:
+        with tx.conn.begin_nested():
+            yield
+    except Exception as exc:  # one bad row must not stop the others
+        sqlstate = getattr(getattr(exc, "orig", None), "sqlstate", None)
+        log.warning(
+            "retention: one %s item failed (%s%s); tried again next pass",
+            step,
+            type(exc).__name__,
+            f", SQLSTATE {sqlstate}" if sqlstate else "",
+        )
+        counts["retention-failed"] = counts.get("retention-failed", 0) + 1
+
+
+def _token() -> str:
+    return f"anon-{uuid.uuid4().hex[:16]}"
 
 
 def apply_retention(
     ledger: Ledger, tx: LedgerTx, *, keep: timedelta, keep_free_text: timedelta
 ) -> dict[str, int]:
-    """Delete free text after `keep_free_text`; anonymise what is closed after `keep`.
+    """Delete free text after `keep_free_text`; anonymise what is closed after `keep`;
+    then forget the person everywhere once nothing about her is kept any more.
 
-    Free text goes first: the signal's note, and what partners wrote (their notes on each
-    status, a completion's outcome); then, once every referral of a signal has
-    been closed for `keep`, the person's reference is replaced by a random token in the
-    signal, its referrals and the audit trail, and the facts, contact and profile are
-    dropped. Sent copies in the outbox and old dedupe marks are deleted with the free text.
+    Free text goes first: the signal's note, what partners wrote (their notes on each
+    status, a completion's outcome), a revocation's reason, the reasons of dead letters
+    read by ops. Whole copies of messages go with it: sent copies in the outbox, copies
+    that could not be delivered for that long (deleted unsent, audited by type and
+    partner), old dedupe marks. Then, once every referral of a signal has been closed for
+    `keep`, the person's reference is replaced by a random token in the signal, its
+    referrals and the audit trail, and the facts, contact and profile are dropped; a
+    consent that ended `keep` ago keeps its scope and dates under a token. Last, a person
+    with no signal and no consent left under her reference loses her remaining traces
+    older than `keep`: refusals in the consent journal, reads of her consents and
+    timeline in the audit (`forget_person`). Each item runs in its own savepoint.
     """
     now = ledger.clock()
-    counts = {"free-text-deleted": 0, "anonymised": 0}
-    counts["partner-text-deleted"] = tx.delete_partner_text_before(now - keep_free_text, BUS)
-    for row in tx.signals_with_text_before(now - keep_free_text):
-        body = json.loads(row.body)
-        if (body.get("facts") or {}).get("note") is not None:
-            body["facts"]["note"] = None
-            counts["free-text-deleted"] += 1
-        tx.rewrite_signal(row.signal_id, body=json.dumps(body), note_deleted_at=now)
-    for row in tx.signals_closed_before(now - keep):
-        token = f"anon-{uuid.uuid4().hex[:16]}"
-        body = json.loads(row.body)
-        body.update({"person_ref": token, "facts": {}, "contact": None, "profile": {}})
-        tx.rewrite_signal(row.signal_id, body=json.dumps(body), person_ref=token, anonymised_at=now)
-        tx.anonymise_person_records(row.signal_id, token, now)
-        tx.audit(
-            BUS,
-            "anonymised",
-            row.signal_id,
-            now,
-            person_ref=token,
-            why=f"closed for {keep.days} days",
-        )
-        counts["anonymised"] += 1
-    counts["consents-anonymised"] = tx.anonymise_consents_ended_before(now - keep)
-    counts["outbox-deleted"] = tx.delete_sent_outbox_before(now - keep_free_text)
-    counts["dedupe-deleted"] = tx.delete_processed_before(now - keep_free_text)
+    text_cutoff = now - keep_free_text
+    cutoff = now - keep
+    counts = {
+        "free-text-deleted": 0,
+        "anonymised": 0,
+        "consents-anonymised": 0,
+        "persons-forgotten": 0,
+        "outbox-expired": 0,
+        "partner-text-deleted": 0,
+        "bus-text-deleted": 0,
+        "outbox-deleted": 0,
+        "dedupe-deleted": 0,
+        "retention-failed": 0,
+    }
+    with _retained_item(tx, "partner-text", counts):
+        counts["partner-text-deleted"] = tx.delete_partner_text_before(text_cutoff, BUS)
+    with _retained_item(tx, "bus-text", counts):
+        counts["bus-text-deleted"] = tx.delete_bus_free_text_before(text_cutoff)
+    for row in tx.signals_with_text_before(text_cutoff):
+        with _retained_item(tx, "signal-note", counts):
+            body = json.loads(row.body)
+            if (body.get("facts") or {}).get("note") is not None:
+                body["facts"]["note"] = None
+                counts["free-text-deleted"] += 1
+            tx.rewrite_signal(row.signal_id, body=json.dumps(body), note_deleted_at=now)
+    for unsent in tx.undeliverable_before(text_cutoff):
+        with _retained_item(tx, "outbox-expiry", counts):
+            if tx.expire_unsent(unsent.id, text_cutoff):
+                tx.audit(
+                    BUS,
+                    "outbox-expired",
+                    unsent.message_id,
+                    now,
+                    partner_id=unsent.routing_key[:64],
+                    why=(
+                        f"{unsent.message_type} undelivered since "
+                        f"{unsent.created_at:%Y-%m-%d} after {unsent.attempts} tries: deleted"
+                    ),
+                )
+                counts["outbox-expired"] += 1
+    for row in tx.signals_closed_before(cutoff):
+        with _retained_item(tx, "signal-anonymisation", counts):
+            token = _token()
+            body = json.loads(row.body)
+            body.update({"person_ref": token, "facts": {}, "contact": None, "profile": {}})
+            tx.rewrite_signal(
+                row.signal_id, body=json.dumps(body), person_ref=token, anonymised_at=now
+            )
+            tx.anonymise_person_records(row.signal_id, token, now)
+            tx.audit(
+                BUS,
+                "anonymised",
+                row.signal_id,
+                now,
+                person_ref=token,
+                why=f"closed for {keep.days} days",
+            )
+            counts["anonymised"] += 1
+    for consent_id in tx.ended_consents_before(cutoff):
+        with _retained_item(tx, "consent-anonymisation", counts):
+            tx.anonymise_consent(consent_id, _token())
+            counts["consents-anonymised"] += 1
+    for person_ref in tx.persons_to_forget(cutoff):
+        with _retained_item(tx, "person-erasure", counts):
+            token = _token()
+            tx.forget_person(person_ref, token, cutoff)
+            tx.audit(
+                BUS,
+                "person-forgotten",
+                token,
+                now,
+                person_ref=token,
+                why=f"no signal or consent left; traces older than {keep.days} days",
+            )
+            counts["persons-forgotten"] += 1
+    with _retained_item(tx, "outbox-sent", counts):
+        counts["outbox-deleted"] = tx.delete_sent_outbox_before(text_cutoff)
+    with _retained_item(tx, "dedupe", counts):
+        counts["dedupe-deleted"] = tx.delete_processed_before(text_cutoff)
     return counts
 
 

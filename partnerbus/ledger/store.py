@@ -14,6 +14,7 @@ import hashlib
 import logging
 import random
 import time
+import json
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -71,6 +72,14 @@ def is_conflict(exc: BaseException) -> bool:
 def backoff(attempt: int) -> None:
     """A short random pause before the next try, so that two rivals do not meet again."""
     time.sleep(random.uniform(0, 0.005 * 2**attempt))
+FREE_TEXT_AUDIT_ACTIONS = (
+    "consent-revoked",
+    "dead-letter-read",
+    "dead-letter-replayed",
+    "dead-letter-purged",
+)
+"""Audit actions whose `why` holds free text (a revocation's reason, a dead letter's
+reason that may quote the message): erased with the other free text."""
 
 
 @dataclass(frozen=True)
@@ -137,6 +146,18 @@ class OutboxRow:
     message_type: str
     body: str
     referral_id: str | None
+    attempts: int
+
+
+@dataclass(frozen=True)
+class UnsentRow:
+    """An outbox row that never left (its body is not read: retention only counts it)."""
+
+    id: int
+    message_id: str
+    routing_key: str
+    message_type: str
+    created_at: datetime
     attempts: int
 
 
@@ -500,28 +521,168 @@ class LedgerTx:
     def anonymise_consents_ended_before(self, cutoff: datetime) -> int:
         """Consents that ended (expired or revoked) before `cutoff` keep their scope and dates
         as proof, under a random token instead of the person's reference."""
-        ended = self.conn.execute(
-            select(t.consents.c.consent_id).where(
+        ended = self.ended_consents_before(cutoff)
+        for consent_id in ended:
+            self.anonymise_consent(consent_id, f"anon-{uuid.uuid4().hex[:16]}")
+        return len(ended)
+
+    def ended_consents_before(self, cutoff: datetime) -> list[str]:
+        """Ids of the consents, still under the person's reference, that ended (expired or
+        revoked) before `cutoff`."""
+        rows = self.conn.execute(
+            select(t.consents.c.consent_id)
+            .where(
                 ~t.consents.c.person_ref.startswith("anon-"),
                 or_(t.consents.c.valid_until < cutoff, t.consents.c.revoked_at < cutoff),
             )
-        ).all()
-        for (consent_id,) in ended:
-            token = f"anon-{uuid.uuid4().hex[:16]}"
-            self.conn.execute(
-                update(t.consents)
-                .where(t.consents.c.consent_id == consent_id)
-                .values(person_ref=token)
+            .order_by(t.consents.c.consent_id)
+        )
+        return [r.consent_id for r in rows]
+
+    def anonymise_consent(self, consent_id: str, token: str) -> None:
+        """An ended consent keeps its scope and dates as proof, under `token` instead of the
+        person's reference; its journal keeps the events without their bodies, and its audit
+        records lose the revocation's free-text reason."""
+        self.conn.execute(
+            update(t.consents).where(t.consents.c.consent_id == consent_id).values(person_ref=token)
+        )
+        self.conn.execute(
+            update(t.consent_journal)
+            .where(t.consent_journal.c.consent_id == consent_id)
+            .values(person_ref=token, body="{}")
+        )
+        self.conn.execute(
+            update(t.audit).where(t.audit.c.subject == consent_id).values(person_ref=token)
+        )
+        self.conn.execute(
+            update(t.audit)
+            .where(t.audit.c.subject == consent_id, t.audit.c.action == "consent-revoked")
+            .values(why=None)
+        )
+
+    def persons_to_forget(self, cutoff: datetime) -> list[str]:
+        """People with traces older than `cutoff` (consent journal rows such as refusals,
+        audit records such as reads of their consents) and nothing left on record under
+        their reference: no signal and no consent that is not anonymised yet."""
+        live = (
+            select(t.signals.c.person_ref)
+            .where(t.signals.c.person_ref == t.consent_journal.c.person_ref)
+            .exists()
+        )
+        consented = (
+            select(t.consents.c.person_ref)
+            .where(t.consents.c.person_ref == t.consent_journal.c.person_ref)
+            .exists()
+        )
+        journal = select(t.consent_journal.c.person_ref).where(
+            t.consent_journal.c.at < cutoff,
+            ~t.consent_journal.c.person_ref.startswith("anon-"),
+            ~live,
+            ~consented,
+        )
+        audit_live = (
+            select(t.signals.c.person_ref)
+            .where(t.signals.c.person_ref == t.audit.c.person_ref)
+            .exists()
+        )
+        audit_consented = (
+            select(t.consents.c.person_ref)
+            .where(t.consents.c.person_ref == t.audit.c.person_ref)
+            .exists()
+        )
+        audit = select(t.audit.c.person_ref).where(
+            t.audit.c.at < cutoff,
+            t.audit.c.person_ref.is_not(None),
+            ~t.audit.c.person_ref.startswith("anon-"),
+            ~audit_live,
+            ~audit_consented,
+        )
+        found = {r[0] for r in self.conn.execute(journal.distinct())}
+        found |= {r[0] for r in self.conn.execute(audit.distinct())}
+        return sorted(found)
+
+    def forget_person(self, person_ref: str, token: str, cutoff: datetime) -> int:
+        """Replace the person's reference by `token` in every trace older than `cutoff`:
+        the consent journal (refusals included; their bodies are emptied) and the audit
+        records that name her (as the person, or as the subject of a read). Returns how
+        many rows changed."""
+        journal = self.conn.execute(
+            update(t.consent_journal)
+            .where(t.consent_journal.c.person_ref == person_ref, t.consent_journal.c.at < cutoff)
+            .values(person_ref=token, body="{}")
+        ).rowcount
+        named = self.conn.execute(
+            update(t.audit)
+            .where(t.audit.c.person_ref == person_ref, t.audit.c.at < cutoff)
+            .values(person_ref=token)
+        ).rowcount
+        subject = self.conn.execute(
+            update(t.audit)
+            .where(t.audit.c.subject == person_ref, t.audit.c.at < cutoff)
+            .values(subject=token)
+        ).rowcount
+        return int(journal) + int(named) + int(subject)
+
+    def delete_bus_free_text_before(self, cutoff: datetime) -> int:
+        """Free text the bus keeps beside the codes: a revocation's reason (in the audit and
+        in its journal body) and the reasons of dead letters that ops read, replayed or
+        purged (they may quote the refused message). Returns how many texts were erased."""
+        audit = self.conn.execute(
+            update(t.audit)
+            .where(
+                t.audit.c.at < cutoff,
+                t.audit.c.why.is_not(None),
+                t.audit.c.action.in_(FREE_TEXT_AUDIT_ACTIONS),
             )
+            .values(why=None)
+        ).rowcount
+        revoked = self.conn.execute(
+            select(t.consent_journal.c.id, t.consent_journal.c.body).where(
+                t.consent_journal.c.event == "revoked",
+                t.consent_journal.c.at < cutoff,
+                t.consent_journal.c.body.like('%"reason":"%'),
+            )
+        ).all()
+        for row_id, body in revoked:
+            values = json.loads(body)
+            values["reason"] = None
             self.conn.execute(
                 update(t.consent_journal)
-                .where(t.consent_journal.c.consent_id == consent_id)
-                .values(person_ref=token, body="{}")
+                .where(t.consent_journal.c.id == row_id)
+                .values(body=json.dumps(values))
             )
+        return int(audit) + len(revoked)
+
+    def undeliverable_before(self, cutoff: datetime) -> list[UnsentRow]:
+        """Unsent outbox rows created before `cutoff`, oldest first (without their bodies)."""
+        rows = self.conn.execute(
+            select(
+                t.outbox.c.id,
+                t.outbox.c.message_id,
+                t.outbox.c.routing_key,
+                t.outbox.c.message_type,
+                t.outbox.c.created_at,
+                t.outbox.c.attempts,
+            )
+            .where(t.outbox.c.sent_at.is_(None), t.outbox.c.created_at < cutoff)
+            .order_by(t.outbox.c.id)
+        )
+        return [_row(UnsentRow, r) for r in rows]
+
+    def expire_unsent(self, outbox_id: int, cutoff: datetime) -> bool:
+        """Delete an unsent row older than `cutoff` unless a relay has sent it since; True if
+        it was deleted. A relay's claim does not protect it: an undeliverable row is retried
+        at every sweep, so it is claimed much of the time (a publish under way at that very
+        instant may still land once; the relay's `mark_sent` then finds no row)."""
+        return bool(
             self.conn.execute(
-                update(t.audit).where(t.audit.c.subject == consent_id).values(person_ref=token)
-            )
-        return len(ended)
+                delete(t.outbox).where(
+                    t.outbox.c.id == outbox_id,
+                    t.outbox.c.sent_at.is_(None),
+                    t.outbox.c.created_at < cutoff,
+                )
+            ).rowcount
+        )
 
     def delete_sent_outbox_before(self, cutoff: datetime) -> int:
         """Sent messages are copies of personal data: keep them only as long as needed."""
@@ -1001,4 +1162,5 @@ __all__ = [
     "ReferralRow",
     "SignalRow",
     "Store",
+    "UnsentRow",
 ]
