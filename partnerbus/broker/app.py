@@ -22,7 +22,7 @@ from faststream import AckPolicy, FastStream
 from faststream.rabbit import Channel, RabbitBroker, RabbitQueue
 from faststream.rabbit.annotations import RabbitMessage
 
-from partnerbus.directory import Directory, load_directory, load_sample
+from partnerbus.directory import Directory
 from partnerbus.handlers import usecases
 from partnerbus.handlers.delivery import Verdict
 from partnerbus.handlers.subscribers import CAPACITY, Wiring, build_router, raw_body
@@ -32,7 +32,7 @@ from partnerbus.ledger.store import Store
 from partnerbus.schemas import utcnow
 
 from .relay import Relay
-from .settings import Settings, amqp_user
+from .settings import Settings, amqp_user, open_directory
 from .topology import Topology
 
 log = logging.getLogger("partnerbus")
@@ -264,9 +264,7 @@ def create_app(
     """Build the service. Nothing connects here: the broker connects on start."""
     settings = settings or Settings()
     if directory is None:
-        directory = (
-            load_directory(settings.directory_path) if settings.directory_path else load_sample()
-        )
+        directory = open_directory(settings, say=log.info)
     store = store or Store(settings.database_url)
     topology = Topology(
         settings.prefix,

@@ -16,7 +16,7 @@ from rich.table import Table
 
 from partnerbus.schemas import ConsentGranted, ConsentRevoked, ConsentScope
 
-from .settings import Settings
+from .settings import BUNDLED_SAMPLE, Settings, open_directory
 
 app = typer.Typer(
     help="partnerbus: consented referrals between the organisations around social housing.",
@@ -58,7 +58,16 @@ def demo(
     """Run the service and a scripted day from the field against the real broker."""
     from .demo import main as demo_main
 
-    raise typer.Exit(asyncio.run(demo_main(Settings(), timeout)))
+    settings = Settings()
+    if settings.directory_path is not None:
+        err.print(
+            f"the demo's scripted day plays on the {BUNDLED_SAMPLE}: "
+            "PARTNERBUS_DIRECTORY_PATH is not used by the demo",
+            markup=False,
+        )
+    settings = settings.model_copy(update={"directory_path": None})
+    open_directory(settings)
+    raise typer.Exit(asyncio.run(demo_main(settings, timeout)))
 
 
 @app.command()
@@ -66,6 +75,7 @@ def run(
     workers: Annotated[int, typer.Option(min=1, help="Worker processes.")] = 1,
 ) -> None:
     """Run the service (FastStream workers consuming the intake queues)."""
+    open_directory(Settings())  # checked and named once here; each worker loads it the same way
     args = [
         sys.executable,
         "-m",
@@ -108,9 +118,7 @@ def _publish_consent(settings: Settings, message: ConsentGranted | ConsentRevoke
 
 
 def _directory(settings: Settings):  # type: ignore[no-untyped-def]
-    from partnerbus.directory import load_directory, load_sample
-
-    return load_directory(settings.directory_path) if settings.directory_path else load_sample()
+    return open_directory(settings)
 
 
 @consent_app.command("grant")
@@ -275,13 +283,8 @@ def referrals_timeline(
 
 
 def _ops_context():  # type: ignore[no-untyped-def]
-    from partnerbus.directory import load_directory, load_sample
-
     settings = Settings()
-    directory = (
-        load_directory(settings.directory_path) if settings.directory_path else load_sample()
-    )
-    return settings, directory, _store()
+    return settings, open_directory(settings), _store()
 
 
 @ops_app.command("status")
@@ -378,16 +381,14 @@ def gateway(
     """HTTP door for partners that cannot speak AMQP (POST /v1/signals, statuses, consents)."""
     import uvicorn
 
-    from partnerbus.directory import load_directory, load_sample
-
     from .gateway import create_gateway
 
     settings = Settings()
-    directory = (
-        load_directory(settings.directory_path) if settings.directory_path else load_sample()
-    )
+    directory = open_directory(settings)
     try:
-        web = create_gateway(settings, directory, secret)
+        web = create_gateway(
+            settings, directory, secret or settings.access_secret.get_secret_value()
+        )
     except ValueError as exc:
         _fail(str(exc))
         return

@@ -220,12 +220,10 @@ console = Console()
 
 
 def _context() -> tuple[Settings, Topology, list[str], Store]:
-    from partnerbus.directory import load_directory, load_sample
+    from .settings import open_directory
 
     settings = Settings()
-    directory = (
-        load_directory(settings.directory_path) if settings.directory_path else load_sample()
-    )
+    directory = open_directory(settings)
     store = Store(settings.database_url)
     store.create_all()
     return settings, Topology(settings.prefix), [p.id for p in directory.partners()], store
