@@ -365,9 +365,12 @@ def ops_serve(
     from partnerbus.ops.web import create_ops_app
 
     settings, directory, store = _ops_context()
-    uvicorn.run(
-        create_ops_app(settings, directory, store), host=host, port=port, log_level="warning"
-    )
+    try:
+        web = create_ops_app(settings, directory, store)
+    except ValueError as exc:
+        _fail(str(exc))
+        return
+    uvicorn.run(web, host=host, port=port, log_level="warning")
 
 
 @app.command()
