@@ -133,8 +133,11 @@ class LocalCluster:
         amqp_port: int = 5681,
         dist_port: int = 25681,
         timeout: float = 120.0,
+        extra_config: str = "",
     ) -> None:
         self._owns_dir = base_dir is None
+        self.extra_config = extra_config
+        """Lines appended to every node's rabbitmq.conf (a TLS listener, say)."""
         self.base = Path(base_dir or tempfile.mkdtemp(prefix="partnerbus-cluster-"))
         self.nodes = [Node(n, amqp_port + i, dist_port + i, self.base) for i, n in enumerate(names)]
         self.timeout = timeout
@@ -211,7 +214,7 @@ class LocalCluster:
             (n.dir / "rabbitmq.conf").write_text(
                 f"listeners.tcp.local = 127.0.0.1:{n.amqp_port}\n"
                 "log.file.level = info\n"
-                "log.console = false\n"
+                "log.console = false\n" + self.extra_config
             )
             (n.dir / "enabled_plugins").write_text("[].\n")
             (n.dir / "rabbitmq-env.conf").write_text("# partnerbus test node: no system env\n")
