@@ -75,7 +75,7 @@ def run(
     workers: Annotated[int, typer.Option(min=1, help="Worker processes.")] = 1,
 ) -> None:
     """Run the service (FastStream workers consuming the intake queues)."""
-    open_directory(Settings())  # checked and named once here; each worker loads it the same way
+    _directory(Settings())  # checked and named once here; each worker loads it the same way
     args = [
         sys.executable,
         "-m",
@@ -118,7 +118,14 @@ def _publish_consent(settings: Settings, message: ConsentGranted | ConsentRevoke
 
 
 def _directory(settings: Settings):  # type: ignore[no-untyped-def]
-    return open_directory(settings)
+    """The one directory of the settings, named on stderr; a bad file is a clear error."""
+    from partnerbus.directory import DirectoryError
+
+    try:
+        return open_directory(settings)
+    except DirectoryError as exc:
+        _fail(f"directory error: {exc}")
+        raise  # unreachable: _fail exits
 
 
 @consent_app.command("grant")
@@ -284,7 +291,7 @@ def referrals_timeline(
 
 def _ops_context():  # type: ignore[no-untyped-def]
     settings = Settings()
-    return settings, open_directory(settings), _store()
+    return settings, _directory(settings), _store()
 
 
 @ops_app.command("status")
@@ -387,7 +394,7 @@ def gateway(
     from .gateway import create_gateway
 
     settings = Settings()
-    directory = open_directory(settings)
+    directory = _directory(settings)
     try:
         web = create_gateway(
             settings, directory, secret or settings.access_secret.get_secret_value()

@@ -174,3 +174,15 @@ def test_the_demo_says_it_plays_on_the_sample(env) -> None:
     """The demo's scripted day needs the sample: it says so instead of silently swapping."""
     result = run(env, "demo", "--timeout", "1")
     assert "directory: bundled Lille/Nord sample" in result.stderr
+
+
+def test_a_bad_configured_directory_is_a_clear_error(env, tmp_path) -> None:
+    """A directory file that cannot be used stops the command with its reason, no trace."""
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("a: [1, 2", encoding="utf-8")
+    env = env | {"PARTNERBUS_DIRECTORY_PATH": str(broken)}
+    for args in (("ops", "status"), ("health",), ("run",)):
+        result = run(env, *args)
+        assert result.exit_code == 2, (args, result.output)
+        assert "directory error" in result.output
+        assert "Traceback" not in result.output
