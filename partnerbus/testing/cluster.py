@@ -174,19 +174,25 @@ class LocalCluster:
         return [n for n in self.nodes if _alive(n.pid())]
 
     # rabbitmqctl ---------------------------------------------------------------------
-    def _ctl_env(self) -> dict[str, str]:
+    def _ctl_env(self, n: Node | None = None) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("RABBITMQ_")}
         env["HOME"] = str(self.home)
+        if n is not None:
+            # The CLI's own distribution port, near the node's rather than in the system
+            # node's range (35672-35682), which CLI calls to the system node may fill.
+            env["RABBITMQ_CTL_DIST_PORT_MIN"] = str(n.dist_port + 10000)
+            env["RABBITMQ_CTL_DIST_PORT_MAX"] = str(n.dist_port + 10010)
         return env
 
     def ctl(
         self, node: str, *args: str, tool: str = "rabbitmqctl", timeout: float | None = None
     ) -> subprocess.CompletedProcess[str]:
         """Run a RabbitMQ CLI tool against one node of this cluster; raises on failure."""
-        cmd = [str(self.sbin / tool), "-n", self.node(node).nodename, *args]
+        target = self.node(node)
+        cmd = [str(self.sbin / tool), "-n", target.nodename, *args]
         result = subprocess.run(  # noqa: S603 - an argument list, no shell
             cmd,
-            env=self._ctl_env(),
+            env=self._ctl_env(target),
             capture_output=True,
             text=True,
             timeout=timeout or self.timeout,
