@@ -326,29 +326,37 @@ err = Console(stderr=True)
 SecretOption = Annotated[
     str,
     typer.Option(
-        envvar=SECRET_ENV,
-        help="Secret the per-partner passwords derive from (HMAC of secret and user name).",
+        help="Secret the per-partner passwords derive from (HMAC of secret and user name); "
+        f"default: {SECRET_ENV} (the settings).",
         show_default=False,
     ),
 ]
 DirectoryOption = Annotated[
     Path | None,
-    typer.Option("--directory", help="Directory YAML/JSON file; the bundled sample if unset."),
+    typer.Option(
+        "--directory",
+        help="Directory YAML/JSON file; default: PARTNERBUS_DIRECTORY_PATH, else the sample.",
+    ),
 ]
 VhostOption = Annotated[str, typer.Option(help="RabbitMQ virtual host.")]
 
 
-def _partners(directory: Path | None) -> list[Partner]:
-    from partnerbus.directory import load_directory, load_sample
+def _context(
+    directory: Path | None, secret: str
+) -> tuple[list[Partner], Topology, Callable[[str], str]]:
+    """The partners, topology and password deriver from the one configuration every
+    command reads (`open_directory` names the directory on stderr); `--directory` and
+    `--secret` override it."""
+    from partnerbus.broker.settings import Settings, open_directory
 
-    loaded = load_directory(directory) if directory is not None else load_sample()
-    return list(loaded.partners())
-
-
-def _topology() -> Topology:
-    from partnerbus.broker.settings import Settings
-
-    return Topology(Settings().prefix)
+    settings = Settings()
+    partners = list(open_directory(settings, directory).partners())
+    try:
+        password_for = password_deriver(secret or settings.access_secret.get_secret_value())
+    except ValueError as exc:
+        err.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from None
+    return partners, Topology(settings.prefix), password_for
 
 
 def _grant_table(grants: Sequence[PartnerGrant], title: str) -> Table:
@@ -372,12 +380,8 @@ def apply(
     ] = True,
 ) -> None:
     """Create or update every partner's user and rights with rabbitmqctl (idempotent)."""
-    try:
-        password_for = password_deriver(secret)
-    except ValueError as exc:
-        err.print(f"[red]{exc}[/red]")
-        raise typer.Exit(2) from None
-    grants = grants_for(_partners(directory), _topology(), consent_writers=consent_writers)
+    partners, topology, password_for = _context(directory, secret)
+    grants = grants_for(partners, topology, consent_writers=consent_writers)
     try:
         done = apply_with_rabbitmqctl(
             grants,
@@ -405,15 +409,10 @@ def export(
 ) -> None:
     """Write a RabbitMQ definitions file (users, permissions, topic permissions) for
     `rabbitmqctl import_definitions` or `load_definitions`."""
-    try:
-        password_for = password_deriver(secret)
-    except ValueError as exc:
-        err.print(f"[red]{exc}[/red]")
-        raise typer.Exit(2) from None
-    partners = _partners(directory)
+    partners, topology, password_for = _context(directory, secret)
     doc = definitions(
         partners,
-        _topology(),
+        topology,
         vhost=vhost,
         password_for=password_for,
         consent_writers=consent_writers,

@@ -22,7 +22,7 @@ from faststream import AckPolicy, FastStream
 from faststream.rabbit import Channel, RabbitBroker, RabbitQueue
 from faststream.rabbit.annotations import RabbitMessage
 
-from partnerbus.directory import Directory, load_directory, load_sample
+from partnerbus.directory import Directory
 from partnerbus.errors import describe_error, redact_wire_logs
 from partnerbus.handlers import usecases
 from partnerbus.handlers.delivery import Verdict
@@ -34,7 +34,7 @@ from partnerbus.schemas import utcnow
 
 from . import retention
 from .relay import Relay
-from .settings import Settings, amqp_user, pseudonym_key_of
+from .settings import Settings, amqp_user, open_directory, pseudonym_key_of
 from .topology import Topology
 
 log = logging.getLogger("partnerbus")
@@ -383,9 +383,7 @@ def create_app(
     pseudonym_key = pseudonym_key_of(settings)  # refused here, before anything is built
     redact_wire_logs()
     if directory is None:
-        directory = (
-            load_directory(settings.directory_path) if settings.directory_path else load_sample()
-        )
+        directory = open_directory(settings, say=log.info)
     store = store or Store(settings.database_url)
     topology = Topology(
         settings.prefix,

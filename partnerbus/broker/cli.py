@@ -17,7 +17,7 @@ from rich.table import Table
 
 from partnerbus.schemas import ConsentGranted, ConsentRevoked, ConsentScope
 
-from .settings import Settings
+from .settings import BUNDLED_SAMPLE, Settings, open_directory
 
 app = typer.Typer(
     help="partnerbus: consented referrals between the organisations around social housing.",
@@ -59,7 +59,16 @@ def demo(
     """Run the service and a scripted day from the field against the real broker."""
     from .demo import main as demo_main
 
-    raise typer.Exit(asyncio.run(demo_main(Settings(), timeout)))
+    settings = Settings()
+    if settings.directory_path is not None:
+        err.print(
+            f"the demo's scripted day plays on the {BUNDLED_SAMPLE}: "
+            "PARTNERBUS_DIRECTORY_PATH is not used by the demo",
+            markup=False,
+        )
+    settings = settings.model_copy(update={"directory_path": None})
+    open_directory(settings)
+    raise typer.Exit(asyncio.run(demo_main(settings, timeout)))
 
 
 @app.command()
@@ -73,6 +82,7 @@ def run(
         pseudonym_key_of(Settings())
     except ValueError as exc:
         _fail(f"{exc}; the service does not start without it")
+    _directory(Settings())  # checked and named once here; each worker loads it the same way
     args = [
         sys.executable,
         "-m",
@@ -115,9 +125,14 @@ def _publish_consent(settings: Settings, message: ConsentGranted | ConsentRevoke
 
 
 def _directory(settings: Settings):  # type: ignore[no-untyped-def]
-    from partnerbus.directory import load_directory, load_sample
+    """The one directory of the settings, named on stderr; a bad file is a clear error."""
+    from partnerbus.directory import DirectoryError
 
-    return load_directory(settings.directory_path) if settings.directory_path else load_sample()
+    try:
+        return open_directory(settings)
+    except DirectoryError as exc:
+        _fail(f"directory error: {exc}")
+        raise  # unreachable: _fail exits
 
 
 def _check_pivot(directory, agency: str, by: str) -> None:  # type: ignore[no-untyped-def]
@@ -294,13 +309,8 @@ def referrals_timeline(
 
 
 def _ops_context():  # type: ignore[no-untyped-def]
-    from partnerbus.directory import load_directory, load_sample
-
     settings = Settings()
-    directory = (
-        load_directory(settings.directory_path) if settings.directory_path else load_sample()
-    )
-    return settings, directory, _store()
+    return settings, _directory(settings), _store()
 
 
 @ops_app.command("status")
@@ -381,9 +391,12 @@ def ops_serve(
     from partnerbus.ops.web import create_ops_app
 
     settings, directory, store = _ops_context()
-    uvicorn.run(
-        create_ops_app(settings, directory, store), host=host, port=port, log_level="warning"
-    )
+    try:
+        web = create_ops_app(settings, directory, store)
+    except ValueError as exc:
+        _fail(str(exc))
+        return
+    uvicorn.run(web, host=host, port=port, log_level="warning")
 
 
 gateway_app = typer.Typer(
@@ -420,8 +433,9 @@ def gateway(
     from .gateway import create_gateway
 
     settings = Settings()
+    directory = _directory(settings)
     try:
-        web = create_gateway(settings, _directory(settings), consent_writers=consent_writers)
+        web = create_gateway(settings, directory, consent_writers=consent_writers)
     except (OSError, ValueError) as exc:
         _fail(str(exc))
         return

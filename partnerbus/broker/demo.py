@@ -41,10 +41,15 @@ RIGHTS = "difficultes-administratives-ou-juridiques--accompagnement-pour-lacces-
 console = Console()
 
 
+def _port(url: str) -> int:
+    parts = urlsplit(url)
+    return parts.port or (5671 if parts.scheme == "amqps" else 5672)
+
+
 def broker_reachable(url: str) -> bool:
     parts = urlsplit(url)
     try:
-        with socket.create_connection((parts.hostname or "127.0.0.1", parts.port or 5672), 3):
+        with socket.create_connection((parts.hostname or "127.0.0.1", _port(url)), 3):
             return True
     except OSError:
         return False
@@ -325,13 +330,16 @@ async def main(settings: Settings, timeout: float = 60.0) -> int:
         return 2
     settings = keyed
     url = settings.amqp_url.get_secret_value()
-    where = f"{urlsplit(url).hostname}:{urlsplit(url).port or 5672}"
+    where = f"{urlsplit(url).hostname}:{_port(url)}"
     if not broker_reachable(url):
         console.print(
             f"[red]RabbitMQ is not reachable at {where}.[/red]\n"
             "Start it with `rabbitmq-server -detached` (Debian package rabbitmq-server) and run "
-            "`make demo` again; or `docker compose up -d rabbitmq` from this repository and run "
-            "`PARTNERBUS_AMQP_URL=amqp://partnerbus:partnerbus@127.0.0.1:5672/ make demo`.\n"
+            "`make demo` again. Or, with the passwords of compose.yaml set (see README):\n"
+            "`docker compose up -d rabbitmq` from this repository, then\n"
+            "`PARTNERBUS_AMQP_URL=amqp://admin:$PARTNERBUS_RABBITMQ_ADMIN_PASSWORD@127.0.0.1:5672/"
+            " make demo`\n(the demo makes its own `demo-…` queues, which the bus's user may not "
+            "touch).\n"
             "Another broker: set PARTNERBUS_AMQP_URL=amqp://user:password@host:5672/"
         )
         return 2

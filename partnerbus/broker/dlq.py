@@ -297,9 +297,9 @@ console = Console()
 
 
 def _directory(settings: Settings) -> Directory:
-    from partnerbus.directory import load_directory, load_sample
+    from .settings import open_directory
 
-    return load_directory(settings.directory_path) if settings.directory_path else load_sample()
+    return open_directory(settings)
 
 
 def _context() -> tuple[Settings, Topology, list[str], Store]:

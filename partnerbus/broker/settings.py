@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlsplit
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+if TYPE_CHECKING:
+    from partnerbus.directory import Directory
 
 
 def amqp_user(url: str) -> str:
@@ -99,3 +105,41 @@ class Settings(BaseSettings):
             msg = f"not a rate limit: {value!r} ({exc}); e.g. 60/minute"
             raise ValueError(msg) from None
         return value
+    access_secret: SecretStr = SecretStr("")
+    """Secret the partners' AMQP passwords derive from (`partnerbus access`)."""
+    ops_user: str = "ops"
+    ops_password: SecretStr = SecretStr("")
+    """HTTP Basic credential of `partnerbus ops serve` (page and /metrics); it refuses to
+    start without one."""
+    ops_refresh_s: float = Field(default=5.0, gt=0)
+    """The ops page and /metrics share one snapshot, taken at most this often."""
+
+
+BUNDLED_SAMPLE = "bundled Lille/Nord sample"
+
+
+def _to_stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def open_directory(
+    settings: Settings,
+    override: Path | None = None,
+    *,
+    say: Callable[[str], None] = _to_stderr,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> Directory:
+    """The partner directory of every command and of the service, from one rule: a
+    command's `--directory` (`override`), else `PARTNERBUS_DIRECTORY_PATH`, else the
+    bundled sample. `say` gets one line naming it (stderr by default: stdout may carry JSON)."""
+    from partnerbus.directory import load_directory, load_sample
+
+    path = override if override is not None else settings.directory_path
+    if path is None:
+        directory = load_sample()
+        where = f"{BUNDLED_SAMPLE} (set PARTNERBUS_DIRECTORY_PATH for your network)"
+    else:
+        directory = load_directory(path, progress=progress)
+        where = str(path.resolve())
+    say(f"directory: {where} ({len(directory)} partners)")
+    return directory

@@ -19,7 +19,6 @@ from partnerbus.schemas import Profile
 from .check import check as run_check
 from .check import communes_within, gaps_by_parent
 from .errors import DirectoryError, RowError
-from .load import load_directory, load_sample
 from .match import ignored_qpv
 from .match import match as run_match
 from .model import Directory
@@ -55,7 +54,16 @@ def _load(
     *,
     out: Console = console,
 ) -> tuple[Directory, list[RowError]]:
-    """The directory and the import's row errors; messages and tables go to `out`."""
+    """The directory and the import's row errors; messages and tables go to `out`.
+    Without `--directory`, the one the settings name (PARTNERBUS_DIRECTORY_PATH), else the
+    bundled sample; which one is said on stderr."""
+    from partnerbus.broker.settings import Settings, open_directory
+
+    settings = Settings()
+
+    def say(line: str) -> None:  # stderr: stdout may carry JSON
+        err_console.print(line, markup=False, highlight=False, soft_wrap=True)
+
     try:
         if di_structures is not None or di_services is not None:
             if di_structures is None or di_services is None:
@@ -63,13 +71,15 @@ def _load(
                 raise typer.Exit(2)
             from .datainclusion import load_data_inclusion
 
-            base = load_directory(path) if path is not None else None
+            path = path if path is not None else settings.directory_path
+            base = open_directory(settings, path, say=say) if path is not None else None
             d, errors = load_data_inclusion(di_structures, di_services, base=base)
+            say(f"directory: data·inclusion export {di_structures} ({len(d)} partners)")
             if errors:
                 out.print(_import_table(errors))
             return d, errors
-        if path is None:
-            return load_sample(), []
+        if path is None and settings.directory_path is None:
+            return open_directory(settings, say=say), []
         with Progress(
             TextColumn("loading {task.description}"),
             BarColumn(),
@@ -77,12 +87,12 @@ def _load(
             console=out,
             transient=True,
         ) as bar:
-            task = bar.add_task(path.name, total=1)
+            task = bar.add_task((path or settings.directory_path or Path()).name, total=1)
 
             def progress(_stage: str, done: int, total: int) -> None:
                 bar.update(task, total=max(total, 1), completed=done)
 
-            return load_directory(path, progress=progress), []
+            return open_directory(settings, path, say=say, progress=progress), []
     except DirectoryError as exc:
         out.print(f"[red]directory error:[/red] {escape(str(exc))}")
         raise typer.Exit(1) from exc

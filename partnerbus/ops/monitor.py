@@ -8,7 +8,11 @@ Prometheus metrics.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import html
+import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -54,30 +58,73 @@ class Snapshot:
         return sum(q.messages for q in self.queues if q.role == "dead-letter")
 
 
+class BrokerProbe:
+    """One long-lived AMQP connection and one channel for the monitor's passive declares.
+
+    A passive declare of a missing queue closes its channel: only then is a new channel
+    opened; a lost connection is reopened on the next read. `connections` counts the
+    connections opened (one, while the broker stays up)."""
+
+    def __init__(self, amqp_url: str) -> None:
+        self.amqp_url = amqp_url
+        self.connections = 0
+        self._connection: aio_pika.abc.AbstractConnection | None = None
+        self._channel: aio_pika.abc.AbstractChannel | None = None
+
+    async def _open_channel(self) -> aio_pika.abc.AbstractChannel:
+        if self._connection is None or self._connection.is_closed:
+            self._channel = None
+            self._connection = await aio_pika.connect(self.amqp_url)
+            self.connections += 1
+        if self._channel is None or self._channel.is_closed:
+            self._channel = await self._connection.channel()
+        return self._channel
+
+    async def figures(self, topology: Topology, partner_ids: list[str]) -> list[QueueFigure]:
+        """Depth and consumers of every work queue and its dead-letter queue."""
+        figures: list[QueueFigure] = []
+        partner_prefix = topology.partner_queue_name("")
+        try:
+            for work in topology.all_work_queue_names(partner_ids):
+                role = "partner" if work.startswith(partner_prefix) else "intake"
+                for name, kind in ((work, role), (topology.dlq_name(work), "dead-letter")):
+                    channel = await self._open_channel()
+                    try:
+                        declared = await channel.declare_queue(name, passive=True)
+                    except aio_pika.exceptions.ChannelClosed:
+                        self._channel = None  # closed by the broker: a missing queue
+                        continue
+                    result = declared.declaration_result
+                    figures.append(
+                        QueueFigure(
+                            name,
+                            kind,
+                            int(result.message_count or 0),
+                            int(result.consumer_count or 0),
+                        )
+                    )
+        except (OSError, aio_pika.exceptions.AMQPError):
+            await self.close()  # reopened on the next read
+            raise
+        return figures
+
+    async def close(self) -> None:
+        connection, self._connection, self._channel = self._connection, None, None
+        if connection is not None and not connection.is_closed:
+            with contextlib.suppress(Exception):
+                await connection.close()
+
+
 async def queue_figures(
     amqp_url: str, topology: Topology, partner_ids: list[str]
 ) -> list[QueueFigure]:
-    """Depth and consumers of every work queue and its dead-letter queue."""
-    figures: list[QueueFigure] = []
-    partner_prefix = topology.partner_queue_name("")
-    connection = await aio_pika.connect(amqp_url)
-    async with connection:
-        for work in topology.all_work_queue_names(partner_ids):
-            role = "partner" if work.startswith(partner_prefix) else "intake"
-            for name, kind in ((work, role), (topology.dlq_name(work), "dead-letter")):
-                channel = await connection.channel()  # a missing queue closes its channel
-                try:
-                    declared = await channel.declare_queue(name, passive=True)
-                except aio_pika.exceptions.ChannelClosed:
-                    continue
-                result = declared.declaration_result
-                figures.append(
-                    QueueFigure(
-                        name, kind, int(result.message_count or 0), int(result.consumer_count or 0)
-                    )
-                )
-                await channel.close()
-    return figures
+    """Depth and consumers of every work queue and its dead-letter queue (one connection,
+    closed after)."""
+    probe = BrokerProbe(amqp_url)
+    try:
+        return await probe.figures(topology, partner_ids)
+    finally:
+        await probe.close()
 
 
 def ledger_figures(store: Store, now: datetime) -> LedgerFigures:
@@ -98,14 +145,54 @@ def ledger_figures(store: Store, now: datetime) -> LedgerFigures:
 
 
 async def snapshot(
-    amqp_url: str, topology: Topology, partner_ids: list[str], store: Store, now: datetime
+    amqp_url: str | BrokerProbe,
+    topology: Topology,
+    partner_ids: list[str],
+    store: Store,
+    now: datetime,
 ) -> Snapshot:
+    """Queues (through `amqp_url`'s own short connection, or a long-lived probe) and the
+    ledger's figures (read in a thread: the event loop keeps serving)."""
     try:
-        queues = await queue_figures(amqp_url, topology, partner_ids)
+        if isinstance(amqp_url, BrokerProbe):
+            queues = await amqp_url.figures(topology, partner_ids)
+        else:
+            queues = await queue_figures(amqp_url, topology, partner_ids)
         error = None
     except (OSError, aio_pika.exceptions.AMQPError) as exc:
         queues, error = [], f"{type(exc).__name__}: {exc}"
-    return Snapshot(now, queues, ledger_figures(store, now), error)
+    ledger = await asyncio.to_thread(ledger_figures, store, now)
+    return Snapshot(now, queues, ledger, error)
+
+
+class SnapshotCache:
+    """One snapshot shared by every viewer: taken at most once per `max_age_s`, by one
+    caller at a time; the others wait for it and get the same one."""
+
+    def __init__(
+        self,
+        take: Callable[[], Awaitable[Snapshot]],
+        max_age_s: float,
+        *,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._take = take
+        self._max_age_s = max_age_s
+        self._monotonic = monotonic
+        self._lock = asyncio.Lock()
+        self._snap: Snapshot | None = None
+        self._taken_at = 0.0
+        self.taken = 0
+        """How many snapshots were taken."""
+
+    async def get(self) -> Snapshot:
+        async with self._lock:
+            fresh = self._monotonic() - self._taken_at < self._max_age_s
+            if self._snap is None or not fresh:
+                self._snap = await self._take()
+                self._taken_at = self._monotonic()
+                self.taken += 1
+            return self._snap
 
 
 def metrics(snap: Snapshot) -> bytes:

@@ -133,8 +133,11 @@ class LocalCluster:
         amqp_port: int = 5681,
         dist_port: int = 25681,
         timeout: float = 120.0,
+        extra_config: str = "",
     ) -> None:
         self._owns_dir = base_dir is None
+        self.extra_config = extra_config
+        """Lines appended to every node's rabbitmq.conf (a TLS listener, say)."""
         self.base = Path(base_dir or tempfile.mkdtemp(prefix="partnerbus-cluster-"))
         self.nodes = [Node(n, amqp_port + i, dist_port + i, self.base) for i, n in enumerate(names)]
         self.timeout = timeout
@@ -171,19 +174,25 @@ class LocalCluster:
         return [n for n in self.nodes if _alive(n.pid())]
 
     # rabbitmqctl ---------------------------------------------------------------------
-    def _ctl_env(self) -> dict[str, str]:
+    def _ctl_env(self, n: Node | None = None) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("RABBITMQ_")}
         env["HOME"] = str(self.home)
+        if n is not None:
+            # The CLI's own distribution port, near the node's rather than in the system
+            # node's range (35672-35682), which CLI calls to the system node may fill.
+            env["RABBITMQ_CTL_DIST_PORT_MIN"] = str(n.dist_port + 10000)
+            env["RABBITMQ_CTL_DIST_PORT_MAX"] = str(n.dist_port + 10010)
         return env
 
     def ctl(
         self, node: str, *args: str, tool: str = "rabbitmqctl", timeout: float | None = None
     ) -> subprocess.CompletedProcess[str]:
         """Run a RabbitMQ CLI tool against one node of this cluster; raises on failure."""
-        cmd = [str(self.sbin / tool), "-n", self.node(node).nodename, *args]
+        target = self.node(node)
+        cmd = [str(self.sbin / tool), "-n", target.nodename, *args]
         result = subprocess.run(  # noqa: S603 - an argument list, no shell
             cmd,
-            env=self._ctl_env(),
+            env=self._ctl_env(target),
             capture_output=True,
             text=True,
             timeout=timeout or self.timeout,
@@ -211,7 +220,7 @@ class LocalCluster:
             (n.dir / "rabbitmq.conf").write_text(
                 f"listeners.tcp.local = 127.0.0.1:{n.amqp_port}\n"
                 "log.file.level = info\n"
-                "log.console = false\n"
+                "log.console = false\n" + self.extra_config
             )
             (n.dir / "enabled_plugins").write_text("[].\n")
             (n.dir / "rabbitmq-env.conf").write_text("# partnerbus test node: no system env\n")

@@ -212,7 +212,7 @@ async def test_an_advisor_revokes_a_consent_from_the_command_line(cli_env, chann
         "ccas-cias,maisons-des-solidarites",
     )
     assert granted.exit_code == 0, granted.output
-    consent_id = granted.output.split()[1]
+    consent_id = granted.stdout.split()[1]
     await bus.wait_verdicts(1)
     inbox = await Inbox.open(
         channel, t.partner_queue_name(bus.directory.partner("ccas-roubaix").id)

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import httpx
 import pytest
 import uvicorn
+from pydantic import SecretStr
 
+from partnerbus.ops import monitor
 from partnerbus.ops.web import create_ops_app
 from partnerbus.testing import Inbox
 
@@ -17,26 +22,39 @@ from .helpers import publish, signal
 pytestmark = pytest.mark.rabbitmq
 
 
-@pytest.fixture
-async def ops_url(bus):
+OPS_USER = "ops"
+OPS_PASSWORD = "ops-test-password-0123456789"
+AUTH = httpx.BasicAuth(OPS_USER, OPS_PASSWORD)
+
+
+def ops_settings(bus, **changes):  # type: ignore[no-untyped-def]
+    return bus.settings.model_copy(
+        update={"ops_user": OPS_USER, "ops_password": SecretStr(OPS_PASSWORD), **changes}
+    )
+
+
+@asynccontextmanager
+async def serving(web) -> AsyncIterator[str]:  # type: ignore[no-untyped-def]
     # A socket listening before the server starts: requests wait in its backlog, so the
     # test needs no readiness poll.
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    sock.listen(16)
+    sock.listen(64)
     port = sock.getsockname()[1]
-    server = uvicorn.Server(
-        uvicorn.Config(
-            create_ops_app(bus.settings, bus.directory, bus.store),
-            log_level="warning",
-            lifespan="off",
-        )
-    )
+    server = uvicorn.Server(uvicorn.Config(web, log_level="warning", lifespan="on"))
     task = asyncio.create_task(server.serve(sockets=[sock]))
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    await task
-    sock.close()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        await task
+        sock.close()
+
+
+@pytest.fixture
+async def ops_url(bus):
+    async with serving(create_ops_app(ops_settings(bus), bus.directory, bus.store)) as url:
+        yield url
 
 
 async def test_the_monitor_shows_dead_letters_parked_needs_and_queues(
@@ -54,7 +72,7 @@ async def test_the_monitor_shows_dead_letters_parked_needs_and_queues(
     await dlq.expect(1)
     await peek_channel.close()  # unacked: it goes back to the dead-letter queue for ops
 
-    async with httpx.AsyncClient(base_url=ops_url, timeout=10) as client:
+    async with httpx.AsyncClient(base_url=ops_url, timeout=30, auth=AUTH) as client:
         metrics = (await client.get("/metrics")).text
         page = (await client.get("/")).text
         health = await client.get("/health")
@@ -67,7 +85,12 @@ async def test_the_monitor_shows_dead_letters_parked_needs_and_queues(
     assert "1 dead letter(s)" in page
     assert t.signal_queue.name in page
     assert health.status_code == 200
-    assert health.json()["broker"] == "up"
+    assert health.json() == {"status": "up"}
+
+
+def with_credentials(url: str) -> str:
+    """The page's URL with the Basic credentials in it (how a browser test logs in)."""
+    return url.replace("http://", f"http://{OPS_USER}:{OPS_PASSWORD}@") + "/"
 
 
 def _chromium() -> str:
@@ -106,7 +129,7 @@ async def test_the_ops_page_renders_in_a_real_browser(bus, channel, ops_url, tmp
         chromium,
         *flags,
         "--dump-dom",
-        f"{ops_url}/",
+        with_credentials(ops_url),
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.DEVNULL,
     )
@@ -123,10 +146,101 @@ async def test_the_ops_page_renders_in_a_real_browser(bus, channel, ops_url, tmp
         *flags,
         f"--screenshot={shot}",
         "--window-size=1200,900",
-        f"{ops_url}/",
+        with_credentials(ops_url),
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.DEVNULL,
     )
     await asyncio.wait_for(capture.wait(), 60)
     assert capture.returncode == 0
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def basic(raw: bytes) -> dict[str, bytes]:
+    return {"Authorization": b"Basic " + raw}
+
+
+@pytest.mark.parametrize("path", ["/", "/metrics"])
+async def test_the_page_and_metrics_refuse_a_missing_wrong_or_malformed_credential(
+    bus, ops_url, path
+):
+    """401 with a Basic challenge without credentials, with a wrong user or password, and
+    with malformed headers (not base64, non-ASCII, no colon); 200 with the right ones."""
+    wrong = [
+        {},
+        {"Authorization": "Basic " + base64.b64encode(b"ops:not-the-password").decode()},
+        {"Authorization": "Basic " + base64.b64encode(f"root:{OPS_PASSWORD}".encode()).decode()},
+        basic(base64.b64encode(f"ops:{OPS_PASSWORD}é".encode())),  # UTF-8 inside
+        basic("opsé:pässwörd".encode("latin-1")),  # raw non-ASCII bytes, not base64
+        basic(b"%%%not-base64%%%"),
+        basic(base64.b64encode(b"no-colon-here")),
+        {"Authorization": f"Bearer {OPS_PASSWORD}"},
+    ]
+    async with httpx.AsyncClient(base_url=ops_url, timeout=30) as client:
+        for headers in wrong:
+            refused = await client.get(path, headers=headers)
+            assert refused.status_code == 401, (headers, refused.text)
+            assert refused.headers["www-authenticate"].startswith("Basic")
+            assert "partnerbus_" not in refused.text and bus.settings.prefix not in refused.text
+        assert (await client.get(path, auth=AUTH)).status_code == 200
+
+
+async def test_health_is_open_and_says_only_up_or_down(bus):
+    """/health needs no credential and tells nothing but up or down, even when the broker
+    is unreachable (no error text, no address)."""
+    down = ops_settings(bus, amqp_url=SecretStr("amqp://guest:guest@127.0.0.1:1/"))
+    async with (
+        serving(create_ops_app(down, bus.directory, bus.store)) as url,
+        httpx.AsyncClient(base_url=url, timeout=30) as client,
+    ):
+        health = await client.get("/health")
+    assert health.status_code == 503
+    assert health.json() == {"status": "down"}
+
+
+def test_the_ops_app_refuses_to_start_without_a_strong_password(bus):
+    """No password, a short one, or a non-ASCII one: the app (and `ops serve`) refuse."""
+    for bad in ("", "short", "é" * 20):
+        with pytest.raises(ValueError, match="PARTNERBUS_OPS_PASSWORD"):
+            create_ops_app(
+                bus.settings.model_copy(update={"ops_password": SecretStr(bad)}),
+                bus.directory,
+                bus.store,
+            )
+
+
+async def test_many_viewers_share_one_snapshot_and_one_connection(bus, monkeypatch):
+    """Forty concurrent hits on the page and /metrics: one snapshot of the ledger, one AMQP
+    connection; a later hit, once the snapshot is old, reuses that connection."""
+    connects = 0
+    ledger_reads = 0
+    real_connect = monitor.aio_pika.connect
+    real_figures = monitor.ledger_figures
+
+    async def counting_connect(*args, **kwargs):  # type: ignore[no-untyped-def]
+        nonlocal connects
+        connects += 1
+        return await real_connect(*args, **kwargs)
+
+    def counting_figures(*args, **kwargs):  # type: ignore[no-untyped-def]
+        nonlocal ledger_reads
+        ledger_reads += 1
+        return real_figures(*args, **kwargs)
+
+    monkeypatch.setattr(monitor.aio_pika, "connect", counting_connect)
+    monkeypatch.setattr(monitor, "ledger_figures", counting_figures)
+    web = create_ops_app(ops_settings(bus, ops_refresh_s=3600), bus.directory, bus.store)
+    async with (
+        serving(web) as url,
+        httpx.AsyncClient(base_url=url, timeout=60, auth=AUTH) as client,
+    ):
+        hits = await asyncio.gather(*(client.get("/" if i % 2 else "/metrics") for i in range(40)))
+        assert [h.status_code for h in hits] == [200] * 40
+        assert ledger_reads == 1
+        assert connects == 1
+        assert "partnerbus_broker_up 1.0" in hits[0].text
+
+        web.state.snapshots._max_age_s = 0  # every hit now takes a new snapshot
+        again = await client.get("/metrics", auth=AUTH)
+        assert again.status_code == 200 and "partnerbus_broker_up 1.0" in again.text
+        assert ledger_reads == 2
+        assert connects == 1  # the same connection and channel, kept open
