@@ -427,12 +427,13 @@ def _to_partner(settings: Settings, store: Store) -> ToPartner:
     from partnerbus.schemas import utcnow
 
     from .app import deadline_policy
+    from .settings import pseudonym_key_of
 
     ledger = Ledger(
         store=store,
         directory=_directory(settings),
         clock=utcnow,
-        pseudonym_key=settings.pseudonym_key.get_secret_value().encode(),
+        pseudonym_key=pseudonym_key_of(settings),
         deadlines=deadline_policy(settings),
     )
 

@@ -105,6 +105,7 @@ class Settings(BaseSettings):
             msg = f"not a rate limit: {value!r} ({exc}); e.g. 60/minute"
             raise ValueError(msg) from None
         return value
+
     access_secret: SecretStr = SecretStr("")
     """Secret the partners' AMQP passwords derive from (`partnerbus access`)."""
     ops_user: str = "ops"

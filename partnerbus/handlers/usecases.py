@@ -20,8 +20,8 @@ from functools import partial
 from pydantic import TypeAdapter, ValidationError
 
 from partnerbus.directory import Candidate, Directory, match
-from partnerbus.errors import describe_error
 from partnerbus.directory.rights import advisor_ids, is_pivot
+from partnerbus.errors import describe_error
 from partnerbus.ledger.rules import (
     AWAITING_ANSWER,
     DURATIONS,
@@ -1188,6 +1188,8 @@ def _notify_consent_expiring(ledger: Ledger, tx: LedgerTx, consent: ConsentRecor
         now,
     )
     return True
+
+
 @contextmanager
 def _retained_item(tx: LedgerTx, step: str, counts: dict[str, int]) -> Iterator[None]:
     """One item of a retention pass in its own savepoint: a failure undoes that item only,

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import logging
 import random
 import time
-import json
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -72,6 +72,8 @@ def is_conflict(exc: BaseException) -> bool:
 def backoff(attempt: int) -> None:
     """A short random pause before the next try, so that two rivals do not meet again."""
     time.sleep(random.uniform(0, 0.005 * 2**attempt))
+
+
 FREE_TEXT_AUDIT_ACTIONS = (
     "consent-revoked",
     "dead-letter-read",
