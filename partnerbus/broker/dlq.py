@@ -429,17 +429,27 @@ def _to_partner(settings: Settings, store: Store) -> ToPartner:
     from .app import deadline_policy
     from .settings import pseudonym_key_of
 
-    ledger = Ledger(
-        store=store,
-        directory=_directory(settings),
-        clock=utcnow,
-        pseudonym_key=pseudonym_key_of(settings),
-        deadlines=deadline_policy(settings),
-    )
+    ledgers: list[Ledger] = []
 
     def work(partner_id: str, body: bytes) -> str | None:
+        # The ledger is built at the first partner letter: replaying intake letters needs
+        # no pseudonym key.
+        if not ledgers:
+            try:
+                key = pseudonym_key_of(settings)
+            except ValueError as exc:
+                return f"not replayed through the outbox: {exc}"
+            ledgers.append(
+                Ledger(
+                    store=store,
+                    directory=_directory(settings),
+                    clock=utcnow,
+                    pseudonym_key=key,
+                    deadlines=deadline_policy(settings),
+                )
+            )
         with store.begin() as tx:
-            return replay_to_partner(ledger, tx, partner_id, body)
+            return replay_to_partner(ledgers[0], tx, partner_id, body)
 
     async def to_partner(partner_id: str, letter: DeadLetter) -> str | None:
         return await asyncio.to_thread(work, partner_id, letter.body)

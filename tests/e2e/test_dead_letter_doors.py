@@ -36,6 +36,7 @@ def cli_env(monkeypatch, bus):
     """The command line reads the same settings as the running bus."""
     monkeypatch.setenv("PARTNERBUS_AMQP_URL", bus.settings.amqp_url.get_secret_value())
     monkeypatch.setenv("PARTNERBUS_PREFIX", bus.settings.prefix)
+    monkeypatch.setenv("PARTNERBUS_PSEUDONYM_KEY", bus.settings.pseudonym_key.get_secret_value())
     monkeypatch.setenv("PARTNERBUS_DATABASE_URL", bus.settings.database_url)
     return bus
 
@@ -187,7 +188,7 @@ async def test_a_partner_dead_letter_for_a_withdrawn_referral_is_refused_and_nev
         "message_id": new_id("rev"),
         "occurred_at": datetime.now(UTC).isoformat(),
         "consent_id": given["consent_id"],
-        "revoked_by": "a.martin",
+        "revoked_by": "s.benali",
         "agency": agency,
         "revoked_at": datetime.now(UTC).isoformat(),
     }

@@ -218,7 +218,7 @@ async def test_after_retention_the_marker_person_is_nowhere(
             "occurred_at": datetime.now(UTC).isoformat(),
             "signal_id": second["message_id"],
             "person_ref": marker,
-            "collected_by": "a.martin",
+            "collected_by": "s.benali",
             "agency": agency,
         }
         before = len(bus.verdicts)

@@ -57,7 +57,7 @@ async def decide(bus: Bus, n: int) -> tuple[str, str]:
         consent_id=f"c-{n}",
         person_ref=person,
         scope=ConsentScope(needs=("logement-hebergement",), partner_kinds=KINDS),
-        collected_by="a.martin",
+        collected_by="s.benali",
         agency="lmh-agence-roubaix",
         method="oral",
         granted_at=now - timedelta(minutes=1),
@@ -82,7 +82,7 @@ async def revoke(bus: Bus, consent_id: str) -> None:
         message_id=f"revoke-{consent_id}",
         occurred_at=utcnow(),
         consent_id=consent_id,
-        revoked_by="a.martin",
+        revoked_by="s.benali",
         agency="lmh-agence-roubaix",
         revoked_at=utcnow(),
     )

@@ -21,6 +21,7 @@ from partnerbus.ops.monitor import snapshot
 from partnerbus.schemas import ConsentGranted
 from partnerbus.testing import Inbox
 from partnerbus.testing.cluster import LocalCluster
+from tests.keys import TEST_KEY
 
 from ..e2e.helpers import ARREARS, ROUBAIX, consent, publish, signal, signal_ref
 from .conftest import build_cluster
@@ -104,7 +105,7 @@ async def test_a_signal_crosses_the_bus_over_amqps(tls_node, tmp_path) -> None:
         database_url=f"sqlite:///{tmp_path / 'bus.db'}",
         relay_interval_s=0.2,
         scheduler_interval_s=3600,
-        pseudonym_key="tls-test-key",
+        pseudonym_key=TEST_KEY,
     )
     bus = create_app(settings)
     await bus.start()

@@ -53,7 +53,7 @@ def refused_signal(ledger: Ledger, person: str, **extra) -> str:
         occurred_at=ledger.clock(),
         signal_id=signal.message_id,
         person_ref=person,
-        collected_by="a.martin",
+        collected_by="s.benali",
         agency="lmh-agence-roubaix",
     )
     run(ledger, usecases.refuse_consent, refusal)
@@ -166,7 +166,7 @@ class TestFreeTextOfTheBus:
             message_id=mid("rev"),
             occurred_at=ledger.clock(),
             consent_id=granted.consent_id,
-            revoked_by="a.martin",
+            revoked_by="s.benali",
             agency="lmh-agence-roubaix",
             revoked_at=ledger.clock(),
             reason="she moved in with her son in Lens",

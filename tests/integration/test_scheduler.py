@@ -55,7 +55,7 @@ def referred(ledger: Ledger, person: str, source: str, days: int = 60) -> str:
         consent_id=f"c-{person}",
         person_ref=person,
         scope=ConsentScope(needs=("logement-hebergement",), partner_kinds=KINDS),
-        collected_by="a.martin",
+        collected_by="s.benali",
         agency="lmh-agence-roubaix",
         method="oral",
         granted_at=now,

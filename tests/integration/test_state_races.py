@@ -54,7 +54,7 @@ def a_referral(ledger: Ledger, n: int) -> tuple[str, str, str]:
         consent_id=consent_id,
         person_ref=person,
         scope=ConsentScope(needs=("logement-hebergement",), partner_kinds=KINDS),
-        collected_by="a.martin",
+        collected_by="s.benali",
         agency="lmh-agence-roubaix",
         method="oral",
         granted_at=now,
@@ -95,7 +95,7 @@ def revoke(ledger: Ledger, consent_id: str) -> Callable[[LedgerTx], Any]:
         message_id=mid("rv"),
         occurred_at=ledger.clock(),
         consent_id=consent_id,
-        revoked_by="a.martin",
+        revoked_by="s.benali",
         agency="lmh-agence-roubaix",
         revoked_at=ledger.clock(),
     )

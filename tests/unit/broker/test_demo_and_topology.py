@@ -7,6 +7,7 @@ import asyncio
 from partnerbus.broker.demo import main as demo_main
 from partnerbus.broker.settings import Settings
 from partnerbus.broker.topology import Topology
+from tests.keys import TEST_KEY
 
 
 def test_the_demo_says_how_to_start_rabbitmq_when_none_is_reachable(capsys) -> None:
@@ -51,6 +52,7 @@ def test_dead_letter_and_delay_queues_are_bounded_and_refuse_rather_than_drop() 
     t = create_app(
         Settings(
             prefix="pb",
+            pseudonym_key=TEST_KEY,
             dead_letter_max_messages=50,
             dead_letter_max_bytes=4096,
             retry_max_messages=20,
