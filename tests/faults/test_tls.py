@@ -129,7 +129,7 @@ async def test_a_signal_crosses_the_bus_over_amqps(tls_node, tmp_path) -> None:
             await publish(channel, bus.topology.signals.name, body, routing_key="lmh-recouvrement")
             (referral,) = await inbox.expect(1, timeout=30)
             assert referral.kind == "referral"
-            assert signal_ref(referral.body, body["message_id"], key=b"tls-test-key")
+            assert signal_ref(referral.body, body["message_id"], key=TEST_KEY.encode())
             await inbox.close()
 
         snap = await snapshot(
