@@ -251,7 +251,7 @@ class ReferralCounter:
                     self._changed.clear()
                     await self._changed.wait()
 
-    async def settle(self, pending: Callable[[], int], timeout: float = 60) -> None:
+    async def settle(self, pending: Callable[[], int], timeout: float = 180) -> None:
         """Wait until nothing more can arrive: the outbox has nothing unsent and every
         intake and partner queue of the prefix is empty (checked twice in a row)."""
         t = self.workload.topology
