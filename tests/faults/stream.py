@@ -260,18 +260,23 @@ class ReferralCounter:
         ]
         assert self.connection is not None
         calm = 0
-        async with asyncio.timeout(timeout):
-            while calm < 2:
-                busy = await asyncio.to_thread(pending)
-                channel = await self.connection.channel()
-                try:
-                    for name in names:
-                        q = await channel.declare_queue(name, passive=True)
-                        busy += int(q.declaration_result.message_count or 0)
-                finally:
-                    await channel.close()
-                calm = calm + 1 if busy == 0 else 0
-                await asyncio.sleep(0.2)
+        seen: dict[str, int] = {}
+        try:
+            async with asyncio.timeout(timeout):
+                while calm < 2:
+                    seen = {"outbox": await asyncio.to_thread(pending)}
+                    channel = await self.connection.channel()
+                    try:
+                        for name in names:
+                            q = await channel.declare_queue(name, passive=True)
+                            seen[name] = int(q.declaration_result.message_count or 0)
+                    finally:
+                        await channel.close()
+                    calm = calm + 1 if sum(seen.values()) == 0 else 0
+                    await asyncio.sleep(0.2)
+        except TimeoutError:
+            left = {k: v for k, v in seen.items() if v}
+            raise AssertionError(f"not settled after {timeout} s: {left}") from None
 
 
 def pending_of(db: Path) -> Callable[[], int]:
