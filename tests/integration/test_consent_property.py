@@ -14,7 +14,7 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from partnerbus.broker.relay import Relay
@@ -262,6 +262,22 @@ def check_property(store: Store, examples: int) -> int:
 
     @settings(max_examples=examples, deadline=None, suppress_health_check=[HealthCheck.too_slow])
     @given(ops=operations)
+    # One sequence that surely makes and sends a referral, so that a run of few random
+    # examples (PostgreSQL's) never checks nothing.
+    @example(
+        ops=[
+            (
+                "grant",
+                "T-P1",
+                ["logement-hebergement", "difficultes-financieres"],
+                list(KINDS),
+                0,
+                30,
+            ),
+            ("signal", "T-P1", [NEEDS[0]], "59512"),
+            ("send",),
+        ]
+    )
     def check(ops: list[tuple[Any, ...]]) -> None:
         store.drop_all()
         store.create_all()
