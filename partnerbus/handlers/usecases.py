@@ -870,6 +870,9 @@ def record_status(ledger: Ledger, tx: LedgerTx, event: ReferralStatusChanged, qu
         raise Refused(f"unknown referral {event.referral_id}")
     if referral.partner_id != event.partner:
         raise Refused(f"referral {event.referral_id} was not sent to {event.partner}")
+    if event.status == "completed" and not event.outcome:
+        # the schema lets only the bus's forwarded copy (`signal_id` set) go without one
+        raise Refused("a completion carries its outcome: what was done for the person")
     if not _apply(
         ledger,
         tx,

@@ -212,7 +212,9 @@ class Referral(Message):
 
 class ReferralStatusChanged(Message):
     """A referral's status moved. Partners send it; the bus forwards it to the source and
-    the advisor with `signal_id` and `need` filled in."""
+    the advisor with `signal_id` and `need` filled in. A partner's completion carries its
+    outcome; the copy forwarded to the signal's source leaves out what the partner wrote
+    (`outcome`, `note`: the advisor's copy keeps them)."""
 
     type: Literal["referral-status-changed"] = "referral-status-changed"
     referral_id: MessageId
@@ -232,7 +234,7 @@ class ReferralStatusChanged(Message):
                 "full, duplicate or other"
             )
             raise ValueError(msg)
-        if self.status == "completed" and not self.outcome:
+        if self.status == "completed" and not self.outcome and self.signal_id is None:
             msg = "a completion carries its outcome: what was done for the person"
             raise ValueError(msg)
         return self

@@ -165,6 +165,9 @@ async def test_the_demo_command_plays_the_day_prints_the_summary_and_leaves_noth
         check=False,
     )
     out = done.stdout
+    # Every message the bus sent was taken: no client gave one back, nothing crashed.
+    for bad in ("Traceback", "not handled", "ERROR"):
+        assert bad not in out + done.stderr, f"the demo printed {bad!r}"
     # The demo names its own prefix (`demo-…`) and keeps its ledger in a temporary directory.
     used = re.search(r"prefix (demo-[0-9a-f]{6}), (\d+) partners in the directory", out)
     assert used, out + done.stderr

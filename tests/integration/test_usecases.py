@@ -302,6 +302,16 @@ class TestStatuses:
             **extra,
         )
 
+    def test_a_partners_completion_without_outcome_is_refused_even_posing_as_a_copy(
+        self, ledger: Ledger
+    ) -> None:
+        """Only the bus's forwarded copy may go without an outcome: a partner that sets `signal_id` itself is still refused."""
+        first = self._referral(ledger)
+        run(ledger, usecases.record_status, self._status(ledger, first, "accepted"))
+        posing = self._status(ledger, first, "completed", signal_id="s-posing", need=ARREARS)
+        with pytest.raises(Refused, match="carries its outcome"):
+            run(ledger, usecases.record_status, posing)
+
     def test_a_rejection_for_lack_of_room_reroutes_to_the_next_best(self, ledger: Ledger) -> None:
         """`full` sends the need to the next candidate, never back to the one that declined."""
         first = self._referral(ledger)

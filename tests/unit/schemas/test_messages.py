@@ -109,6 +109,9 @@ def test_a_completion_carries_its_outcome() -> None:
     assert "carries its outcome" in reason(ReferralStatusChanged, base)
     done = ReferralStatusChanged.model_validate({**base, "outcome": "FSL granted"})
     assert done.outcome == "FSL granted"
+    # the bus's copy to the signal's source (signal_id set) leaves the partner's words out
+    forwarded = {**base, "signal_id": "s-1", "need": "logement-hebergement"}
+    assert ReferralStatusChanged.model_validate(forwarded).outcome is None
 
 
 def test_a_number_is_not_a_moment() -> None:
