@@ -1196,19 +1196,13 @@ def _notify_consent_expiring(ledger: Ledger, tx: LedgerTx, consent: ConsentRecor
 @contextmanager
 def _retained_item(tx: LedgerTx, step: str, counts: dict[str, int]) -> Iterator[None]:
     """One item of a retention pass in its own savepoint: a failure undoes that item only,
-    is logged (error class and SQLSTATE, never the values) and counted; the next pass tries
-    it again."""
+    is logged and counted like any failed scheduled item (`scheduled_item_failed`); the
+    next pass tries it again."""
     try:
-        with tx.conn.begin_nested():
+        with tx.savepoint():
             yield
     except Exception as exc:  # one bad row must not stop the others
-        sqlstate = getattr(getattr(exc, "orig", None), "sqlstate", None)
-        log.warning(
-            "retention: one %s item failed (%s%s); tried again next pass",
-            step,
-            type(exc).__name__,
-            f", SQLSTATE {sqlstate}" if sqlstate else "",
-        )
+        scheduled_item_failed("retention", f"one {step} item", exc)
         counts["retention-failed"] = counts.get("retention-failed", 0) + 1
 
 

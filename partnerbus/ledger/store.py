@@ -566,38 +566,26 @@ class LedgerTx:
         """People with traces older than `cutoff` (consent journal rows such as refusals,
         audit records such as reads of their consents) and nothing left on record under
         their reference: no signal and no consent that is not anonymised yet."""
-        live = (
-            select(t.signals.c.person_ref)
-            .where(t.signals.c.person_ref == t.consent_journal.c.person_ref)
-            .exists()
-        )
-        consented = (
-            select(t.consents.c.person_ref)
-            .where(t.consents.c.person_ref == t.consent_journal.c.person_ref)
-            .exists()
-        )
+
+        def on_record(person_ref: Any) -> Any:
+            """A signal or a consent still carries this reference (not anonymised)."""
+            return or_(
+                select(t.signals.c.person_ref).where(t.signals.c.person_ref == person_ref).exists(),
+                select(t.consents.c.person_ref)
+                .where(t.consents.c.person_ref == person_ref)
+                .exists(),
+            )
+
         journal = select(t.consent_journal.c.person_ref).where(
             t.consent_journal.c.at < cutoff,
             ~t.consent_journal.c.person_ref.startswith("anon-"),
-            ~live,
-            ~consented,
-        )
-        audit_live = (
-            select(t.signals.c.person_ref)
-            .where(t.signals.c.person_ref == t.audit.c.person_ref)
-            .exists()
-        )
-        audit_consented = (
-            select(t.consents.c.person_ref)
-            .where(t.consents.c.person_ref == t.audit.c.person_ref)
-            .exists()
+            ~on_record(t.consent_journal.c.person_ref),
         )
         audit = select(t.audit.c.person_ref).where(
             t.audit.c.at < cutoff,
             t.audit.c.person_ref.is_not(None),
             ~t.audit.c.person_ref.startswith("anon-"),
-            ~audit_live,
-            ~audit_consented,
+            ~on_record(t.audit.c.person_ref),
         )
         found = {r[0] for r in self.conn.execute(journal.distinct())}
         found |= {r[0] for r in self.conn.execute(audit.distinct())}
