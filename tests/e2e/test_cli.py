@@ -18,16 +18,6 @@ _mount_optional()
 runner = CliRunner()
 
 
-@pytest.fixture
-def cli_env(monkeypatch, bus):
-    """The command line reads the same settings as the running bus."""
-    monkeypatch.setenv("PARTNERBUS_AMQP_URL", bus.settings.amqp_url.get_secret_value())
-    monkeypatch.setenv("PARTNERBUS_PREFIX", bus.settings.prefix)
-    monkeypatch.setenv("PARTNERBUS_PSEUDONYM_KEY", bus.settings.pseudonym_key.get_secret_value())
-    monkeypatch.setenv("PARTNERBUS_DATABASE_URL", bus.settings.database_url)
-    return bus
-
-
 async def invoke(*args: str):
     return await asyncio.to_thread(runner.invoke, app, list(args))
 

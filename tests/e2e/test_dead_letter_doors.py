@@ -11,10 +11,8 @@ from datetime import UTC, datetime
 
 import aio_pika
 import pytest
-from typer.testing import CliRunner
 
 from partnerbus.broker.app import create_app
-from partnerbus.broker.cli import _mount_optional, app
 from partnerbus.broker.dlq import peek, replay
 from partnerbus.broker.topology import ORIGINAL_USER_HEADER
 from partnerbus.handlers.usecases import _derived_id
@@ -23,26 +21,10 @@ from partnerbus.testing import Inbox
 from tests.conftest import as_partner
 
 from .helpers import ROUBAIX, new_id, publish, signal
+from .test_cli import invoke
 from .test_flow import KINDS, expected_partner, grant
 
 pytestmark = pytest.mark.rabbitmq
-
-_mount_optional()
-runner = CliRunner()
-
-
-@pytest.fixture
-def cli_env(monkeypatch, bus):
-    """The command line reads the same settings as the running bus."""
-    monkeypatch.setenv("PARTNERBUS_AMQP_URL", bus.settings.amqp_url.get_secret_value())
-    monkeypatch.setenv("PARTNERBUS_PREFIX", bus.settings.prefix)
-    monkeypatch.setenv("PARTNERBUS_PSEUDONYM_KEY", bus.settings.pseudonym_key.get_secret_value())
-    monkeypatch.setenv("PARTNERBUS_DATABASE_URL", bus.settings.database_url)
-    return bus
-
-
-async def invoke(*args: str):
-    return await asyncio.to_thread(runner.invoke, app, list(args))
 
 
 async def settled(connection, queue: str, count: int) -> list:
