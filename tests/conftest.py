@@ -17,13 +17,13 @@ import pytest
 from sqlalchemy import create_engine, text
 
 from partnerbus.broker.access import apply_with_rabbitmqctl, grants_for, remove_with_rabbitmqctl
-from partnerbus.broker.app import Bus, create_app
-from partnerbus.broker.settings import Settings
 from partnerbus.directory import load_sample
-from partnerbus.handlers.usecases import Ledger
-from partnerbus.ledger.rules import DeadlinePolicy
+from partnerbus.entrypoints.bootstrap import Bus, create_app
 from partnerbus.ledger.store import Store
+from partnerbus.rules import DeadlinePolicy
+from partnerbus.settings import Settings
 from partnerbus.testing import FakeClock
+from partnerbus.usecases import Ledger
 from tests.keys import TEST_KEY, TEST_KEY_BYTES
 
 AMQP_URL = os.environ.get("PARTNERBUS_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")

@@ -347,7 +347,7 @@ def _context(
     """The partners, topology and password deriver from the one configuration every
     command reads (`open_directory` names the directory on stderr); `--directory` and
     `--secret` override it."""
-    from partnerbus.broker.settings import Settings, open_directory
+    from partnerbus.settings import Settings, open_directory
 
     settings = Settings()
     partners = list(open_directory(settings, directory).partners())

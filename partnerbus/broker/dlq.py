@@ -29,11 +29,7 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 from rich.console import Console
 from rich.table import Table
 
-from partnerbus.directory import Directory
-from partnerbus.ledger.store import Store
-
-from .settings import Settings, amqp_user
-from .topology import (
+from partnerbus.broker.topology import (
     ATTEMPT_HEADER,
     AUTHENTICATION,
     ERROR_HEADER,
@@ -45,6 +41,9 @@ from .topology import (
     REFUSAL_HEADER,
     Topology,
 )
+from partnerbus.directory import Directory
+from partnerbus.ledger.store import Store
+from partnerbus.settings import Settings, amqp_user
 
 REPLAYED_BY_HEADER = "partnerbus-replayed-by"
 _OUR_HEADERS = (
@@ -297,7 +296,7 @@ console = Console()
 
 
 def _directory(settings: Settings) -> Directory:
-    from .settings import open_directory
+    from partnerbus.settings import open_directory
 
     return open_directory(settings)
 
@@ -423,11 +422,10 @@ def _audit_refused(store: Store, by: str, refused: list[tuple[DeadLetter, str]])
 def _to_partner(settings: Settings, store: Store) -> ToPartner:
     """The outbox door of a partner's dead letters: `usecases.replay_to_partner` in one
     transaction of the ledger."""
-    from partnerbus.handlers.usecases import Ledger, replay_to_partner
+    from partnerbus.entrypoints.bootstrap import deadline_policy
     from partnerbus.schemas import utcnow
-
-    from .app import deadline_policy
-    from .settings import pseudonym_key_of
+    from partnerbus.settings import pseudonym_key_of
+    from partnerbus.usecases import Ledger, replay_to_partner
 
     ledgers: list[Ledger] = []
 

@@ -23,8 +23,8 @@ from typing import Any
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
-from .dlq import DeadLetter, take
-from .topology import ERROR_HEADER, Topology
+from partnerbus.broker.dlq import DeadLetter, take
+from partnerbus.broker.topology import ERROR_HEADER, Topology
 
 log = logging.getLogger("partnerbus.retention")
 

@@ -8,9 +8,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
-from .kinds import is_known_kind
-from .match import match
-from .model import Directory
+from partnerbus.directory.kinds import is_known_kind
+from partnerbus.directory.match import match
+from partnerbus.directory.model import Directory
 
 Severity = Literal["error", "warning", "info"]
 

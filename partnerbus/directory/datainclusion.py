@@ -18,13 +18,12 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from partnerbus.directory.errors import DirectoryError, RowError
+from partnerbus.directory.kinds import KIND_PATTERN, pick_kind
+from partnerbus.directory.load import load_sample
+from partnerbus.directory.model import Directory
+from partnerbus.directory.territory import FRANCE, FRANCE_ALIASES
 from partnerbus.schemas import Eligibility, Partner
-
-from .errors import DirectoryError, RowError
-from .kinds import KIND_PATTERN, pick_kind
-from .load import load_sample
-from .model import Directory
-from .territory import FRANCE, FRANCE_ALIASES
 
 PUBLICS = frozenset(
     {

@@ -15,13 +15,12 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from partnerbus.directory.errors import DirectoryError
+from partnerbus.directory.kinds import DATA_INCLUSION_KINDS, KIND_PATTERN
+from partnerbus.directory.model import Directory
+from partnerbus.directory.needs import LOCAL_PREFIX, Need, parent_code
+from partnerbus.directory.territory import FRANCE, Territory, departement_of, region_key
 from partnerbus.schemas import Agreement, Partner
-
-from .errors import DirectoryError
-from .kinds import DATA_INCLUSION_KINDS, KIND_PATTERN
-from .model import Directory
-from .needs import LOCAL_PREFIX, Need, parent_code
-from .territory import FRANCE, Territory, departement_of, region_key
 
 FORMAT = "partnerbus-directory/1"
 SAMPLE = "lille.yaml"

@@ -19,9 +19,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from partnerbus.directory.model import Directory, Entry, Restrictions
 from partnerbus.schemas import Partner, Profile
-
-from .model import Directory, Entry, Restrictions
 
 SENIOR_BANDS = frozenset({"60-74", "75-plus"})
 FAMILY_HOUSEHOLDS = frozenset({"family", "single-parent"})

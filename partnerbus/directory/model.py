@@ -17,12 +17,11 @@ from operator import attrgetter
 
 import networkx as nx
 
+from partnerbus.directory.errors import DirectoryError
+from partnerbus.directory.kinds import LOCAL_KINDS
+from partnerbus.directory.needs import Need, need_chain
+from partnerbus.directory.territory import FRANCE, FRANCE_ALIASES, LEVEL_RANK, Territory
 from partnerbus.schemas import Advisor, Agreement, Partner
-
-from .errors import DirectoryError
-from .kinds import LOCAL_KINDS
-from .needs import Need, need_chain
-from .territory import FRANCE, FRANCE_ALIASES, LEVEL_RANK, Territory
 
 BAILLEUR_SOCIAL = "bailleur-social"
 CAPACITY_STATUSES = ("capacity", "no-capacity", "waitlist", "additional-assessment-required")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import networkx as nx
 
-from .model import Directory
+from partnerbus.directory.model import Directory
 
 COLOURS = {
     "territory": "#c7d7e8",

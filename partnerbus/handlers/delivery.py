@@ -43,8 +43,7 @@ from partnerbus.broker.topology import (
 )
 from partnerbus.directory import Directory
 from partnerbus.errors import StoreError, describe_error, is_database_error
-
-from .usecases import Refused
+from partnerbus.usecases import Refused
 
 log = logging.getLogger("partnerbus.delivery")
 

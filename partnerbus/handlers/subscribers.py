@@ -18,8 +18,10 @@ from faststream.rabbit import RabbitQueue, RabbitRouter
 from faststream.rabbit.annotations import RabbitMessage
 from pydantic import TypeAdapter
 
-from partnerbus.broker.relay import Relay
+from partnerbus import usecases
 from partnerbus.broker.topology import Topology
+from partnerbus.handlers.delivery import Held, Intake, Publish, Verdict
+from partnerbus.handlers.outbox import Relay
 from partnerbus.ledger.store import LedgerTx
 from partnerbus.schemas import (
     CapacityChanged,
@@ -30,10 +32,7 @@ from partnerbus.schemas import (
     Signal,
 )
 from partnerbus.schemas.messages import ConsentMessage, StatusMessage
-
-from . import usecases
-from .delivery import Held, Intake, Publish, Verdict
-from .usecases import Ledger
+from partnerbus.usecases import Ledger
 
 T = TypeVar("T")
 

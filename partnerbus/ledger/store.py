@@ -40,9 +40,8 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.pool import StaticPool
 
+from partnerbus.ledger import tables as t
 from partnerbus.schemas import ConsentScope, Message, Signal
-
-from . import tables as t
 
 log = logging.getLogger("partnerbus.ledger")
 T = TypeVar("T")

@@ -20,9 +20,9 @@ import aio_pika
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 
 from partnerbus.broker.topology import Topology
-from partnerbus.handlers.usecases import DEAD_LETTER_REFUSED
-from partnerbus.ledger.rules import AWAITING_ANSWER
 from partnerbus.ledger.store import ReferralRow, Store
+from partnerbus.rules import AWAITING_ANSWER
+from partnerbus.usecases import DEAD_LETTER_REFUSED
 
 
 @dataclass(frozen=True)

@@ -15,8 +15,8 @@ import httpx
 import pytest
 import uvicorn
 
-from partnerbus.broker.app import Bus
-from partnerbus.broker.gateway import create_gateway, issue_token
+from partnerbus.entrypoints.bootstrap import Bus
+from partnerbus.entrypoints.gateway import create_gateway, issue_token
 
 
 @dataclass

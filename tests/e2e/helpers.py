@@ -27,7 +27,7 @@ def new_id(prefix: str = "m") -> str:
 def signal_ref(referral: dict[str, Any], signal_id: str, key: bytes = TEST_KEY_BYTES) -> bool:
     """Whether this referral body comes from that signal: partners see the signal only
     through their own keyed reference (the tests' bus key is `TEST_KEY`)."""
-    from partnerbus.ledger.rules import signal_pseudonym
+    from partnerbus.rules import signal_pseudonym
 
     return referral["signal_ref"] == signal_pseudonym(key, referral["partner"], signal_id)
 

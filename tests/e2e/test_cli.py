@@ -7,7 +7,7 @@ import asyncio
 import pytest
 from typer.testing import CliRunner
 
-from partnerbus.broker.cli import _mount_optional, app
+from partnerbus.entrypoints.cli import _mount_optional, app
 from partnerbus.testing import Inbox
 
 from .helpers import ARREARS, ROUBAIX, new_id, publish, signal

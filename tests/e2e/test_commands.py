@@ -16,11 +16,11 @@ from pathlib import Path
 import aio_pika
 import pytest
 
-from partnerbus.broker.app import create_app
-from partnerbus.broker.settings import Settings
 from partnerbus.broker.topology import Topology
 from partnerbus.directory import load_sample, match
+from partnerbus.entrypoints.bootstrap import create_app
 from partnerbus.ledger.store import Store
+from partnerbus.settings import Settings
 from partnerbus.testing import Inbox
 from tests.keys import TEST_KEY
 

@@ -12,12 +12,12 @@ from datetime import UTC, datetime
 import aio_pika
 import pytest
 
-from partnerbus.broker.app import create_app
 from partnerbus.broker.dlq import peek, replay
 from partnerbus.broker.topology import ORIGINAL_USER_HEADER
-from partnerbus.handlers.usecases import _derived_id
+from partnerbus.entrypoints.bootstrap import create_app
 from partnerbus.ops.monitor import metrics, snapshot
 from partnerbus.testing import Inbox
+from partnerbus.usecases import _derived_id
 from tests.conftest import as_partner
 
 from .helpers import ROUBAIX, new_id, publish, signal

@@ -8,9 +8,9 @@ from contextlib import contextmanager
 import pytest
 from sqlalchemy.exc import OperationalError
 
-from partnerbus.broker.app import create_app
 from partnerbus.broker.dlq import peek, replay
 from partnerbus.directory import Directory, load_sample
+from partnerbus.entrypoints.bootstrap import create_app
 from partnerbus.ledger.store import LedgerTx, Store
 from partnerbus.testing import Inbox, wait_for_status
 

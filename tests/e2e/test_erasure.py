@@ -14,11 +14,11 @@ import aio_pika
 import pytest
 from typer.testing import CliRunner
 
-from partnerbus.broker.app import create_app
-from partnerbus.broker.cli import _mount_optional, app
 from partnerbus.broker.dlq import peek
 from partnerbus.broker.retention import Expired, purge_expired, retention_queue_names
 from partnerbus.broker.topology import ERROR_HEADER
+from partnerbus.entrypoints.bootstrap import create_app
+from partnerbus.entrypoints.cli import _mount_optional, app
 from partnerbus.testing import FakeClock, Inbox
 from tests.integration.test_erasure import dump_database
 

@@ -10,7 +10,7 @@ import stat
 import pytest
 
 from partnerbus.broker.access import grants_for
-from partnerbus.broker.gateway import revoke_token, token_digest
+from partnerbus.entrypoints.gateway import revoke_token, token_digest
 from partnerbus.testing import Inbox
 
 from .gateway_fixtures import Door, gateway_fixture, serve_gateway  # noqa: F401 - `gateway`

@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from partnerbus.broker.app import create_app
+from partnerbus.entrypoints.bootstrap import create_app
 from partnerbus.testing import FakeClock, Inbox, wait_for_status
 
 from .helpers import ARREARS, ROUBAIX, new_id, publish, signal
@@ -219,7 +219,7 @@ async def test_the_dead_letter_outcome_holds_when_the_relay_records_its_confirm_
     """A loaded host: the broker's confirm of the referral is recorded after the partner has already dead-lettered it. The state is waited for, not assumed."""
     import time
 
-    from partnerbus.broker import relay as relay_module
+    from partnerbus.handlers import outbox as relay_module
 
     real = relay_module.mark_delivered
 

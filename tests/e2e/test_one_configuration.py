@@ -11,8 +11,8 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from partnerbus.broker.cli import _mount_optional, app
 from partnerbus.directory import load_sample
+from partnerbus.entrypoints.cli import _mount_optional, app
 
 _mount_optional()
 

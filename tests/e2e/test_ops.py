@@ -13,8 +13,8 @@ import pytest
 import uvicorn
 from pydantic import SecretStr
 
+from partnerbus.entrypoints.web import create_ops_app
 from partnerbus.ops import monitor
-from partnerbus.ops.web import create_ops_app
 from partnerbus.testing import Inbox
 
 from .helpers import publish, signal

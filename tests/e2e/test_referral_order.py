@@ -17,11 +17,11 @@ from typing import Any
 import aio_pika
 import pytest
 
-from partnerbus.broker.app import Bus, create_app
-from partnerbus.broker.settings import Settings
-from partnerbus.handlers import usecases
+from partnerbus import usecases
+from partnerbus.entrypoints.bootstrap import Bus, create_app
 from partnerbus.ledger.store import LedgerTx
 from partnerbus.schemas import ConsentGranted, ConsentRevoked, ConsentScope, Signal, utcnow
+from partnerbus.settings import Settings
 
 ARREARS = "logement-hebergement--reduire-les-impayes-de-loyer"
 KINDS = ("ccas-cias", "points-conseil-budget", "cresus", "caf", "maisons-des-solidarites")

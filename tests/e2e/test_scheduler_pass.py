@@ -11,8 +11,8 @@ from datetime import timedelta
 
 import pytest
 
-from partnerbus.broker.app import create_app
-from partnerbus.handlers import usecases
+from partnerbus import usecases
+from partnerbus.entrypoints.bootstrap import create_app
 from partnerbus.testing import FakeClock, wait_until
 
 pytestmark = pytest.mark.rabbitmq

@@ -20,12 +20,12 @@ import aio_pika
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 from sqlalchemy import select
 
-from partnerbus.broker.settings import Settings
 from partnerbus.broker.topology import Topology
 from partnerbus.directory import Directory, load_sample
 from partnerbus.ledger import tables
-from partnerbus.ledger.rules import signal_pseudonym
 from partnerbus.ledger.store import Store
+from partnerbus.rules import signal_pseudonym
+from partnerbus.settings import Settings
 from tests.e2e.helpers import ROUBAIX, consent, new_id, signal
 from tests.keys import TEST_KEY, TEST_KEY_BYTES
 
@@ -342,7 +342,7 @@ class Worker:
                     "-m",
                     "faststream",
                     "run",
-                    "partnerbus.broker.app:app_factory",
+                    "partnerbus.entrypoints.bootstrap:app_factory",
                     "--factory",
                 ],
                 env=self.env,

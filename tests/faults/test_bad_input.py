@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, Phase, given, seed
 from hypothesis import settings as hyp_settings
 from hypothesis import strategies as st
 
-from partnerbus.ledger.rules import signal_pseudonym
+from partnerbus.rules import signal_pseudonym
 from partnerbus.testing import Inbox
 from tests.conftest import as_partner
 from tests.e2e.helpers import ARREARS, ROUBAIX, consent, signal, status

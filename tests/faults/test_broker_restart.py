@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from partnerbus.broker.app import create_app
+from partnerbus.entrypoints.bootstrap import create_app
 from partnerbus.testing.cluster import LocalCluster
 
 from .conftest import build_cluster

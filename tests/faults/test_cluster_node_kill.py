@@ -9,7 +9,7 @@ import uuid
 
 import pytest
 
-from partnerbus.broker.app import create_app
+from partnerbus.entrypoints.bootstrap import create_app
 from partnerbus.testing.cluster import ClusterError, LocalCluster
 
 from .stream import (

@@ -8,7 +8,7 @@ import uuid
 
 import pytest
 
-from partnerbus.broker.app import create_app
+from partnerbus.entrypoints.bootstrap import create_app
 
 from .stream import (
     SOURCE,

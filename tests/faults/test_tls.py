@@ -14,11 +14,11 @@ from pathlib import Path
 import aio_pika
 import pytest
 
-from partnerbus.broker.app import create_app
-from partnerbus.broker.settings import Settings
 from partnerbus.client import PartnerClient
+from partnerbus.entrypoints.bootstrap import create_app
 from partnerbus.ops.monitor import snapshot
 from partnerbus.schemas import ConsentGranted
+from partnerbus.settings import Settings
 from partnerbus.testing import Inbox
 from partnerbus.testing.cluster import LocalCluster
 from tests.keys import TEST_KEY

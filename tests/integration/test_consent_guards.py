@@ -10,8 +10,7 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import select
 
-from partnerbus.handlers import usecases
-from partnerbus.handlers.usecases import Ledger, Refused
+from partnerbus import usecases
 from partnerbus.ledger import tables
 from partnerbus.ledger.store import Store
 from partnerbus.schemas import (
@@ -22,6 +21,7 @@ from partnerbus.schemas import (
     Contact,
     Signal,
 )
+from partnerbus.usecases import Ledger, Refused
 from tests.conftest import make_ledger
 
 ARREARS = "logement-hebergement--reduire-les-impayes-de-loyer"

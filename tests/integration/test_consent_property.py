@@ -17,9 +17,9 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from partnerbus.broker.relay import Relay
+from partnerbus import usecases
 from partnerbus.broker.topology import Topology
-from partnerbus.handlers import usecases
+from partnerbus.handlers.outbox import Relay
 from partnerbus.ledger.store import Store
 from partnerbus.schemas import (
     ConsentGranted,

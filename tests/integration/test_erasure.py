@@ -10,12 +10,12 @@ from datetime import timedelta
 
 from sqlalchemy import select
 
-from partnerbus.handlers import usecases
-from partnerbus.handlers.usecases import Ledger
+from partnerbus import usecases
 from partnerbus.ledger import tables as t
 from partnerbus.ledger.store import Store
 from partnerbus.schemas import ConsentRefused, ConsentRevoked, ReferralReminder
 from partnerbus.testing import FakeClock
+from partnerbus.usecases import Ledger
 from tests.integration.test_usecases import Q, a_consent, a_signal, ledger, mid, run
 
 __all__ = ["ledger"]  # the fixture, shared with the use cases' tests

@@ -13,9 +13,9 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from typing import Any
 
-from partnerbus.broker.relay import Relay
+from partnerbus import usecases
 from partnerbus.broker.topology import Topology
-from partnerbus.handlers import usecases
+from partnerbus.handlers.outbox import Relay
 from partnerbus.ledger.store import Store
 from partnerbus.schemas import (
     ConsentGranted,

@@ -10,9 +10,8 @@ from datetime import timedelta
 import pytest
 from prometheus_client import REGISTRY
 
+from partnerbus import usecases
 from partnerbus.directory import Directory, match
-from partnerbus.handlers import usecases
-from partnerbus.handlers.usecases import Ledger
 from partnerbus.ledger.store import LedgerTx, Store
 from partnerbus.schemas import (
     ConsentGranted,
@@ -22,6 +21,7 @@ from partnerbus.schemas import (
     ReferralStatusChanged,
     Signal,
 )
+from partnerbus.usecases import Ledger
 from tests.conftest import make_ledger
 
 ARREARS = "logement-hebergement--reduire-les-impayes-de-loyer"

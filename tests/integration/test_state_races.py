@@ -14,8 +14,7 @@ from typing import Any
 
 import pytest
 
-from partnerbus.handlers import usecases
-from partnerbus.handlers.usecases import Ledger
+from partnerbus import usecases
 from partnerbus.ledger.store import LedgerTx, Store
 from partnerbus.schemas import (
     ConsentGranted,
@@ -25,6 +24,7 @@ from partnerbus.schemas import (
     Signal,
 )
 from partnerbus.testing import FakeClock
+from partnerbus.usecases import Ledger
 from tests.conftest import make_ledger
 
 ARREARS = "logement-hebergement--reduire-les-impayes-de-loyer"

@@ -8,9 +8,8 @@ from datetime import timedelta
 
 import pytest
 
+from partnerbus import usecases
 from partnerbus.directory import match
-from partnerbus.handlers import usecases
-from partnerbus.handlers.usecases import Ledger, Refused
 from partnerbus.ledger.store import Store
 from partnerbus.schemas import (
     ConsentGranted,
@@ -23,6 +22,7 @@ from partnerbus.schemas import (
     Signal,
 )
 from partnerbus.testing import FakeClock
+from partnerbus.usecases import Ledger, Refused
 from tests.conftest import make_ledger
 
 ARREARS = "logement-hebergement--reduire-les-impayes-de-loyer"

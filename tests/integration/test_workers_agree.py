@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 from datetime import timedelta
 
-from partnerbus.broker.app import create_app
-from partnerbus.broker.settings import Settings
+from partnerbus import usecases
 from partnerbus.directory import load_sample
-from partnerbus.handlers import usecases
+from partnerbus.entrypoints.bootstrap import create_app
 from partnerbus.schemas import ConsentGranted, ConsentScope, ReferralStatusChanged, Signal
+from partnerbus.settings import Settings
 from partnerbus.testing import FakeClock
 from tests.keys import TEST_KEY
 

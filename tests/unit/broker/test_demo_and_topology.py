@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import asyncio
 
-from partnerbus.broker.demo import main as demo_main
-from partnerbus.broker.settings import Settings
 from partnerbus.broker.topology import Topology
+from partnerbus.entrypoints.demo import main as demo_main
+from partnerbus.settings import Settings
 from tests.keys import TEST_KEY
 
 
@@ -47,7 +47,7 @@ def test_a_delay_queue_returns_its_messages_to_the_work_queue_after_its_ttl() ->
 
 def test_dead_letter_and_delay_queues_are_bounded_and_refuse_rather_than_drop() -> None:
     """Each dead-letter and delay queue has a length limit whose overflow refuses the publish (never `drop-head`); the service's settings reach the topology."""
-    from partnerbus.broker.app import create_app
+    from partnerbus.entrypoints.bootstrap import create_app
 
     t = create_app(
         Settings(

@@ -8,8 +8,8 @@ import stat
 import pytest
 from typer.testing import CliRunner
 
-from partnerbus.broker.cli import app
-from partnerbus.broker.gateway import (
+from partnerbus.entrypoints.cli import app
+from partnerbus.entrypoints.gateway import (
     TokenFile,
     bearer_token,
     issue_token,

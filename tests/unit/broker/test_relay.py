@@ -13,12 +13,12 @@ from aio_pika.exceptions import PublishError
 from pamqp.commands import Basic
 from sqlalchemy import select
 
-from partnerbus.broker.relay import Relay
 from partnerbus.broker.topology import Topology
-from partnerbus.handlers.usecases import Ledger
+from partnerbus.handlers.outbox import Relay
 from partnerbus.ledger import tables
 from partnerbus.ledger.store import Store
 from partnerbus.schemas import ReferralReminder
+from partnerbus.usecases import Ledger
 from tests.conftest import make_ledger
 
 

@@ -8,9 +8,9 @@ import secrets
 
 import pytest
 
-from partnerbus.broker.app import create_app
-from partnerbus.broker.settings import Settings
-from partnerbus.ledger.rules import PseudonymKeyError, check_pseudonym_key
+from partnerbus.entrypoints.bootstrap import create_app
+from partnerbus.rules import PseudonymKeyError, check_pseudonym_key
+from partnerbus.settings import Settings
 
 
 def test_a_dotenv_file_sets_the_deadlines_too(tmp_path, monkeypatch) -> None:
@@ -113,7 +113,7 @@ def test_partnerbus_run_refuses_to_start_without_a_key(bare_environment) -> None
     """`partnerbus run` says why and exits 2 before starting any worker."""
     from typer.testing import CliRunner
 
-    from partnerbus.broker.cli import app
+    from partnerbus.entrypoints.cli import app
 
     result = CliRunner().invoke(app, ["run", "--workers", "1"])
     assert result.exit_code == 2
@@ -125,7 +125,7 @@ def test_the_demo_makes_a_throwaway_key_when_none_is_set_and_says_so(
     bare_environment, capsys
 ) -> None:
     """`make demo` needs no set-up: without a key the demo uses a random one and says so; a weak key set is refused."""
-    from partnerbus.broker.demo import main as demo_main
+    from partnerbus.entrypoints.demo import main as demo_main
 
     unreachable = "amqp://guest:guest@127.0.0.1:1/"
     assert asyncio.run(demo_main(Settings(amqp_url=unreachable))) == 2  # no broker there

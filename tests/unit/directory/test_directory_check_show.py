@@ -11,10 +11,10 @@ from typer.testing import CliRunner
 from bench.generate import MIX
 from partnerbus.directory import Directory
 from partnerbus.directory.check import check, communes_within, find_gaps, find_problems
-from partnerbus.directory.cli import app
 from partnerbus.directory.kinds import DATA_INCLUSION_KINDS, is_known_kind
 from partnerbus.directory.model import directory_from_records
 from partnerbus.directory.render import neighbourhood, render_png, write_graphml
+from partnerbus.entrypoints.directory_cli import app
 from partnerbus.schemas import Advisor, Agreement, Eligibility
 
 from .conftest import (

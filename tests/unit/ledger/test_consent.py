@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from partnerbus.ledger.rules import (
+from partnerbus.rules import (
     DURATIONS,
     ConsentDecision,
     ConsentRecord,

@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from partnerbus.ledger.rules import (
+from partnerbus.rules import (
     DORA_DEADLINES,
     OPEN,
     TERMINAL,

@@ -6,7 +6,7 @@ import uuid
 
 import pytest
 
-from partnerbus.ledger.rules import (
+from partnerbus.rules import (
     DEFAULT_DISCLOSURE,
     DISCLOSURE,
     PARTS,

@@ -16,7 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from partnerbus.ledger.rules import (
+from partnerbus.rules import (
     ADVISOR_SETTABLE,
     AWAITING_ANSWER,
     BUS_SETTABLE,

@@ -22,20 +22,19 @@ from faststream import AckPolicy, FastStream
 from faststream.rabbit import Channel, RabbitBroker, RabbitQueue
 from faststream.rabbit.annotations import RabbitMessage
 
+from partnerbus import usecases
+from partnerbus.broker import retention
+from partnerbus.broker.topology import Topology
 from partnerbus.directory import Directory
 from partnerbus.errors import describe_error, redact_wire_logs
-from partnerbus.handlers import usecases
 from partnerbus.handlers.delivery import Verdict
+from partnerbus.handlers.outbox import Relay
 from partnerbus.handlers.subscribers import CAPACITY, Wiring, build_router, raw_body
-from partnerbus.handlers.usecases import DIRECTORY_UPDATES_KEY, Ledger
-from partnerbus.ledger.rules import DeadlinePolicy
 from partnerbus.ledger.store import Store
+from partnerbus.rules import DeadlinePolicy
 from partnerbus.schemas import utcnow
-
-from . import retention
-from .relay import Relay
-from .settings import Settings, amqp_user, open_directory, pseudonym_key_of
-from .topology import Topology
+from partnerbus.settings import Settings, amqp_user, open_directory, pseudonym_key_of
+from partnerbus.usecases import DIRECTORY_UPDATES_KEY, Ledger
 
 log = logging.getLogger("partnerbus")
 ANSWERS_LOOKBACK = timedelta(days=180)

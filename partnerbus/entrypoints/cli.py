@@ -16,8 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from partnerbus.schemas import ConsentGranted, ConsentRevoked, ConsentScope
-
-from .settings import BUNDLED_SAMPLE, Settings, open_directory
+from partnerbus.settings import BUNDLED_SAMPLE, Settings, open_directory
 
 app = typer.Typer(
     help="partnerbus: consented referrals between the organisations around social housing.",
@@ -37,16 +36,16 @@ err = Console(stderr=True)
 
 def _mount_optional() -> None:
     """Sub-apps that live beside their code."""
-    from partnerbus.directory.cli import app as directory_app
+    from partnerbus.entrypoints.directory_cli import app as directory_app
 
     app.add_typer(directory_app, name="directory")
     try:
-        from .access import app as access_app
+        from partnerbus.broker.access import app as access_app
     except ImportError:  # pragma: no cover - access is part of the package
         return
     app.add_typer(access_app, name="access")
     try:
-        from .dlq import app as dlq_app
+        from partnerbus.broker.dlq import app as dlq_app
     except ImportError:  # pragma: no cover
         return
     app.add_typer(dlq_app, name="dlq")
@@ -57,7 +56,7 @@ def demo(
     timeout: Annotated[float, typer.Option(help="Seconds each step may take.")] = 60.0,
 ) -> None:
     """Run the service and a scripted day from the field against the real broker."""
-    from .demo import main as demo_main
+    from partnerbus.entrypoints.demo import main as demo_main
 
     settings = Settings()
     if settings.directory_path is not None:
@@ -76,7 +75,7 @@ def run(
     workers: Annotated[int, typer.Option(min=1, help="Worker processes.")] = 1,
 ) -> None:
     """Run the service (FastStream workers consuming the intake queues)."""
-    from .settings import pseudonym_key_of
+    from partnerbus.settings import pseudonym_key_of
 
     try:
         pseudonym_key_of(Settings())
@@ -88,7 +87,7 @@ def run(
         "-m",
         "faststream",
         "run",
-        "partnerbus.broker.app:app_factory",
+        "partnerbus.entrypoints.bootstrap:app_factory",
         "--factory",
         "--workers",
         str(workers),
@@ -160,7 +159,7 @@ def consent_grant(
     duration: Annotated[str, typer.Option(help="1d, 1m, 6m or 1y.")] = "6m",
 ) -> None:
     """Record a consent the person gave; parked signals it covers leave at once."""
-    from partnerbus.ledger.rules import valid_until_for
+    from partnerbus.rules import valid_until_for
 
     settings = Settings()
     directory = _directory(settings)
@@ -388,7 +387,7 @@ def ops_serve(
     """Serve the monitor page, Prometheus metrics (/metrics) and a health check (/health)."""
     import uvicorn
 
-    from partnerbus.ops.web import create_ops_app
+    from partnerbus.entrypoints.web import create_ops_app
 
     settings, directory, store = _ops_context()
     try:
@@ -430,7 +429,7 @@ def gateway(
         return
     import uvicorn
 
-    from .gateway import create_gateway
+    from partnerbus.entrypoints.gateway import create_gateway
 
     settings = Settings()
     directory = _directory(settings)
@@ -448,7 +447,7 @@ def gateway_token_issue(
 ) -> None:
     """Make a new random token for the partner (replacing its old one) and print it once:
     only its SHA-256 is written to the token file (mode 0600)."""
-    from .gateway import issue_token
+    from partnerbus.entrypoints.gateway import issue_token
 
     settings = Settings()
     if partner not in _directory(settings):
@@ -468,7 +467,7 @@ def gateway_token_revoke(
     partner: Annotated[str, typer.Argument(help="The partner whose token stops working.")],
 ) -> None:
     """Forget the partner's token: the running gateway refuses it at its next request."""
-    from .gateway import revoke_token
+    from partnerbus.entrypoints.gateway import revoke_token
 
     path = _tokens_path(Settings())
     try:

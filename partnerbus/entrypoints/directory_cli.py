@@ -14,14 +14,13 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn
 from rich.table import Table
 
+from partnerbus.directory.check import check as run_check
+from partnerbus.directory.check import communes_within, gaps_by_parent
+from partnerbus.directory.errors import DirectoryError, RowError
+from partnerbus.directory.match import ignored_qpv
+from partnerbus.directory.match import match as run_match
+from partnerbus.directory.model import Directory
 from partnerbus.schemas import Profile
-
-from .check import check as run_check
-from .check import communes_within, gaps_by_parent
-from .errors import DirectoryError, RowError
-from .match import ignored_qpv
-from .match import match as run_match
-from .model import Directory
 
 app = typer.Typer(
     help="The partner directory: check its data and coverage, match a need, draw the network.",
@@ -57,7 +56,7 @@ def _load(
     """The directory and the import's row errors; messages and tables go to `out`.
     Without `--directory`, the one the settings name (PARTNERBUS_DIRECTORY_PATH), else the
     bundled sample; which one is said on stderr."""
-    from partnerbus.broker.settings import Settings, open_directory
+    from partnerbus.settings import Settings, open_directory
 
     settings = Settings()
 
@@ -69,7 +68,7 @@ def _load(
             if di_structures is None or di_services is None:
                 out.print("[red]give both --di-structures and --di-services[/red]")
                 raise typer.Exit(2)
-            from .datainclusion import load_data_inclusion
+            from partnerbus.directory.datainclusion import load_data_inclusion
 
             path = path if path is not None else settings.directory_path
             base = open_directory(settings, path, say=say) if path is not None else None
@@ -311,7 +310,7 @@ def show(
     ] = None,
 ) -> None:
     """Draw the partner network around a commune or a need (PNG and/or GraphML)."""
-    from .render import neighbourhood, render_png, write_graphml
+    from partnerbus.directory.render import neighbourhood, render_png, write_graphml
 
     if commune is None and need is None:
         console.print("[red]give --commune, --need or both[/red]")

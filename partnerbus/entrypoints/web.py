@@ -20,13 +20,12 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.security import HTTPBasic, HTTPBasicCredentials
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from partnerbus.broker.settings import Settings
 from partnerbus.broker.topology import Topology
 from partnerbus.directory import Directory
 from partnerbus.ledger.store import Store
+from partnerbus.ops.monitor import BrokerProbe, Snapshot, SnapshotCache, metrics, page, snapshot
 from partnerbus.schemas import utcnow
-
-from .monitor import BrokerProbe, Snapshot, SnapshotCache, metrics, page, snapshot
+from partnerbus.settings import Settings
 
 log = logging.getLogger("partnerbus.ops")
 MIN_PASSWORD_CHARS = 16

@@ -22,7 +22,16 @@ from pydantic import TypeAdapter, ValidationError
 from partnerbus.directory import Candidate, Directory, match
 from partnerbus.directory.rights import advisor_ids, is_pivot
 from partnerbus.errors import describe_error
-from partnerbus.ledger.rules import (
+from partnerbus.ledger.store import (
+    Conflict,
+    ConsentRow,
+    LedgerTx,
+    ReferralRow,
+    SignalRow,
+    Store,
+)
+from partnerbus.ops.counters import SCHEDULED_ITEM_FAILURES
+from partnerbus.rules import (
     AWAITING_ANSWER,
     DURATIONS,
     OPEN,
@@ -40,15 +49,6 @@ from partnerbus.ledger.rules import (
     signal_pseudonym,
     transition,
 )
-from partnerbus.ledger.store import (
-    Conflict,
-    ConsentRow,
-    LedgerTx,
-    ReferralRow,
-    SignalRow,
-    Store,
-)
-from partnerbus.ops.counters import SCHEDULED_ITEM_FAILURES
 from partnerbus.schemas import (
     CapacityChanged,
     ConsentExpiring,

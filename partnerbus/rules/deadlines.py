@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Literal
 
-from .lifecycle import AWAITING_ANSWER
+from partnerbus.rules.lifecycle import AWAITING_ANSWER
 
 
 @dataclass(frozen=True)

@@ -27,11 +27,10 @@ from typing import Any
 
 from aio_pika.exceptions import DeliveryError
 
+from partnerbus.broker.topology import Topology
 from partnerbus.errors import describe_error
-from partnerbus.handlers.usecases import Ledger, mark_delivered, send_or_withhold
 from partnerbus.ledger.store import LedgerTx, OutboxRow, backoff, is_conflict
-
-from .topology import Topology
+from partnerbus.usecases import Ledger, mark_delivered, send_or_withhold
 
 log = logging.getLogger("partnerbus.relay")
 

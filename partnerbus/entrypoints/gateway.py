@@ -45,15 +45,14 @@ from limits.storage import MemoryStorage
 from limits.strategies import MovingWindowRateLimiter
 from pydantic import TypeAdapter, ValidationError
 
+from partnerbus.broker.access import intake_exchange
+from partnerbus.broker.topology import ORIGINAL_USER_HEADER, Topology
 from partnerbus.directory import Directory
 from partnerbus.directory.rights import Intake, refusal
 from partnerbus.handlers.delivery import describe_validation
 from partnerbus.handlers.subscribers import CONSENT, SIGNAL, STATUS
 from partnerbus.schemas import Partner
-
-from .access import intake_exchange
-from .settings import Settings, amqp_user
-from .topology import ORIGINAL_USER_HEADER, Topology
+from partnerbus.settings import Settings, amqp_user
 
 MAX_TOKEN_CHARS = 256
 """Longer `Authorization` values are not tokens: refused before any hashing."""

@@ -29,10 +29,9 @@ from rich.console import Console
 from rich.table import Table
 
 from partnerbus.client import PartnerClient
+from partnerbus.entrypoints.bootstrap import Bus, create_app
 from partnerbus.schemas import ConsentGranted, ConsentScope, Facts, Profile, Signal
-
-from .app import Bus, create_app
-from .settings import Settings, pseudonym_key_of
+from partnerbus.settings import Settings, pseudonym_key_of
 
 ARREARS = "logement-hebergement--reduire-les-impayes-de-loyer"
 KEEP_HOME = "logement-hebergement--se-maintenir-dans-le-logement"

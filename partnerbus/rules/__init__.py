@@ -3,7 +3,7 @@
 No I/O here: every function takes what it decides on (and `now`) as arguments.
 """
 
-from .consent import (
+from partnerbus.rules.consent import (
     DURATIONS,
     ConsentDecision,
     ConsentReason,
@@ -15,8 +15,13 @@ from .consent import (
     need_covered,
     valid_until_for,
 )
-from .deadlines import DORA_DEADLINES, DeadlineAction, DeadlinePolicy, deadline_action
-from .disclosure import (
+from partnerbus.rules.deadlines import (
+    DORA_DEADLINES,
+    DeadlineAction,
+    DeadlinePolicy,
+    deadline_action,
+)
+from partnerbus.rules.disclosure import (
     DEFAULT_DISCLOSURE,
     DISCLOSURE,
     PARTS,
@@ -29,7 +34,7 @@ from .disclosure import (
     referral_id,
     signal_pseudonym,
 )
-from .lifecycle import (
+from partnerbus.rules.lifecycle import (
     ACTORS,
     ADVISOR_SETTABLE,
     ANSWERED_OPEN,

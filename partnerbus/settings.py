@@ -37,7 +37,7 @@ class Deadlines(BaseSettings):
 def pseudonym_key_of(settings: Settings) -> bytes:
     """The settings' pseudonym key, checked: `PseudonymKeyError` (a `ValueError`) saying
     why and how to make one when it is missing, short or a known value."""
-    from partnerbus.ledger.rules import check_pseudonym_key
+    from partnerbus.rules import check_pseudonym_key
 
     key = settings.pseudonym_key
     return check_pseudonym_key(key.get_secret_value() if key is not None else None)
