@@ -198,8 +198,9 @@ first, then by id)."""
 
 @dataclass(frozen=True, slots=True)
 class MatchIndex:
-    """What matching reads of a directory, and nothing else: built once at load, shared
-    with the model, which keeps it current as live state (capacity, answers) arrives.
+    """What matching reads of a directory (besides `Directory.sender`, built per sender on
+    first use): built once at load, shared with the model, which keeps it current as live
+    state (capacity, answers) arrives. `check` and `show` read its chains too.
 
     Read-only: the mappings are the model's own (typed `Mapping`, never copied, so a look-up
     costs what a dict's does); only the directory changes them. A live-state change updates
