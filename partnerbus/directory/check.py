@@ -111,7 +111,7 @@ def find_problems(d: Directory) -> list[Problem]:
                             "error", p.id, f"advisor {adv.id} follows unknown commune {commune}"
                         )
                     )
-                elif covered.isdisjoint(c for c, _ in d._chain[commune]):
+                elif covered.isdisjoint(c for c, _ in d.index.territory_chains[commune]):
                     out.append(
                         Problem(
                             "warning",
@@ -163,7 +163,7 @@ def communes_within(d: Directory, code: str) -> list[str]:
     """The communes inside a territory (EPCI, département, région…), sorted; KeyError for
     an unknown territory code."""
     code = d.territory(code).code
-    return [c for c in d.communes() if any(t == code for t, _ in d._chain[c])]
+    return [c for c in d.communes() if any(t == code for t, _ in d.index.territory_chains[c])]
 
 
 def find_gaps(
@@ -197,8 +197,9 @@ def find_gaps(
 def _coverage_status(d: Directory, need: str, commune: str) -> str:
     """ "ok" (someone open to all), "restricted" (only restricted services) or "none"."""
     found_restricted = False
-    chain = d._need_chain.get(need, ())
-    for code, _ in d._chain.get(commune, ()):
+    index = d.index
+    chain = index.need_chains.get(need, ())
+    for code, _ in index.territory_chains.get(commune, ()):
         for level, need_code in enumerate(chain):
             for entry in d.entries_at(need_code, code):
                 if entry.bailleur and level:

@@ -1,6 +1,7 @@
 """Matching: for this need, this person, this place, who is the right partner, and why.
 
-One pure function over the directory's indexes. The ranking key, in order:
+One pure function over the directory's public match index (`Directory.index`). The ranking
+key, in order:
 
 1. territory: the most specific coverage first (QPV, commune, EPCI, département, région, France);
 2. need: a partner listing the exact need before one listing its parent;
@@ -48,7 +49,7 @@ def resident_qpv(d: Directory, commune: str, profile: Profile | None) -> str | N
     """The profile's QPV when it counts: a QPV the directory knows, located in the person's
     commune. Any other QPV code is an unknown fact and never qualifies anyone."""
     qpv = profile.qpv if profile is not None else None
-    if qpv is not None and d._qpv_commune.get(qpv) == commune:
+    if qpv is not None and d.index.qpv_commune.get(qpv) == commune:
         return qpv
     return None
 
@@ -137,14 +138,15 @@ def match(
     partners already tried (rerouting asks again with them excluded). Unknown need or
     commune: no candidate. Unknown sender: no agreement, so no candidate either.
     """
-    # Everything static is precomputed at load (see Directory._build_indexes): the
-    # commune's chain of territory levels, each holding its need → entries dict, every
-    # tuple of entries kept sorted on (live key, id); the need chain with its reasons; the
-    # entries reachable from each sender's organisation (built on its first match); each
-    # entry's usual score. Candidates come out ranked, territory by territory and need
-    # level by need level: no sort, no per-call key.
-    chain = d._match_chain.get(commune)
-    steps = d._need_steps.get(need)
+    # Everything static is precomputed at load (see MatchIndex): the commune's chain of
+    # territory levels, each holding its need → entries dict, every tuple of entries kept
+    # sorted on (live key, id); the need chain with its reasons; the entries reachable from
+    # each sender's organisation (built on its first match); each entry's usual score.
+    # Candidates come out ranked, territory by territory and need level by need level: no
+    # sort, no per-call key.
+    index = d.index
+    chain = index.match_chains.get(commune)
+    steps = index.need_steps.get(need)
     if chain is None or not steps:
         return []
     sender_entry = None
@@ -158,20 +160,20 @@ def match(
             return []
     skip = None
     if exclude:
-        entries = d._entries
+        entries = index.entries
         skip = {entries[pid] for pid in exclude if pid in entries}
     qpv = ignored = None
     if profile is not None and profile.qpv is not None:
         # a QPV counts only when the directory knows it in this commune: any other code is
         # an unknown fact, ignored for coverage and eligibility (and said so)
-        if d._qpv_commune.get(profile.qpv) == commune:
+        if index.qpv_commune.get(profile.qpv) == commune:
             qpv = profile.qpv
-            qpv_level = d._levels.get(qpv)
+            qpv_level = index.levels.get(qpv)
             if qpv_level is not None:
                 chain = (qpv_level, *chain)
         else:
             ignored = _ignored(profile.qpv, commune)
-    heads = d._score_heads
+    heads = index.score_heads
     seen: set[Entry] | None = None
     out: list[Candidate] = []
     add = out.append
@@ -220,7 +222,7 @@ def match(
                     if isinstance(rule, str):  # any need may travel
                         k += 1
                         agr_reason = rule
-                    elif not d._need_set[need].isdisjoint(rule.needs):
+                    elif not index.need_sets[need].isdisjoint(rule.needs):
                         agr_reason = rule.scoped_reason
                     elif rule.general:
                         k += 1
@@ -259,7 +261,7 @@ def match(
                 # a stable sort on (eligibility, agreement) keeps the live order within
                 out[start:] = sorted(out[start:], key=_elig_agr)
                 _renumber(out, start)
-    if not d._chains_ordered:
+    if not index.chains_ordered:
         out.sort(key=_score)
         _renumber(out, 0)
     if limit is not None:

@@ -46,6 +46,7 @@ class AgreementRule:
 
 
 Restrictions = tuple[frozenset[str] | None, frozenset[str] | None, bool, frozenset[str] | None]
+"""Age bands, households, QPV only, publics: an entry's eligibility, flattened (None: any)."""
 
 
 class _EntryHot:
@@ -183,6 +184,55 @@ class Entry(_EntryHot):
         self.score = head + self.score_tail
 
 
+ScoreHead = tuple[int, int, int, int]
+"""The start of a candidate's score: territory level rank, need level, eligibility rank
+(0: aimed at the person's public, 1: open to all), agreement rank (0: need-scoped, 1: any
+need or none checked)."""
+NeedStep = tuple[int, str, str]
+"""One need level as matching walks it: (need level × 4, need code, reason)."""
+Level = tuple[int, str, Mapping[str, tuple[Entry, ...]]]
+"""One territory as matching walks it: (level rank × 32, the 'covers …' reason, need code →
+the entries listing exactly that need and covering exactly that territory, best live key
+first, then by id)."""
+
+
+@dataclass(frozen=True, slots=True)
+class MatchIndex:
+    """What matching reads of a directory (besides `Directory.sender`, built per sender on
+    first use): built once at load, shared with the model, which keeps it current as live
+    state (capacity, answers) arrives. `check` and `show` read its chains too.
+
+    Read-only: the mappings are the model's own (typed `Mapping`, never copied, so a look-up
+    costs what a dict's does); only the directory changes them. A live-state change updates
+    the entries in place and replaces each tuple of entries whole (kept sorted), so a match
+    running meanwhile reads either the old order or the new one. `score_heads[k]` is the
+    head for k = level rank × 32 + need level × 4 + eligibility rank × 2 + agreement rank:
+    a `Level`'s first item plus a `NeedStep`'s first item plus the two ranks.
+    """
+
+    territory_chains: Mapping[str, tuple[tuple[str, int], ...]]
+    """Commune → its territories with their level rank, most specific first (France last)."""
+    need_chains: Mapping[str, tuple[str, ...]]
+    """Need code → the code itself, then its parent, up to the root."""
+    qpv_commune: Mapping[str, str]
+    """QPV code → the commune it lies in."""
+    levels: Mapping[str, Level]
+    """Territory code → its `Level`; only the territories some partner covers."""
+    match_chains: Mapping[str, tuple[Level, ...]]
+    """Commune → the `Level`s of its territory chain (most specific first), QPVs excluded."""
+    need_steps: Mapping[str, tuple[NeedStep, ...]]
+    """Need code → its chain as `NeedStep`s, exact need first."""
+    need_sets: Mapping[str, frozenset[str]]
+    """Need code → the codes of its chain, as a set (what a need-scoped agreement meets)."""
+    entries: Mapping[str, Entry]
+    """Partner id → its entry."""
+    score_heads: tuple[ScoreHead, ...]
+    """Every possible `ScoreHead`, by its packed rank (see the class docstring)."""
+    chains_ordered: bool
+    """Every commune's chain goes strictly up the levels (as the loaders build it): a match
+    walking `match_chains` then meets candidates already ranked and need not sort them."""
+
+
 class Directory:
     """Who can help, where, for what, and along which agreements."""
 
@@ -302,11 +352,10 @@ class Directory:
 
         # level rank × 32 + need level × 4 + eligibility rank × 2 + agreement rank →
         # the start of a candidate's score
-        self._score_heads: tuple[tuple[int, int, int, int], ...] = tuple(
+        heads: tuple[ScoreHead, ...] = tuple(
             (k >> 5, (k >> 2) & 7, (k >> 1) & 1, k & 1)
             for k in range((max(LEVEL_RANK.values()) + 1) * 32)
         )
-        heads = self._score_heads
         ancestors: dict[str, frozenset[str]] = {}
 
         def ancestors_of(code: str) -> frozenset[str]:
@@ -352,21 +401,16 @@ class Directory:
             for code, by_need in at.items()
         }
         levels = self._levels
-        self._match_chain: dict[str, tuple[tuple[int, str, dict[str, tuple[Entry, ...]]], ...]]
-        self._match_chain = {
+        match_chains: dict[str, tuple[Level, ...]] = {
             commune: tuple(levels[code] for code, _ in chain if code in levels)
             for commune, chain in self._chain.items()
         }
-        # the need chain as matching walks it: (need level × 4, need code, reason)
-        self._need_steps: dict[str, tuple[tuple[int, str, str], ...]] = {
+        need_steps: dict[str, tuple[NeedStep, ...]] = {
             code: tuple(
                 (i * 4, c, "exact need" if i == 0 else self._need_reason[c])
                 for i, c in enumerate(chain)
             )
             for code, chain in self._need_chain.items()
-        }
-        self._need_set: dict[str, frozenset[str]] = {
-            code: frozenset(chain) for code, chain in self._need_chain.items()
         }
         deepest = max((len(c) for c in self._need_chain.values()), default=1)
         if deepest > 8:
@@ -376,10 +420,22 @@ class Directory:
         # needs exact first: the candidates then come out ranked group by group. A
         # territory graph where a chain does not go strictly up the levels (not one the
         # loaders build) makes matching sort its result instead.
-        self._chains_ordered = all(
+        chains_ordered = all(
             all(a[1] < b[1] for a, b in pairwise(chain))
             and (not chain or chain[0][1] > LEVEL_RANK["qpv"])
             for chain in self._chain.values()
+        )
+        self._index = MatchIndex(
+            territory_chains=self._chain,
+            need_chains=self._need_chain,
+            qpv_commune=self._qpv_commune,
+            levels=levels,
+            match_chains=match_chains,
+            need_steps=need_steps,
+            need_sets={code: frozenset(chain) for code, chain in self._need_chain.items()},
+            entries=entries,
+            score_heads=heads,
+            chains_ordered=chains_ordered,
         )
 
         rules: defaultdict[tuple[str, str], list[Agreement]] = defaultdict(list)
@@ -407,6 +463,12 @@ class Directory:
         self._rules_from: dict[str, list[tuple[str, AgreementRule]]] = dict(rules_from)
         self._reach: dict[str, dict[Entry, str | AgreementRule]] = {}
         self._senders: dict[str, tuple[Entry, dict[Entry, str | AgreementRule]]] = {}
+
+    @property
+    def index(self) -> MatchIndex:
+        """What matching reads (see `MatchIndex`): one object for the directory's life,
+        kept current by `apply_capacity`, `record_answer` and `set_answers`."""
+        return self._index
 
     def _where_text(self, code: str) -> str:
         t = self.territories[code]

@@ -36,9 +36,9 @@ def neighbourhood(
         if not d.has_commune(commune):
             msg = f"unknown commune {commune!r}"
             raise KeyError(msg)
-        territory_nodes = {f"t:{code}" for code, _ in d._chain[commune]}
+        territory_nodes = {f"t:{code}" for code, _ in d.index.territory_chains[commune]}
         # the commune's QPVs too: a partner covering one of them only still works there
-        territory_nodes |= {f"t:{q}" for q, c in d._qpv_commune.items() if c == commune}
+        territory_nodes |= {f"t:{q}" for q, c in d.index.qpv_commune.items() if c == commune}
         keep |= territory_nodes
         partners = {
             src
@@ -51,7 +51,7 @@ def neighbourhood(
         if not d.has_need(need):
             msg = f"unknown need {need!r}"
             raise KeyError(msg)
-        need_nodes = {f"n:{code}" for code in d._need_chain[need]}
+        need_nodes = {f"n:{code}" for code in d.index.need_chains[need]}
         serving = {
             src
             for n in need_nodes
@@ -93,6 +93,7 @@ def render_png(graph: nx.DiGraph, path: str | Path, title: str = "") -> None:
 
     mpl.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
     nodes = list(graph.nodes)
     layers = {"territory": 0, "need": 3, "partner": 1, "organisation": 2}
@@ -126,10 +127,10 @@ def render_png(graph: nx.DiGraph, path: str | Path, title: str = "") -> None:
     labels = {n: _short(graph.nodes[n].get("label") or n[2:], n) for n in nodes}
     nx.draw_networkx_labels(graph, pos, labels=labels, font_size=7, ax=ax)
     handles = [
-        plt.Line2D([], [], marker="o", linestyle="", color=c, markersize=9, label=k)
+        Line2D([], [], marker="o", linestyle="", color=c, markersize=9, label=k)
         for k, c in COLOURS.items()
     ]
-    handles.append(plt.Line2D([], [], linestyle="--", color="#6a4fa0", label="agreement"))
+    handles.append(Line2D([], [], linestyle="--", color="#6a4fa0", label="agreement"))
     fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8, frameon=False)
     ax.set_title(title)
     ax.set_axis_off()

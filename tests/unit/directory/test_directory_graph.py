@@ -38,7 +38,13 @@ def test_regions_are_keyed_apart_from_departements() -> None:
     assert level_of_code("QN0590121") == "qpv"
     assert level_of_code("99100") == "france"
     d = load_sample()
-    assert [code for code, _ in d._chain["59350"]] == ["59350", "200093201", "59", "R32", "france"]
+    assert [code for code, _ in d.index.territory_chains["59350"]] == [
+        "59350",
+        "200093201",
+        "59",
+        "R32",
+        "france",
+    ]
 
 
 def test_the_national_generator_writes_a_loadable_directory() -> None:
