@@ -836,10 +836,17 @@ class Store:
         self.is_sqlite = self.engine.dialect.name == "sqlite"
 
     def create_all(self) -> None:
-        t.metadata.create_all(self.engine)
+        """Bring the schema to this version's (Alembic's head): the same migrations as
+        `partnerbus db upgrade`, one migrator at a time (`partnerbus.ledger.migrate`)."""
+        from partnerbus.ledger.migrate import upgrade
+
+        upgrade(self)
 
     def drop_all(self) -> None:
+        """Drop every table, the migrations' record included (tests start afresh)."""
         t.metadata.drop_all(self.engine)
+        with self.engine.begin() as conn:
+            conn.exec_driver_sql("DROP TABLE IF EXISTS alembic_version")
 
     def dispose(self) -> None:
         self.engine.dispose()
