@@ -509,6 +509,7 @@ def db_upgrade(
 ) -> None:
     """Bring the ledger's schema (PARTNERBUS_DATABASE_URL) to this version's, one migrator
     at a time; a ledger created before migrations is adopted at 0001 first."""
+    from alembic.util import CommandError
     from sqlalchemy.exc import SQLAlchemyError
 
     from partnerbus.ledger.migrate import upgrade
@@ -518,6 +519,9 @@ def db_upgrade(
         done = upgrade(store, revision)
     except SQLAlchemyError as exc:
         _database_failed(exc)
+        return
+    except CommandError as exc:  # an unknown revision, or one below the ledger's
+        _fail(str(exc))
         return
     finally:
         store.dispose()

@@ -189,13 +189,16 @@ async def test_the_service_migrates_its_ledger_at_start_unless_told_not_to(tmp_p
 
 
 def test_db_upgrade_command_migrates_a_fresh_sqlite_file(tmp_path, monkeypatch) -> None:
-    """`partnerbus db upgrade` brings a fresh SQLite file (PARTNERBUS_DATABASE_URL) to head; `db current` and `db check` then agree with it."""
+    """`partnerbus db upgrade` brings a fresh SQLite file (PARTNERBUS_DATABASE_URL) to head (an unknown revision is a clear error); `db current` and `db check` then agree with it."""
     url = f"sqlite:///{tmp_path / 'ledger.db'}"
     monkeypatch.setenv("PARTNERBUS_DATABASE_URL", url)
     runner = CliRunner()
 
     before = runner.invoke(cli, ["db", "check"])
     assert before.exit_code == 1, before.output
+
+    unknown = runner.invoke(cli, ["db", "upgrade", "--revision", "nope"])
+    assert unknown.exit_code == 2 and "nope" in unknown.output, unknown.output
 
     upgraded = runner.invoke(cli, ["db", "upgrade"])
     assert upgraded.exit_code == 0, upgraded.output
