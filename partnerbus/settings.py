@@ -50,6 +50,10 @@ class Settings(BaseSettings):
 
     amqp_url: SecretStr = SecretStr("amqp://guest:guest@127.0.0.1:5672/")
     database_url: str = "sqlite:///partnerbus.db"
+    ledger_auto_upgrade: bool = True
+    """Bring the ledger's schema to this version's at start (the service, and the commands
+    that open the ledger), one migrator at a time. False: the operator runs `partnerbus db
+    upgrade`, and they refuse a ledger whose schema is not this version's."""
     prefix: str = Field(default="partnerbus", pattern=r"^[a-z0-9][a-z0-9._-]{0,40}$")
     """Prefix of every exchange and queue name: several buses (or test runs) share a broker."""
     directory_path: Path | None = None

@@ -42,6 +42,7 @@ from partnerbus.broker.topology import (
     Topology,
 )
 from partnerbus.directory import Directory
+from partnerbus.ledger.migrate import LedgerSchemaError, open_ledger
 from partnerbus.ledger.store import Store
 from partnerbus.settings import Settings, amqp_user
 
@@ -304,7 +305,11 @@ def _directory(settings: Settings) -> Directory:
 def _context() -> tuple[Settings, Topology, list[str], Store]:
     settings = Settings()
     store = Store(settings.database_url)
-    store.create_all()
+    try:
+        open_ledger(store, auto_upgrade=settings.ledger_auto_upgrade)
+    except LedgerSchemaError as exc:
+        console.print(f"[red]error:[/red] {exc}", markup=True, highlight=False)
+        raise typer.Exit(2) from None
     partners = [p.id for p in _directory(settings).partners()]
     return settings, Topology(settings.prefix), partners, store
 

@@ -30,6 +30,7 @@ from partnerbus.errors import describe_error, redact_wire_logs
 from partnerbus.handlers.delivery import Verdict
 from partnerbus.handlers.outbox import Relay
 from partnerbus.handlers.subscribers import CAPACITY, Wiring, build_router, raw_body
+from partnerbus.ledger.migrate import open_ledger
 from partnerbus.ledger.store import Store
 from partnerbus.rules import DeadlinePolicy
 from partnerbus.schemas import utcnow
@@ -156,7 +157,12 @@ class Bus:
 
     async def _on_startup(self) -> None:
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self.executor, self.store.create_all)
+        # Before any worker touches the ledger: its schema at this version's, migrated here
+        # (one worker at a time) unless the operator migrates (`partnerbus db upgrade`).
+        await loop.run_in_executor(
+            self.executor,
+            partial(open_ledger, self.store, auto_upgrade=self.settings.ledger_auto_upgrade),
+        )
         for partner_id, status, remaining in await loop.run_in_executor(
             self.executor, self.store.capacities
         ):

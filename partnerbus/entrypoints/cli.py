@@ -8,7 +8,7 @@ import sys
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from pydantic import ValidationError
@@ -18,6 +18,9 @@ from rich.table import Table
 from partnerbus.schemas import ConsentGranted, ConsentRevoked, ConsentScope
 from partnerbus.settings import BUNDLED_SAMPLE, Settings, open_directory
 
+if TYPE_CHECKING:
+    from partnerbus.ledger.store import Store
+
 app = typer.Typer(
     help="partnerbus: consented referrals between the organisations around social housing.",
     no_args_is_help=True,
@@ -26,9 +29,11 @@ app = typer.Typer(
 consent_app = typer.Typer(help="Record, revoke and list consents (for the social advisor).")
 ops_app = typer.Typer(help="Watch queues, dead letters, overdue and parked work.")
 referrals_app = typer.Typer(help="Follow referrals and their audit trail.")
+db_app = typer.Typer(help="The ledger's schema: its migrations (Alembic), applied and checked.")
 app.add_typer(consent_app, name="consent")
 app.add_typer(referrals_app, name="referrals")
 app.add_typer(ops_app, name="ops")
+app.add_typer(db_app, name="db")
 
 console = Console()
 err = Console(stderr=True)
@@ -245,10 +250,15 @@ def consent_revoke(
 
 
 def _store():  # type: ignore[no-untyped-def]
+    from partnerbus.ledger.migrate import LedgerSchemaError, open_ledger
     from partnerbus.ledger.store import Store
 
-    store = Store(Settings().database_url)
-    store.create_all()
+    settings = Settings()
+    store = Store(settings.database_url)
+    try:
+        open_ledger(store, auto_upgrade=settings.ledger_auto_upgrade)
+    except LedgerSchemaError as exc:
+        _fail(str(exc))
     return store
 
 
@@ -478,6 +488,121 @@ def gateway_token_revoke(
     if not found:
         _fail(f"{partner} has no gateway token in {path}")
     console.print(f"token of {partner} revoked")
+
+
+# the ledger's schema -------------------------------------------------------------------
+def _ledger_of(settings: Settings) -> Store:
+    from partnerbus.ledger.store import Store
+
+    return Store(settings.database_url)
+
+
+def _database_failed(exc: Exception) -> None:
+    from partnerbus.errors import describe_error
+
+    _fail(f"the ledger's database failed: {describe_error(exc)}")
+
+
+@db_app.command("upgrade")
+def db_upgrade(
+    revision: Annotated[str, typer.Option(help="The revision to reach.")] = "head",
+) -> None:
+    """Bring the ledger's schema (PARTNERBUS_DATABASE_URL) to this version's, one migrator
+    at a time; a ledger created before migrations is adopted at 0001 first."""
+    from alembic.util import CommandError
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from partnerbus.ledger.migrate import upgrade
+
+    store = _ledger_of(Settings())
+    try:
+        done = upgrade(store, revision)
+    except SQLAlchemyError as exc:
+        _database_failed(exc)
+        return
+    except CommandError as exc:  # an unknown revision, or one below the ledger's
+        _fail(str(exc))
+        return
+    finally:
+        store.dispose()
+    if done.adopted:
+        console.print("ledger created before migrations: adopted at 0001")
+    if done.before == done.after:
+        console.print(f"ledger schema at {done.after}: nothing to do")
+    else:
+        console.print(f"ledger schema upgraded from {done.before or 'nothing'} to {done.after}")
+
+
+@db_app.command("current")
+def db_current() -> None:
+    """The ledger's schema revision, and this version's (head)."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from partnerbus.ledger.migrate import current, head
+
+    store = _ledger_of(Settings())
+    try:
+        found = current(store)
+    except SQLAlchemyError as exc:
+        _database_failed(exc)
+        return
+    finally:
+        store.dispose()
+    wanted = head()
+    if found == wanted:
+        console.print(f"{found} (head)")
+    else:
+        console.print(f"{found or 'no revision'} (head is {wanted}: run partnerbus db upgrade)")
+
+
+@db_app.command("check")
+def db_check() -> None:
+    """Exit 1 unless the ledger is at head and its schema is exactly what tables.py declares
+    (Alembic's autogenerate comparison finds nothing)."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from partnerbus.ledger.migrate import current, describe, differences, head
+
+    store = _ledger_of(Settings())
+    try:
+        found, diff = current(store), differences(store)
+    except SQLAlchemyError as exc:
+        _database_failed(exc)
+        return
+    finally:
+        store.dispose()
+    wanted = head()
+    ok = found == wanted and not diff
+    if found != wanted:
+        console.print(f"ledger at {found or 'no revision'}, head is {wanted}")
+    for item in diff:
+        console.print(f"differs from tables.py: {describe(item)}", markup=False)
+    if not ok:
+        raise typer.Exit(1)
+    console.print(f"ledger at {found}, its schema is tables.py's")
+
+
+@db_app.command("revision")
+def db_revision(
+    message: Annotated[str, typer.Option("-m", "--message", help="What the revision does.")],
+    empty: Annotated[
+        bool, typer.Option(help="Write an empty revision (data migrations, hand-written ops).")
+    ] = False,
+    against: Annotated[
+        str | None,
+        typer.Option(
+            help="Compare tables.py with this database (at head) instead of a scratch "
+            "SQLite file brought to head, e.g. a PostgreSQL URL."
+        ),
+    ] = None,
+) -> None:
+    """Write the next revision into the package's migrations (for developers): its
+    operations autogenerated from what tables.py declares beyond head. Read it, fix it,
+    commit it."""
+    from partnerbus.ledger.migrate import new_revision
+
+    path = new_revision(message, autogenerate=not empty, url=against)
+    console.print(f"wrote {path}", markup=False)
 
 
 def main() -> None:

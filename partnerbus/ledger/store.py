@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import random
+import sqlite3
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -836,10 +837,17 @@ class Store:
         self.is_sqlite = self.engine.dialect.name == "sqlite"
 
     def create_all(self) -> None:
-        t.metadata.create_all(self.engine)
+        """Bring the schema to this version's (Alembic's head): the same migrations as
+        `partnerbus db upgrade`, one migrator at a time (`partnerbus.ledger.migrate`)."""
+        from partnerbus.ledger.migrate import upgrade
+
+        upgrade(self)
 
     def drop_all(self) -> None:
+        """Drop every table, the migrations' record included (tests start afresh)."""
         t.metadata.drop_all(self.engine)
+        with self.engine.begin() as conn:
+            conn.exec_driver_sql("DROP TABLE IF EXISTS alembic_version")
 
     def dispose(self) -> None:
         self.engine.dispose()
@@ -1098,6 +1106,23 @@ def _error_code(exc: BaseException) -> str:
     return type(exc).__name__
 
 
+def _wal(cursor: Any, wait_s: float = 30.0) -> None:
+    """Switch the file to WAL (a property of the file, kept once set). Two workers opening
+    a new file at once race to switch it, and the loser gets "database is locked" at once,
+    without the busy wait: it tries again until the winner's switch shows."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            if cursor.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+                cursor.execute("PRAGMA journal_mode=WAL")
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(random.uniform(0.01, 0.05))
+        else:
+            return
+
+
 def _engine(url: str, *, schema: str | None, echo: bool) -> Engine:
     if url.startswith("sqlite"):
         in_memory = url in ("sqlite://", "sqlite:///:memory:")
@@ -1115,9 +1140,9 @@ def _engine(url: str, *, schema: str | None, echo: bool) -> Engine:
             # is the real one; WAL lets readers run beside the one writer.
             dbapi_conn.isolation_level = None
             cursor = dbapi_conn.cursor()
-            if not in_memory:
-                cursor.execute("PRAGMA journal_mode=WAL")
             cursor.execute("PRAGMA busy_timeout=30000")
+            if not in_memory:
+                _wal(cursor)
             cursor.execute("PRAGMA foreign_keys=ON")
             cursor.close()
 
