@@ -19,6 +19,7 @@ from partnerbus.schemas import ConsentGranted, ConsentRevoked, ConsentScope
 from partnerbus.settings import BUNDLED_SAMPLE, Settings, open_directory
 
 if TYPE_CHECKING:
+    from partnerbus.directory import Directory
     from partnerbus.ledger.store import Store
 
 app = typer.Typer(
@@ -128,7 +129,7 @@ def _publish_consent(settings: Settings, message: ConsentGranted | ConsentRevoke
         )
 
 
-def _directory(settings: Settings):  # type: ignore[no-untyped-def]
+def _directory(settings: Settings) -> Directory:
     """The one directory of the settings, named on stderr; a bad file is a clear error."""
     from partnerbus.directory import DirectoryError
 
@@ -139,7 +140,7 @@ def _directory(settings: Settings):  # type: ignore[no-untyped-def]
         raise  # unreachable: _fail exits
 
 
-def _check_pivot(directory, agency: str, by: str) -> None:  # type: ignore[no-untyped-def]
+def _check_pivot(directory: Directory, agency: str, by: str) -> None:
     """Say at once what the bus would refuse: only a pivot's own advisor records consent."""
     from partnerbus.directory.rights import advisor_ids
 
@@ -168,7 +169,10 @@ def consent_grant(
 
     settings = Settings()
     directory = _directory(settings)
-    split = lambda s: tuple(x.strip() for x in s.split(",") if x.strip())  # noqa: E731
+
+    def split(s: str) -> tuple[str, ...]:
+        return tuple(x.strip() for x in s.split(",") if x.strip())
+
     unknown = [n for n in split(needs) if not directory.has_need(n)]
     if unknown:
         _fail(f"unknown need(s): {', '.join(unknown)}")
@@ -198,7 +202,7 @@ def consent_grant(
             ),
             collected_by=by,
             agency=agency,
-            method=method,  # type: ignore[arg-type]
+            method=method,
             granted_at=now,
             valid_until=until,
         )
@@ -249,7 +253,7 @@ def consent_revoke(
     console.print(f"revocation of [bold]{consent_id}[/bold] sent")
 
 
-def _store():  # type: ignore[no-untyped-def]
+def _store() -> Store:
     from partnerbus.ledger.migrate import LedgerSchemaError, open_ledger
     from partnerbus.ledger.store import Store
 
@@ -317,7 +321,7 @@ def referrals_timeline(
         )
 
 
-def _ops_context():  # type: ignore[no-untyped-def]
+def _ops_context() -> tuple[Settings, Directory, Store]:
     settings = Settings()
     return settings, _directory(settings), _store()
 

@@ -176,7 +176,7 @@ def _consent(
         scope=ConsentScope(needs=needs, partner_kinds=kinds),
         collected_by=by,
         agency=agency,
-        method=method,  # type: ignore[arg-type]
+        method=method,
         granted_at=now - timedelta(days=7),
         valid_until=now + timedelta(days=175),
     )

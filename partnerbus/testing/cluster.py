@@ -40,6 +40,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 HOST = "localhost"
 SYSTEM_COOKIE = Path("/var/lib/rabbitmq/.erlang.cookie")
@@ -299,7 +300,8 @@ class LocalCluster:
 
     def cluster_status(self, node: str) -> dict[str, list[str]]:
         out = self.ctl(node, "cluster_status", "--formatter", "json", "--quiet").stdout
-        return json.loads(out)
+        status: dict[str, list[str]] = json.loads(out)
+        return status
 
     def await_running(self, count: int, *, via: str | None = None) -> list[str]:
         """Wait until `count` nodes run in the cluster, as `via` (default: any live node) sees."""
@@ -384,7 +386,7 @@ class LocalCluster:
     # quorum queues -------------------------------------------------------------------
     def queue_info(
         self, queue: str, *, vhost: str = "/", via: str | None = None, timeout: float | None = None
-    ) -> dict:
+    ) -> dict[str, Any]:
         """`name`, `type`, `leader` and `members` of a queue, as a live node sees it."""
         node = via or self.running_nodes()[0].name
         out = self.ctl(
@@ -402,7 +404,8 @@ class LocalCluster:
             "--quiet",
             timeout=timeout,
         ).stdout
-        for row in json.loads(out):
+        rows: list[dict[str, Any]] = json.loads(out)
+        for row in rows:
             if row["name"] == queue:
                 return row
         msg = f"no queue {queue!r} in vhost {vhost!r}"
@@ -410,7 +413,7 @@ class LocalCluster:
 
     def await_leader(
         self, queue: str, *, via: str, not_on: str | None = None, vhost: str = "/"
-    ) -> dict:
+    ) -> dict[str, Any]:
         """Block until `via` reports a leader for `queue` (other than `not_on`, a node just
         killed). While a quorum queue elects a new leader, `list_queues` may leave it out
         or name no leader: both mean "not yet", not an error (each call is itself a
