@@ -40,6 +40,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.pool import StaticPool
 
+from partnerbus.errors import PartnerbusError
 from partnerbus.ledger import tables as t
 from partnerbus.schemas import ConsentScope, Message, Signal
 
@@ -54,7 +55,7 @@ MAX_TRIES = 8
 READ_ONLY = "partnerbus_read_only"
 
 
-class Conflict(Exception):  # noqa: N818 - a signal to re-run, not an error
+class Conflict(PartnerbusError):  # noqa: N818 - a signal to re-run, not an error
     """The row changed since this transaction read it (a compare-and-set found another
     status): the decision was made on a stale read, so the whole transaction re-runs."""
 

@@ -96,12 +96,12 @@ def need_covered(scope_need: str, need: str) -> bool:
 
 def valid_until_for(granted_at: datetime, duration: str) -> datetime:
     """The end of a consent granted at `granted_at` for one of the fixed `DURATIONS`."""
-    try:
-        return granted_at + DURATIONS[duration]
-    except KeyError:
+    length = DURATIONS.get(duration)
+    if length is None:
         known = ", ".join(DURATIONS)
         msg = f"unknown consent duration {duration!r}: choose one of {known}"
-        raise ValueError(msg) from None
+        raise ValueError(msg)
+    return granted_at + length
 
 
 def evaluate_consent(

@@ -41,6 +41,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from partnerbus.errors import PartnerbusError
+
 HOST = "localhost"
 SYSTEM_COOKIE = Path("/var/lib/rabbitmq/.erlang.cookie")
 DEFAULT_DIR = Path(tempfile.gettempdir()) / "partnerbus-cluster"
@@ -61,7 +63,7 @@ def _sbin() -> Path:
     return Path(found).parent
 
 
-class ClusterError(RuntimeError):
+class ClusterError(PartnerbusError, RuntimeError):
     pass
 
 
