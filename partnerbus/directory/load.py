@@ -177,7 +177,9 @@ def _territories(raw: Mapping[str, Any], base: Path | None) -> dict[str, Territo
             raise DirectoryError(msg)
         with csv_path.open(encoding="utf-8", newline="") as fh:
             for i, row in enumerate(csv.DictReader(fh), start=2):
-                missing = [c for c in ("commune_insee", "commune_name", "epci_siren") if c not in row]
+                missing = [
+                    c for c in ("commune_insee", "commune_name", "epci_siren") if c not in row
+                ]
                 if missing:
                     msg = f"{csv_path}:{i}: missing column {missing[0]!r}"
                     raise DirectoryError(msg)
