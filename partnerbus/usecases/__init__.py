@@ -23,14 +23,7 @@ from partnerbus.usecases.consents import (
     release_parked,
     revoke_consent,
 )
-from partnerbus.usecases.context import (
-    BUS,
-    DIRECTORY_UPDATES_KEY,
-    Clock,
-    Ledger,
-    intake,
-    use_case,
-)
+from partnerbus.usecases.context import BUS, DIRECTORY_UPDATES_KEY, Clock, Ledger, intake, use_case
 from partnerbus.usecases.delivery import (
     DEAD_LETTER_REFUSED,
     OUTBOUND,

@@ -9,23 +9,9 @@ from datetime import timedelta
 from partnerbus.directory.rights import advisor_ids, is_pivot
 from partnerbus.errors import Refused
 from partnerbus.ledger.store import LedgerTx
-from partnerbus.rules import (
-    DURATIONS,
-    OPEN,
-    ConsentRecord,
-)
-from partnerbus.schemas import (
-    ConsentGranted,
-    ConsentRefused,
-    ConsentRevoked,
-    Partner,
-    SignalClosed,
-)
-from partnerbus.usecases.context import (
-    Ledger,
-    _derived_id,
-    intake,
-)
+from partnerbus.rules import DURATIONS, OPEN, ConsentRecord
+from partnerbus.schemas import ConsentGranted, ConsentRefused, ConsentRevoked, Partner, SignalClosed
+from partnerbus.usecases.context import Ledger, _derived_id, intake
 from partnerbus.usecases.lifecycle import _withdraw
 from partnerbus.usecases.loop import _tell_source
 from partnerbus.usecases.routing import _route, _tried

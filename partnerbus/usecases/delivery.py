@@ -7,23 +7,10 @@ from __future__ import annotations
 from pydantic import TypeAdapter, ValidationError
 
 from partnerbus.ledger.store import LedgerTx
-from partnerbus.rules import (
-    AWAITING_ANSWER,
-    evaluate_consent,
-    minimise,
-)
-from partnerbus.schemas import (
-    Referral,
-    ReferralReminder,
-    ReferralWithdrawn,
-    Signal,
-)
+from partnerbus.rules import AWAITING_ANSWER, evaluate_consent, minimise
+from partnerbus.schemas import Referral, ReferralReminder, ReferralWithdrawn, Signal
 from partnerbus.schemas.messages import OutboundMessage
-from partnerbus.usecases.context import (
-    BUS,
-    Ledger,
-    use_case,
-)
+from partnerbus.usecases.context import BUS, Ledger, use_case
 from partnerbus.usecases.lifecycle import _apply, _withdraw
 from partnerbus.usecases.loop import _notify_status
 from partnerbus.usecases.routing import _reroute

@@ -4,17 +4,9 @@ applied under a compare-and-set, and a withdrawal for want of consent."""
 from __future__ import annotations
 
 from partnerbus.ledger.store import Conflict, LedgerTx, ReferralRow
-from partnerbus.rules import (
-    OPEN,
-    transition,
-)
-from partnerbus.schemas import (
-    ReferralWithdrawn,
-)
-from partnerbus.usecases.context import (
-    Ledger,
-    _derived_id,
-)
+from partnerbus.rules import OPEN, transition
+from partnerbus.schemas import ReferralWithdrawn
+from partnerbus.usecases.context import Ledger, _derived_id
 from partnerbus.usecases.loop import _notify_status
 
 

@@ -4,14 +4,8 @@ signal (a status the partner gave or the bus observed, a need closed)."""
 from __future__ import annotations
 
 from partnerbus.ledger.store import LedgerTx, ReferralRow, SignalRow
-from partnerbus.schemas import (
-    ReferralStatusChanged,
-    SignalClosed,
-)
-from partnerbus.usecases.context import (
-    Ledger,
-    _derived_id,
-)
+from partnerbus.schemas import ReferralStatusChanged, SignalClosed
+from partnerbus.usecases.context import Ledger, _derived_id
 
 
 def _tell_source(

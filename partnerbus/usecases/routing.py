@@ -19,18 +19,8 @@ from partnerbus.rules import (
     referral_id,
     signal_pseudonym,
 )
-from partnerbus.schemas import (
-    ConsentRequested,
-    NoPartnerFound,
-    Referral,
-    Signal,
-    SignalClosed,
-)
-from partnerbus.usecases.context import (
-    BUS,
-    Ledger,
-    _derived_id,
-)
+from partnerbus.schemas import ConsentRequested, NoPartnerFound, Referral, Signal, SignalClosed
+from partnerbus.usecases.context import BUS, Ledger, _derived_id
 from partnerbus.usecases.loop import _tell_source
 
 

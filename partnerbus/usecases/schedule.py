@@ -15,22 +15,9 @@ from functools import partial
 from partnerbus.errors import describe_error
 from partnerbus.ledger.store import LedgerTx, ReferralRow
 from partnerbus.ops.counters import SCHEDULED_ITEM_FAILURES
-from partnerbus.rules import (
-    AWAITING_ANSWER,
-    ConsentRecord,
-    deadline_action,
-    expiring_soon,
-)
-from partnerbus.schemas import (
-    ConsentExpiring,
-    ReferralReminder,
-)
-from partnerbus.usecases.context import (
-    BUS,
-    Ledger,
-    _derived_id,
-    use_case,
-)
+from partnerbus.rules import AWAITING_ANSWER, ConsentRecord, deadline_action, expiring_soon
+from partnerbus.schemas import ConsentExpiring, ReferralReminder
+from partnerbus.usecases.context import BUS, Ledger, _derived_id, use_case
 from partnerbus.usecases.lifecycle import _apply, _withdraw
 from partnerbus.usecases.loop import _notify_status
 from partnerbus.usecases.routing import _reroute

@@ -5,13 +5,8 @@ from __future__ import annotations
 
 from partnerbus.errors import Refused
 from partnerbus.ledger.store import LedgerTx
-from partnerbus.schemas import (
-    Signal,
-)
-from partnerbus.usecases.context import (
-    Ledger,
-    intake,
-)
+from partnerbus.schemas import Signal
+from partnerbus.usecases.context import Ledger, intake
 from partnerbus.usecases.routing import AwaitConsent, _request_consent, _route
 
 

@@ -5,18 +5,9 @@ from __future__ import annotations
 
 from partnerbus.errors import Refused
 from partnerbus.ledger.store import LedgerTx
-from partnerbus.rules import (
-    reroute_after_rejection,
-)
-from partnerbus.schemas import (
-    CapacityChanged,
-    ReferralStatusChanged,
-)
-from partnerbus.usecases.context import (
-    DIRECTORY_UPDATES_KEY,
-    Ledger,
-    intake,
-)
+from partnerbus.rules import reroute_after_rejection
+from partnerbus.schemas import CapacityChanged, ReferralStatusChanged
+from partnerbus.usecases.context import DIRECTORY_UPDATES_KEY, Ledger, intake
 from partnerbus.usecases.lifecycle import _apply
 from partnerbus.usecases.loop import _close_need, _tell_source
 from partnerbus.usecases.routing import _reroute
