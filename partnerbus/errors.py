@@ -19,7 +19,25 @@ _TALKATIVE_SAFE = ("aiormq", "aio_pika", "pamqp", "faststream")
 """Packages whose exceptions say where (a queue, a routing key, a host), never a body."""
 
 
-class StoreError(Exception):
+class PartnerbusError(Exception):
+    """The root of every error partnerbus raises on purpose: a caller that means "anything
+    the bus refused or could not do" catches this one class. The families below it:
+    `Refused` (a message the use cases cannot process as sent), `ledger.store.Conflict` (a
+    transaction to re-run), `StoreError`, `directory.errors.DirectoryError`, `ConfigError`
+    (settings, keys, the gateway's token file), the delivery's refusals by the broker."""
+
+
+class Refused(PartnerbusError):  # noqa: N818 - a business refusal, not a crash
+    """The message cannot be processed as sent; it goes to the dead-letter queue with this
+    reason (unknown commune, spoofed source, a status about someone else's referral…)."""
+
+
+class ConfigError(PartnerbusError, ValueError):
+    """A setting, key or file the bus cannot start with; still a `ValueError`, as pydantic
+    and the callers that predate the hierarchy expect."""
+
+
+class StoreError(PartnerbusError):
     """Raised in place of a database error that must propagate: only its description, so
     that whoever logs the traceback logs no value the original carried."""
 
@@ -99,6 +117,9 @@ def redact_wire_logs() -> None:
 
 
 __all__ = [
+    "ConfigError",
+    "PartnerbusError",
+    "Refused",
     "StoreError",
     "WireRedactor",
     "describe_error",

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from partnerbus.errors import PartnerbusError
 
-class DirectoryError(Exception):
+
+class DirectoryError(PartnerbusError):
     """A directory file that cannot be used: the message says which file and why."""
 
 

@@ -177,11 +177,13 @@ def _territories(raw: Mapping[str, Any], base: Path | None) -> dict[str, Territo
             raise DirectoryError(msg)
         with csv_path.open(encoding="utf-8", newline="") as fh:
             for i, row in enumerate(csv.DictReader(fh), start=2):
-                try:
-                    rows.append((row["commune_insee"], row["commune_name"], row["epci_siren"]))
-                except KeyError as exc:
-                    msg = f"{csv_path}:{i}: missing column {exc}"
-                    raise DirectoryError(msg) from exc
+                missing = [
+                    c for c in ("commune_insee", "commune_name", "epci_siren") if c not in row
+                ]
+                if missing:
+                    msg = f"{csv_path}:{i}: missing column {missing[0]!r}"
+                    raise DirectoryError(msg)
+                rows.append((row["commune_insee"], row["commune_name"], row["epci_siren"]))
                 if row["epci_siren"] not in out:
                     dep = row.get("departement") or departement_of(row["commune_insee"])
                     if dep not in out:

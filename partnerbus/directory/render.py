@@ -7,6 +7,7 @@ from pathlib import Path
 
 import networkx as nx
 
+from partnerbus.directory.errors import DirectoryError
 from partnerbus.directory.model import Directory
 
 COLOURS = {
@@ -35,7 +36,7 @@ def neighbourhood(
     if commune is not None:
         if not d.has_commune(commune):
             msg = f"unknown commune {commune!r}"
-            raise KeyError(msg)
+            raise DirectoryError(msg)
         territory_nodes = {f"t:{code}" for code, _ in d.index.territory_chains[commune]}
         # the commune's QPVs too: a partner covering one of them only still works there
         territory_nodes |= {f"t:{q}" for q, c in d.index.qpv_commune.items() if c == commune}
@@ -50,7 +51,7 @@ def neighbourhood(
     if need is not None:
         if not d.has_need(need):
             msg = f"unknown need {need!r}"
-            raise KeyError(msg)
+            raise DirectoryError(msg)
         need_nodes = {f"n:{code}" for code in d.index.need_chains[need]}
         serving = {
             src
@@ -61,6 +62,9 @@ def neighbourhood(
         partners = partners & serving if commune is not None else serving
         keep |= need_nodes
     if sender is not None:
+        if sender not in d:
+            msg = f"unknown partner {sender!r}"
+            raise DirectoryError(msg)
         partners.add(f"p:{d.partner(sender).id}")
     keep |= partners
     orgs = {f"o:{d.partner(p[2:]).organisation}" for p in partners}

@@ -320,8 +320,8 @@ def show(
     d, _ = _load(directory)
     try:
         graph = neighbourhood(d, commune=commune, need=need, sender=sender)
-    except KeyError as exc:
-        console.print(f"[red]{exc.args[0]}[/red]")
+    except DirectoryError as exc:
+        console.print(f"[red]{exc}[/red]")
         raise typer.Exit(2) from exc
     title = " · ".join(
         x

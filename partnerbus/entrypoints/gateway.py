@@ -49,6 +49,7 @@ from partnerbus.broker.access import intake_exchange
 from partnerbus.broker.topology import ORIGINAL_USER_HEADER, Topology
 from partnerbus.directory import Directory
 from partnerbus.directory.rights import Intake, refusal
+from partnerbus.errors import ConfigError
 from partnerbus.handlers.delivery import describe_validation
 from partnerbus.handlers.subscribers import CONSENT, SIGNAL, STATUS
 from partnerbus.schemas import Partner
@@ -78,7 +79,7 @@ def load_token_hashes(path: Path) -> dict[str, str]:
     mode = stat.S_IMODE(path.stat().st_mode)
     if mode & 0o077:
         msg = f"{path} is readable or writable by others (mode {mode:o}): chmod 600 it"
-        raise ValueError(msg)
+        raise ConfigError(msg)
     text = path.read_text(encoding="utf-8").strip()
     data = json.loads(text) if text else {}
     if not isinstance(data, dict) or not all(
@@ -86,7 +87,7 @@ def load_token_hashes(path: Path) -> dict[str, str]:
         for k, v in data.items()
     ):
         msg = f"{path} is not a JSON object of partner id -> SHA-256 hex digest"
-        raise ValueError(msg)
+        raise ConfigError(msg)
     return data
 
 
@@ -178,7 +179,7 @@ def create_gateway(
             f"the gateway needs its token file ({TOKENS_ENV}); issue tokens with "
             "`partnerbus gateway token issue PARTNER`"
         )
-        raise ValueError(msg)
+        raise ConfigError(msg)
     tokens = TokenFile(settings.gateway_tokens_path)
     load_token_hashes(settings.gateway_tokens_path)  # refuse a bad file at start
     topology = Topology(settings.prefix)

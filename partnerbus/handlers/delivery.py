@@ -42,7 +42,7 @@ from partnerbus.broker.topology import (
     Topology,
 )
 from partnerbus.directory import Directory
-from partnerbus.errors import StoreError, describe_error, is_database_error
+from partnerbus.errors import PartnerbusError, StoreError, describe_error, is_database_error
 from partnerbus.usecases import Refused
 
 log = logging.getLogger("partnerbus.delivery")
@@ -62,11 +62,11 @@ class NotAuthenticated(Refused):
     letter may never be replayed (a replay would have to vouch for a sender nobody knows)."""
 
 
-class RetryRefused(Exception):  # noqa: N818 - what the broker did, not a crash
+class RetryRefused(PartnerbusError):  # noqa: N818 - what the broker did, not a crash
     """The delay queue refused the retry copy (full): the message goes to its dead letters."""
 
 
-class DeadLetterRefused(Exception):  # noqa: N818 - what the broker did, not a crash
+class DeadLetterRefused(PartnerbusError):  # noqa: N818 - what the broker did, not a crash
     """The dead-letter queue refused the bus's copy (full): the original must stay."""
 
 
@@ -173,10 +173,9 @@ class Intake:
             )
         if user in self.trusted:
             return
-        try:
-            expected = self.directory.partner(claimed_partner).username
-        except KeyError:
-            raise NotAuthenticated(f"unknown partner {claimed_partner!r}") from None
+        if claimed_partner not in self.directory:
+            raise NotAuthenticated(f"unknown partner {claimed_partner!r}")
+        expected = self.directory.partner(claimed_partner).username
         if user != expected:
             raise NotAuthenticated(
                 f"claimed sender {claimed_partner!r} does not match the authenticated AMQP "

@@ -41,7 +41,9 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.pool import StaticPool
 
+from partnerbus.errors import PartnerbusError
 from partnerbus.ledger import tables as t
+from partnerbus.rules.consent import ConsentRecord
 from partnerbus.schemas import ConsentScope, Message, Signal
 
 log = logging.getLogger("partnerbus.ledger")
@@ -55,7 +57,7 @@ MAX_TRIES = 8
 READ_ONLY = "partnerbus_read_only"
 
 
-class Conflict(Exception):  # noqa: N818 - a signal to re-run, not an error
+class Conflict(PartnerbusError):  # noqa: N818 - a signal to re-run, not an error
     """The row changed since this transaction read it (a compare-and-set found another
     status): the decision was made on a stale read, so the whole transaction re-runs."""
 
@@ -82,21 +84,6 @@ FREE_TEXT_AUDIT_ACTIONS = (
 )
 """Audit actions whose `why` holds free text (a revocation's reason, a dead letter's
 reason that may quote the message): erased with the other free text."""
-
-
-@dataclass(frozen=True)
-class ConsentRow:
-    consent_id: str
-    person_ref: str
-    scope: ConsentScope
-    collected_by: str
-    agency: str
-    method: str
-    granted_at: datetime
-    valid_until: datetime
-    revoked_at: datetime | None
-    revoked_by: str | None = None
-    expiry_notified_at: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -178,10 +165,10 @@ def _row(cls: type[Any], row: Any) -> Any:
     return cls(**dict(row._mapping))
 
 
-def _consent(row: Any) -> ConsentRow:
+def _consent(row: Any) -> ConsentRecord:
     values = dict(row._mapping)
     values["scope"] = ConsentScope.model_validate_json(values["scope"])
-    return ConsentRow(**values)
+    return ConsentRecord(**values)
 
 
 class LedgerTx:
@@ -277,7 +264,7 @@ class LedgerTx:
         return [(r.signal_id, r.need) for r in rows]
 
     # consents ------------------------------------------------------------------------
-    def add_consent(self, row: ConsentRow) -> bool:
+    def add_consent(self, row: ConsentRecord) -> bool:
         if self.consent(row.consent_id) is not None:
             return False
         self.conn.execute(
@@ -295,7 +282,7 @@ class LedgerTx:
         )
         return True
 
-    def consent(self, consent_id: str, *, lock: str | None = None) -> ConsentRow | None:
+    def consent(self, consent_id: str, *, lock: str | None = None) -> ConsentRecord | None:
         """A consent; `lock="share"` keeps it from being revoked until this transaction
         ends (the relay, while it sends under it), `lock="update"` takes it for a change."""
         query = select(t.consents).where(t.consents.c.consent_id == consent_id)
@@ -304,7 +291,7 @@ class LedgerTx:
         row = self.conn.execute(query).first()
         return _consent(row) if row else None
 
-    def consents_of(self, person_ref: str) -> list[ConsentRow]:
+    def consents_of(self, person_ref: str) -> list[ConsentRecord]:
         rows = self.conn.execute(
             select(t.consents)
             .where(t.consents.c.person_ref == person_ref)
@@ -405,7 +392,7 @@ class LedgerTx:
         )
         return [_row(ReferralRow, r) for r in rows]
 
-    def unnotified_consents(self) -> list[ConsentRow]:
+    def unnotified_consents(self) -> list[ConsentRecord]:
         rows = self.conn.execute(
             select(t.consents).where(
                 t.consents.c.revoked_at.is_(None), t.consents.c.expiry_notified_at.is_(None)
@@ -1170,7 +1157,6 @@ def _engine(url: str, *, schema: str | None, echo: bool) -> Engine:
 __all__ = [
     "AuditRow",
     "Conflict",
-    "ConsentRow",
     "LedgerTx",
     "OutboxRow",
     "ReferralRow",

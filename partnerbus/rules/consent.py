@@ -28,7 +28,8 @@ DURATIONS: dict[str, timedelta] = {
 
 @dataclass(frozen=True)
 class ConsentRecord:
-    """What the ledger holds about one consent."""
+    """What the ledger holds about one consent: the one consent type, which the rules
+    evaluate and the ledger's store reads and writes as it is."""
 
     consent_id: str
     person_ref: str
@@ -39,6 +40,9 @@ class ConsentRecord:
     granted_at: datetime
     valid_until: datetime
     revoked_at: datetime | None = None
+    revoked_by: str | None = None
+    expiry_notified_at: datetime | None = None
+    """When the advisor was told it is about to expire (once)."""
 
     @classmethod
     def from_event(cls, e: ConsentGranted) -> ConsentRecord:
@@ -96,12 +100,12 @@ def need_covered(scope_need: str, need: str) -> bool:
 
 def valid_until_for(granted_at: datetime, duration: str) -> datetime:
     """The end of a consent granted at `granted_at` for one of the fixed `DURATIONS`."""
-    try:
-        return granted_at + DURATIONS[duration]
-    except KeyError:
+    length = DURATIONS.get(duration)
+    if length is None:
         known = ", ".join(DURATIONS)
         msg = f"unknown consent duration {duration!r}: choose one of {known}"
-        raise ValueError(msg) from None
+        raise ValueError(msg)
+    return granted_at + length
 
 
 def evaluate_consent(

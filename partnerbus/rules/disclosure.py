@@ -14,6 +14,7 @@ import uuid
 from collections.abc import Mapping
 from types import MappingProxyType
 
+from partnerbus.errors import ConfigError
 from partnerbus.schemas import Contact, Facts, Profile
 
 PARTS: frozenset[str] = frozenset(
@@ -136,7 +137,7 @@ MIN_DISTINCT = 10
 MAKE_A_KEY = "python -c 'import secrets; print(secrets.token_urlsafe(32))'"
 
 
-class PseudonymKeyError(ValueError):
+class PseudonymKeyError(ConfigError):
     """The pseudonym key is missing or could be guessed: the bus does not start with it."""
 
 

@@ -174,8 +174,8 @@ REROUTE_AFTER: dict[str, bool] = {
 
 def reroute_after_rejection(reason: RejectReason | str) -> bool:
     """True if the bus should try the next-best partner; False if the advisor decides."""
-    try:
-        return REROUTE_AFTER[reason]
-    except KeyError:
+    reroute = REROUTE_AFTER.get(reason)
+    if reroute is None:
         msg = f"unknown rejection reason {reason!r}: one of {', '.join(REROUTE_AFTER)}"
-        raise ValueError(msg) from None
+        raise ValueError(msg)
+    return reroute

@@ -42,6 +42,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from partnerbus.errors import PartnerbusError
+
 HOST = "localhost"
 SYSTEM_COOKIE = Path("/var/lib/rabbitmq/.erlang.cookie")
 DEFAULT_DIR = Path(tempfile.gettempdir()) / "partnerbus-cluster"
@@ -62,7 +64,7 @@ def _sbin() -> Path:
     return Path(found).parent
 
 
-class ClusterError(RuntimeError):
+class ClusterError(PartnerbusError, RuntimeError):
     pass
 
 

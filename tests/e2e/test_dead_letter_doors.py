@@ -17,7 +17,7 @@ from partnerbus.broker.topology import ORIGINAL_USER_HEADER
 from partnerbus.entrypoints.bootstrap import create_app
 from partnerbus.ops.monitor import metrics, snapshot
 from partnerbus.testing import Inbox
-from partnerbus.usecases import _derived_id
+from partnerbus.usecases.context import _derived_id
 from tests.conftest import as_partner
 
 from .helpers import ROUBAIX, new_id, publish, signal

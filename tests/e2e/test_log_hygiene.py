@@ -15,7 +15,8 @@ from sqlalchemy import event
 
 from partnerbus.broker.topology import ERROR_HEADER, LAST_ERROR_HEADER
 from partnerbus.errors import describe_error
-from partnerbus.ledger.store import ConsentRow, Store
+from partnerbus.ledger.store import Store
+from partnerbus.rules import ConsentRecord
 from partnerbus.schemas import ConsentScope
 from partnerbus.testing import FakeClock, Inbox
 
@@ -95,7 +96,7 @@ def test_an_integrity_error_is_described_without_the_values_it_carries(store: St
     """A duplicate key: PostgreSQL's DETAIL and the bound parameters name the person; the description keeps only the classes and the SQLSTATE (or SQLite's error name)."""
     person, _, _ = markers()
     now = FakeClock()()
-    row = ConsentRow(
+    row = ConsentRecord(
         consent_id=f"c-{person}",
         person_ref=person,
         scope=ConsentScope(needs=("logement-hebergement",), partner_kinds=("caf",)),
@@ -120,7 +121,7 @@ def test_an_integrity_error_is_described_without_the_values_it_carries(store: St
     assert ("SQLSTATE 23505" if not store.is_sqlite else "sqlite SQLITE_CONSTRAINT") in said
 
 
-def _columns(row: ConsentRow) -> dict[str, Any]:
+def _columns(row: ConsentRecord) -> dict[str, Any]:
     values = {k: getattr(row, k) for k in row.__dataclass_fields__}
     values["scope"] = row.scope.model_dump_json()
     return values

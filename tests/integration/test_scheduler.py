@@ -189,7 +189,7 @@ def test_a_failing_withdrawal_or_notice_does_not_stop_the_others(
     ledger = make_ledger(store)
     bad = referred(ledger, "T-W-BAD", "lmh-recouvrement", days=2)
     good = referred(ledger, "T-W-GOOD", "lmh-proximite", days=2)
-    real_withdraw = usecases._withdraw
+    real_withdraw = usecases.schedule._withdraw
     real_notified = LedgerTx.mark_expiry_notified
 
     def withdraw(ledger, tx, referral, *args, **kwargs):
@@ -202,7 +202,7 @@ def test_a_failing_withdrawal_or_notice_does_not_stop_the_others(
             raise RuntimeError("boom")
         return real_notified(self, consent_id, at)
 
-    monkeypatch.setattr(usecases, "_withdraw", withdraw)
+    monkeypatch.setattr(usecases.schedule, "_withdraw", withdraw)
     monkeypatch.setattr(LedgerTx, "mark_expiry_notified", notified)
     before = (failures("consent-ended"), failures("consent-expiring"))
 

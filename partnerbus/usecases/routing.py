@@ -1,0 +1,319 @@
+"""Where a need goes: a pure decision (`decide_routing`: the directory's match and the
+consent rules over facts read beforehand), then a step that records it
+(`record_routing`: a referral in the outbox, a need parked for consent, or no partner)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+from partnerbus.directory import Candidate, Directory, match
+from partnerbus.ledger.store import LedgerTx, ReferralRow, SignalRow
+from partnerbus.rules import (
+    ConsentDecision,
+    ConsentRecord,
+    evaluate_consent,
+    minimise,
+    pseudonym,
+    referral_id,
+    signal_pseudonym,
+)
+from partnerbus.schemas import ConsentRequested, NoPartnerFound, Referral, Signal, SignalClosed
+from partnerbus.usecases.context import BUS, Ledger, _derived_id
+from partnerbus.usecases.loop import _tell_source
+
+
+@dataclass(frozen=True)
+class SendReferral:
+    """Refer the need to this candidate, under the consent that allows it."""
+
+    need: str
+    candidate: Candidate
+    consent: ConsentDecision
+
+
+@dataclass(frozen=True)
+class AwaitConsent:
+    """Candidates exist, but none the person consented to: the need waits (parked) and
+    the agency's advisor is asked, with these candidates suggested."""
+
+    need: str
+    consent: ConsentDecision
+    """The first candidate's refusal: why the need waits."""
+    candidates: tuple[Candidate, ...]
+
+
+@dataclass(frozen=True)
+class NoPartner:
+    """No partner can take the need (besides those already tried): it closes here."""
+
+    need: str
+    reason: str
+    tried: tuple[str, ...] = ()
+    """The partners tried before (the agency is told which)."""
+
+
+RoutingDecision = SendReferral | AwaitConsent | NoPartner
+
+
+def decide_routing(
+    directory: Directory,
+    signal: Signal,
+    need: str,
+    consents: Sequence[ConsentRecord],
+    now: datetime,
+    tried: tuple[str, ...] = (),
+) -> RoutingDecision:
+    """Where this need of the signal goes: the best candidate of the directory (besides
+    those `tried`) that one of the person's `consents` allows at `now`. Pure: the
+    consents are read beforehand, under the person's lock; nothing is written."""
+    candidates = match(
+        directory,
+        need,
+        signal.commune,
+        profile=signal.profile,
+        sender=signal.source,
+        exclude=frozenset(tried),
+    )
+    if not candidates:
+        reason = f"no partner for {need} in {signal.commune}" + (
+            f" besides {', '.join(tried)}" if tried else ""
+        )
+        if signal.source not in directory:
+            reason += f": the source {signal.source} is no longer in the directory (no agreement)"
+        return NoPartner(need, reason, tried)
+    first_decision: ConsentDecision | None = None
+    for candidate in candidates:
+        decision = evaluate_consent(
+            consents, signal.person_ref, need, candidate.partner_id, candidate.partner.kind, now
+        )
+        if decision.allowed:
+            return SendReferral(need, candidate, decision)
+        first_decision = first_decision or decision
+    assert first_decision is not None
+    return AwaitConsent(need, first_decision, tuple(candidates))
+
+
+def record_routing(
+    ledger: Ledger,
+    tx: LedgerTx,
+    row: SignalRow,
+    signal: Signal,
+    attempt: int,
+    decision: RoutingDecision,
+) -> AwaitConsent | None:
+    """Record what `decide_routing` decided: a referral in the outbox; or the need parked,
+    returned so that the caller asks for consent (once for all of a signal's needs); or
+    no partner, told to the agency and the source."""
+    now = ledger.clock()
+    need = decision.need
+    if isinstance(decision, SendReferral):
+        _send_referral(ledger, tx, row, signal, need, attempt, decision.candidate, decision.consent)
+        return None
+    if isinstance(decision, AwaitConsent):
+        tx.set_need_state(row.signal_id, need, "parked", decision.consent.detail, now)
+        tx.audit(
+            BUS,
+            "signal-parked",
+            row.signal_id,
+            now,
+            person_ref=signal.person_ref,
+            why=f"{need}: {decision.consent.reason}",
+        )
+        return decision
+    reason, tried = decision.reason, decision.tried
+    tx.set_need_state(row.signal_id, need, "no-partner", reason, now)
+    if row.agency:
+        tx.enqueue(
+            NoPartnerFound(
+                message_id=_derived_id("no-partner", row.signal_id, need, str(attempt)),
+                occurred_at=now,
+                signal_id=row.signal_id,
+                need=need,
+                commune=signal.commune,
+                person_ref=signal.person_ref,
+                agency=row.agency,
+                tried=tried,
+                reason=reason,
+            ),
+            row.agency,
+            now,
+        )
+        tx.audit(
+            BUS,
+            "no-partner-disclosed",
+            row.signal_id,
+            now,
+            person_ref=signal.person_ref,
+            partner_id=row.agency,
+            why=f"{reason}; the agency is told, with the person's reference",
+        )
+    _tell_source(
+        ledger,
+        tx,
+        row,
+        SignalClosed(
+            message_id=_derived_id("closed", row.signal_id, need, "no-partner", str(attempt)),
+            occurred_at=now,
+            signal_id=row.signal_id,
+            need=need,
+            outcome="no-partner",
+            detail=reason,
+        ),
+    )
+    return None
+
+
+def _route(
+    ledger: Ledger,
+    tx: LedgerTx,
+    row: SignalRow,
+    signal: Signal,
+    need: str,
+    attempt: int,
+    tried: tuple[str, ...],
+) -> AwaitConsent | None:
+    """Send this need to the best partner the person consented to: read, decide (pure),
+    record. Returns the decision when the need must wait for consent (parked)."""
+    # What this person consented to and which of her needs wait for it are decided under
+    # her lock: a grant committing meanwhile either is seen here or sees the need parked.
+    tx.lock_person(signal.person_ref)
+    consents = tx.consents_of(signal.person_ref)
+    decision = decide_routing(ledger.directory, signal, need, consents, ledger.clock(), tried)
+    return record_routing(ledger, tx, row, signal, attempt, decision)
+
+
+def _send_referral(
+    ledger: Ledger,
+    tx: LedgerTx,
+    row: SignalRow,
+    signal: Signal,
+    need: str,
+    attempt: int,
+    candidate: Candidate,
+    decision: ConsentDecision,
+) -> None:
+    now = ledger.clock()
+    partner = candidate.partner
+    rid = referral_id(row.signal_id, need, attempt)
+    due_by = ledger.deadlines.due_by(signal.urgency, now)
+    profile, facts, contact = minimise(partner.kind, signal.profile, signal.facts, signal.contact)
+    referral = Referral(
+        message_id=rid,
+        occurred_at=now,
+        referral_id=rid,
+        signal_ref=signal_pseudonym(ledger.pseudonym_key, partner.id, row.signal_id),
+        attempt=attempt,
+        partner=partner.id,
+        need=need,
+        person=pseudonym(ledger.pseudonym_key, partner.id, signal.person_ref),
+        commune=signal.commune,
+        urgency=signal.urgency,
+        due_by=due_by,
+        agency=row.agency or signal.source,
+        advisor=row.advisor,
+        profile=profile,
+        facts=facts,
+        contact=contact,
+        why=candidate.reasons,
+    )
+    tx.add_referral(
+        referral_id=rid,
+        signal_id=row.signal_id,
+        need=need,
+        attempt=attempt,
+        partner_id=partner.id,
+        partner_kind=partner.kind,
+        consent_id=decision.consent_id,
+        status="requested",
+        urgency=signal.urgency,
+        created_at=now,
+        updated_at=now,
+        due_at=due_by,
+        remind_at=ledger.deadlines.remind_at(signal.urgency, now),
+        reminded=False,
+    )
+    tx.record_transition(rid, "requested", "requested", "applied", BUS, decision.detail, now)
+    tx.set_need_state(row.signal_id, need, "routed", f"to {partner.id} (attempt {attempt})", now)
+    # Nothing is disclosed yet: the audit records the disclosure when the broker confirms
+    # the referral (`mark_delivered`), or that it was withheld if it never leaves.
+    tx.enqueue(referral, partner.id, now, referral_id=rid)
+
+
+def _request_consent(
+    ledger: Ledger,
+    tx: LedgerTx,
+    row: SignalRow,
+    signal: Signal,
+    parked: Sequence[AwaitConsent],
+    attempt: int = 1,
+) -> None:
+    """Ask the agency's advisor for the person's consent, once for all these needs."""
+    now = ledger.clock()
+    if row.agency is None:
+        # No landlord's agency covers the commune, so no advisor to ask: the needs stay
+        # parked, counted on the ops page, and the audit says why.
+        for waiting in parked:
+            tx.set_need_state(
+                row.signal_id, waiting.need, "parked", "no agency covers the commune", now
+            )
+        tx.audit(
+            BUS,
+            "consent-not-requested",
+            row.signal_id,
+            now,
+            person_ref=signal.person_ref,
+            why=f"no agency covers {signal.commune}: nobody to ask for consent",
+        )
+        return
+    needs = tuple(waiting.need for waiting in parked)
+    suggested: list[str] = []
+    for waiting in parked:
+        for c in waiting.candidates[:3]:
+            if c.partner_id not in suggested:
+                suggested.append(c.partner_id)
+    reasons = sorted({waiting.consent.reason for waiting in parked})
+    tx.enqueue(
+        ConsentRequested(
+            message_id=_derived_id("consent-requested", row.signal_id, str(attempt), *needs),
+            occurred_at=now,
+            signal_id=row.signal_id,
+            source=signal.source,
+            person_ref=signal.person_ref,
+            commune=signal.commune,
+            needs=needs,
+            agency=row.agency,
+            advisor=row.advisor,
+            reason=", ".join(reasons),
+            suggested_partners=tuple(suggested),
+        ),
+        row.agency,
+        now,
+    )
+    tx.audit(
+        BUS,
+        "consent-requested",
+        row.signal_id,
+        now,
+        person_ref=signal.person_ref,
+        partner_id=row.agency,
+        why=f"{', '.join(needs)}: {', '.join(reasons)}",
+    )
+
+
+def _tried(tx: LedgerTx, signal_id: str, need: str) -> tuple[tuple[str, ...], int]:
+    """The partners already tried for this need (excluded from the next match) and the
+    next attempt number. A referral withdrawn for want of consent did not try its partner:
+    that partner may be chosen again once the person consents again."""
+    earlier = tx.referrals_for(signal_id, need)
+    tried = tuple(dict.fromkeys(r.partner_id for r in earlier if r.status != "withdrawn"))
+    return tried, len(earlier) + 1
+
+
+def _reroute(ledger: Ledger, tx: LedgerTx, referral: ReferralRow, row: SignalRow) -> None:
+    """To the next-best partner from the directory (those tried are excluded)."""
+    tried, attempt = _tried(tx, referral.signal_id, referral.need)
+    parked = _route(ledger, tx, row, row.signal(), referral.need, attempt, tried)
+    if parked is not None:
+        _request_consent(ledger, tx, row, row.signal(), [parked], attempt)
