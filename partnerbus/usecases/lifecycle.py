@@ -92,7 +92,7 @@ def _withdraw(
                 occurred_at=now,
                 referral_id=referral.referral_id,
                 partner=referral.partner_id,
-                reason=reason,  # type: ignore[arg-type]
+                reason=reason,
             ),
             referral.partner_id,
             now,

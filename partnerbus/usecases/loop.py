@@ -39,7 +39,7 @@ def _notify_status(
             occurred_at=ledger.clock(),
             referral_id=referral.referral_id,
             partner=referral.partner_id,
-            status=status,  # type: ignore[arg-type]
+            status=status,
             note=note,
             signal_id=referral.signal_id,
             need=referral.need,
@@ -68,7 +68,7 @@ def _close_need(
             occurred_at=now,
             signal_id=referral.signal_id,
             need=referral.need,
-            outcome=outcome,  # type: ignore[arg-type]
+            outcome=outcome,
             detail=detail,
         ),
     )
