@@ -67,7 +67,6 @@ from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
-    TaskID,
     TextColumn,
     TimeElapsedColumn,
 )
@@ -129,7 +128,7 @@ class BenchError(Exception):
 
 
 def rabbitmqctl(*args: str) -> str:
-    done = subprocess.run(  # noqa: S603 - an argument list, no shell
+    done = subprocess.run(
         ["rabbitmqctl", *args], capture_output=True, text=True, check=True, timeout=120
     )
     return done.stdout
@@ -397,7 +396,7 @@ async def windowed(
     async def one(item: Any) -> None:
         try:
             await send(item)
-        except Exception as exc:  # noqa: BLE001 - surfaced below with the first one
+        except Exception as exc:
             errors.append(exc)
         finally:
             gate.release()
@@ -497,7 +496,7 @@ class Ledger:
         try:
             with engine.connect() as conn:
                 return int(conn.execute(text("SELECT count(*) FROM consents")).scalar_one())
-        except Exception:  # noqa: BLE001 - the tables are not created yet
+        except Exception:
             return 0
         finally:
             engine.dispose()
@@ -525,7 +524,7 @@ class BusProcess:
 
     def start(self) -> BusProcess:
         with self.log.open("ab") as out:
-            self.proc = subprocess.Popen(  # noqa: S603 - an argument list, no shell
+            self.proc = subprocess.Popen(
                 [partnerbus_executable(), "run", "--workers", str(self.workers)],
                 env=self.env,
                 cwd=self.run.workdir,  # no stray .env file
@@ -861,56 +860,77 @@ async def scene(
 # the bare forwarder --------------------------------------------------------------------
 
 
+def start_forwarder(run: Run, name: str, url: str, source: str, targets: list[str]) -> Any:
+    """`bench/forwarder.py` in a process (and process group) of its own."""
+    with (run.workdir / f"{name}.log").open("ab") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "bench.forwarder", url, source, *targets],
+            cwd=Path(__file__).resolve().parent.parent,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
+def stop_process(proc: Any) -> None:
+    """SIGTERM, then SIGKILL after 30 s."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
+
+
+@dataclass
+class Copies:
+    """What the independent consumer counted of the forwarder's output."""
+
+    seen: set[str] = field(default_factory=set)
+    deliveries: int = 0
+    last: float = 0.0
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def on_message(self, message: AbstractIncomingMessage) -> None:
+        self.deliveries += 1
+        self.seen.add(str(message.message_id))
+        self.last = time.monotonic()
+        await message.ack()
+        self.changed.set()
+
+
 async def raw_forward(run: Run, name: str, n: int, k: int, body: bytes) -> dict[str, Any]:
     """The forwarder moving N inputs, K persistent confirmed copies each, while this
-    process publishes the inputs and counts the copies."""
+    process publishes the inputs (`WINDOW` confirms in flight) and counts the copies.
+    Timed from the first publish to the last copy counted, as the pipeline is."""
     async with sandbox(run.run_id, name) as prefix:
         url = amqp_url()
+        source = f"{prefix}.in"
+        targets = [f"{prefix}.out-{i}" for i in range(k)]
         connection = await aio_pika.connect(url)
-        try:
+        async with connection:
             channel = await connection.channel(publisher_confirms=True)
             quorum = {"x-queue-type": "quorum"}
-            source = f"{prefix}.in"
-            await channel.declare_queue(source, durable=True, arguments=quorum)
-            targets = [f"{prefix}.out-{i}" for i in range(k)]
+            for queue_name in (source, *targets):
+                await channel.declare_queue(queue_name, durable=True, arguments=quorum)
+            copies = Copies()
+            counting = await connection.channel()
+            await counting.set_qos(prefetch_count=500)
             for t in targets:
-                await channel.declare_queue(t, durable=True, arguments=quorum)
-            proc = subprocess.Popen(  # noqa: S603 - an argument list, no shell
-                [sys.executable, "-m", "bench.forwarder", url, source, *targets],
-                cwd=Path(__file__).resolve().parent.parent,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=(run.workdir / f"{name}.log").open("ab"),
-                start_new_session=True,
-            )
+                queue = await counting.get_queue(t, ensure=False)
+                await queue.consume(copies.on_message)
+            proc = start_forwarder(run, name, url, source, targets)
+            task = run.progress.add_task(f"{name}: messages", total=n * k)
             try:
                 began = time.monotonic()
                 while not await _consumers_at_least(connection, [source], 1):
                     if proc.poll() is not None or time.monotonic() - began > 60:
-                        msg = f"{name}: the forwarder did not start"
+                        msg = f"{name}: the forwarder did not start (log: {name}.log)"
                         raise BenchError(msg)
                     await asyncio.sleep(0.1)  # polled: the broker tells no one of a consumer
-                seen: set[str] = set()
-                deliveries = 0
-                last = 0.0
-                changed = asyncio.Event()
-                counting = await connection.channel()
-                await counting.set_qos(prefetch_count=500)
-
-                async def on_message(message: AbstractIncomingMessage) -> None:
-                    nonlocal deliveries, last
-                    deliveries += 1
-                    seen.add(str(message.message_id))
-                    last = time.monotonic()
-                    await message.ack()
-                    changed.set()
-
-                for t in targets:
-                    queue = await counting.get_queue(t, ensure=False)
-                    await queue.consume(on_message)
-                task = run.progress.add_task(f"{name}: messages", total=n * k)
-                cpu0 = procstat.usage(proc.pid)
-                t0 = time.monotonic()
                 exchange = channel.default_exchange
 
                 async def send(i: int) -> None:
@@ -924,35 +944,33 @@ async def raw_forward(run: Run, name: str, n: int, k: int, body: bytes) -> dict[
                         routing_key=source,
                     )
 
+                cpu0 = procstat.usage(proc.pid)
+                t0 = time.monotonic()
                 sender = asyncio.create_task(windowed(range(n), send, run.window))
-                while len(seen) < n * k:
-                    changed.clear()
+                while len(copies.seen) < n * k:
+                    copies.changed.clear()
                     try:
-                        await asyncio.wait_for(changed.wait(), run.stall_s)
+                        await asyncio.wait_for(copies.changed.wait(), run.stall_s)
                     except TimeoutError:
-                        msg = f"{name}: stalled, {len(seen)} of {n * k} arrived"
+                        msg = (
+                            f"{name}: stalled, {len(copies.seen)} of {n * k} copies arrived, "
+                            f"nothing new for {run.stall_s:.0f} s"
+                        )
                         raise BenchError(msg) from None
-                    run.progress.update(task, completed=len(seen))
+                    run.progress.update(task, completed=len(copies.seen))
                 await sender
                 cpu1 = procstat.usage(proc.pid)
-                run.progress.remove_task(task)
-                seconds = last - t0
+                seconds = copies.last - t0
             finally:
-                proc.terminate()
-                try:
-                    proc.wait(30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait(10)
-        finally:
-            await connection.close()
+                run.progress.remove_task(task)
+                await asyncio.to_thread(stop_process, proc)
     return {
         "messages": n,
         "fanout": k,
         "seconds": round(seconds, 3),
         "per_s": round(n / seconds, 2),
         "cpu_ms_per_message": round((cpu1.cpu_s - cpu0.cpu_s) * 1000 / n, 3),
-        "duplicated": deliveries - len(seen),
+        "duplicated": copies.deliveries - len(copies.seen),
     }
 
 
@@ -972,7 +990,7 @@ def facts(postgres_url: str) -> dict[str, Any]:
         with engine.connect() as conn:
             out["postgresql"] = conn.execute(text("SHOW server_version")).scalar_one()
         engine.dispose()
-    except Exception:  # noqa: BLE001 - a fact, not a requirement
+    except Exception:
         out["postgresql"] = None
     return out
 
@@ -1025,7 +1043,8 @@ async def bench(
             lat = await latency(s, counts["latency_signals"], rate)
             phases.append(lat.pop("phase"))
             run.say(
-                f"  latency at {lat['rate_per_s']}/s: p50 {lat['latency_p50_ms']} ms, p99 {lat['latency_p99_ms']} ms"
+                f"  latency at {lat['rate_per_s']}/s: p50 {lat['latency_p50_ms']} ms, "
+                f"p99 {lat['latency_p99_ms']} ms"
             )
             result["latency"] = lat
             urg = await urgent(s, counts["burst"], counts["urgent"])
