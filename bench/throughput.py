@@ -144,7 +144,10 @@ async def sandbox(run_id: str, name: str) -> AsyncIterator[str]:
     try:
         yield prefix
     finally:
-        await remove_prefix(prefix)
+        try:
+            await remove_prefix(prefix)
+        except Exception as exc:
+            console.print(f"[yellow]could not remove {prefix}.*: {exc!r}[/yellow]")
 
 
 async def remove_prefix(prefix: str) -> None:
