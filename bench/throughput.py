@@ -87,7 +87,9 @@ from partnerbus.schemas import ConsentGranted, ConsentScope, Facts, Signal
 
 from . import procstat
 
-BROKER = "127.0.0.1:5672"
+BROKER = {"address": "127.0.0.1:5672", "rabbitmqctl": "rabbitmqctl", "node": None}
+"""The broker's AMQP address and how to reach its node with rabbitmqctl (`--broker`,
+`--rabbitmqctl`, `--node`): the shared node by default."""
 POSTGRES_URL = os.environ.get(
     "PARTNERBUS_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 )
@@ -127,9 +129,18 @@ class BenchError(Exception):
 # broker sandboxes ----------------------------------------------------------------------
 
 
+def ctl_options() -> dict[str, Any]:
+    return {"rabbitmqctl": BROKER["rabbitmqctl"], "node": BROKER["node"]}
+
+
 def rabbitmqctl(*args: str) -> str:
+    node = ["-n", str(BROKER["node"])] if BROKER["node"] else []
     done = subprocess.run(
-        ["rabbitmqctl", *args], capture_output=True, text=True, check=True, timeout=120
+        [str(BROKER["rabbitmqctl"]), *node, *args],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
     )
     return done.stdout
 
@@ -168,7 +179,8 @@ async def remove_prefix(prefix: str) -> None:
 
 def amqp_url(user: str = "guest", password: str = "guest") -> str:  # noqa: S107
     host = quote(VHOST, safe="")
-    return f"amqp://{quote(user, safe='')}:{quote(password, safe='')}@{BROKER}/{host}"
+    address = BROKER["address"]
+    return f"amqp://{quote(user, safe='')}:{quote(password, safe='')}@{address}/{host}"
 
 
 @dataclass
@@ -238,6 +250,7 @@ async def grant_users(run: Run, prefix: str) -> None:
         grants,
         vhost=VHOST,
         passwords={g.username: password_for(g.username) for g in grants},
+        **ctl_options(),
     )
 
 
@@ -1173,6 +1186,22 @@ def main(
     postgres_url: Annotated[
         str, typer.Option(help="PostgreSQL database for the ledgers.")
     ] = POSTGRES_URL,
+    broker: Annotated[
+        str,
+        typer.Option(envvar="PARTNERBUS_BENCH_BROKER", help="RabbitMQ AMQP address (guest)."),
+    ] = str(BROKER["address"]),
+    ctl: Annotated[
+        str,
+        typer.Option(
+            "--rabbitmqctl",
+            envvar="PARTNERBUS_BENCH_RABBITMQCTL",
+            help="The rabbitmqctl executable.",
+        ),
+    ] = "rabbitmqctl",
+    node: Annotated[
+        str | None,
+        typer.Option(envvar="PARTNERBUS_BENCH_NODE", help="The broker's node (rabbitmqctl -n)."),
+    ] = None,
 ) -> None:
     """Measure partnerbus end to end beside a bare aio-pika forwarder; write FILE."""
     counts = {
@@ -1184,7 +1213,8 @@ def main(
         "rss_burst": _count(rss_burst, "rss_burst", quick),
     }
     chosen = parse_scenarios(scenarios)
-    if shutil.which("rabbitmqctl") is None:
+    BROKER.update(address=broker, rabbitmqctl=ctl, node=node)
+    if shutil.which(ctl) is None:
         console.print("[red]rabbitmqctl is needed (partner users, clean-up)[/red]")
         raise typer.Exit(2)
     run_id = uuid.uuid4().hex[:6]
@@ -1231,7 +1261,7 @@ def main(
         finally:
             users = [directory.partner(p).username for p in run.publishers]
             with contextlib.suppress(subprocess.SubprocessError, OSError):
-                remove_with_rabbitmqctl(users)
+                remove_with_rabbitmqctl(users, **ctl_options())
     figures["machine"] = machine
     figures["options"] = {
         **counts,
