@@ -1258,6 +1258,15 @@ def main(
         except BenchError as exc:
             console.print(f"[red]benchmark failed:[/red] {exc}", markup=True, highlight=False)
             raise typer.Exit(1) from None
+        except (subprocess.SubprocessError, OSError, aio_pika.exceptions.AMQPError) as exc:
+            # rabbitmqctl failing or the broker gone: said in one line, not a traceback
+            detail = getattr(exc, "stderr", None) or ""
+            console.print(
+                f"[red]benchmark failed:[/red] {type(exc).__name__}: {exc} {detail}".strip(),
+                markup=True,
+                highlight=False,
+            )
+            raise typer.Exit(1) from None
         finally:
             users = [directory.partner(p).username for p in run.publishers]
             with contextlib.suppress(subprocess.SubprocessError, OSError):
