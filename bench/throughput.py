@@ -146,17 +146,22 @@ def rabbitmqctl(*args: str) -> str:
 
 
 @contextlib.asynccontextmanager
-async def sandbox(run_id: str, name: str) -> AsyncIterator[str]:
+async def sandbox(run_id: str, name: str, known: bool = False) -> AsyncIterator[str]:
     """A fresh name prefix on the shared broker for one phase; every queue and exchange
     under it is deleted afterwards (found by name: the topology is being reshaped, and a
     queue it adds is removed too). Yields the prefix. (A virtual host per phase would be
-    tidier, but vhost operations stall for minutes when the shared broker is busy.)"""
+    tidier, but vhost operations stall for minutes when the shared broker is busy.)
+    `known`: the caller deletes its own queues, only a failure needs the listing."""
     prefix = f"bench-{run_id}-{name}"
     try:
         yield prefix
+    except BaseException:
+        known = False
+        raise
     finally:
         try:
-            await remove_prefix(prefix)
+            if not known:
+                await remove_prefix(prefix)
         except Exception as exc:
             console.print(f"[yellow]could not remove {prefix}.*: {exc!r}[/yellow]")
 
@@ -922,7 +927,7 @@ async def raw_forward(run: Run, name: str, n: int, k: int, body: bytes) -> dict[
     """The forwarder moving N inputs, K persistent confirmed copies each, while this
     process publishes the inputs (`WINDOW` confirms in flight) and counts the copies.
     Timed from the first publish to the last copy counted, as the pipeline is."""
-    async with sandbox(run.run_id, name) as prefix:
+    async with sandbox(run.run_id, name, known=True) as prefix:
         url = amqp_url()
         source = f"{prefix}.in"
         targets = [f"{prefix}.out-{i}" for i in range(k)]
@@ -980,6 +985,8 @@ async def raw_forward(run: Run, name: str, n: int, k: int, body: bytes) -> dict[
             finally:
                 run.progress.remove_task(task)
                 await asyncio.to_thread(stop_process, proc)
+            for queue_name in (source, *targets):  # all it made: no rabbitmqctl listing
+                await channel.queue_delete(queue_name)
     return {
         "messages": n,
         "fanout": k,
@@ -993,14 +1000,23 @@ async def raw_forward(run: Run, name: str, n: int, k: int, body: bytes) -> dict[
 # the run -------------------------------------------------------------------------------
 
 
+async def rabbitmq_version() -> str | None:
+    """The server's own version, from the AMQP handshake (no rabbitmqctl call)."""
+    try:
+        connection = await aio_pika.connect(amqp_url(), timeout=10)
+    except (OSError, aio_pika.exceptions.AMQPError, TimeoutError):
+        return None
+    async with connection:
+        properties = connection.transport.connection.server_properties  # type: ignore[union-attr]
+        version = properties.get("version")
+        return version.decode() if isinstance(version, bytes) else version
+
+
 def facts(postgres_url: str) -> dict[str, Any]:
     out: dict[str, Any] = procstat.machine()
     out["python"] = platform.python_version()
     out["sqlite"] = sqlite3.sqlite_version
-    try:
-        out["rabbitmq"] = rabbitmqctl("version").strip()
-    except (OSError, subprocess.SubprocessError):
-        out["rabbitmq"] = None
+    out["rabbitmq"] = asyncio.run(rabbitmq_version())
     try:
         engine = create_engine(postgres_url)
         with engine.connect() as conn:
