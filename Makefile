@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: all demo test test-faults lint types check bench run clean
+.PHONY: all demo test test-faults lint types check bench bench-throughput run clean
 
 all: check test
 
@@ -42,6 +42,11 @@ check: lint types
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.directory --json bench/directory.json
+
+# partnerbus end to end beside a bare aio-pika forwarder (RabbitMQ and PostgreSQL on
+# loopback, rabbitmqctl on PATH); `ARGS=--quick` for small counts.
+bench-throughput: $(STAMP)
+	$(BIN)/python -m bench.throughput --json bench/throughput.json $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache partnerbus.db
