@@ -1,12 +1,16 @@
 """The relay alone: how fast it drains a backlog of referrals to the real broker.
 
     python -m bench.relay_drain [--database-url URL] [--signals 2000] [--json FILE]
+                                [--fake-confirm-ms MS]
 
 A fresh prefix on the broker (PARTNERBUS_TEST_AMQP_URL or the local guest), a fresh SQLite
 file (or the PostgreSQL URL given, in a fresh schema). The service is started with its relay
 held, `--signals` consented signals are recorded through the use cases (each makes one
 referral), then the relay is let go and timed until the outbox is empty: the referrals and
 the two `delivered` notices each confirm queues. Prints referrals/s and outbox rows/s.
+
+`--fake-confirm-ms`: no broker; the relay alone (its own thread, the same ledger) with a
+publish that confirms after that many milliseconds, to time the relay's own work.
 """
 
 from __future__ import annotations
@@ -103,11 +107,59 @@ async def drain(database_url: str, signals: int) -> dict[str, float]:
     }
 
 
+async def drain_fake(database_url: str, signals: int, confirm_ms: float) -> dict[str, float]:
+    from concurrent.futures import ThreadPoolExecutor
+    from types import SimpleNamespace
+
+    from partnerbus.broker.topology import Topology
+    from partnerbus.directory import load_sample
+    from partnerbus.handlers.outbox import Relay
+    from partnerbus.ledger.store import Store
+    from partnerbus.rules import DeadlinePolicy
+    from partnerbus.usecases import Ledger
+
+    store = Store(database_url)
+    store.create_all()
+    ledger = Ledger(
+        store=store,
+        directory=load_sample(),
+        clock=utcnow,
+        pseudonym_key=KEY.encode(),
+        deadlines=DeadlinePolicy(
+            routine=timedelta(days=10), urgent=timedelta(days=3), asap=timedelta(days=1)
+        ),
+    )
+    fake_bus = SimpleNamespace(ledger=ledger, store=store)
+    for start in range(0, signals, 200):
+        record(fake_bus, start, min(200, signals - start))
+
+    async def publish(body: bytes, **options: object) -> None:
+        await asyncio.sleep(confirm_ms / 1000)
+
+    with ThreadPoolExecutor(1) as executor:
+        relay = Relay(ledger, Topology("bench"), publish, executor, timeout_s=10)
+        began = time.perf_counter()
+        while await asyncio.to_thread(store.pending_count):
+            await relay.flush()
+        elapsed = time.perf_counter() - began
+    total = store.count("outbox")
+    store.dispose()
+    return {
+        "signals": signals,
+        "rows_sent": total,
+        "seconds": round(elapsed, 3),
+        "referrals_per_s": round(signals / elapsed, 1),
+        "rows_per_s": round(total / elapsed, 1),
+        "fake_confirm_ms": confirm_ms,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="relay drain benchmark")
     parser.add_argument("--database-url", default=None, help="PostgreSQL URL (a fresh schema)")
     parser.add_argument("--signals", type=int, default=2000)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--fake-confirm-ms", type=float, default=None)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         if args.database_url:
@@ -119,7 +171,10 @@ def main() -> None:
         else:
             url = f"sqlite:///{Path(tmp) / 'ledger.db'}"
         try:
-            figures = asyncio.run(drain(url, args.signals))
+            if args.fake_confirm_ms is not None:
+                figures = asyncio.run(drain_fake(url, args.signals, args.fake_confirm_ms))
+            else:
+                figures = asyncio.run(drain(url, args.signals))
         finally:
             if args.database_url:
                 with admin.begin() as conn:
