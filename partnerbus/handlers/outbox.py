@@ -264,7 +264,9 @@ class Relay:
         and go again after the lease (with the same message ids)."""
         published = False
 
-        def attempt(tx: LedgerTx) -> _Round:
+        def attempt(
+            tx: LedgerTx,
+        ) -> tuple[list[OutboxRow], dict[int, BaseException | None], int]:
             nonlocal published
             withheld = 0
             to_send: list[OutboxRow] = []
@@ -302,15 +304,17 @@ class Relay:
                 if self._is_referral(row) and outcomes.get(row.id, False) is None:
                     assert row.referral_id is not None
                     mark_delivered(self.ledger, tx, row.referral_id)
-            result = self._tally(to_send, outcomes)
-            result.withheld = withheld
-            return result
+            return to_send, outcomes, withheld
 
         store = self.ledger.store
         for tries in range(1, 9):
             try:
                 with store.begin() as tx:
-                    return attempt(tx)
+                    to_send, outcomes, withheld = attempt(tx)
+                # counted (and told to `wait_recorded`) once committed
+                result = self._tally(to_send, outcomes)
+                result.withheld = withheld
+                return result
             except _TooLate:
                 # Past half the lease: another worker may claim these soon; give them back
                 # untried (their claims do not count) rather than race it.
