@@ -54,6 +54,7 @@ async def test_windows_of_many_referrals_keep_each_referrals_order_in_the_queue(
     bus: Bus, second: Bus, channel: aio_pika.abc.AbstractChannel
 ) -> None:
     """Two relays send 100 referrals with two reminders each in windows: the partner's queue holds each referral before its reminders, each message once."""
+    bus.relay.window = second.relay.window = 32  # so that both relays get windows
     async with bus.relay._lock, second.relay._lock:  # the backlog is recorded first
         rids = await asyncio.to_thread(decide, bus.ledger, 0, 100)
         await asyncio.to_thread(follow_ups, bus.ledger, rids, 2)
