@@ -248,6 +248,7 @@ class Bus:
             server.server_close()
             self._metrics = None
         self.executor.shutdown(wait=True)
+        self.relay.executor.shutdown(wait=True)
         self.store.dispose()
 
     async def tick(self) -> dict[str, int]:
@@ -423,7 +424,8 @@ def create_app(
         ledger,
         topology,
         broker.publish,
-        executor,
+        # its own database thread: sending never waits behind the intake's transactions
+        ThreadPoolExecutor(max_workers=1, thread_name_prefix="partnerbus-relay-db"),
         timeout_s=settings.publish_timeout_s,
         lease=timedelta(seconds=settings.outbox_lease_s),
     )

@@ -2,14 +2,22 @@
 
 A use case writes its outgoing messages in the same transaction as its state change; the
 subscriber asks the relay to send them right after the commit, and a background sweep sends
-whatever a crash left behind. A row is claimed for a lease before it is sent, so two workers
-do not send it together; a crash between the confirm and `mark_sent` sends it once more,
-with the same `message_id` (at least once; partners deduplicate on it).
+whatever a crash left behind. Rows are claimed for a lease before they are sent, so two
+workers do not send one together; a crash between the confirm and the commit that records it
+sends it once more, with the same `message_id` (at least once; partners deduplicate on it).
 
-A referral is sent inside one transaction that holds its consent (shared) and its row
-(locked) from the last check to the recorded confirm: a revocation, an answer or an expiry
-comes wholly before (the referral does not leave) or after (it sees that it left). Rows
-about one referral leave in outbox order across relays (`Store.claim_pending`).
+The relay works in windows: it claims up to `window` rows (the most pressing first: urgent
+referrals, then routine ones, then notices), publishes them all at once and waits for their
+confirms together, then records them in one transaction. A claim holds at most one row per
+referral (`Store.claim_pending`), so publishing a window at once never reorders a referral's
+messages, across relays too. The first row of a window goes alone: if the broker cannot be
+reached, the rest is given back untried.
+
+A window that carries referrals is sent inside ONE transaction that holds, for each of them,
+its consent (shared) and its row (locked) from the last check to the recorded confirm: a
+revocation, an answer or an expiry comes wholly before (the referral does not leave) or after
+(it sees that it left). The window is bounded (`window` rows, the publish timeout), so the
+transaction stays short.
 """
 
 from __future__ import annotations
@@ -18,9 +26,10 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from concurrent.futures import Executor
 from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
 from datetime import timedelta
 from functools import partial
 from typing import Any
@@ -37,6 +46,23 @@ log = logging.getLogger("partnerbus.relay")
 Publish = Callable[..., Awaitable[Any]]
 
 
+WINDOW = 256
+"""Rows published at once, confirms awaited together, recorded in one transaction."""
+
+
+class _TooLate(Exception):  # noqa: N818 - a signal to give a window back, not an error
+    """Half the lease passed before the window could be published."""
+
+
+@dataclass
+class _Round:
+    sent: int = 0
+    withheld: int = 0
+    refused: tuple[int, ...] = ()
+    unreachable: bool = False
+    claimed: int = 0
+
+
 class Relay:
     def __init__(
         self,
@@ -47,13 +73,17 @@ class Relay:
         *,
         timeout_s: float,
         lease: timedelta = timedelta(seconds=60),
+        window: int = WINDOW,
     ) -> None:
         self.ledger = ledger
         self.topology = topology
         self.publish = publish
+        # The relay's own database thread (the service gives it one apart from the
+        # intake's), so that sending never queues behind intake transactions.
         self.executor = executor
         self.timeout_s = timeout_s
         self.lease = lease
+        self.window = window
         self.sent = 0
         self.failed = 0
         self.withheld = 0
@@ -61,24 +91,32 @@ class Relay:
         # a constant footprint.
         self._recorded: dict[str, None] = {}
         self._progress = asyncio.Event()
-        # One sender at a time in a process, so that messages leave in commit order and a
-        # row is never sent twice by the same process; the subscribers only wake it (`kick`)
-        # and ack without waiting for the send.
+        # One sender at a time in a process, so that a row is never sent twice by the same
+        # process; the subscribers only wake it (`kick`) and ack without waiting.
         self._lock = asyncio.Lock()
         self._wake = asyncio.Event()
 
-    async def _db(self, fn: Callable[..., Any], *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self.executor, partial(fn, *args))
+    async def _db(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(
+            self.executor, partial(fn, *args, **kwargs)
+        )
 
-    async def flush(self, rounds: int = 4) -> int:
-        """Send what is pending, and what sending it committed in turn (a confirm records a
-        `delivered` notice for the source), for a few rounds. Returns how many were sent."""
+    async def flush(self, rounds: int | None = None) -> int:
+        """Send what is pending, window after window, and what sending committed in turn
+        (a confirm queues `delivered` notices for the source and the agency), until a
+        window makes no progress, the broker is unreachable, or `rounds` windows were
+        sent. A row the broker refused is not tried again in the same flush. Returns how
+        many rows were sent."""
         total = 0
+        refused: set[int] = set()
         async with self._lock:
-            for _ in range(rounds):
-                sent = await self._flush_once()
-                total += sent
-                if sent == 0:
+            done = 0
+            while rounds is None or done < rounds:
+                done += 1
+                result = await self._flush_once(refused)
+                total += result.sent
+                refused.update(result.refused)
+                if result.unreachable or result.sent + result.withheld == 0:
                     break
         return total
 
@@ -86,36 +124,24 @@ class Relay:
         """Something was committed to the outbox: send it now rather than at the next sweep."""
         self._wake.set()
 
-    async def _flush_once(self) -> int:
+    async def _flush_once(self, refused: Collection[int] = ()) -> _Round:
         store = self.ledger.store
         rows: list[OutboxRow] = await self._db(
-            store.claim_pending, self.ledger.clock(), self.lease, 200
+            store.claim_pending, self.ledger.clock(), self.lease, self.window, exclude=refused
         )
+        if not rows:
+            return _Round()
         claimed_at = time.monotonic()
-        sent = 0
-        for index, row in enumerate(rows):
-            if time.monotonic() - claimed_at > self.lease.total_seconds() / 2:
-                # Past half the lease: another worker may claim the rest soon; give them
-                # back untried (their claims do not count as tries) rather than race it.
-                await self._db(store.release_untried, [r.id for r in rows[index:]])
-                break
-            if self._is_referral(row):
-                outcome = await self._db(self._send_referral, row, asyncio.get_running_loop())
-                if outcome == "withheld":
-                    self.withheld += 1
-                    self.kick()  # the withdrawal it may have queued goes out next
-                    continue
-                self._after_send(row, outcome)
-            else:
-                outcome = await self._send(row)
-            if outcome == "unreachable":
-                # The broker is gone: trying the rest of the batch now would only fail
-                # again. Give them back untried, for the next sweep (or another worker).
-                await self._db(store.release_untried, [r.id for r in rows[index + 1 :]])
-                break
-            sent += outcome == "sent"
-        self.sent += sent
-        return sent
+        if any(self._is_referral(row) for row in rows):
+            result = await self._send_referrals(rows, claimed_at)
+        else:
+            result = await self._send_plain(rows, claimed_at)
+        result.claimed = len(rows)
+        self.sent += result.sent
+        self.withheld += result.withheld
+        if result.withheld:
+            self.kick()  # a withdrawal it may have queued goes out next
+        return result
 
     def _publish(self, row: OutboxRow) -> Awaitable[Any]:
         return self.publish(
@@ -130,20 +156,186 @@ class Relay:
             timeout=self.timeout_s,
         )
 
-    async def _send(self, row: OutboxRow) -> str:
-        """Publish one claimed row and record its confirm: `sent`; `refused` when the broker
-        refused this message (unroutable, nacked); `unreachable` when it could not be asked
-        (connection or channel lost, confirm timed out). Both leave the row for a later try."""
-        store = self.ledger.store
+    async def _publish_window(self, rows: list[OutboxRow]) -> dict[int, BaseException | None]:
+        """Publish `rows` and wait for their confirms: row id → None (confirmed) or the
+        failure. The first goes alone: if the broker cannot be asked, the others are not
+        tried (absent from the result). The rest are published at once, in order, on the
+        one confirming channel, and their confirms awaited together."""
+        outcomes: dict[int, BaseException | None] = {}
+        if not rows:
+            return outcomes
+        first, *rest = rows
         try:
-            await self._publish(row)
+            await self._publish(first)
+            outcomes[first.id] = None
         except Exception as exc:
+            outcomes[first.id] = exc
+            if _failure(exc) == "unreachable":
+                return outcomes
+        results = await asyncio.gather(
+            *(_awaited(self._publish(row)) for row in rest), return_exceptions=True
+        )
+        for row, result in zip(rest, results, strict=True):
+            outcomes[row.id] = result if isinstance(result, BaseException) else None
+        return outcomes
+
+    def _tally(self, rows: list[OutboxRow], outcomes: dict[int, BaseException | None]) -> _Round:
+        result = _Round()
+        refused: list[int] = []
+        for row in rows:
+            if row.id not in outcomes:
+                continue
+            exc = outcomes[row.id]
+            if exc is None:
+                result.sent += 1
+                self._after_send(row)
+                continue
             self._failed(row, exc)
-            await self._db(store.release, row.id, describe_error(exc))
-            return _failure(exc)
-        await self._db(self._confirmed, row)
-        self._after_send(row, "sent")
-        return "sent"
+            if _failure(exc) == "refused":
+                refused.append(row.id)
+            else:
+                result.unreachable = True
+        result.refused = tuple(refused)
+        return result
+
+    async def _send_plain(self, rows: list[OutboxRow], claimed_at: float) -> _Round:
+        """Rows that need no check at send time (notices, reminders, withdrawals): publish
+        the window, then record every confirm and failure in one short transaction."""
+        store = self.ledger.store
+        if self._too_late(claimed_at):
+            await self._db(store.release_untried, [row.id for row in rows])
+            return _Round()
+        outcomes = await self._publish_window(rows)
+        await self._db(self._record_plain, rows, outcomes)
+        return self._tally(rows, outcomes)
+
+    def _record_plain(
+        self, rows: list[OutboxRow], outcomes: dict[int, BaseException | None]
+    ) -> None:
+        now = self.ledger.clock()
+
+        def record(tx: LedgerTx) -> None:
+            _record(tx, rows, outcomes, now)
+
+        self.ledger.store.run(record)
+
+    async def _send_referrals(self, rows: list[OutboxRow], claimed_at: float) -> _Round:
+        """A window with referrals: checked, published and recorded in one transaction on
+        the relay's database thread (`_send_in_tx`). A check that fails for another reason
+        than a concurrent change (a row the use cases cannot read) sends the window again
+        row by row, so that one bad row does not hold the others back."""
+        loop = asyncio.get_running_loop()
+        try:
+            return await self._db(self._send_in_tx, rows, loop, claimed_at)
+        except _CheckFailed as failed:
+            if len(rows) == 1:
+                raise failed.error from None
+        total = _Round()
+        for row in rows:
+            try:
+                one = await self._db(self._send_in_tx, [row], loop, claimed_at)
+            except _CheckFailed as failed:
+                log.error(
+                    "outbox row %s not checked (%s); tried again after its lease",
+                    row.id,
+                    describe_error(failed.error),
+                )
+                continue
+            total.sent += one.sent
+            total.withheld += one.withheld
+            total.refused += one.refused
+            if one.unreachable:
+                total.unreachable = True
+                rest = [r.id for r in rows[rows.index(row) + 1 :]]
+                await self._db(self.ledger.store.release_untried, rest)
+                break
+        return total
+
+    def _send_in_tx(
+        self, rows: list[OutboxRow], loop: asyncio.AbstractEventLoop, claimed_at: float
+    ) -> _Round:
+        """On the relay's database thread: check each referral of the window, publish what
+        may leave, wait for the confirms and record them (and the disclosures), in ONE
+        transaction that holds each referral's consent (shared) and row (locked)
+        throughout, so that a revocation either commits before (the referral is withheld,
+        never leaves) or waits and comes after (it sees that the referral left, and the
+        partner is told). The publishes run on the event loop, free meanwhile. A conflict
+        before publishing re-runs the transaction; after it, the rows keep their claims
+        and go again after the lease (with the same message ids)."""
+        published = False
+
+        def attempt(
+            tx: LedgerTx,
+        ) -> tuple[list[OutboxRow], dict[int, BaseException | None], int]:
+            nonlocal published
+            withheld = 0
+            to_send: list[OutboxRow] = []
+            for row in rows:
+                if not self._is_referral(row):
+                    to_send.append(row)
+                    continue
+                assert row.referral_id is not None
+                try:
+                    clear = send_or_withhold(self.ledger, tx, row.referral_id, row.id, row.attempts)
+                except Exception as exc:
+                    if is_conflict(exc):
+                        raise
+                    raise _CheckFailed(exc) from None
+                if clear:
+                    to_send.append(row)
+                else:
+                    log.info("referral %s withheld: no longer open or consented", row.referral_id)
+                    withheld += 1
+            if self._too_late(claimed_at):
+                raise _TooLate
+            published = bool(to_send)
+            future = asyncio.run_coroutine_threadsafe(self._publish_window(to_send), loop)
+            try:
+                outcomes = future.result(timeout=2 * self.timeout_s + 5)
+            except Exception as exc:
+                future.cancel()
+                if isinstance(exc, FutureTimeout):
+                    exc = TimeoutError("no confirm in time")
+                # Whether any of them left is unknown: each counts as tried.
+                outcomes = {row.id: exc for row in to_send}
+            now = self.ledger.clock()
+            _record(tx, to_send, outcomes, now)
+            for row in to_send:
+                if self._is_referral(row) and outcomes.get(row.id, False) is None:
+                    assert row.referral_id is not None
+                    mark_delivered(self.ledger, tx, row.referral_id)
+            return to_send, outcomes, withheld
+
+        store = self.ledger.store
+        for tries in range(1, 9):
+            try:
+                with store.begin() as tx:
+                    to_send, outcomes, withheld = attempt(tx)
+                # counted (and told to `wait_recorded`) once committed
+                result = self._tally(to_send, outcomes)
+                result.withheld = withheld
+                return result
+            except _TooLate:
+                # Past half the lease: another worker may claim these soon; give them back
+                # untried (their claims do not count) rather than race it.
+                store.release_untried([row.id for row in rows])
+                return _Round()
+            except Exception as exc:
+                if published or tries == 8 or not is_conflict(exc):
+                    if published:
+                        # They may have left: the rows keep their claims (counted as a try)
+                        # and go again after the lease, with the same message ids.
+                        log.warning(
+                            "%d outbox rows published but their confirms not recorded (%s)",
+                            len(rows),
+                            type(exc).__name__,
+                        )
+                    raise
+                backoff(tries)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _too_late(self, claimed_at: float) -> bool:
+        return time.monotonic() - claimed_at > self.lease.total_seconds() / 2
 
     def _failed(self, row: OutboxRow, exc: BaseException) -> None:
         self.failed += 1
@@ -151,73 +343,15 @@ class Relay:
             "outbox row %s to %s not sent: %s", row.id, row.routing_key, describe_error(exc)
         )
 
-    def _after_send(self, row: OutboxRow, outcome: str) -> None:
-        if outcome != "sent":
-            return
+    def _after_send(self, row: OutboxRow) -> None:
         self._recorded[row.message_id] = None
         if len(self._recorded) > 10_000:
             del self._recorded[next(iter(self._recorded))]
         self._progress.set()
 
-    def _send_referral(self, row: OutboxRow, loop: asyncio.AbstractEventLoop) -> str:
-        """On a database thread: check, publish and record the confirm of one referral in
-        ONE transaction, holding its consent (shared) and its row (locked) throughout, so
-        that a revocation either commits before (the referral is withheld, never leaves)
-        or waits and comes after (it sees that the referral left, and the partner is told).
-        The publish runs on the event loop, which is free meanwhile. A conflict before the
-        publish re-runs the transaction; after it, the row waits for the next try (sent
-        again with the same message id if the first reached the partner)."""
-        published = False
-
-        def attempt(tx: LedgerTx) -> str:
-            nonlocal published
-            assert row.referral_id is not None
-            if not send_or_withhold(self.ledger, tx, row.referral_id, row.id, row.attempts):
-                log.info("referral %s withheld: no longer open or consented", row.referral_id)
-                return "withheld"
-            published = True
-            future = None
-            try:
-                future = asyncio.run_coroutine_threadsafe(_awaited(self._publish(row)), loop)
-                future.result(timeout=self.timeout_s + 5)
-            except Exception as exc:
-                if future is not None:
-                    future.cancel()
-                if isinstance(exc, FutureTimeout):
-                    exc = TimeoutError("no confirm in time")
-                self._failed(row, exc)
-                tx.release_row(row.id, describe_error(exc))
-                return _failure(exc)
-            tx.mark_sent(row.id, self.ledger.clock())
-            mark_delivered(self.ledger, tx, row.referral_id)
-            return "sent"
-
-        store = self.ledger.store
-        for tries in range(1, 9):
-            try:
-                with store.begin() as tx:
-                    return attempt(tx)
-            except Exception as exc:
-                if published or tries == 8 or not is_conflict(exc):
-                    if published:
-                        # It may have left: the row keeps its claim (counted as a try) and
-                        # goes again after the lease, with the same message id.
-                        log.warning(
-                            "referral row %s published but its confirm not recorded (%s)",
-                            row.id,
-                            type(exc).__name__,
-                        )
-                    raise
-                backoff(tries)
-        raise AssertionError("unreachable")  # pragma: no cover
-
     @staticmethod
     def _is_referral(row: OutboxRow) -> bool:
         return row.message_type == "referral" and row.referral_id is not None
-
-    def _confirmed(self, row: OutboxRow) -> None:
-        now = self.ledger.clock()
-        self.ledger.store.run(lambda tx: tx.mark_sent(row.id, now))
 
     async def wait_recorded(self, message_id: str, timeout: float = 10.0) -> None:
         """Wait until this process has sent `message_id` and recorded the confirm."""
@@ -232,8 +366,7 @@ class Relay:
         while not stop.is_set():
             self._wake.clear()
             try:
-                while await self.flush() > 0:
-                    pass
+                await self.flush()
             except Exception as exc:
                 # no traceback: a database error's text would carry the values it was given
                 log.error(
@@ -248,6 +381,30 @@ class Relay:
                 "last outbox flush before shutdown failed (%s); the next start sends it",
                 describe_error(exc),
             )
+
+
+class _CheckFailed(Exception):  # noqa: N818 - carries the error of one window's check
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(type(error).__name__)
+        self.error = error
+
+
+def _record(
+    tx: LedgerTx,
+    rows: list[OutboxRow],
+    outcomes: dict[int, BaseException | None],
+    now: Any,
+) -> None:
+    """One window's confirms in one statement; each failure kept with its error (its claim
+    counts: it may have reached the broker); rows never tried given back uncounted."""
+    tx.mark_sent_many(
+        [row.id for row in rows if row.id in outcomes and outcomes[row.id] is None], now
+    )
+    for row in rows:
+        exc = outcomes.get(row.id)
+        if exc is not None:
+            tx.release_row(row.id, describe_error(exc))
+    tx.release_untried([row.id for row in rows if row.id not in outcomes])
 
 
 async def _awaited(awaitable: Awaitable[Any]) -> Any:

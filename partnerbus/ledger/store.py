@@ -17,7 +17,7 @@ import random
 import sqlite3
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -136,6 +136,7 @@ class OutboxRow:
     body: str
     referral_id: str | None
     attempts: int
+    priority: int = 2
 
 
 @dataclass(frozen=True)
@@ -169,6 +170,21 @@ def _consent(row: Any) -> ConsentRecord:
     values = dict(row._mapping)
     values["scope"] = ConsentScope.model_validate_json(values["scope"])
     return ConsentRecord(**values)
+
+
+URGENT_REFERRAL, ROUTINE_REFERRAL, OTHER = 0, 1, 2
+
+
+def outbox_priority(message: Message) -> int:
+    """Which outbox rows leave first when the relay is behind: an urgent or asap referral
+    (0), then a routine referral (1), then the rest (2: notices to the source and the
+    agency, reminders, withdrawals, statuses). A withdrawal or reminder still waits for its
+    referral, whatever the priorities (`Store.claim_pending`)."""
+    if getattr(message, "type", None) != "referral":
+        return OTHER
+    return (
+        URGENT_REFERRAL if getattr(message, "urgency", "routine") != "routine" else ROUTINE_REFERRAL
+    )
 
 
 class LedgerTx:
@@ -690,6 +706,7 @@ class LedgerTx:
                 referral_id=referral_id,
                 created_at=now,
                 attempts=0,
+                priority=outbox_priority(message),
             )
         )
 
@@ -755,6 +772,7 @@ class LedgerTx:
                 referral_id=referral_id,
                 created_at=now,
                 attempts=1,
+                priority=outbox_priority(message),
             )
         )
 
@@ -764,10 +782,26 @@ class LedgerTx:
         self.conn.execute(delete(t.outbox).where(t.outbox.c.id == outbox_id))
 
     def mark_sent(self, outbox_id: int, now: datetime) -> None:
+        self.mark_sent_many([outbox_id], now)
+
+    def mark_sent_many(self, outbox_ids: Collection[int], now: datetime) -> None:
+        """Record the broker's confirms of many rows in one statement."""
+        if not outbox_ids:
+            return
         self.conn.execute(
             update(t.outbox)
-            .where(t.outbox.c.id == outbox_id)
+            .where(t.outbox.c.id.in_(list(outbox_ids)))
             .values(sent_at=now, claimed_until=None, last_error=None)
+        )
+
+    def release_untried(self, outbox_ids: Collection[int]) -> None:
+        """Give back claimed rows that were never published (their claim did not count)."""
+        if not outbox_ids:
+            return
+        self.conn.execute(
+            update(t.outbox)
+            .where(t.outbox.c.id.in_(list(outbox_ids)), t.outbox.c.sent_at.is_(None))
+            .values(claimed_until=None, attempts=t.outbox.c.attempts - 1)
         )
 
     def release_row(self, outbox_id: int, error: str) -> None:
@@ -871,49 +905,65 @@ class Store:
         raise AssertionError("unreachable")  # pragma: no cover
 
     # outbox relay ---------------------------------------------------------------------
-    def claim_pending(self, now: datetime, lease: timedelta, limit: int = 100) -> list[OutboxRow]:
-        """Claim unsent outbox rows for `lease`, so that two relays do not send the same row."""
-        claimed: list[OutboxRow] = []
+    def claim_pending(
+        self,
+        now: datetime,
+        lease: timedelta,
+        limit: int = 100,
+        *,
+        exclude: Collection[int] = (),
+    ) -> list[OutboxRow]:
+        """Claim unsent outbox rows for `lease`, so that two relays do not send the same row:
+        the most pressing first (`priority`, then outbox order), at most `limit`, never one
+        of `exclude` (rows this relay has just seen refused). One SELECT and one UPDATE; on
+        PostgreSQL the SELECT locks its rows `FOR UPDATE SKIP LOCKED`, so two relays claiming
+        at once take different rows instead of waiting on each other."""
         # Messages about one referral leave in outbox order, whichever relay sends them: a
-        # row waits while an earlier row of its referral is unsent (claimed or not).
+        # row waits while an earlier row of its referral is unsent (claimed or not). So a
+        # claim holds at most one row per referral, and a relay may publish its whole claim
+        # at once without reordering a referral. The rule reads the snapshot, not the row
+        # locks: a sibling another relay is claiming right now is unsent, so it still waits.
         earlier = t.outbox.alias("earlier")
         waits = exists().where(
             earlier.c.referral_id == t.outbox.c.referral_id,
             earlier.c.sent_at.is_(None),
             earlier.c.id < t.outbox.c.id,
         )
+        claimable = (
+            t.outbox.c.sent_at.is_(None),
+            or_(t.outbox.c.claimed_until.is_(None), t.outbox.c.claimed_until < now),
+        )
+        query = (
+            select(t.outbox.c.id)
+            .where(*claimable)
+            .where(or_(t.outbox.c.referral_id.is_(None), ~waits))
+            .order_by(t.outbox.c.priority, t.outbox.c.id)
+            .limit(limit)
+            .with_for_update(skip_locked=True, of=t.outbox)
+        )
+        if exclude:
+            query = query.where(t.outbox.c.id.not_in(list(exclude)))
         with self.engine.begin() as conn:
-            query = (
-                select(t.outbox.c.id)
-                .where(t.outbox.c.sent_at.is_(None))
-                .where(or_(t.outbox.c.claimed_until.is_(None), t.outbox.c.claimed_until < now))
-                .where(or_(t.outbox.c.referral_id.is_(None), ~waits))
-                .order_by(t.outbox.c.id)
-                .limit(limit)
-            )
-            for (row_id,) in conn.execute(query).all():
-                got = conn.execute(
-                    update(t.outbox)
-                    .where(
-                        t.outbox.c.id == row_id,
-                        t.outbox.c.sent_at.is_(None),
-                        or_(t.outbox.c.claimed_until.is_(None), t.outbox.c.claimed_until < now),
-                    )
-                    .values(claimed_until=now + lease, attempts=t.outbox.c.attempts + 1)
+            ids = [row_id for (row_id,) in conn.execute(query).all()]
+            if not ids:
+                return []
+            got = conn.execute(
+                update(t.outbox)
+                .where(t.outbox.c.id.in_(ids), *claimable)
+                .values(claimed_until=now + lease, attempts=t.outbox.c.attempts + 1)
+                .returning(
+                    t.outbox.c.id,
+                    t.outbox.c.message_id,
+                    t.outbox.c.routing_key,
+                    t.outbox.c.message_type,
+                    t.outbox.c.body,
+                    t.outbox.c.referral_id,
+                    t.outbox.c.attempts,
+                    t.outbox.c.priority,
                 )
-                if got.rowcount == 1:
-                    row = conn.execute(
-                        select(
-                            t.outbox.c.id,
-                            t.outbox.c.message_id,
-                            t.outbox.c.routing_key,
-                            t.outbox.c.message_type,
-                            t.outbox.c.body,
-                            t.outbox.c.referral_id,
-                            t.outbox.c.attempts,
-                        ).where(t.outbox.c.id == row_id)
-                    ).one()
-                    claimed.append(_row(OutboxRow, row))
+            ).all()
+        claimed: list[OutboxRow] = [_row(OutboxRow, row) for row in got]
+        claimed.sort(key=lambda row: (row.priority, row.id))
         return claimed
 
     def release(self, outbox_id: int, error: str) -> None:
@@ -924,14 +974,14 @@ class Store:
                 .values(claimed_until=None, last_error=error[:2000])
             )
 
-    def release_untried(self, outbox_ids: list[int]) -> None:
+    def release_untried(self, outbox_ids: Collection[int]) -> None:
         """Give back claimed rows that were never tried (their claim did not count)."""
         if not outbox_ids:
             return
         with self.engine.begin() as conn:
             conn.execute(
                 update(t.outbox)
-                .where(t.outbox.c.id.in_(outbox_ids), t.outbox.c.sent_at.is_(None))
+                .where(t.outbox.c.id.in_(list(outbox_ids)), t.outbox.c.sent_at.is_(None))
                 .values(claimed_until=None, attempts=t.outbox.c.attempts - 1)
             )
 

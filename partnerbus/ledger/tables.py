@@ -12,6 +12,7 @@ from sqlalchemy import (
     Index,
     Integer,
     MetaData,
+    SmallInteger,
     String,
     Table,
     Text,
@@ -165,7 +166,12 @@ outbox = Table(
     Column("sent_at", UTCDateTime),
     Column("attempts", Integer, nullable=False, default=0),
     Column("last_error", Text),
+    # What leaves first when the relay is behind: 0 an urgent or asap referral, 1 a routine
+    # referral, 2 everything else (notices, reminders, withdrawals). The claim takes rows
+    # by (priority, id), still after the earlier rows of their referral.
+    Column("priority", SmallInteger, nullable=False, default=2, server_default="2"),
     Index("ix_outbox_pending", "sent_at", "id"),
+    Index("ix_outbox_claim", "sent_at", "priority", "id"),
     # One referral's messages leave in order: a row waits for the earlier rows of its
     # referral (the relay's claim looks them up by referral).
     Index("ix_outbox_referral", "referral_id", "id"),

@@ -1,5 +1,5 @@
-"""Two relays on one record, one of them slow, with publish functions that record what
-leaves (SQLite and PostgreSQL; the real-broker race is tests/e2e/test_referral_order.py).
+"""Two relays on one record, one of them paused after its claim, with publish functions that
+record what leaves (SQLite and PostgreSQL; the real-broker race is tests/e2e/test_referral_order.py).
 
 A consent revoked while a relay holds an untried claim on the referral: the other relay
 must not send the withdrawal first, and once the claim is settled the referral is
@@ -8,7 +8,9 @@ withheld and no withdrawal is sent at all (the partner never received it)."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from typing import Any
@@ -31,10 +33,28 @@ TO_PARTNER = ("referral", "referral-withdrawn")
 KINDS = ("ccas-cias", "points-conseil-budget", "cresus", "caf", "maisons-des-solidarites")
 
 
+class PausingStore:
+    """The store, except that a claim waits (on the relay's database thread) until the test
+    lets it go: the relay then holds claims it has not tried yet."""
+
+    def __init__(self, store: Store, claimed: threading.Event, go_on: threading.Event) -> None:
+        self._store, self._claimed, self._go_on = store, claimed, go_on
+
+    def claim_pending(self, *args: Any, **kwargs: Any) -> Any:
+        rows = self._store.claim_pending(*args, **kwargs)
+        if rows:
+            self._claimed.set()
+            self._go_on.wait(30)
+        return rows
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+
 async def test_a_withdrawal_never_overtakes_nor_outlives_a_referral_another_relay_holds(
     store: Store,
 ) -> None:
-    """Relay 1 has claimed [x, referral] and is busy with x; the consent is revoked; relay 2 sends nothing for the referral; relay 1 then withholds it and drops the withdrawal."""
+    """Relay 1 has claimed [referral, x] and not yet checked them; the consent is revoked; relay 2 sends nothing for the referral; relay 1 then withholds it and drops the withdrawal."""
     ledger = make_ledger(store)
     now = ledger.clock()
     with store.begin() as tx:  # an earlier message, so that relay 1 is busy before the referral
@@ -76,15 +96,9 @@ async def test_a_withdrawal_never_overtakes_nor_outlives_a_referral_another_rela
     assert referral.consent_id == "c-slow"
 
     left: list[tuple[str, str | None]] = []
-    busy, go_on = asyncio.Event(), asyncio.Event()
+    claimed, go_on = threading.Event(), threading.Event()
 
-    async def slow(body: bytes, **options: Any) -> None:
-        if options["message_id"] == "x":
-            busy.set()
-            await go_on.wait()
-        left.append((options["message_type"], json.loads(body).get("referral_id")))
-
-    async def quick(body: bytes, **options: Any) -> None:
+    async def record(body: bytes, **options: Any) -> None:
         left.append((options["message_type"], json.loads(body).get("referral_id")))
 
     revoked = ConsentRevoked(
@@ -95,19 +109,24 @@ async def test_a_withdrawal_never_overtakes_nor_outlives_a_referral_another_rela
         agency="lmh-agence-roubaix",
         revoked_at=now,
     )
+    paused = dataclasses.replace(ledger, store=PausingStore(store, claimed, go_on))
     with ThreadPoolExecutor(1) as one, ThreadPoolExecutor(1) as two:
-        first = Relay(ledger, Topology("p"), slow, one, timeout_s=5)
-        second = Relay(ledger, Topology("p"), quick, two, timeout_s=5)
+        first = Relay(paused, Topology("p"), record, one, timeout_s=5)
+        second = Relay(ledger, Topology("p"), record, two, timeout_s=5)
         flushing = asyncio.create_task(first.flush(rounds=1))
-        async with asyncio.timeout(30):
-            await busy.wait()  # relay 1 holds its claim on the referral, untried
-            await asyncio.to_thread(
-                store.run, lambda tx: usecases.revoke_consent(ledger, tx, revoked, "q")
-            )
-            await second.flush()
-            about = [kind for kind, r in left if r == rid and kind in TO_PARTNER]
-            assert about == [], f"relay 2 sent {about} while relay 1 held the referral"
+        try:
+            async with asyncio.timeout(30):
+                # relay 1 holds its claim on the referral, untried
+                assert await asyncio.to_thread(claimed.wait, 30)
+                await asyncio.to_thread(
+                    store.run, lambda tx: usecases.revoke_consent(ledger, tx, revoked, "q")
+                )
+                await second.flush()
+                about = [kind for kind, r in left if r == rid and kind in TO_PARTNER]
+                assert about == [], f"relay 2 sent {about} while relay 1 held the referral"
+        finally:
             go_on.set()
+        async with asyncio.timeout(30):
             await flushing
             await first.flush()
             await second.flush()

@@ -1,0 +1,219 @@
+"""The relay's windows, with publish functions that record what leaves (SQLite and
+PostgreSQL; the same on the real broker is tests/e2e/test_relay_windows.py).
+
+A window publishes many rows at once and waits for their confirms together; confirms may
+come back in any order. Whatever they do, one referral's rows leave in outbox order, two
+relays never publish a row twice while its claim holds, an urgent referral leaves before a
+routine backlog, and a revocation is wholly before or after the window that carries it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
+from typing import Any
+
+from partnerbus import usecases
+from partnerbus.broker.topology import Topology
+from partnerbus.handlers.outbox import Relay
+from partnerbus.ledger.store import LedgerTx, Store
+from partnerbus.schemas import (
+    ConsentGranted,
+    ConsentRevoked,
+    ConsentScope,
+    ReferralReminder,
+    Signal,
+)
+from partnerbus.usecases import Ledger
+from tests.conftest import make_ledger
+
+ARREARS = "logement-hebergement--reduire-les-impayes-de-loyer"
+KINDS = ("ccas-cias", "points-conseil-budget", "cresus", "caf", "maisons-des-solidarites")
+
+
+def decide(ledger: Ledger, first: int, count: int, urgency: str = "routine") -> list[str]:
+    """`count` consented signals, each making one referral, in one transaction: their
+    referral ids."""
+    now = ledger.clock()
+    signals = []
+
+    def work(tx: LedgerTx) -> None:
+        for n in range(first, first + count):
+            person = f"T-WIN-{n}"
+            usecases.grant_consent(
+                ledger,
+                tx,
+                ConsentGranted(
+                    message_id=f"grant-{n}",
+                    occurred_at=now,
+                    consent_id=f"c-{n}",
+                    person_ref=person,
+                    scope=ConsentScope(needs=("logement-hebergement",), partner_kinds=KINDS),
+                    collected_by="s.benali",
+                    agency="lmh-agence-roubaix",
+                    method="oral",
+                    granted_at=now,
+                    valid_until=now + timedelta(days=30),
+                ),
+                "q",
+            )
+            signal = Signal(
+                message_id=f"sig-{n}",
+                occurred_at=now,
+                source="lmh-recouvrement",
+                person_ref=person,
+                commune="59512",
+                needs=(ARREARS,),
+                urgency=urgency,  # type: ignore[arg-type]
+            )
+            usecases.receive_signal(ledger, tx, signal, "q")
+            signals.append(signal.message_id)
+
+    ledger.store.run(work)
+    return [r.referral_id for r in ledger.store.referrals() if r.signal_id in signals]
+
+
+def follow_ups(ledger: Ledger, referral_ids: list[str], count: int) -> None:
+    """`count` reminders queued behind each referral (rows of the same referral)."""
+    now = ledger.clock()
+    with ledger.store.begin() as tx:
+        for rid in referral_ids:
+            for k in range(count):
+                tx.enqueue(
+                    ReferralReminder(
+                        message_id=f"rem-{rid}-{k}",
+                        occurred_at=now,
+                        referral_id=rid,
+                        partner="ccas-roubaix",
+                        due_by=now,
+                    ),
+                    "ccas-roubaix",
+                    now,
+                    referral_id=rid,
+                )
+
+
+class Recorder:
+    """A publish function: records each message when it is published (the order the broker
+    receives them), then confirms after a random short pause (confirms out of order)."""
+
+    def __init__(self, seed: int) -> None:
+        self.left: list[dict[str, Any]] = []
+        self.rng = random.Random(seed)
+        self.lock = threading.Lock()
+
+    async def __call__(self, body: bytes, **options: Any) -> None:
+        with self.lock:
+            self.left.append({"message_id": options["message_id"], **json.loads(body)})
+            pause = self.rng.random() / 500
+        await asyncio.sleep(pause)
+
+
+async def drain(*relays: Relay, store: Store) -> None:
+    async with asyncio.timeout(120):
+        while await asyncio.to_thread(store.pending_count):
+            await asyncio.gather(*(relay.flush() for relay in relays))
+
+
+async def test_a_window_of_many_referrals_keeps_each_referrals_order(store: Store) -> None:
+    """120 referrals with two reminders each, sent in windows of 64 with confirms out of order: each referral leaves before its reminders, in outbox order, each row once."""
+    ledger = make_ledger(store)
+    rids = decide(ledger, 0, 120)
+    follow_ups(ledger, rids, 2)
+    recorder = Recorder(1)
+    with ThreadPoolExecutor(1) as executor:
+        relay = Relay(ledger, Topology("p"), recorder, executor, timeout_s=5, window=64)
+        await drain(relay, store=store)
+    ids = [m["message_id"] for m in recorder.left]
+    assert len(ids) == len(set(ids)), "a row was published twice"
+    for rid in rids:
+        mine = [m["message_id"] for m in recorder.left if m.get("referral_id") == rid]
+        mine = [i for i in mine if i == rid or i.startswith("rem-")]
+        assert mine == [rid, f"rem-{rid}-0", f"rem-{rid}-1"], mine
+    assert relay.sent == len(ids)
+
+
+async def test_two_relays_never_send_a_row_twice_nor_reorder_a_referral(store: Store) -> None:
+    """Two relays (own database threads) drain 150 referrals with two reminders each at once: no row is published twice, each referral's rows leave in order, and both did part of the work."""
+    ledger = make_ledger(store)
+    rids = decide(ledger, 1000, 150)
+    follow_ups(ledger, rids, 2)
+    recorder = Recorder(2)
+    with ThreadPoolExecutor(1) as one, ThreadPoolExecutor(1) as two:
+        first = Relay(ledger, Topology("p"), recorder, one, timeout_s=5, window=32)
+        second = Relay(ledger, Topology("p"), recorder, two, timeout_s=5, window=32)
+        await drain(first, second, store=store)
+    ids = [m["message_id"] for m in recorder.left]
+    assert len(ids) == len(set(ids)), "a row was published twice"
+    for rid in rids:
+        mine = [m["message_id"] for m in recorder.left if m.get("referral_id") == rid]
+        mine = [i for i in mine if i == rid or i.startswith("rem-")]
+        assert mine == [rid, f"rem-{rid}-0", f"rem-{rid}-1"], mine
+    assert first.sent > 0 and second.sent > 0, (first.sent, second.sent)
+    assert first.sent + second.sent == len(ids)
+
+
+async def test_an_urgent_referral_leaves_before_a_routine_backlog(store: Store) -> None:
+    """An asap referral decided after 1,000 routine ones leaves first, before the routine backlog drains, and the delivered notices leave after every referral."""
+    ledger = make_ledger(store)
+    routine = decide(ledger, 2000, 1000)
+    (urgent,) = decide(ledger, 5000, 1, urgency="asap")
+    recorder = Recorder(3)
+    with ThreadPoolExecutor(1) as executor:
+        relay = Relay(ledger, Topology("p"), recorder, executor, timeout_s=5)
+        await drain(relay, store=store)
+    referrals = [m["referral_id"] for m in recorder.left if m["type"] == "referral"]
+    assert sorted(referrals) == sorted([*routine, urgent])
+    assert referrals.index(urgent) == 0, referrals.index(urgent)
+    # the `delivered` notices wait behind every referral still to send
+    kinds = [m["type"] for m in recorder.left]
+    last_referral = max(i for i, kind in enumerate(kinds) if kind == "referral")
+    assert kinds.index("referral-status-changed") > last_referral
+
+
+async def test_a_revocation_during_a_window_is_wholly_before_or_after_it(store: Store) -> None:
+    """Consents revoked while windows of referrals are in flight: each referral either never left (withheld, no withdrawal) or left and then its withdrawal followed; the audit says which."""
+    ledger = make_ledger(store)
+    rids = decide(ledger, 7000, 60)
+    consents = {r.referral_id: r.consent_id for r in store.referrals() if r.referral_id in rids}
+    recorder = Recorder(4)
+    rng = random.Random(4)
+
+    def revoke(consent_id: str) -> None:
+        event = ConsentRevoked(
+            message_id=f"rv-{consent_id}",
+            occurred_at=ledger.clock(),
+            consent_id=consent_id,
+            revoked_by="s.benali",
+            agency="lmh-agence-roubaix",
+            revoked_at=ledger.clock(),
+        )
+        store.run(lambda tx: usecases.revoke_consent(ledger, tx, event, "q"))
+
+    async def revocations() -> None:
+        for rid in rng.sample(rids, 30):
+            await asyncio.to_thread(revoke, consents[rid])
+            await asyncio.sleep(rng.random() / 200)
+
+    with ThreadPoolExecutor(1) as executor:
+        relay = Relay(ledger, Topology("p"), recorder, executor, timeout_s=5, window=8)
+        await asyncio.gather(revocations(), relay.flush())
+        await drain(relay, store=store)
+    for rid in rids:
+        kinds = [m["type"] for m in recorder.left if m.get("referral_id") == rid]
+        kinds = [k for k in kinds if k in ("referral", "referral-withdrawn")]
+        actions = [a.action for a in store.audit_trail(rid)]
+        verdicts = [a for a in actions if a in ("referral-withdrawn", "referral-withheld")]
+        if store.referral(rid).status == "withdrawn":
+            if "referral" in kinds:
+                assert kinds == ["referral", "referral-withdrawn"], (rid, kinds)
+                assert "referral-disclosed" in actions and verdicts == ["referral-withdrawn"]
+            else:
+                assert kinds == [], (rid, kinds)
+                assert "referral-disclosed" not in actions and verdicts == ["referral-withheld"]
+        else:
+            assert kinds == ["referral"], (rid, kinds)
+            assert "referral-disclosed" in actions and verdicts == []
