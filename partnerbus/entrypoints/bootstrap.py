@@ -27,6 +27,7 @@ from partnerbus.broker import retention
 from partnerbus.broker.topology import Topology
 from partnerbus.directory import Directory
 from partnerbus.errors import describe_error, redact_wire_logs
+from partnerbus.handlers.batch import Batcher
 from partnerbus.handlers.delivery import Verdict
 from partnerbus.handlers.outbox import Relay
 from partnerbus.handlers.subscribers import CAPACITY, Wiring, build_router, raw_body
@@ -68,6 +69,8 @@ class Bus:
     intake_executor: ThreadPoolExecutor
     """The intake's own database thread: it never waits behind the relay's work."""
     verdicts: list[tuple[str, Verdict]] = field(default_factory=list)
+    batchers: dict[str, Batcher] = field(default_factory=dict)
+    """Each intake queue's group commit, by queue name."""
     directory_updates: list[str] = field(default_factory=list)
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
     _verdict_seen: asyncio.Event = field(default_factory=asyncio.Event)
@@ -463,6 +466,7 @@ def create_app(
         urgent_prefetch=settings.urgent_prefetch,
     )
     broker.include_router(build_router(wiring))
+    bus.batchers = wiring.batchers
     _subscribe_directory_updates(broker, topology, directory, bus.record_directory_update)
     app.on_startup(bus._on_startup)
     app.after_startup(bus._after_startup)
