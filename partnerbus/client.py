@@ -58,7 +58,9 @@ class PartnerClient:
             raise RuntimeError(msg)
         return self._channel
 
-    async def _publish(self, exchange: str, message: Message) -> None:
+    async def _publish(
+        self, exchange: str, message: Message, *, routing_key: str | None = None
+    ) -> None:
         ex = await self.channel.get_exchange(exchange, ensure=False)
         await ex.publish(
             aio_pika.Message(
@@ -69,11 +71,16 @@ class PartnerClient:
                 type=getattr(message, "type", None),
                 user_id=self.user,
             ),
-            routing_key=self.partner_id,
+            routing_key=routing_key or self.partner_id,
         )
 
     async def send_signal(self, signal: Message) -> None:
-        await self._publish(self.topology.signals.name, signal)
+        """Urgent and asap signals go with the `<partner>.urgent` key, to the bus's urgent
+        queue: never behind a routine backlog."""
+        key = self.topology.signal_routing_key(
+            self.partner_id, str(getattr(signal, "urgency", "routine"))
+        )
+        await self._publish(self.topology.signals.name, signal, routing_key=key)
 
     async def send_consent(self, event: Message) -> None:
         await self._publish(self.topology.consents.name, event)
@@ -86,7 +93,7 @@ class PartnerClient:
                 occurred_at=datetime.now(UTC),
                 referral_id=referral_id,
                 partner=self.partner_id,
-                status=status,  # type: ignore[arg-type]
+                status=status,
                 **fields,
             ),
         )

@@ -65,7 +65,16 @@ class Settings(BaseSettings):
     trusted_senders: tuple[str, ...] = ()
     """AMQP users allowed to publish on behalf of any partner (the bus itself, a gateway)."""
     delivery_limit: int = Field(default=5, ge=1, le=100)
-    prefetch: int = Field(default=16, ge=1, le=1000)
+    prefetch: int = Field(default=256, ge=1, le=1000)
+    """Unacked messages each intake consumer holds: its batch is at most this many."""
+    intake_batch_size: int = Field(default=128, ge=1, le=1000)
+    """Most messages the intake records in one transaction (group commit); each is acked
+    after that commit. Keep `prefetch` at least as large, or batches stay smaller."""
+    intake_batch_wait_ms: float = Field(default=0.0, ge=0, le=100)
+    """Extra wait for more messages before a batch is recorded; 0: record as soon as no
+    handler is ready to join (no fixed delay)."""
+    urgent_prefetch: int = Field(default=32, ge=1, le=1000)
+    """Prefetch of the urgent signals' consumer (its own channel)."""
     publish_timeout_s: float = Field(default=10.0, gt=0)
     max_message_bytes: int = Field(default=256 * 1024, ge=1024)
     dead_letter_max_messages: int | None = Field(default=10_000, ge=1)

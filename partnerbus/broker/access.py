@@ -12,7 +12,8 @@ What a partner's user may do (see docs/ACCESS.md):
   one table every door reads (the HTTP gateway too);
 - configure nothing: the bus declares every queue, partners use passive declares;
 - on those topic exchanges, publish only with its own partner id as routing key
-  (RabbitMQ topic permissions);
+  (RabbitMQ topic permissions), or on the signals exchange `<partner id>.urgent` (the
+  urgent signals' queue);
 - no user tags, so no `impersonator`: RabbitMQ refuses a `user_id` property that is not
   the connection's own user name.
 
@@ -40,7 +41,7 @@ from faststream.rabbit import RabbitExchange
 from rich.console import Console
 from rich.table import Table
 
-from partnerbus.broker.topology import Topology
+from partnerbus.broker.topology import URGENT_SUFFIX, Topology
 from partnerbus.directory.rights import Intake, may_publish
 from partnerbus.schemas.directory import Partner
 
@@ -86,6 +87,15 @@ class PartnerGrant:
     topic_write: str = NOTHING
     """Routing keys it may publish with on `topic_exchanges`: its own partner id."""
     topic_read: str = TOPIC_NOTHING
+    urgent_exchange: str = ""
+    """The exchange where its key may also be `<partner id>.urgent` (the signals)."""
+
+    def topic_write_on(self, exchange: str) -> str:
+        """Routing keys it may publish with on `exchange`: its own partner id, and on the
+        signals exchange also `<partner id>.urgent` (its urgent signals' queue)."""
+        if exchange == self.urgent_exchange:
+            return f"^{re.escape(self.partner_id)}({re.escape(URGENT_SUFFIX)})?$"
+        return self.topic_write
 
 
 def grants_for(
@@ -110,6 +120,7 @@ def grants_for(
             topic_exchanges=tuple(exchanges),
             topic_write=_exact([partner.id]),
             topic_read=TOPIC_NOTHING,
+            urgent_exchange=topology.signals.name,
         )
         if grant.username in grants:
             other = grants[grant.username].partner_id
@@ -198,7 +209,7 @@ def definitions(
                 "user": g.username,
                 "vhost": vhost,
                 "exchange": exchange,
-                "write": g.topic_write,
+                "write": g.topic_write_on(exchange),
                 "read": g.topic_read,
             }
             for exchange in g.topic_exchanges
@@ -286,13 +297,13 @@ def apply_with_rabbitmqctl(
                     vhost,
                     g.username,
                     exchange,
-                    g.topic_write,
+                    g.topic_write_on(exchange),
                     g.topic_read,
                 ],
             )
             done.append(
                 f"set_topic_permissions -p {vhost} {g.username} {exchange} "
-                f"{g.topic_write!r} {g.topic_read!r}"
+                f"{g.topic_write_on(exchange)!r} {g.topic_read!r}"
             )
         for stale in sorted(_topic_exchanges_of(rabbitmqctl, node, g.username, vhost)):
             if stale not in g.topic_exchanges:

@@ -29,6 +29,9 @@ REFUSAL_HEADER = "partnerbus-refusal"
 """On the bus's dead-letter copy of a message refused for authentication: `authentication`.
 Such a dead letter is never replayed (its sender is unknown or not who it claims)."""
 AUTHENTICATION = "authentication"
+URGENT_SUFFIX = ".urgent"
+"""Routing key suffix of an urgent or asap signal: `<partner id>.urgent`."""
+URGENT_LEVELS = frozenset({"urgent", "asap"})
 
 
 @dataclass(frozen=True)
@@ -51,7 +54,8 @@ class Topology:
 
     @property
     def signals(self) -> RabbitExchange:
-        """Partners publish `Signal`s here (routing key: their partner id)."""
+        """Partners publish `Signal`s here: routing key their partner id, or
+        `<partner id>.urgent` for an urgent or asap signal (`URGENT_SUFFIX`)."""
         return RabbitExchange(self.exchange_name("signals"), type=ExchangeType.TOPIC, durable=True)
 
     @property
@@ -136,7 +140,22 @@ class Topology:
 
     @property
     def signal_queue(self) -> RabbitQueue:
-        return self.work_queue(self.queue_name("intake.signals"))
+        """Routine signals: routing key a bare partner id (`*`: one word, no suffix)."""
+        return self.work_queue(self.queue_name("intake.signals"), routing_key="*")
+
+    @property
+    def urgent_signal_queue(self) -> RabbitQueue:
+        """Urgent and asap signals (`<partner>.urgent`): their own queue and consumer, so
+        that one is never behind a routine backlog (RabbitMQ 3.10's quorum queues have
+        no priorities)."""
+        return self.work_queue(
+            self.queue_name("intake.signals.urgent"), routing_key="*" + URGENT_SUFFIX
+        )
+
+    @staticmethod
+    def signal_routing_key(partner_id: str, urgency: str) -> str:
+        """The key a partner publishes a signal with: urgent and asap ones go first."""
+        return partner_id + URGENT_SUFFIX if urgency in URGENT_LEVELS else partner_id
 
     @property
     def status_queue(self) -> RabbitQueue:
@@ -149,6 +168,7 @@ class Topology:
     def intake_queues(self) -> tuple[tuple[RabbitQueue, RabbitExchange], ...]:
         return (
             (self.signal_queue, self.signals),
+            (self.urgent_signal_queue, self.signals),
             (self.status_queue, self.statuses),
             (self.consent_queue, self.consents),
         )

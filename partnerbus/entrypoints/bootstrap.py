@@ -27,6 +27,7 @@ from partnerbus.broker import retention
 from partnerbus.broker.topology import Topology
 from partnerbus.directory import Directory
 from partnerbus.errors import describe_error, redact_wire_logs
+from partnerbus.handlers.batch import Batcher
 from partnerbus.handlers.delivery import Verdict
 from partnerbus.handlers.outbox import Relay
 from partnerbus.handlers.subscribers import CAPACITY, Wiring, build_router, raw_body
@@ -65,7 +66,12 @@ class Bus:
     ledger: Ledger
     relay: Relay
     executor: ThreadPoolExecutor
+    """Start-up, the scheduler and (until it has its own) the relay."""
+    intake_executor: ThreadPoolExecutor
+    """The intake's own database thread: it never waits behind the relay's work."""
     verdicts: list[tuple[str, Verdict]] = field(default_factory=list)
+    batchers: dict[str, Batcher] = field(default_factory=dict)
+    """Each intake queue's group commit, by queue name."""
     directory_updates: list[str] = field(default_factory=list)
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
     _verdict_seen: asyncio.Event = field(default_factory=asyncio.Event)
@@ -130,6 +136,12 @@ class Bus:
                     await _declare_bounded(probe, t.retry_queue(queue.name, step), t.retries.name)
                 if t.partner_of(queue.name):
                     await declared.bind(exchanges[t.deliveries.name], routing_key=queue.routing_key)
+            # Before the urgent queue, routine signals were bound with `#`, which would
+            # take urgent keys too: that binding goes (unbinding a missing one is a no-op).
+            routine = await probe.channel()
+            signals = await routine.declare_queue(t.signal_queue.name, passive=True)
+            await signals.unbind(t.signals.name, routing_key="#")
+            await routine.close()
 
     async def teardown(self) -> None:
         """Delete every queue and exchange of this prefix (tests, demo clean-up)."""
@@ -247,6 +259,7 @@ class Bus:
             server.shutdown()
             server.server_close()
             self._metrics = None
+        self.intake_executor.shutdown(wait=True)
         self.executor.shutdown(wait=True)
         self.relay.executor.shutdown(wait=True)
         self.store.dispose()
@@ -416,9 +429,14 @@ def create_app(
         deadlines=deadline_policy(settings),
         consent_notice=timedelta(days=settings.consent_expiry_notice_days),
     )
-    # SQLite has one writer: one database thread avoids lock contention inside a process.
+    # SQLite has one writer: one database thread per room avoids lock contention inside a
+    # process (the intake and the relay still take turns on the file's write lock, each
+    # for one short transaction). The intake has its own: it never waits behind the relay.
     executor = ThreadPoolExecutor(
         max_workers=1 if store.is_sqlite else 4, thread_name_prefix="partnerbus-db"
+    )
+    intake_executor = ThreadPoolExecutor(
+        max_workers=1 if store.is_sqlite else 2, thread_name_prefix="partnerbus-intake"
     )
     relay = Relay(
         ledger,
@@ -438,20 +456,25 @@ def create_app(
         ledger=ledger,
         relay=relay,
         executor=executor,
+        intake_executor=intake_executor,
     )
     wiring = Wiring(
         ledger=ledger,
         topology=topology,
         relay=relay,
-        executor=executor,
+        executor=intake_executor,
         publish=broker.publish,
         trusted_senders=settings.trusted_senders,
         own_user=amqp_user(settings.amqp_url.get_secret_value()),
         max_bytes=settings.max_message_bytes,
         publish_timeout_s=settings.publish_timeout_s,
         on_verdict=bus.record_verdict,
+        batch_size=settings.intake_batch_size,
+        batch_wait_s=settings.intake_batch_wait_ms / 1000,
+        urgent_prefetch=settings.urgent_prefetch,
     )
     broker.include_router(build_router(wiring))
+    bus.batchers = wiring.batchers
     _subscribe_directory_updates(broker, topology, directory, bus.record_directory_update)
     app.on_startup(bus._on_startup)
     app.after_startup(bus._after_startup)

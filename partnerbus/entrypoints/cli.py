@@ -224,7 +224,7 @@ def consent_revoke(
     settings = Settings()
     store = _store()
     try:
-        with store.begin() as tx:
+        with store.read() as tx:  # a lookup: no write lock
             known = tx.consent(consent_id)
     finally:
         store.dispose()

@@ -52,7 +52,7 @@ from partnerbus.directory.rights import Intake, refusal
 from partnerbus.errors import ConfigError
 from partnerbus.handlers.delivery import describe_validation
 from partnerbus.handlers.subscribers import CONSENT, SIGNAL, STATUS
-from partnerbus.schemas import Partner
+from partnerbus.schemas import Partner, Signal
 from partnerbus.settings import Settings, amqp_user
 
 MAX_TOKEN_CHARS = 256
@@ -241,10 +241,13 @@ def create_gateway(
                 403, f"claimed sender {sender!r} is not the authenticated partner {who.id!r}"
             )
         exchange: RabbitExchange = intake_exchange(topology, intake)
+        # Urgent and asap signals take the urgent queue, as a partner's own client sends them.
+        urgency = message.urgency if isinstance(message, Signal) else None
+        key = topology.signal_routing_key(who.id, urgency) if urgency else who.id
         await broker.publish(
             body,
             exchange=exchange,
-            routing_key=who.id,
+            routing_key=key,
             persist=True,
             mandatory=True,
             message_id=message.message_id,

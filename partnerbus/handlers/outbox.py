@@ -226,7 +226,8 @@ class Relay:
         row by row, so that one bad row does not hold the others back."""
         loop = asyncio.get_running_loop()
         try:
-            return await self._db(self._send_in_tx, rows, loop, claimed_at)
+            whole: _Round = await self._db(self._send_in_tx, rows, loop, claimed_at)
+            return whole
         except _CheckFailed as failed:
             if len(rows) == 1:
                 raise failed.error from None

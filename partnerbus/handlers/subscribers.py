@@ -1,7 +1,10 @@
 """The FastStream subscribers: receive, decide (a use case), record, and let the relay send.
 
 Each is short: the `Intake` does decoding, authentication, dead-lettering and retries; the
-use case does the work in one transaction; the relay sends what it committed.
+queue's `Batcher` records what the queue has prefetched in one transaction (group commit,
+each message's use case in its own savepoint) and answers each handler after the commit;
+the relay sends what it committed. Urgent and asap signals have their own queue and
+consumer, so that they never wait behind a routine backlog.
 """
 
 from __future__ import annotations
@@ -9,17 +12,18 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from concurrent.futures import Executor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from faststream import AckPolicy
 from faststream.message import StreamMessage
-from faststream.rabbit import RabbitQueue, RabbitRouter
+from faststream.rabbit import Channel, RabbitQueue, RabbitRouter
 from faststream.rabbit.annotations import RabbitMessage
 from pydantic import TypeAdapter
 
 from partnerbus import usecases
 from partnerbus.broker.topology import Topology
+from partnerbus.handlers.batch import Batcher
 from partnerbus.handlers.delivery import Held, Intake, Publish, Verdict
 from partnerbus.handlers.outbox import Relay
 from partnerbus.ledger.store import LedgerTx
@@ -53,6 +57,7 @@ class Wiring:
     topology: Topology
     relay: Relay
     executor: Executor
+    """The intake's own database thread(s): never shared with the relay."""
     publish: Publish
     trusted_senders: tuple[str, ...]
     own_user: str
@@ -61,6 +66,14 @@ class Wiring:
     on_verdict: Callable[[str, Verdict], None] = lambda _queue, _verdict: None
     on_held: Held | None = None
     """Told of each dead-letter copy refused (full); the ledger's count when None."""
+    batch_size: int = 128
+    """Most messages recorded in one transaction (a batch is also at most the prefetch)."""
+    batch_wait_s: float = 0.0
+    """Extra wait for stragglers before a batch is recorded (0: flush when nothing more
+    is ready)."""
+    urgent_prefetch: int = 32
+    """Prefetch of the urgent signals' consumer, on a channel of its own."""
+    batchers: dict[str, Batcher] = field(default_factory=dict)
 
     def intake(self, queue: RabbitQueue) -> Intake:
         return Intake(
@@ -76,15 +89,17 @@ class Wiring:
             clock=self.ledger.clock,
         )
 
-    async def in_transaction(self, use_case: Callable[..., bool], message: Any, queue: str) -> bool:
-        """Run the use case in one transaction, re-run whole when it met a concurrent change
-        (a compare-and-set that found another status, a deadlock, a serialization failure)."""
-
-        def work() -> bool:
-            return self.ledger.store.run(lambda tx: use_case(self.ledger, tx, message, queue))
-
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.executor, work)
+    def batcher(self, queue: RabbitQueue) -> Batcher:
+        """The queue's group commit, in the intake's database thread."""
+        batcher = Batcher(
+            self.ledger.store,
+            self.executor,
+            max_size=self.batch_size,
+            max_wait_s=self.batch_wait_s,
+            on_commit=self.then_send,
+        )
+        self.batchers[queue.name] = batcher
+        return batcher
 
     async def count_held(self, raw: Any, queue: str) -> None:
         """A dead-letter copy refused by a full dead-letter queue: counted in the ledger,
@@ -96,10 +111,10 @@ class Wiring:
 
         await asyncio.get_running_loop().run_in_executor(self.executor, work)
 
-    def then_send(self, done: bool) -> bool:
-        if done:
+    def then_send(self, done: list[bool]) -> None:
+        """After a commit: the relay sends what it recorded."""
+        if any(done):
             self.relay.kick()
-        return done
 
 
 def _status_use_case(ledger: Ledger, tx: LedgerTx, message: Any, queue: str) -> bool:
@@ -132,24 +147,38 @@ def build_router(w: Wiring) -> RabbitRouter:
         adapter: TypeAdapter[Any],
         sender_of: Callable[[Any], str],
         use_case: Callable[..., bool],
+        **extra: Any,
     ) -> None:
         intake = w.intake(queue)
+        batcher = w.batcher(queue)
+        name = queue.name
 
         async def work(message: Any) -> bool:
-            return w.then_send(await w.in_transaction(use_case, message, queue.name))
+            # Acked (by FastStream, when the handler returns) only after the batch that
+            # holds this message has committed.
+            return await batcher.record(lambda tx: use_case(w.ledger, tx, message, name))
 
         async def handle(body: bytes, message: RabbitMessage) -> None:
             verdict = await intake.run(message.raw_message, body, adapter, sender_of, work)
             if verdict.outcome == "held":
                 # Not acked: RabbitMQ keeps it, dead-lettered, until its dead letters have room.
                 await message.reject(requeue=False)
-            w.on_verdict(queue.name, verdict)
+            w.on_verdict(name, verdict)
 
-        handle.__name__ = f"on_{queue.name.rsplit('.', 1)[-1]}"
-        router.subscriber(queue, exchange, **options)(handle)
+        handle.__name__ = "on_" + name.removeprefix(t.queue_name("intake.")).replace(".", "_")
+        router.subscriber(queue, exchange, **options, **extra)(handle)
 
+    receive = _checked(usecases.receive_signal)
+    subscribe(t.signal_queue, t.signals, SIGNAL, lambda s: s.source, receive)
+    # Its own channel and prefetch: never behind the routine queue's deliveries. A routine
+    # signal published with an urgent key is accepted there (it is only recorded sooner).
     subscribe(
-        t.signal_queue, t.signals, SIGNAL, lambda s: s.source, _checked(usecases.receive_signal)
+        t.urgent_signal_queue,
+        t.signals,
+        SIGNAL,
+        lambda s: s.source,
+        receive,
+        channel=Channel(prefetch_count=w.urgent_prefetch),
     )
     subscribe(t.status_queue, t.statuses, STATUS, _status_sender, _status_use_case)
     subscribe(t.consent_queue, t.consents, CONSENT, lambda c: c.agency, _consent_use_case)

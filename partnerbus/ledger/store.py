@@ -874,13 +874,28 @@ class Store:
         self.engine.dispose()
 
     @contextmanager
-    def begin(self) -> Iterator[LedgerTx]:
+    def begin(self, *, readonly: bool = False) -> Iterator[LedgerTx]:
+        """One transaction. A writing one takes SQLite's write lock at once (`BEGIN
+        IMMEDIATE`); `readonly=True` is `read()`."""
+        if readonly:
+            with self.read() as tx:
+                yield tx
+            return
         with self.engine.begin() as conn:
             yield LedgerTx(conn)
 
     @contextmanager
+    def read(self) -> Iterator[LedgerTx]:
+        """A read-only transaction: it takes no write lock (a deferred `BEGIN` on SQLite,
+        where WAL lets it read beside the writer), and PostgreSQL refuses any write in it
+        (`SET TRANSACTION READ ONLY`). For checks and lookups that record nothing."""
+        with self._reading() as conn, conn.begin():
+            yield LedgerTx(conn)
+
+    @contextmanager
     def _reading(self) -> Iterator[Connection]:
-        """A connection for reads only: on SQLite it does not wait for the writer."""
+        """A connection for reads only: on SQLite it does not wait for the writer; on
+        PostgreSQL each of its transactions is read-only."""
         with self.engine.connect() as conn:
             yield conn.execution_options(**{READ_ONLY: True})
 
@@ -1180,6 +1195,9 @@ def _engine(url: str, *, schema: str | None, echo: bool) -> Engine:
             cursor.execute("PRAGMA busy_timeout=30000")
             if not in_memory:
                 _wal(cursor)
+            # Every commit reaches the disk before the broker is told (an ack, a publish):
+            # stated, not left to the build's default, which may be NORMAL under WAL.
+            cursor.execute("PRAGMA synchronous=FULL")
             cursor.execute("PRAGMA foreign_keys=ON")
             cursor.close()
 
@@ -1199,9 +1217,18 @@ def _engine(url: str, *, schema: str | None, echo: bool) -> Engine:
     connect_args: dict[str, Any] = {}
     if schema:
         connect_args["options"] = f"-csearch_path={schema}"
-    return create_engine(
+    engine = create_engine(
         url, echo=echo, hide_parameters=True, pool_pre_ping=True, connect_args=connect_args
     )
+
+    @event.listens_for(engine, "begin")
+    def _read_only(conn: Any) -> None:
+        # A reading connection's transactions are read-only: PostgreSQL refuses a write
+        # there, and it takes no row lock a writer would wait for.
+        if conn.get_execution_options().get(READ_ONLY):
+            conn.exec_driver_sql("SET TRANSACTION READ ONLY")
+
+    return engine
 
 
 __all__ = [

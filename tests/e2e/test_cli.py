@@ -241,7 +241,7 @@ async def test_the_health_check_sees_the_running_service_and_its_absence(cli_env
     """`partnerbus health` exits 0 while the bus consumes, 1 with a reason for a prefix nobody serves."""
     healthy = await invoke("health")
     assert healthy.exit_code == 0, healthy.output
-    assert "3 consumers on the intake queues" in healthy.output
+    assert "4 consumers on the intake queues" in healthy.output  # urgent signals too
     monkeypatch.setenv("PARTNERBUS_PREFIX", "nobody-serves-this")
     unhealthy = await invoke("health")
     assert unhealthy.exit_code == 1

@@ -219,3 +219,31 @@ async def test_each_partner_is_rate_limited_on_its_own_with_retry_after(bus, tmp
         other = door.auth("lmh-proximite")
         assert (await door.post("/v1/signals", json={}, headers=other)).status_code == 422
     assert bus.verdicts == []
+
+
+async def test_an_urgent_signal_posted_over_http_takes_the_urgent_queue(
+    bus, channel, gateway: Door
+):
+    """Over HTTP as over AMQP, an urgent signal is published with the `.urgent` key (the urgent intake queue) and a routine one with the partner's own key."""
+    source = "lmh-recouvrement"
+    spies = {}
+    for key in (source, f"{source}.urgent"):
+        spy = await channel.declare_queue(exclusive=True)
+        await spy.bind(bus.topology.signals.name, routing_key=key)
+        spies[key] = spy
+    urgent, routine = signal(urgency="urgent"), signal(urgency="routine")
+    for body in (urgent, routine):
+        response = await gateway.post("/v1/signals", json=body, headers=gateway.auth(source))
+        assert response.status_code == 202, response.text
+    # 202 comes after the broker's confirm, which follows routing: both copies are there.
+    took_urgent = await spies[f"{source}.urgent"].get(no_ack=True, fail=False)
+    took_routine = await spies[source].get(no_ack=True, fail=False)
+    assert (
+        took_urgent is not None
+        and json.loads(took_urgent.body)["message_id"] == urgent["message_id"]
+    )
+    assert (
+        took_routine is not None
+        and json.loads(took_routine.body)["message_id"] == routine["message_id"]
+    )
+    assert await spies[f"{source}.urgent"].get(no_ack=True, fail=False) is None

@@ -91,7 +91,10 @@ def test_grants_are_anchored_and_escaped() -> None:
         topic_exchanges=("pb.test.signals", "pb.test.statuses"),
         topic_write=r"^ccas\-lille$",
         topic_read="^$",
+        urgent_exchange="pb.test.signals",
     )
+    assert g.topic_write_on("pb.test.signals") == r"^ccas\-lille(\.urgent)?$"
+    assert g.topic_write_on("pb.test.statuses") == r"^ccas\-lille$"
 
 
 def test_agencies_with_advisors_may_write_consents() -> None:
@@ -161,7 +164,7 @@ async def _declare_topology(url: str, topology: Topology, partner_ids: list[str]
             await queue.bind(exchanges[topology.deliveries.name], routing_key=pid)
         for spec, exchange in topology.intake_queues():
             queue = await ch.declare_queue(spec.name, durable=True, arguments=spec.arguments)
-            await queue.bind(exchanges[exchange.name], routing_key="#")
+            await queue.bind(exchanges[exchange.name], routing_key=spec.routing_key)
 
 
 @pytest.fixture(scope="module")
@@ -306,6 +309,32 @@ async def test_topic_permission_pins_routing_key(world: World) -> None:
 
 
 @pytest.mark.rabbitmq
+async def test_urgent_key_only_for_ones_own_signals(world: World) -> None:
+    """B may publish a signal with `B.urgent` (it lands in the urgent queue), never with `A.urgent`, nor `B.urgent` on statuses."""
+    t = world.topology
+    conn = await _as(world, world.b)
+    async with conn:
+        ch = await conn.channel(publisher_confirms=True, on_return_raises=True)
+        ex = await ch.get_exchange(t.signals.name, ensure=False)
+        body = f'{{"n":"{uuid.uuid4()}"}}'.encode()
+        await ex.publish(_msg(body, user_id=world.b.username), routing_key=f"{world.b.id}.urgent")
+        with pytest.raises(aiormq.exceptions.ChannelAccessRefused):
+            await ex.publish(_msg(user_id=world.b.username), routing_key=f"{world.a.id}.urgent")
+        ch = await conn.channel(publisher_confirms=True)
+        ex = await ch.get_exchange(t.statuses.name, ensure=False)
+        with pytest.raises(aiormq.exceptions.ChannelAccessRefused):
+            await ex.publish(_msg(user_id=world.b.username), routing_key=f"{world.b.id}.urgent")
+    guest = await aio_pika.connect(world.guest_url)
+    async with guest:
+        ch = await guest.channel()
+        q = await ch.get_queue(t.urgent_signal_queue.name)
+        message = await q.get(timeout=10)
+        await message.ack()
+        assert message.body == body
+        assert message.user_id == world.b.username
+
+
+@pytest.mark.rabbitmq
 async def test_user_id_of_another_partner_is_refused(world: World) -> None:
     """RabbitMQ itself refuses a `user_id` that is not the connection's user (PRECONDITION_FAILED)."""
     conn = await _as(world, world.b)
@@ -373,7 +402,12 @@ async def test_definitions_import_and_authenticate(tmp_path: Path) -> None:
             ),
             lambda found: len(found) == 5,  # A: signals, statuses, consents; B: two
         )
-        assert {t["write"] for t in topics} == {f"^a\\-{tag}$", f"^b\\-{tag}$"}
+        assert {t["write"] for t in topics} == {
+            f"^a\\-{tag}$",
+            f"^b\\-{tag}$",
+            f"^a\\-{tag}(\\.urgent)?$",
+            f"^b\\-{tag}(\\.urgent)?$",
+        }
         user = partners[1].username
         assert "Success" in _ctl("authenticate_user", user, password_for(user))
         perms = json.loads(_ctl("list_permissions", "-p", vhost, "-q", "--formatter", "json"))

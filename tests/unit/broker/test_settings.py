@@ -47,7 +47,10 @@ def test_the_defaults_are_the_documented_ones(tmp_path, monkeypatch) -> None:
     assert s.database_url == "sqlite:///partnerbus.db"
     assert s.prefix == "partnerbus"
     assert s.delivery_limit == 5
-    assert s.prefetch == 16
+    assert s.prefetch == 256
+    assert s.intake_batch_size == 128
+    assert s.intake_batch_wait_ms == 0
+    assert s.urgent_prefetch == 32
     assert s.retry_delays_ms == (1000, 5000, 30000)
     assert (s.deadlines.routine_hours, s.deadlines.urgent_hours, s.deadlines.asap_hours) == (
         240,
