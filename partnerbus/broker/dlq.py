@@ -329,7 +329,7 @@ def _audit(
     now = datetime.now(UTC)
     with store.begin() as tx:
         for letter in letters:
-            tx.audit(
+            tx.audit.record(
                 by[:80],
                 action,
                 (letter.message_id or "-")[:128],

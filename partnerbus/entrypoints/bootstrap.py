@@ -331,7 +331,7 @@ class Bus:
 
         def audit(expired: retention.Expired) -> None:
             with self.store.begin() as tx:
-                tx.audit(
+                tx.audit.record(
                     usecases.BUS,
                     "dead-letter-expired",
                     (expired.message_id or "-")[:128],

@@ -225,7 +225,7 @@ def consent_revoke(
     store = _store()
     try:
         with store.read() as tx:  # a lookup: no write lock
-            known = tx.consent(consent_id)
+            known = tx.consents.get(consent_id)
     finally:
         store.dispose()
     if known is None:
@@ -275,8 +275,10 @@ def consent_list(
     store = _store()
     now = datetime.now(UTC)
     with store.begin() as tx:
-        rows = tx.consents_of(person)
-        tx.audit(by, "consents-read", person, now, person_ref=person, why="partnerbus consent list")
+        rows = tx.consents.of_person(person)
+        tx.audit.record(
+            by, "consents-read", person, now, person_ref=person, why="partnerbus consent list"
+        )
     table = Table(title=f"consents of {person}")
     for column in ("consent", "needs", "to", "method", "by", "from", "until", "state"):
         table.add_column(column)
@@ -306,7 +308,7 @@ def referrals_timeline(
     store = _store()
     rows = store.audit_trail(subject)
     with store.begin() as tx:
-        tx.audit(
+        tx.audit.record(
             by, "timeline-read", subject, datetime.now(UTC), why="partnerbus referrals timeline"
         )
     if not rows:

@@ -9,14 +9,10 @@ tests and for partners who test against us.
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import json
 import logging
 import random
 import sqlite3
 import time
-import uuid
 from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -26,7 +22,6 @@ from typing import Any, TypeVar
 from sqlalchemy import (
     Connection,
     Engine,
-    Table,
     and_,
     create_engine,
     delete,
@@ -37,14 +32,25 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.pool import StaticPool
 
-from partnerbus.errors import PartnerbusError
 from partnerbus.ledger import tables as t
-from partnerbus.rules.consent import ConsentRecord
-from partnerbus.schemas import ConsentScope, Message, Signal
+from partnerbus.ledger.repos import (
+    AuditRepository,
+    CapacityRepository,
+    Conflict,
+    ConsentRepository,
+    JournalRepository,
+    ProcessedRepository,
+    ReferralRepository,
+    ReferralRow,
+    RetentionRepository,
+    SignalRepository,
+    SignalRow,
+)
+from partnerbus.ledger.repos.base import row_of as _row
+from partnerbus.schemas import Message
 
 log = logging.getLogger("partnerbus.ledger")
 T = TypeVar("T")
@@ -55,11 +61,6 @@ serialization failure, deadlock detected, and a unique key another transaction h
 inserted (a concurrent upsert or dedupe mark). Re-running the transaction settles them."""
 MAX_TRIES = 8
 READ_ONLY = "partnerbus_read_only"
-
-
-class Conflict(PartnerbusError):  # noqa: N818 - a signal to re-run, not an error
-    """The row changed since this transaction read it (a compare-and-set found another
-    status): the decision was made on a stale read, so the whole transaction re-runs."""
 
 
 def is_conflict(exc: BaseException) -> bool:
@@ -74,57 +75,6 @@ def is_conflict(exc: BaseException) -> bool:
 def backoff(attempt: int) -> None:
     """A short random pause before the next try, so that two rivals do not meet again."""
     time.sleep(random.uniform(0, 0.005 * 2**attempt))
-
-
-FREE_TEXT_AUDIT_ACTIONS = (
-    "consent-revoked",
-    "dead-letter-read",
-    "dead-letter-replayed",
-    "dead-letter-purged",
-)
-"""Audit actions whose `why` holds free text (a revocation's reason, a dead letter's
-reason that may quote the message): erased with the other free text."""
-
-
-@dataclass(frozen=True)
-class ReferralRow:
-    referral_id: str
-    signal_id: str
-    need: str
-    attempt: int
-    partner_id: str
-    partner_kind: str
-    consent_id: str
-    status: str
-    reason: str | None
-    outcome: str | None
-    urgency: str
-    created_at: datetime
-    updated_at: datetime
-    sent_at: datetime | None
-    due_at: datetime | None
-    remind_at: datetime | None
-    reminded: bool
-    closed_at: datetime | None
-    anonymised_at: datetime | None
-
-
-@dataclass(frozen=True)
-class SignalRow:
-    signal_id: str
-    source: str
-    person_ref: str
-    commune: str
-    urgency: str
-    agency: str | None
-    advisor: str | None
-    body: str
-    received_at: datetime
-    note_deleted_at: datetime | None
-    anonymised_at: datetime | None
-
-    def signal(self) -> Signal:
-        return Signal.model_validate_json(self.body)
 
 
 @dataclass(frozen=True)
@@ -162,16 +112,6 @@ class AuditRow:
     why: str | None
 
 
-def _row(cls: type[Any], row: Any) -> Any:
-    return cls(**dict(row._mapping))
-
-
-def _consent(row: Any) -> ConsentRecord:
-    values = dict(row._mapping)
-    values["scope"] = ConsentScope.model_validate_json(values["scope"])
-    return ConsentRecord(**values)
-
-
 URGENT_REFERRAL, ROUTINE_REFERRAL, OTHER = 0, 1, 2
 
 
@@ -188,464 +128,22 @@ def outbox_priority(message: Message) -> int:
 
 
 class LedgerTx:
-    """What a use case may do inside one transaction."""
+    """One transaction: its connection, and the repositories that work in it. A use case
+    reads and writes through them (`tx.signals.add(...)`, `tx.referrals.update(...)`,
+    `tx.audit.record(...)`), and all of it commits or rolls back together."""
 
     def __init__(self, conn: Connection) -> None:
         self.conn = conn
+        self.processed = ProcessedRepository(conn)
+        self.signals = SignalRepository(conn)
+        self.consents = ConsentRepository(conn)
+        self.journal = JournalRepository(conn)
+        self.referrals = ReferralRepository(conn)
+        self.capacity = CapacityRepository(conn)
+        self.audit = AuditRepository(conn)
+        self.retention = RetentionRepository(conn)
 
-    # dedupe --------------------------------------------------------------------------
-    def first_time(self, message_id: str, queue: str, now: datetime) -> bool:
-        """Record that this message was processed; False if it already was (a redelivery)."""
-        seen = self.conn.execute(
-            select(t.processed.c.message_id).where(
-                t.processed.c.message_id == message_id, t.processed.c.queue == queue
-            )
-        ).first()
-        if seen:
-            return False
-        self.conn.execute(
-            t.processed.insert().values(message_id=message_id, queue=queue, processed_at=now)
-        )
-        return True
-
-    # signals -------------------------------------------------------------------------
-    def add_signal(
-        self, signal: Signal, agency: str | None, advisor: str | None, now: datetime
-    ) -> SignalRow:
-        row = SignalRow(
-            signal_id=signal.message_id,
-            source=signal.source,
-            person_ref=signal.person_ref,
-            commune=signal.commune,
-            urgency=signal.urgency,
-            agency=agency,
-            advisor=advisor,
-            body=signal.model_dump_json(),
-            received_at=now,
-            note_deleted_at=None,
-            anonymised_at=None,
-        )
-        self.conn.execute(t.signals.insert().values(**dataclasses.asdict(row)))
-        return row
-
-    def signal(self, signal_id: str) -> SignalRow | None:
-        row = self.conn.execute(select(t.signals).where(t.signals.c.signal_id == signal_id)).first()
-        return _row(SignalRow, row) if row else None
-
-    def lock_person(self, person_ref: str) -> None:
-        """Serialise, until this transaction ends, every decision about this person's
-        consents and parked needs (a grant releasing parked needs against a signal or a
-        reroute parking one: without it each could miss the other's uncommitted write).
-        A PostgreSQL transaction-scoped advisory lock; SQLite's BEGIN IMMEDIATE already
-        serialises every writer."""
-        if self.conn.dialect.name != "postgresql":
-            return
-        key = int.from_bytes(
-            hashlib.blake2b(person_ref.encode(), digest_size=8).digest(), "big", signed=True
-        )
-        self.conn.execute(select(func.pg_advisory_xact_lock(key)))
-
-    def set_need_state(
-        self, signal_id: str, need: str, state: str, detail: str | None, now: datetime
-    ) -> None:
-        self._upsert(
-            t.signal_needs,
-            {"signal_id": signal_id, "need": need},
-            {"state": state, "detail": detail, "updated_at": now},
-        )
-
-    def need_state(self, signal_id: str, need: str) -> str | None:
-        return self.conn.execute(
-            select(t.signal_needs.c.state).where(
-                t.signal_needs.c.signal_id == signal_id, t.signal_needs.c.need == need
-            )
-        ).scalar_one_or_none()
-
-    def need_states(self, signal_id: str) -> dict[str, str]:
-        rows = self.conn.execute(
-            select(t.signal_needs.c.need, t.signal_needs.c.state).where(
-                t.signal_needs.c.signal_id == signal_id
-            )
-        )
-        return {r.need: r.state for r in rows}
-
-    def parked_needs(self, person_ref: str) -> list[tuple[str, str]]:
-        """(signal_id, need) pairs of this person waiting for consent, oldest first."""
-        rows = self.conn.execute(
-            select(t.signal_needs.c.signal_id, t.signal_needs.c.need)
-            .join(t.signals, t.signals.c.signal_id == t.signal_needs.c.signal_id)
-            .where(t.signals.c.person_ref == person_ref, t.signal_needs.c.state == "parked")
-            .order_by(t.signals.c.received_at, t.signal_needs.c.signal_id, t.signal_needs.c.need)
-        )
-        return [(r.signal_id, r.need) for r in rows]
-
-    # consents ------------------------------------------------------------------------
-    def add_consent(self, row: ConsentRecord) -> bool:
-        if self.consent(row.consent_id) is not None:
-            return False
-        self.conn.execute(
-            t.consents.insert().values(
-                consent_id=row.consent_id,
-                person_ref=row.person_ref,
-                scope=row.scope.model_dump_json(),
-                collected_by=row.collected_by,
-                agency=row.agency,
-                method=row.method,
-                granted_at=row.granted_at,
-                valid_until=row.valid_until,
-                revoked_at=row.revoked_at,
-            )
-        )
-        return True
-
-    def consent(self, consent_id: str, *, lock: str | None = None) -> ConsentRecord | None:
-        """A consent; `lock="share"` keeps it from being revoked until this transaction
-        ends (the relay, while it sends under it), `lock="update"` takes it for a change."""
-        query = select(t.consents).where(t.consents.c.consent_id == consent_id)
-        if lock is not None:
-            query = query.with_for_update(read=lock == "share")
-        row = self.conn.execute(query).first()
-        return _consent(row) if row else None
-
-    def consents_of(self, person_ref: str) -> list[ConsentRecord]:
-        rows = self.conn.execute(
-            select(t.consents)
-            .where(t.consents.c.person_ref == person_ref)
-            .order_by(t.consents.c.granted_at, t.consents.c.consent_id)
-        )
-        return [_consent(r) for r in rows]
-
-    def revoke_consent(self, consent_id: str, at: datetime, by: str) -> bool:
-        """Revoke once: False if it already was (the first revocation stands)."""
-        return bool(
-            self.conn.execute(
-                update(t.consents)
-                .where(t.consents.c.consent_id == consent_id, t.consents.c.revoked_at.is_(None))
-                .values(revoked_at=at, revoked_by=by)
-            ).rowcount
-        )
-
-    def mark_expiry_notified(self, consent_id: str, at: datetime) -> None:
-        self.conn.execute(
-            update(t.consents)
-            .where(t.consents.c.consent_id == consent_id)
-            .values(expiry_notified_at=at)
-        )
-
-    def journal(
-        self,
-        consent_id: str | None,
-        person_ref: str,
-        event_name: str,
-        by: str,
-        at: datetime,
-        body: str,
-    ) -> None:
-        self.conn.execute(
-            t.consent_journal.insert().values(
-                consent_id=consent_id,
-                person_ref=person_ref,
-                event=event_name,
-                by=by,
-                at=at,
-                body=body,
-            )
-        )
-
-    # referrals -----------------------------------------------------------------------
-    def add_referral(self, **values: Any) -> None:
-        self.conn.execute(t.referrals.insert().values(**values))
-
-    def referral(self, referral_id: str, *, lock: bool = False) -> ReferralRow | None:
-        """A referral; with `lock`, its row is held until this transaction ends
-        (SELECT … FOR UPDATE on PostgreSQL; SQLite's BEGIN IMMEDIATE holds everything)."""
-        query = select(t.referrals).where(t.referrals.c.referral_id == referral_id)
-        if lock:
-            query = query.with_for_update()
-        row = self.conn.execute(query).first()
-        return _row(ReferralRow, row) if row else None
-
-    def referrals_for(self, signal_id: str, need: str | None = None) -> list[ReferralRow]:
-        query = select(t.referrals).where(t.referrals.c.signal_id == signal_id)
-        if need is not None:
-            query = query.where(t.referrals.c.need == need)
-        rows = self.conn.execute(query.order_by(t.referrals.c.need, t.referrals.c.attempt))
-        return [_row(ReferralRow, r) for r in rows]
-
-    def referrals_under_consent(
-        self, consent_id: str, statuses: frozenset[str]
-    ) -> list[ReferralRow]:
-        rows = self.conn.execute(
-            select(t.referrals)
-            .where(t.referrals.c.consent_id == consent_id, t.referrals.c.status.in_(statuses))
-            .order_by(t.referrals.c.referral_id)
-        )
-        return [_row(ReferralRow, r) for r in rows]
-
-    def referrals_with_ended_consent(
-        self, now: datetime, statuses: frozenset[str]
-    ) -> list[ReferralRow]:
-        """Referrals in `statuses` whose consent has run out (not revoked: revocation
-        withdraws at once)."""
-        rows = self.conn.execute(
-            select(t.referrals)
-            .join(t.consents, t.consents.c.consent_id == t.referrals.c.consent_id)
-            .where(
-                t.referrals.c.status.in_(statuses),
-                t.consents.c.valid_until <= now,
-                t.consents.c.revoked_at.is_(None),
-            )
-            .order_by(t.referrals.c.referral_id)
-        )
-        return [_row(ReferralRow, r) for r in rows]
-
-    def waiting_referrals(self) -> list[ReferralRow]:
-        """Referrals still waiting for the partner's answer, for the deadline watch."""
-        rows = self.conn.execute(
-            select(t.referrals)
-            .where(t.referrals.c.status.in_(("requested", "delivered", "received")))
-            .order_by(t.referrals.c.due_at, t.referrals.c.referral_id)
-        )
-        return [_row(ReferralRow, r) for r in rows]
-
-    def unnotified_consents(self) -> list[ConsentRecord]:
-        rows = self.conn.execute(
-            select(t.consents).where(
-                t.consents.c.revoked_at.is_(None), t.consents.c.expiry_notified_at.is_(None)
-            )
-        )
-        return [_consent(r) for r in rows]
-
-    def update_referral(self, referral_id: str, expected_status: str, **values: Any) -> None:
-        """Compare-and-set: write only if the referral is still `expected_status` (the
-        status the decision was made on); otherwise raise `Conflict` and the transaction
-        re-runs on a fresh read. Every write of a referral's state goes through here."""
-        changed = self.conn.execute(
-            update(t.referrals)
-            .where(
-                t.referrals.c.referral_id == referral_id,
-                t.referrals.c.status == expected_status,
-            )
-            .values(**values)
-        ).rowcount
-        if changed != 1:
-            msg = f"referral {referral_id} is no longer {expected_status}"
-            raise Conflict(msg)
-
-    def record_transition(
-        self,
-        referral_id: str,
-        from_status: str,
-        to_status: str,
-        outcome: str,
-        actor: str,
-        reason: str | None,
-        at: datetime,
-    ) -> None:
-        self.conn.execute(
-            t.referral_history.insert().values(
-                referral_id=referral_id,
-                from_status=from_status,
-                to_status=to_status,
-                outcome=outcome,
-                actor=actor,
-                reason=reason,
-                at=at,
-            )
-        )
-
-    # retention -----------------------------------------------------------------------
-    def signals_with_text_before(self, cutoff: datetime) -> list[SignalRow]:
-        rows = self.conn.execute(
-            select(t.signals).where(
-                t.signals.c.received_at < cutoff,
-                t.signals.c.note_deleted_at.is_(None),
-                t.signals.c.anonymised_at.is_(None),
-            )
-        )
-        return [_row(SignalRow, r) for r in rows]
-
-    def delete_partner_text_before(self, cutoff: datetime, bus_actor: str) -> int:
-        """Erase what partners wrote (status notes, outcomes) before `cutoff`; the codes
-        (status, rejection reason) stay. Returns how many texts were erased."""
-        notes = self.conn.execute(
-            update(t.referral_history)
-            .where(
-                t.referral_history.c.at < cutoff,
-                t.referral_history.c.actor != bus_actor,
-                t.referral_history.c.reason.is_not(None),
-            )
-            .values(reason=None)
-        ).rowcount
-        outcomes = self.conn.execute(
-            update(t.referrals)
-            .where(t.referrals.c.updated_at < cutoff, t.referrals.c.outcome.is_not(None))
-            .values(outcome=None)
-        ).rowcount
-        return int(notes) + int(outcomes)
-
-    def rewrite_signal(self, signal_id: str, **values: Any) -> None:
-        self.conn.execute(
-            update(t.signals).where(t.signals.c.signal_id == signal_id).values(**values)
-        )
-
-    def signals_closed_before(self, cutoff: datetime) -> list[SignalRow]:
-        """Signals not yet anonymised whose needs are all settled and whose referrals all
-        closed before `cutoff` (a signal still parked or followed is kept)."""
-        open_needs = select(t.signal_needs.c.signal_id).where(
-            t.signal_needs.c.state.in_(("parked", "routed"))
-        )
-        recent = select(t.referrals.c.signal_id).where(
-            or_(t.referrals.c.closed_at.is_(None), t.referrals.c.closed_at >= cutoff)
-        )
-        rows = self.conn.execute(
-            select(t.signals).where(
-                t.signals.c.anonymised_at.is_(None),
-                t.signals.c.received_at < cutoff,
-                t.signals.c.signal_id.not_in(open_needs),
-                t.signals.c.signal_id.not_in(recent),
-            )
-        )
-        return [_row(SignalRow, r) for r in rows]
-
-    def anonymise_person_records(self, signal_id: str, token: str, now: datetime) -> None:
-        """Replace the person's reference by a token in the audit records of this signal and
-        its referrals (not in those of the person's other, maybe still open, signals)."""
-        referral_ids = select(t.referrals.c.referral_id).where(t.referrals.c.signal_id == signal_id)
-        self.conn.execute(
-            update(t.referrals)
-            .where(t.referrals.c.signal_id == signal_id)
-            .values(anonymised_at=now, outcome=None)
-        )
-        self.conn.execute(
-            update(t.audit)
-            .where(or_(t.audit.c.subject == signal_id, t.audit.c.subject.in_(referral_ids)))
-            .values(person_ref=token)
-        )
-
-    def anonymise_consents_ended_before(self, cutoff: datetime) -> int:
-        """Consents that ended (expired or revoked) before `cutoff` keep their scope and dates
-        as proof, under a random token instead of the person's reference."""
-        ended = self.ended_consents_before(cutoff)
-        for consent_id in ended:
-            self.anonymise_consent(consent_id, f"anon-{uuid.uuid4().hex[:16]}")
-        return len(ended)
-
-    def ended_consents_before(self, cutoff: datetime) -> list[str]:
-        """Ids of the consents, still under the person's reference, that ended (expired or
-        revoked) before `cutoff`."""
-        rows = self.conn.execute(
-            select(t.consents.c.consent_id)
-            .where(
-                ~t.consents.c.person_ref.startswith("anon-"),
-                or_(t.consents.c.valid_until < cutoff, t.consents.c.revoked_at < cutoff),
-            )
-            .order_by(t.consents.c.consent_id)
-        )
-        return [r.consent_id for r in rows]
-
-    def anonymise_consent(self, consent_id: str, token: str) -> None:
-        """An ended consent keeps its scope and dates as proof, under `token` instead of the
-        person's reference; its journal keeps the events without their bodies, and its audit
-        records lose the revocation's free-text reason."""
-        self.conn.execute(
-            update(t.consents).where(t.consents.c.consent_id == consent_id).values(person_ref=token)
-        )
-        self.conn.execute(
-            update(t.consent_journal)
-            .where(t.consent_journal.c.consent_id == consent_id)
-            .values(person_ref=token, body="{}")
-        )
-        self.conn.execute(
-            update(t.audit).where(t.audit.c.subject == consent_id).values(person_ref=token)
-        )
-        self.conn.execute(
-            update(t.audit)
-            .where(t.audit.c.subject == consent_id, t.audit.c.action == "consent-revoked")
-            .values(why=None)
-        )
-
-    def persons_to_forget(self, cutoff: datetime) -> list[str]:
-        """People with traces older than `cutoff` (consent journal rows such as refusals,
-        audit records such as reads of their consents) and nothing left on record under
-        their reference: no signal and no consent that is not anonymised yet."""
-
-        def on_record(person_ref: Any) -> Any:
-            """A signal or a consent still carries this reference (not anonymised)."""
-            return or_(
-                select(t.signals.c.person_ref).where(t.signals.c.person_ref == person_ref).exists(),
-                select(t.consents.c.person_ref)
-                .where(t.consents.c.person_ref == person_ref)
-                .exists(),
-            )
-
-        journal = select(t.consent_journal.c.person_ref).where(
-            t.consent_journal.c.at < cutoff,
-            ~t.consent_journal.c.person_ref.startswith("anon-"),
-            ~on_record(t.consent_journal.c.person_ref),
-        )
-        audit = select(t.audit.c.person_ref).where(
-            t.audit.c.at < cutoff,
-            t.audit.c.person_ref.is_not(None),
-            ~t.audit.c.person_ref.startswith("anon-"),
-            ~on_record(t.audit.c.person_ref),
-        )
-        found = {r[0] for r in self.conn.execute(journal.distinct())}
-        found |= {r[0] for r in self.conn.execute(audit.distinct())}
-        return sorted(found)
-
-    def forget_person(self, person_ref: str, token: str, cutoff: datetime) -> int:
-        """Replace the person's reference by `token` in every trace older than `cutoff`:
-        the consent journal (refusals included; their bodies are emptied) and the audit
-        records that name her (as the person, or as the subject of a read). Returns how
-        many rows changed."""
-        journal = self.conn.execute(
-            update(t.consent_journal)
-            .where(t.consent_journal.c.person_ref == person_ref, t.consent_journal.c.at < cutoff)
-            .values(person_ref=token, body="{}")
-        ).rowcount
-        named = self.conn.execute(
-            update(t.audit)
-            .where(t.audit.c.person_ref == person_ref, t.audit.c.at < cutoff)
-            .values(person_ref=token)
-        ).rowcount
-        subject = self.conn.execute(
-            update(t.audit)
-            .where(t.audit.c.subject == person_ref, t.audit.c.at < cutoff)
-            .values(subject=token)
-        ).rowcount
-        return int(journal) + int(named) + int(subject)
-
-    def delete_bus_free_text_before(self, cutoff: datetime) -> int:
-        """Free text the bus keeps beside the codes: a revocation's reason (in the audit and
-        in its journal body) and the reasons of dead letters that ops read, replayed or
-        purged (they may quote the refused message). Returns how many texts were erased."""
-        audit = self.conn.execute(
-            update(t.audit)
-            .where(
-                t.audit.c.at < cutoff,
-                t.audit.c.why.is_not(None),
-                t.audit.c.action.in_(FREE_TEXT_AUDIT_ACTIONS),
-            )
-            .values(why=None)
-        ).rowcount
-        revoked = self.conn.execute(
-            select(t.consent_journal.c.id, t.consent_journal.c.body).where(
-                t.consent_journal.c.event == "revoked",
-                t.consent_journal.c.at < cutoff,
-                t.consent_journal.c.body.like('%"reason":"%'),
-            )
-        ).all()
-        for row_id, body in revoked:
-            values = json.loads(body)
-            values["reason"] = None
-            self.conn.execute(
-                update(t.consent_journal)
-                .where(t.consent_journal.c.id == row_id)
-                .values(body=json.dumps(values))
-            )
-        return int(audit) + len(revoked)
-
+    # outbox (still here: it moves to an outbox repository with the relay's rework) -----
     def undeliverable_before(self, cutoff: datetime) -> list[UnsentRow]:
         """Unsent outbox rows created before `cutoff`, oldest first (without their bodies)."""
         rows = self.conn.execute(
@@ -685,14 +183,6 @@ class LedgerTx:
             ).rowcount
         )
 
-    def delete_processed_before(self, cutoff: datetime) -> int:
-        return int(
-            self.conn.execute(
-                delete(t.processed).where(t.processed.c.processed_at < cutoff)
-            ).rowcount
-        )
-
-    # outbox and audit ----------------------------------------------------------------
     def enqueue(
         self, message: Message, routing_key: str, now: datetime, referral_id: str | None = None
     ) -> None:
@@ -709,22 +199,6 @@ class LedgerTx:
                 priority=outbox_priority(message),
             )
         )
-
-    def set_capacity(
-        self, partner_id: str, status: str, remaining: int | None, now: datetime
-    ) -> None:
-        self._upsert(
-            t.partner_capacity,
-            {"partner_id": partner_id},
-            {"status": status, "remaining": remaining, "updated_at": now},
-        )
-
-    def _upsert(self, table: Table, key: dict[str, Any], values: dict[str, Any]) -> None:
-        """Insert or update in one statement (INSERT … ON CONFLICT DO UPDATE): two
-        transactions writing the same key never both insert, nor lose the row."""
-        dialect = postgresql if self.conn.dialect.name == "postgresql" else sqlite
-        statement = dialect.insert(table).values(**key, **values)
-        self.conn.execute(statement.on_conflict_do_update(index_elements=list(key), set_=values))
 
     def referral_rows(self, referral_id: str) -> list[tuple[int, int, bool]]:
         """The outbox rows carrying this referral itself: (id, claims, sent), oldest first.
@@ -813,29 +287,7 @@ class LedgerTx:
             .values(claimed_until=None, last_error=error[:2000])
         )
 
-    def audit(
-        self,
-        actor: str,
-        action: str,
-        subject: str,
-        at: datetime,
-        *,
-        person_ref: str | None = None,
-        partner_id: str | None = None,
-        why: str | None = None,
-    ) -> None:
-        self.conn.execute(
-            t.audit.insert().values(
-                at=at,
-                actor=actor,
-                action=action,
-                subject=subject,
-                person_ref=person_ref,
-                partner_id=partner_id,
-                why=why,
-            )
-        )
-
+    # the transaction itself -------------------------------------------------------------
     @contextmanager
     def savepoint(self) -> Iterator[None]:
         """A nested transaction: what runs inside is rolled back alone if it raises (the
@@ -1052,7 +504,7 @@ class Store:
 
     def referral(self, referral_id: str) -> ReferralRow | None:
         with self._reading() as conn:
-            return LedgerTx(conn).referral(referral_id)
+            return ReferralRepository(conn).get(referral_id)
 
     def history(self, referral_id: str) -> list[dict[str, Any]]:
         with self._reading() as conn:

@@ -90,14 +90,14 @@ def grant_consent(ledger: Ledger, tx: LedgerTx, event: ConsentGranted) -> None:
     then route every parked need of the person it now covers."""
     now = ledger.clock()
     check_consent(ledger, event)
-    tx.lock_person(event.person_ref)
+    tx.signals.lock_person(event.person_ref)
     record = ConsentRecord.from_event(event)
     # A clock a little ahead (within CLOCK_SKEW): granted now, never later; the journal
     # keeps the stated time.
-    added = tx.add_consent(dataclasses.replace(record, granted_at=min(record.granted_at, now)))
+    added = tx.consents.add(dataclasses.replace(record, granted_at=min(record.granted_at, now)))
     if not added:
         raise Refused(f"consent {event.consent_id} already exists: a consent is never rewritten")
-    tx.journal(
+    tx.journal.record(
         event.consent_id,
         event.person_ref,
         "granted",
@@ -105,7 +105,7 @@ def grant_consent(ledger: Ledger, tx: LedgerTx, event: ConsentGranted) -> None:
         now,
         event.model_dump_json(),
     )
-    tx.audit(
+    tx.audit.record(
         event.collected_by,
         "consent-granted",
         event.consent_id,
@@ -120,8 +120,8 @@ def grant_consent(ledger: Ledger, tx: LedgerTx, event: ConsentGranted) -> None:
 def release_parked(ledger: Ledger, tx: LedgerTx, person_ref: str) -> int:
     """Route every parked need of this person that a consent now covers."""
     released = 0
-    for signal_id, need in tx.parked_needs(person_ref):
-        row = tx.signal(signal_id)
+    for signal_id, need in tx.signals.parked_needs(person_ref):
+        row = tx.signals.get(signal_id)
         assert row is not None
         tried, attempt = _tried(tx, signal_id, need)
         if _route(ledger, tx, row, row.signal(), need, attempt, tried) is None:
@@ -134,7 +134,7 @@ def refuse_consent(ledger: Ledger, tx: LedgerTx, event: ConsentRefused) -> None:
     """The person said no: the parked needs named (all of the signal's, if none is)
     close, and the source and advisor are told."""
     now = ledger.clock()
-    row = tx.signal(event.signal_id)
+    row = tx.signals.get(event.signal_id)
     if row is None or row.person_ref != event.person_ref:
         # the reason goes to a header and a log line: the signal's id, never the person's
         raise Refused(f"no signal {event.signal_id} about the person named in the refusal")
@@ -145,14 +145,16 @@ def refuse_consent(ledger: Ledger, tx: LedgerTx, event: ConsentRefused) -> None:
             f"not {event.agency!r}: only its own agency records the person's refusal"
         )
     _own_advisor(agency, event.collected_by, "collected_by")
-    tx.lock_person(event.person_ref)  # a grant releasing these needs meanwhile is seen
-    states = tx.need_states(event.signal_id)
+    tx.signals.lock_person(event.person_ref)  # a grant releasing these needs meanwhile is seen
+    states = tx.signals.need_states(event.signal_id)
     needs = event.needs or tuple(n for n, s in states.items() if s == "parked")
-    tx.journal(None, event.person_ref, "refused", event.collected_by, now, event.model_dump_json())
+    tx.journal.record(
+        None, event.person_ref, "refused", event.collected_by, now, event.model_dump_json()
+    )
     for need in needs:
         if states.get(need) != "parked":
             continue
-        tx.set_need_state(
+        tx.signals.set_need_state(
             event.signal_id, need, "refused", f"refused, told to {event.collected_by}", now
         )
         _tell_source(
@@ -168,7 +170,7 @@ def refuse_consent(ledger: Ledger, tx: LedgerTx, event: ConsentRefused) -> None:
                 detail=f"the person refused; recorded by {event.collected_by}",
             ),
         )
-    tx.audit(
+    tx.audit.record(
         event.collected_by,
         "consent-refused",
         event.signal_id,
@@ -185,7 +187,7 @@ def revoke_consent(ledger: Ledger, tx: LedgerTx, event: ConsentRevoked) -> None:
     now = ledger.clock()
     # Taken for update: a relay sending under this consent holds it (shared) until its
     # referral is confirmed, so the revocation comes wholly before or after that send.
-    consent = tx.consent(event.consent_id, lock="update")
+    consent = tx.consents.get(event.consent_id, lock="update")
     if consent is None:
         raise Refused(f"unknown consent {event.consent_id}")
     agency = _pivot(ledger, event.agency, "a revocation")
@@ -195,8 +197,8 @@ def revoke_consent(ledger: Ledger, tx: LedgerTx, event: ConsentRevoked) -> None:
     # A revocation takes effect when the bus records it, whatever time the partner states
     # (kept in the journal's body): a revocation dated later must not leave referrals
     # open until then, and one dated earlier cannot rewrite what was sent meanwhile.
-    tx.revoke_consent(event.consent_id, now, event.revoked_by)
-    tx.journal(
+    tx.consents.revoke(event.consent_id, now, event.revoked_by)
+    tx.journal.record(
         event.consent_id,
         consent.person_ref,
         "revoked",
@@ -204,7 +206,7 @@ def revoke_consent(ledger: Ledger, tx: LedgerTx, event: ConsentRevoked) -> None:
         now,
         event.model_dump_json(),
     )
-    tx.audit(
+    tx.audit.record(
         event.revoked_by,
         "consent-revoked",
         event.consent_id,
@@ -213,5 +215,5 @@ def revoke_consent(ledger: Ledger, tx: LedgerTx, event: ConsentRevoked) -> None:
         partner_id=event.agency,
         why=event.reason,
     )
-    for referral in tx.referrals_under_consent(event.consent_id, OPEN):
+    for referral in tx.referrals.under_consent(event.consent_id, OPEN):
         _withdraw(ledger, tx, referral, "consent-revoked", event.revoked_by)

@@ -97,7 +97,7 @@ def intake(
     @functools.wraps(run)
     def once(ledger: Ledger, tx: LedgerTx, message: M, queue: str) -> bool:
         now = ledger.clock()
-        if not tx.first_time(message.message_id, queue, now):
+        if not tx.processed.first_time(message.message_id, queue, now):
             return False
         run(ledger.at(now), tx, message)
         return True

@@ -41,13 +41,13 @@ def _settle_withdrawal(ledger: Ledger, tx: LedgerTx, referral_id: str, claims: i
     withdrawals = tx.pending_withdrawals(referral_id)
     if not withdrawals or any(sent for _, _, sent in tx.referral_rows(referral_id)):
         return  # nothing waits, or it was decided when the referral was withdrawn
-    referral = tx.referral(referral_id)
+    referral = tx.referrals.get(referral_id)
     assert referral is not None
     left = claims > 1
     if not left:
         for row_id in withdrawals:
             tx.drop_outbox_row(row_id)
-    tx.audit(
+    tx.audit.record(
         BUS,
         "referral-withdrawn" if left else "referral-withheld",
         referral_id,
@@ -77,15 +77,15 @@ def _check_before_sending(ledger: Ledger, tx: LedgerTx, referral_id: str, attemp
     down, the outbox waited) is withdrawn, and its need goes back to the consent gate,
     the advisor is asked again: `withdrawn`. Above one attempt, an earlier try may have
     reached the partner, who is then told to drop it."""
-    seen = tx.referral(referral_id)
+    seen = tx.referrals.get(referral_id)
     if seen is None or seen.status not in AWAITING_ANSWER:
         return "closed"
     # Locks in one order everywhere: the consent, then the referral.
-    consent = tx.consent(seen.consent_id, lock="share")
-    referral = tx.referral(referral_id, lock=True)
+    consent = tx.consents.get(seen.consent_id, lock="share")
+    referral = tx.referrals.get(referral_id, lock=True)
     if referral is None or referral.status not in AWAITING_ANSWER:
         return "closed"
-    row = tx.signal(referral.signal_id)
+    row = tx.signals.get(referral.signal_id)
     assert consent is not None and row is not None
     now = ledger.clock()
     decision = evaluate_consent(
@@ -116,7 +116,7 @@ def mark_delivered(ledger: Ledger, tx: LedgerTx, referral_id: str) -> None:
     """The broker confirmed the referral: it is disclosed (audited now, not when it was
     decided), and its clock starts now. Only `requested` moves to `delivered`: a referral
     sent again (from the dead letters) that is further along stays where it is."""
-    referral = tx.referral(referral_id, lock=True)
+    referral = tx.referrals.get(referral_id, lock=True)
     if referral is None:
         return
     now = ledger.clock()
@@ -138,9 +138,9 @@ def mark_delivered(ledger: Ledger, tx: LedgerTx, referral_id: str) -> None:
         _notify_status(
             ledger, tx, referral, "delivered", "in the partner's queue (the broker confirmed it)"
         )
-    row = tx.signal(referral.signal_id)
+    row = tx.signals.get(referral.signal_id)
     assert row is not None
-    tx.audit(
+    tx.audit.record(
         BUS,
         "referral-disclosed",
         referral_id,
@@ -180,7 +180,7 @@ def replay_to_partner(ledger: Ledger, tx: LedgerTx, partner_id: str, body: bytes
     rid = None
     if isinstance(message, Referral | ReferralWithdrawn | ReferralReminder):
         rid = message.referral_id
-        referral = tx.referral(rid)
+        referral = tx.referrals.get(rid)
         if referral is None:
             return f"referral {rid} is no longer in the ledger"
         if partner_id != referral.partner_id or partner_id != message.partner:
@@ -188,8 +188,8 @@ def replay_to_partner(ledger: Ledger, tx: LedgerTx, partner_id: str, body: bytes
         if not isinstance(message, ReferralWithdrawn) and referral.status not in AWAITING_ANSWER:
             return f"referral {rid} is {referral.status}: it no longer awaits {partner_id}'s answer"
         if isinstance(message, Referral):
-            consent = tx.consent(referral.consent_id)
-            row = tx.signal(referral.signal_id)
+            consent = tx.consents.get(referral.consent_id)
+            row = tx.signals.get(referral.signal_id)
             if consent is None or row is None:
                 return f"referral {rid}: its consent or signal is no longer in the ledger"
             decision = evaluate_consent(
@@ -211,7 +211,7 @@ def count_refused_dead_letter(ledger: Ledger, tx: LedgerTx, message_id: str, que
     """A dead-letter queue was full and refused the bus's copy of a refused message: the
     message stays in its work queue; ops count these (the monitor's
     `partnerbus_dead_letter_refused_total`) and find each one in the audit trail."""
-    tx.audit(
+    tx.audit.record(
         BUS,
         DEAD_LETTER_REFUSED,
         message_id[:128],

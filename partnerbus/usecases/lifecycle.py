@@ -30,12 +30,12 @@ def _apply(
     `Conflict` re-runs the whole transaction on fresh reads: no transition is decided on
     a stale status, and none overwrites another. `also`: more columns written with it."""
     now = ledger.clock()
-    current = tx.referral(referral.referral_id, lock=True)
+    current = tx.referrals.get(referral.referral_id, lock=True)
     if current is None or current.status != referral.status:
         msg = f"referral {referral.referral_id} changed since it was read"
         raise Conflict(msg)
     result = transition(referral.status, new, actor_kind)  # type: ignore[arg-type]
-    tx.record_transition(
+    tx.referrals.record_transition(
         referral.referral_id,
         referral.status,
         new,
@@ -46,7 +46,7 @@ def _apply(
     )
     if result.outcome != "applied":
         if result.outcome == "refused":
-            tx.audit(
+            tx.audit.record(
                 actor,
                 "transition-refused",
                 referral.referral_id,
@@ -62,7 +62,7 @@ def _apply(
         values["outcome"] = outcome
     if new not in OPEN:
         values["closed_at"] = now
-    tx.update_referral(referral.referral_id, referral.status, **values, **(also or {}))
+    tx.referrals.update(referral.referral_id, referral.status, **values, **(also or {}))
     return True
 
 
@@ -98,13 +98,13 @@ def _withdraw(
             now,
             referral_id=referral.referral_id,
         )
-    tx.set_need_state(referral.signal_id, referral.need, "withdrawn", why, now)
+    tx.signals.set_need_state(referral.signal_id, referral.need, "withdrawn", why, now)
     _notify_status(ledger, tx, referral, "withdrawn", why)
     if left is None:
         # A relay holds a claim on the referral and has not tried it yet: it settles the
         # matter when it gets to it (`send_or_withhold`); the audit says then which.
         return True
-    tx.audit(
+    tx.audit.record(
         actor,
         "referral-withdrawn" if left else "referral-withheld",
         referral.referral_id,

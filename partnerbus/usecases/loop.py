@@ -28,7 +28,7 @@ def _notify_status(
     ledger: Ledger, tx: LedgerTx, referral: ReferralRow, status: str, note: str
 ) -> SignalRow:
     """A status the bus itself observed or decided, told to the source and the advisor."""
-    row = tx.signal(referral.signal_id)
+    row = tx.signals.get(referral.signal_id)
     assert row is not None
     _tell_source(
         ledger,
@@ -58,7 +58,7 @@ def _close_need(
 ) -> None:
     """The need of this signal ends here: recorded, and the source and advisor are told."""
     now = ledger.clock()
-    tx.set_need_state(referral.signal_id, referral.need, "closed", detail, now)
+    tx.signals.set_need_state(referral.signal_id, referral.need, "closed", detail, now)
     _tell_source(
         ledger,
         tx,

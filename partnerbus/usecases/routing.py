@@ -112,8 +112,8 @@ def record_routing(
         _send_referral(ledger, tx, row, signal, need, attempt, decision.candidate, decision.consent)
         return None
     if isinstance(decision, AwaitConsent):
-        tx.set_need_state(row.signal_id, need, "parked", decision.consent.detail, now)
-        tx.audit(
+        tx.signals.set_need_state(row.signal_id, need, "parked", decision.consent.detail, now)
+        tx.audit.record(
             BUS,
             "signal-parked",
             row.signal_id,
@@ -123,7 +123,7 @@ def record_routing(
         )
         return decision
     reason, tried = decision.reason, decision.tried
-    tx.set_need_state(row.signal_id, need, "no-partner", reason, now)
+    tx.signals.set_need_state(row.signal_id, need, "no-partner", reason, now)
     if row.agency:
         tx.enqueue(
             NoPartnerFound(
@@ -140,7 +140,7 @@ def record_routing(
             row.agency,
             now,
         )
-        tx.audit(
+        tx.audit.record(
             BUS,
             "no-partner-disclosed",
             row.signal_id,
@@ -178,8 +178,8 @@ def _route(
     record. Returns the decision when the need must wait for consent (parked)."""
     # What this person consented to and which of her needs wait for it are decided under
     # her lock: a grant committing meanwhile either is seen here or sees the need parked.
-    tx.lock_person(signal.person_ref)
-    consents = tx.consents_of(signal.person_ref)
+    tx.signals.lock_person(signal.person_ref)
+    consents = tx.consents.of_person(signal.person_ref)
     decision = decide_routing(ledger.directory, signal, need, consents, ledger.clock(), tried)
     return record_routing(ledger, tx, row, signal, attempt, decision)
 
@@ -218,7 +218,7 @@ def _send_referral(
         contact=contact,
         why=candidate.reasons,
     )
-    tx.add_referral(
+    tx.referrals.add(
         referral_id=rid,
         signal_id=row.signal_id,
         need=need,
@@ -234,8 +234,12 @@ def _send_referral(
         remind_at=ledger.deadlines.remind_at(signal.urgency, now),
         reminded=False,
     )
-    tx.record_transition(rid, "requested", "requested", "applied", BUS, decision.detail, now)
-    tx.set_need_state(row.signal_id, need, "routed", f"to {partner.id} (attempt {attempt})", now)
+    tx.referrals.record_transition(
+        rid, "requested", "requested", "applied", BUS, decision.detail, now
+    )
+    tx.signals.set_need_state(
+        row.signal_id, need, "routed", f"to {partner.id} (attempt {attempt})", now
+    )
     # Nothing is disclosed yet: the audit records the disclosure when the broker confirms
     # the referral (`mark_delivered`), or that it was withheld if it never leaves.
     tx.enqueue(referral, partner.id, now, referral_id=rid)
@@ -255,10 +259,10 @@ def _request_consent(
         # No landlord's agency covers the commune, so no advisor to ask: the needs stay
         # parked, counted on the ops page, and the audit says why.
         for waiting in parked:
-            tx.set_need_state(
+            tx.signals.set_need_state(
                 row.signal_id, waiting.need, "parked", "no agency covers the commune", now
             )
-        tx.audit(
+        tx.audit.record(
             BUS,
             "consent-not-requested",
             row.signal_id,
@@ -291,7 +295,7 @@ def _request_consent(
         row.agency,
         now,
     )
-    tx.audit(
+    tx.audit.record(
         BUS,
         "consent-requested",
         row.signal_id,
@@ -306,7 +310,7 @@ def _tried(tx: LedgerTx, signal_id: str, need: str) -> tuple[tuple[str, ...], in
     """The partners already tried for this need (excluded from the next match) and the
     next attempt number. A referral withdrawn for want of consent did not try its partner:
     that partner may be chosen again once the person consents again."""
-    earlier = tx.referrals_for(signal_id, need)
+    earlier = tx.referrals.for_signal(signal_id, need)
     tried = tuple(dict.fromkeys(r.partner_id for r in earlier if r.status != "withdrawn"))
     return tried, len(earlier) + 1
 

@@ -73,7 +73,7 @@ def watch_deadlines(ledger: Ledger, tx: LedgerTx) -> dict[str, int]:
         elif done:
             counts[key] += 1
 
-    for referral in tx.waiting_referrals():
+    for referral in tx.referrals.waiting():
         action = deadline_action(
             referral.status,
             referral.urgency,
@@ -96,7 +96,7 @@ def watch_deadlines(ledger: Ledger, tx: LedgerTx) -> dict[str, int]:
                     tx, "expire", referral.referral_id, partial(_expire, ledger, tx, referral)
                 ),
             )
-    for referral in tx.referrals_with_ended_consent(now, AWAITING_ANSWER):
+    for referral in tx.referrals.with_ended_consent(now, AWAITING_ANSWER):
         tally(
             "withdrawn-consent-expired",
             _isolated(
@@ -106,7 +106,7 @@ def watch_deadlines(ledger: Ledger, tx: LedgerTx) -> dict[str, int]:
                 partial(_withdraw_consent_ended, ledger, tx, referral),
             ),
         )
-    for consent in expiring_soon(tx.unnotified_consents(), now, ledger.consent_notice):
+    for consent in expiring_soon(tx.consents.unnotified(), now, ledger.consent_notice):
         tally(
             "consents-expiring",
             _isolated(
@@ -121,7 +121,7 @@ def watch_deadlines(ledger: Ledger, tx: LedgerTx) -> dict[str, int]:
 
 def _remind(ledger: Ledger, tx: LedgerTx, referral: ReferralRow) -> bool:
     now = ledger.clock()
-    tx.update_referral(referral.referral_id, referral.status, reminded=True)
+    tx.referrals.update(referral.referral_id, referral.status, reminded=True)
     tx.enqueue(
         ReferralReminder(
             message_id=_derived_id("reminder", referral.referral_id),
@@ -148,7 +148,7 @@ def _expire(ledger: Ledger, tx: LedgerTx, referral: ReferralRow) -> bool:
         "expired",
         "no answer before the deadline; sent to the next-best partner",
     )
-    tx.audit(
+    tx.audit.record(
         BUS,
         "referral-expired",
         referral.referral_id,
@@ -170,7 +170,7 @@ def _withdraw_consent_ended(ledger: Ledger, tx: LedgerTx, referral: ReferralRow)
         BUS,
         reason="consent-expired",
     )
-    signal_row = tx.signal(referral.signal_id)
+    signal_row = tx.signals.get(referral.signal_id)
     assert signal_row is not None
     _reroute(ledger, tx, referral, signal_row)
     return True
@@ -178,7 +178,7 @@ def _withdraw_consent_ended(ledger: Ledger, tx: LedgerTx, referral: ReferralRow)
 
 def _notify_consent_expiring(ledger: Ledger, tx: LedgerTx, consent: ConsentRecord) -> bool:
     now = ledger.clock()
-    tx.mark_expiry_notified(consent.consent_id, now)
+    tx.consents.mark_expiry_notified(consent.consent_id, now)
     tx.enqueue(
         ConsentExpiring(
             message_id=_derived_id("consent-expiring", consent.consent_id),
@@ -246,20 +246,20 @@ def apply_retention(
         "retention-failed": 0,
     }
     with _retained_item(tx, "partner-text", counts):
-        counts["partner-text-deleted"] = tx.delete_partner_text_before(text_cutoff, BUS)
+        counts["partner-text-deleted"] = tx.retention.delete_partner_text_before(text_cutoff, BUS)
     with _retained_item(tx, "bus-text", counts):
-        counts["bus-text-deleted"] = tx.delete_bus_free_text_before(text_cutoff)
-    for row in tx.signals_with_text_before(text_cutoff):
+        counts["bus-text-deleted"] = tx.retention.delete_bus_free_text_before(text_cutoff)
+    for row in tx.retention.signals_with_text_before(text_cutoff):
         with _retained_item(tx, "signal-note", counts):
             body = json.loads(row.body)
             if (body.get("facts") or {}).get("note") is not None:
                 body["facts"]["note"] = None
                 counts["free-text-deleted"] += 1
-            tx.rewrite_signal(row.signal_id, body=json.dumps(body), note_deleted_at=now)
+            tx.signals.rewrite(row.signal_id, body=json.dumps(body), note_deleted_at=now)
     for unsent in tx.undeliverable_before(text_cutoff):
         with _retained_item(tx, "outbox-expiry", counts):
             if tx.expire_unsent(unsent.id, text_cutoff):
-                tx.audit(
+                tx.audit.record(
                     BUS,
                     "outbox-expired",
                     unsent.message_id,
@@ -271,16 +271,16 @@ def apply_retention(
                     ),
                 )
                 counts["outbox-expired"] += 1
-    for row in tx.signals_closed_before(cutoff):
+    for row in tx.retention.signals_closed_before(cutoff):
         with _retained_item(tx, "signal-anonymisation", counts):
             token = _token()
             body = json.loads(row.body)
             body.update({"person_ref": token, "facts": {}, "contact": None, "profile": {}})
-            tx.rewrite_signal(
+            tx.signals.rewrite(
                 row.signal_id, body=json.dumps(body), person_ref=token, anonymised_at=now
             )
-            tx.anonymise_person_records(row.signal_id, token, now)
-            tx.audit(
+            tx.retention.anonymise_person_records(row.signal_id, token, now)
+            tx.audit.record(
                 BUS,
                 "anonymised",
                 row.signal_id,
@@ -289,15 +289,15 @@ def apply_retention(
                 why=f"closed for {keep.days} days",
             )
             counts["anonymised"] += 1
-    for consent_id in tx.ended_consents_before(cutoff):
+    for consent_id in tx.retention.ended_consents_before(cutoff):
         with _retained_item(tx, "consent-anonymisation", counts):
-            tx.anonymise_consent(consent_id, _token())
+            tx.retention.anonymise_consent(consent_id, _token())
             counts["consents-anonymised"] += 1
-    for person_ref in tx.persons_to_forget(cutoff):
+    for person_ref in tx.retention.persons_to_forget(cutoff):
         with _retained_item(tx, "person-erasure", counts):
             token = _token()
-            tx.forget_person(person_ref, token, cutoff)
-            tx.audit(
+            tx.retention.forget_person(person_ref, token, cutoff)
+            tx.audit.record(
                 BUS,
                 "person-forgotten",
                 token,
@@ -309,5 +309,5 @@ def apply_retention(
     with _retained_item(tx, "outbox-sent", counts):
         counts["outbox-deleted"] = tx.delete_sent_outbox_before(text_cutoff)
     with _retained_item(tx, "dedupe", counts):
-        counts["dedupe-deleted"] = tx.delete_processed_before(text_cutoff)
+        counts["dedupe-deleted"] = tx.processed.delete_before(text_cutoff)
     return counts

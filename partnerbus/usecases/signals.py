@@ -39,8 +39,10 @@ def receive_signal(ledger: Ledger, tx: LedgerTx, signal: Signal) -> None:
         else ledger.directory.agency_for(signal.commune)
     )
     advisor = ledger.directory.advisor_for(agency.id, signal.commune) if agency else None
-    row = tx.add_signal(signal, agency.id if agency else None, advisor.id if advisor else None, now)
-    tx.audit(
+    row = tx.signals.add(
+        signal, agency.id if agency else None, advisor.id if advisor else None, now
+    )
+    tx.audit.record(
         signal.source,
         "signal-received",
         signal.message_id,

@@ -18,7 +18,7 @@ def record_status(ledger: Ledger, tx: LedgerTx, event: ReferralStatusChanged) ->
     """A partner's answer about its own referral: the state machine (an illegal move is
     recorded and refused), the closed loop, then a reroute or the need closed."""
     now = ledger.clock()
-    referral = tx.referral(event.referral_id, lock=True)
+    referral = tx.referrals.get(event.referral_id, lock=True)
     if referral is None:
         raise Refused(f"unknown referral {event.referral_id}")
     if referral.partner_id != event.partner:
@@ -40,7 +40,7 @@ def record_status(ledger: Ledger, tx: LedgerTx, event: ReferralStatusChanged) ->
         return
     if event.status in ("accepted", "rejected"):
         ledger.directory.record_answer(event.partner, accepted=event.status == "accepted")
-    row = tx.signal(referral.signal_id)
+    row = tx.signals.get(referral.signal_id)
     assert row is not None
     _tell_source(
         ledger,
@@ -48,7 +48,7 @@ def record_status(ledger: Ledger, tx: LedgerTx, event: ReferralStatusChanged) ->
         row,
         event.model_copy(update={"signal_id": referral.signal_id, "need": referral.need}),
     )
-    tx.audit(
+    tx.audit.record(
         event.partner,
         f"referral-{event.status}",
         referral.referral_id,
@@ -84,9 +84,9 @@ def record_capacity(ledger: Ledger, tx: LedgerTx, event: CapacityChanged) -> Non
     now = ledger.clock()
     if event.partner not in ledger.directory:
         raise Refused(f"unknown partner {event.partner!r}")
-    tx.set_capacity(event.partner, event.status, event.remaining, now)
+    tx.capacity.set(event.partner, event.status, event.remaining, now)
     tx.enqueue(event, DIRECTORY_UPDATES_KEY, now)
-    tx.audit(
+    tx.audit.record(
         event.partner,
         "capacity-changed",
         event.partner,

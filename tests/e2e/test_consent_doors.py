@@ -23,7 +23,7 @@ def database_url(engine_url: str) -> str:
 
 def need_states(bus, signal_id: str) -> dict[str, str]:
     with bus.store.begin() as tx:
-        return tx.need_states(signal_id)
+        return tx.signals.need_states(signal_id)
 
 
 async def test_a_ccas_without_advisors_cannot_release_a_parked_signal_by_any_door(
@@ -105,7 +105,7 @@ async def test_a_revocation_dated_in_the_future_takes_effect_at_once(bus, channe
     withdrawn = await inbox.expect_kind("referral-withdrawn")
     assert withdrawn.body["referral_id"] == referral.body["referral_id"]
     with bus.store.begin() as tx:
-        stored = tx.consent(given["consent_id"])
+        stored = tx.consents.get(given["consent_id"])
     assert stored.revoked_at <= datetime.now(UTC)
 
     second = signal(person=person)

@@ -108,7 +108,7 @@ def test_an_integrity_error_is_described_without_the_values_it_carries(store: St
         revoked_at=None,
     )
     with store.begin() as tx:
-        tx.add_consent(row)
+        tx.consents.add(row)
     from sqlalchemy.exc import IntegrityError
 
     from partnerbus.ledger import tables as t

@@ -100,7 +100,7 @@ def outbox(ledger: Ledger, kind: str) -> list[dict]:
 
 def states(ledger: Ledger, signal_id: str) -> dict[str, str]:
     with ledger.store.begin() as tx:
-        return tx.need_states(signal_id)
+        return tx.signals.need_states(signal_id)
 
 
 @pytest.mark.parametrize(
@@ -181,7 +181,7 @@ def test_only_the_consent_s_agency_revokes_it(ledger, agency, revoked_by, why):
             a_revocation(ledger, given.consent_id, agency=agency, revoked_by=revoked_by),
         )
     with ledger.store.begin() as tx:
-        assert tx.consent(given.consent_id).revoked_at is None
+        assert tx.consents.get(given.consent_id).revoked_at is None
 
 
 def test_a_revocation_recorded_for_the_person_by_a_non_advisor_is_kept(ledger):
@@ -192,7 +192,7 @@ def test_a_revocation_recorded_for_the_person_by_a_non_advisor_is_kept(ledger):
     revocation = a_revocation(ledger, given.consent_id, revoked_by="the tenant, by phone")
     assert run(ledger, usecases.revoke_consent, revocation)
     with ledger.store.begin() as tx:
-        assert tx.consent(given.consent_id).revoked_at == ledger.clock()
+        assert tx.consents.get(given.consent_id).revoked_at == ledger.clock()
 
 
 def test_a_revocation_dated_in_the_future_takes_effect_when_recorded(ledger):
@@ -206,7 +206,7 @@ def test_a_revocation_dated_in_the_future_takes_effect_when_recorded(ledger):
     run(ledger, usecases.revoke_consent, a_revocation(ledger, given.consent_id, revoked_at=later))
     assert ledger.store.referral(referral.referral_id).status == "withdrawn"
     with ledger.store.begin() as tx:
-        assert tx.consent(given.consent_id).revoked_at == ledger.clock()
+        assert tx.consents.get(given.consent_id).revoked_at == ledger.clock()
     with ledger.store.begin() as tx:
         (body,) = tx.conn.execute(
             select(tables.consent_journal.c.body).where(
@@ -231,7 +231,7 @@ def test_a_grant_a_few_seconds_ahead_is_clamped_to_now(ledger):
     given = a_consent(ledger, person, granted_at=ahead, valid_until=ahead + timedelta(days=30))
     assert run(ledger, usecases.grant_consent, given)
     with ledger.store.begin() as tx:
-        assert tx.consent(given.consent_id).granted_at == ledger.clock()
+        assert tx.consents.get(given.consent_id).granted_at == ledger.clock()
     assert states(ledger, signal.message_id) == {ARREARS: "routed"}
 
 

@@ -125,9 +125,9 @@ def run_sequence(store: Store, ops: list[tuple[Any, ...]]) -> int:
         now = clock()
         with store.begin() as tx:
             for body in published:
-                referral = tx.referral(body["referral_id"])
-                consent = tx.consent(referral.consent_id)
-                person = tx.signal(referral.signal_id).person_ref
+                referral = tx.referrals.get(body["referral_id"])
+                consent = tx.consents.get(referral.consent_id)
+                person = tx.signals.get(referral.signal_id).person_ref
                 assert allows(
                     consent, person, referral.need, referral.partner_id, referral.partner_kind, now
                 ), f"{referral.referral_id} published without a consent valid at that moment"
@@ -167,7 +167,7 @@ def run_sequence(store: Store, ops: list[tuple[Any, ...]]) -> int:
                     usecases.grant_consent(ledger, tx, event, "q")
             elif op[0] == "revoke" and consents:
                 consent_id = consents[op[1] % len(consents)]
-                if tx.consent(consent_id).revoked_at is None:
+                if tx.consents.get(consent_id).revoked_at is None:
                     usecases.revoke_consent(
                         ledger,
                         tx,
@@ -223,8 +223,8 @@ def run_sequence(store: Store, ops: list[tuple[Any, ...]]) -> int:
             for referral in new:
                 if referral.referral_id in before:
                     continue
-                signal_row = tx.signal(referral.signal_id)
-                consent = tx.consent(referral.consent_id)
+                signal_row = tx.signals.get(referral.signal_id)
+                consent = tx.consents.get(referral.consent_id)
                 assert consent is not None, "a referral names the consent it left under"
                 assert allows(
                     consent,

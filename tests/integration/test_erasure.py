@@ -64,9 +64,11 @@ def read_consents(ledger: Ledger, person: str) -> None:
     """What `partnerbus consent list` and `referrals timeline` record about a read."""
     now = ledger.clock()
     with ledger.store.begin() as tx:
-        tx.consents_of(person)
-        tx.audit("a.martin", "consents-read", person, now, person_ref=person, why="consent list")
-        tx.audit("ops.tester", "timeline-read", person, now, why="referrals timeline")
+        tx.consents.of_person(person)
+        tx.audit.record(
+            "a.martin", "consents-read", person, now, person_ref=person, why="consent list"
+        )
+        tx.audit.record("ops.tester", "timeline-read", person, now, why="referrals timeline")
 
 
 class TestForgetThePerson:
@@ -173,7 +175,7 @@ class TestFreeTextOfTheBus:
         )
         run(ledger, usecases.revoke_consent, revocation)
         with ledger.store.begin() as tx:
-            tx.audit(
+            tx.audit.record(
                 "ops.tester",
                 "dead-letter-read",
                 "m-1",
@@ -198,7 +200,7 @@ class TestOneBadRow:
         bad = refused_signal(ledger, "T-BAD-0001")
         good = refused_signal(ledger, "T-GOOD-0001")
         with ledger.store.begin() as tx:
-            tx.rewrite_signal(bad, body="{not json")
+            tx.signals.rewrite(bad, body="{not json")
 
         clock_of(ledger).advance(timedelta(days=731))
         counts = retain(ledger)
@@ -209,7 +211,7 @@ class TestOneBadRow:
         assert "T-GOOD-0001" not in dump
         assert "T-BAD-0001" in dump, "kept for the next pass, not half-erased"
         with ledger.store.begin() as tx:
-            row = tx.signal(good)
+            row = tx.signals.get(good)
             assert row is not None
             assert row.anonymised_at is not None
 
@@ -219,18 +221,18 @@ class TestStore:
         """Old traces of a person without signal or consent are due; a person with either is not."""
         now = ledger.clock()
         with ledger.store.begin() as tx:
-            tx.journal(None, "T-J-0001", "refused", "a.martin", now, "{}")
-            tx.audit("a.martin", "consents-read", "T-A-0001", now, person_ref="T-A-0001")
-            tx.audit("a.martin", "consents-read", "T-S-0001", now, person_ref="T-S-0001")
-            tx.journal(None, "anon-0123456789abcdef", "refused", "a.martin", now, "{}")
+            tx.journal.record(None, "T-J-0001", "refused", "a.martin", now, "{}")
+            tx.audit.record("a.martin", "consents-read", "T-A-0001", now, person_ref="T-A-0001")
+            tx.audit.record("a.martin", "consents-read", "T-S-0001", now, person_ref="T-S-0001")
+            tx.journal.record(None, "anon-0123456789abcdef", "refused", "a.martin", now, "{}")
         run(ledger, usecases.receive_signal, a_signal(ledger, person="T-S-0001"))
         cutoff = now + timedelta(seconds=1)
         with ledger.store.begin() as tx:
-            assert tx.persons_to_forget(now) == []
-            assert tx.persons_to_forget(cutoff) == ["T-A-0001", "T-J-0001"]
-            changed = tx.forget_person("T-A-0001", "anon-x", cutoff)
+            assert tx.retention.persons_to_forget(now) == []
+            assert tx.retention.persons_to_forget(cutoff) == ["T-A-0001", "T-J-0001"]
+            changed = tx.retention.forget_person("T-A-0001", "anon-x", cutoff)
             assert changed == 2, "the audit row names her as person and as subject"
-            assert tx.persons_to_forget(cutoff) == ["T-J-0001"]
+            assert tx.retention.persons_to_forget(cutoff) == ["T-J-0001"]
 
     def test_forget_person_empties_the_journal_bodies_and_leaves_others(
         self, ledger: Ledger
@@ -238,9 +240,13 @@ class TestStore:
         """Only her rows change; the bodies of her journal rows are emptied."""
         now = ledger.clock()
         with ledger.store.begin() as tx:
-            tx.journal(None, "T-F-0001", "refused", "a.martin", now, '{"person_ref":"T-F-0001"}')
-            tx.journal(None, "T-F-0002", "refused", "a.martin", now, '{"person_ref":"T-F-0002"}')
-            tx.forget_person("T-F-0001", "anon-f", now + timedelta(seconds=1))
+            tx.journal.record(
+                None, "T-F-0001", "refused", "a.martin", now, '{"person_ref":"T-F-0001"}'
+            )
+            tx.journal.record(
+                None, "T-F-0002", "refused", "a.martin", now, '{"person_ref":"T-F-0002"}'
+            )
+            tx.retention.forget_person("T-F-0001", "anon-f", now + timedelta(seconds=1))
         dump = dump_database(ledger.store)
         assert "T-F-0001" not in dump
         assert dump.count("T-F-0002") == 2
@@ -300,11 +306,13 @@ class TestStoreConsents:
         run(ledger, usecases.grant_consent, running)
         later = ledger.clock() + timedelta(days=11)
         with ledger.store.begin() as tx:
-            tx.audit("a.martin", "consent-revoked", ended.consent_id, later, why="she said so")
-            assert tx.ended_consents_before(later) == [ended.consent_id]
-            tx.anonymise_consent(ended.consent_id, "anon-end")
-            assert tx.ended_consents_before(later) == []
-            row = tx.consent(ended.consent_id)
+            tx.audit.record(
+                "a.martin", "consent-revoked", ended.consent_id, later, why="she said so"
+            )
+            assert tx.retention.ended_consents_before(later) == [ended.consent_id]
+            tx.retention.anonymise_consent(ended.consent_id, "anon-end")
+            assert tx.retention.ended_consents_before(later) == []
+            row = tx.consents.get(ended.consent_id)
             assert row is not None
             assert (row.person_ref, row.valid_until) == ("anon-end", ended.valid_until)
         dump = dump_database(ledger.store)
@@ -316,10 +324,12 @@ class TestStoreConsents:
         """Reasons older than the cutoff go; younger ones and other actions' texts stay."""
         now = ledger.clock()
         with ledger.store.begin() as tx:
-            tx.audit("ops", "dead-letter-replayed", "m-1", now, why="q: old reason")
-            tx.audit("ops", "dead-letter-purged", "m-2", now + timedelta(days=2), why="young")
-            tx.audit("bus", "signal-received", "s-1", now, why="needs x in 59512")
-            assert tx.delete_bus_free_text_before(now + timedelta(days=1)) == 1
+            tx.audit.record("ops", "dead-letter-replayed", "m-1", now, why="q: old reason")
+            tx.audit.record(
+                "ops", "dead-letter-purged", "m-2", now + timedelta(days=2), why="young"
+            )
+            tx.audit.record("bus", "signal-received", "s-1", now, why="needs x in 59512")
+            assert tx.retention.delete_bus_free_text_before(now + timedelta(days=1)) == 1
         dump = dump_database(ledger.store)
         assert "old reason" not in dump
         assert "young" in dump and "needs x in 59512" in dump

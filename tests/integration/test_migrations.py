@@ -89,7 +89,7 @@ def test_a_second_upgrade_changes_nothing(empty: Store) -> None:
     """Upgrading a ledger already at head does nothing and keeps its rows."""
     migrate.upgrade(empty)
     with empty.begin() as tx:
-        tx.audit("ops", "test", "subject-1", datetime.now(UTC))
+        tx.audit.record("ops", "test", "subject-1", datetime.now(UTC))
 
     again = migrate.upgrade(empty)
 
@@ -105,7 +105,7 @@ def test_a_ledger_from_before_migrations_is_adopted_and_gains_the_missing_indexe
     """A ledger created by create_all before migrations (no alembic_version, the later indexes missing) is adopted at 0001 with its rows, gains those indexes, and ends at head with tables.py's schema."""
     create_pre_migration_ledger(empty, without=ADDED_AFTER_FIRST_RELEASE)
     with empty.begin() as tx:
-        tx.audit("ops", "before-migrations", "subject-old", datetime.now(UTC))
+        tx.audit.record("ops", "before-migrations", "subject-old", datetime.now(UTC))
     assert not index_names(empty) & ADDED_AFTER_FIRST_RELEASE
     assert migrate.current(empty) is None
 

@@ -12,7 +12,8 @@ from prometheus_client import REGISTRY
 
 from partnerbus import usecases
 from partnerbus.directory import Directory, match
-from partnerbus.ledger.store import LedgerTx, Store
+from partnerbus.ledger.repos import AuditRepository, ConsentRepository
+from partnerbus.ledger.store import Store
 from partnerbus.schemas import (
     ConsentGranted,
     ConsentScope,
@@ -112,8 +113,8 @@ def test_a_partner_removed_from_the_directory_does_not_stop_the_deadline_pass(
     assert status_of(store, second) == "expired"
     assert counts["expired"] == 2
     with store.begin() as tx:
-        assert tx.need_states("sig-T-GONE-1") == {ARREARS: "no-partner"}
-        (again,) = [r for r in tx.referrals_for("sig-T-STAY-2") if r.attempt == 2]
+        assert tx.signals.need_states("sig-T-GONE-1") == {ARREARS: "no-partner"}
+        (again,) = [r for r in tx.referrals.for_signal("sig-T-STAY-2") if r.attempt == 2]
     assert again.partner_id != holder.partner_id
 
 
@@ -152,14 +153,16 @@ def test_a_failing_referral_is_rolled_back_counted_logged_and_retried_while_the_
     bad = referred(ledger, "T-BAD-PERSON-4", "lmh-recouvrement")
     good = referred(ledger, "T-GOOD-5", "lmh-proximite")
     ledger.clock.advance(timedelta(days=11))
-    real = LedgerTx.audit
+    real = AuditRepository.record
 
-    def audit(self: LedgerTx, actor: str, action: str, subject: str, *args, **kwargs) -> None:
+    def audit(
+        self: AuditRepository, actor: str, action: str, subject: str, *args, **kwargs
+    ) -> None:
         real(self, actor, action, subject, *args, **kwargs)
         if action == "referral-expired" and subject == bad:
             raise RuntimeError("T-BAD-PERSON-4 +33 6 00 00 00 04")
 
-    monkeypatch.setattr(LedgerTx, "audit", audit)
+    monkeypatch.setattr(AuditRepository, "record", audit)
     before = failures("expire")
     caplog.set_level(logging.DEBUG)
 
@@ -174,9 +177,9 @@ def test_a_failing_referral_is_rolled_back_counted_logged_and_retried_while_the_
     assert said and "RuntimeError" in said[0]
     assert "T-BAD-PERSON-4" not in caplog.text and "+33" not in caplog.text
     with store.begin() as tx:
-        assert len(tx.referrals_for("sig-T-BAD-PERSON-4")) == 1, "nothing rerouted for it"
+        assert len(tx.referrals.for_signal("sig-T-BAD-PERSON-4")) == 1, "nothing rerouted for it"
 
-    monkeypatch.setattr(LedgerTx, "audit", real)
+    monkeypatch.setattr(AuditRepository, "record", real)
     counts = tick(ledger)
     assert status_of(store, bad) == "expired", "retried at the next pass"
     assert counts["expired"] == 1
@@ -190,7 +193,7 @@ def test_a_failing_withdrawal_or_notice_does_not_stop_the_others(
     bad = referred(ledger, "T-W-BAD", "lmh-recouvrement", days=2)
     good = referred(ledger, "T-W-GOOD", "lmh-proximite", days=2)
     real_withdraw = usecases.schedule._withdraw
-    real_notified = LedgerTx.mark_expiry_notified
+    real_notified = ConsentRepository.mark_expiry_notified
 
     def withdraw(ledger, tx, referral, *args, **kwargs):
         if referral.referral_id == bad:
@@ -203,14 +206,14 @@ def test_a_failing_withdrawal_or_notice_does_not_stop_the_others(
         return real_notified(self, consent_id, at)
 
     monkeypatch.setattr(usecases.schedule, "_withdraw", withdraw)
-    monkeypatch.setattr(LedgerTx, "mark_expiry_notified", notified)
+    monkeypatch.setattr(ConsentRepository, "mark_expiry_notified", notified)
     before = (failures("consent-ended"), failures("consent-expiring"))
 
     counts = tick(ledger)  # both consents end within the notice (14 days)
     assert counts["consents-expiring"] == 1
     with store.begin() as tx:
-        assert tx.consent("c-T-W-GOOD").expiry_notified_at is not None
-        assert tx.consent("c-T-W-BAD").expiry_notified_at is None
+        assert tx.consents.get("c-T-W-GOOD").expiry_notified_at is not None
+        assert tx.consents.get("c-T-W-BAD").expiry_notified_at is None
 
     ledger.clock.advance(timedelta(days=3))  # past both consents, before the deadline
     counts = tick(ledger)

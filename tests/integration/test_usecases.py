@@ -352,7 +352,7 @@ class TestStatuses:
         assert {b["outcome"] for _, b in closed} == {"completed"}
         signal_id = ledger.store.referral(first["referral_id"]).signal_id
         with ledger.store.begin() as tx:
-            assert tx.need_states(signal_id) == {ARREARS: "closed"}
+            assert tx.signals.need_states(signal_id) == {ARREARS: "closed"}
 
     def test_what_the_partner_wrote_reaches_the_advisor_not_the_source(
         self, ledger: Ledger
@@ -453,7 +453,7 @@ class TestRetention:
         clock.advance(timedelta(days=91))
         with ledger.store.begin() as tx:
             counts = usecases.apply_retention(ledger, tx, **keep)
-            row = tx.signal(signal.message_id)
+            row = tx.signals.get(signal.message_id)
         assert counts["free-text-deleted"] == 1
         assert counts["anonymised"] == 0
         assert row is not None
@@ -474,7 +474,7 @@ class TestRetention:
         clock.advance(timedelta(days=730))
         with ledger.store.begin() as tx:
             counts = usecases.apply_retention(ledger, tx, **keep)
-            row = tx.signal(signal.message_id)
+            row = tx.signals.get(signal.message_id)
         assert counts["anonymised"] == 1
         assert counts["consents-anonymised"] == 1
         assert row is not None

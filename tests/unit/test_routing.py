@@ -130,8 +130,8 @@ class Ticking:
         return self.now
 
 
-class FakeTx:
-    """Only the dedupe mark of a transaction, in memory."""
+class FakeProcessed:
+    """The dedupe marks' repository, in memory."""
 
     def __init__(self) -> None:
         self.marks: dict[tuple[str, str], datetime] = {}
@@ -141,6 +141,13 @@ class FakeTx:
             return False
         self.marks[message_id, queue] = now
         return True
+
+
+class FakeTx:
+    """Only the dedupe marks of a transaction, in memory."""
+
+    def __init__(self) -> None:
+        self.processed = FakeProcessed()
 
 
 def a_ledger(directory: Directory, clock: Ticking) -> Ledger:
@@ -183,4 +190,4 @@ def test_intake_runs_a_message_once_per_queue_and_marks_it_at_the_same_now(
     assert receive(ledger, tx, a_signal(), "q")  # type: ignore[arg-type]
     assert not receive(ledger, tx, a_signal(), "q")  # type: ignore[arg-type]
     assert receive(ledger, tx, a_signal(), "other-q")  # type: ignore[arg-type]
-    assert len(ran) == 2 and tx.marks["sig-1", "q"] == ran[0]
+    assert len(ran) == 2 and tx.processed.marks["sig-1", "q"] == ran[0]

@@ -1,0 +1,37 @@
+"""What every repository shares: the transaction's connection, the upsert, the row mapping."""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+from sqlalchemy import Connection, Table
+from sqlalchemy.dialects import postgresql, sqlite
+
+from partnerbus.errors import PartnerbusError
+
+R = TypeVar("R")
+
+
+class Conflict(PartnerbusError):  # noqa: N818 - a signal to re-run, not an error
+    """The row changed since this transaction read it (a compare-and-set found another
+    status): the decision was made on a stale read, so the whole transaction re-runs."""
+
+
+def row_of(cls: type[R], row: Any) -> R:
+    """A result row as the frozen dataclass `cls` (its fields are the columns)."""
+    return cls(**dict(row._mapping))
+
+
+class Repository:
+    """One concern of the ledger, over the connection of the transaction it works in: a
+    repository never begins nor commits; `Store.begin` does, around all of them."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+
+    def _upsert(self, table: Table, key: dict[str, Any], values: dict[str, Any]) -> None:
+        """Insert or update in one statement (INSERT … ON CONFLICT DO UPDATE): two
+        transactions writing the same key never both insert, nor lose the row."""
+        dialect = postgresql if self.conn.dialect.name == "postgresql" else sqlite
+        statement = dialect.insert(table).values(**key, **values)
+        self.conn.execute(statement.on_conflict_do_update(index_elements=list(key), set_=values))

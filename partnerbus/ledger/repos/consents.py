@@ -1,0 +1,83 @@
+"""Consents as the advisors collected them, and their revocations."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import select, update
+
+from partnerbus.ledger import tables as t
+from partnerbus.ledger.repos.base import Repository
+from partnerbus.rules.consent import ConsentRecord
+from partnerbus.schemas import ConsentScope
+
+
+def _consent(row: Any) -> ConsentRecord:
+    values = dict(row._mapping)
+    values["scope"] = ConsentScope.model_validate_json(values["scope"])
+    return ConsentRecord(**values)
+
+
+class ConsentRepository(Repository):
+    """Consent records: added once, revoked once, read with or without a lock."""
+
+    def add(self, row: ConsentRecord) -> bool:
+        if self.get(row.consent_id) is not None:
+            return False
+        self.conn.execute(
+            t.consents.insert().values(
+                consent_id=row.consent_id,
+                person_ref=row.person_ref,
+                scope=row.scope.model_dump_json(),
+                collected_by=row.collected_by,
+                agency=row.agency,
+                method=row.method,
+                granted_at=row.granted_at,
+                valid_until=row.valid_until,
+                revoked_at=row.revoked_at,
+            )
+        )
+        return True
+
+    def get(self, consent_id: str, *, lock: str | None = None) -> ConsentRecord | None:
+        """A consent; `lock="share"` keeps it from being revoked until this transaction
+        ends (the relay, while it sends under it), `lock="update"` takes it for a change."""
+        query = select(t.consents).where(t.consents.c.consent_id == consent_id)
+        if lock is not None:
+            query = query.with_for_update(read=lock == "share")
+        row = self.conn.execute(query).first()
+        return _consent(row) if row else None
+
+    def of_person(self, person_ref: str) -> list[ConsentRecord]:
+        rows = self.conn.execute(
+            select(t.consents)
+            .where(t.consents.c.person_ref == person_ref)
+            .order_by(t.consents.c.granted_at, t.consents.c.consent_id)
+        )
+        return [_consent(r) for r in rows]
+
+    def revoke(self, consent_id: str, at: datetime, by: str) -> bool:
+        """Revoke once: False if it already was (the first revocation stands)."""
+        return bool(
+            self.conn.execute(
+                update(t.consents)
+                .where(t.consents.c.consent_id == consent_id, t.consents.c.revoked_at.is_(None))
+                .values(revoked_at=at, revoked_by=by)
+            ).rowcount
+        )
+
+    def mark_expiry_notified(self, consent_id: str, at: datetime) -> None:
+        self.conn.execute(
+            update(t.consents)
+            .where(t.consents.c.consent_id == consent_id)
+            .values(expiry_notified_at=at)
+        )
+
+    def unnotified(self) -> list[ConsentRecord]:
+        rows = self.conn.execute(
+            select(t.consents).where(
+                t.consents.c.revoked_at.is_(None), t.consents.c.expiry_notified_at.is_(None)
+            )
+        )
+        return [_consent(r) for r in rows]

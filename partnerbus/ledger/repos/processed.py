@@ -1,0 +1,35 @@
+"""Dedupe marks: which message each queue has already processed."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import delete, select
+
+from partnerbus.ledger import tables as t
+from partnerbus.ledger.repos.base import Repository
+
+
+class ProcessedRepository(Repository):
+    """A message recorded once per queue, so that a redelivery changes nothing."""
+
+    def first_time(self, message_id: str, queue: str, now: datetime) -> bool:
+        """Record that this message was processed; False if it already was (a redelivery)."""
+        seen = self.conn.execute(
+            select(t.processed.c.message_id).where(
+                t.processed.c.message_id == message_id, t.processed.c.queue == queue
+            )
+        ).first()
+        if seen:
+            return False
+        self.conn.execute(
+            t.processed.insert().values(message_id=message_id, queue=queue, processed_at=now)
+        )
+        return True
+
+    def delete_before(self, cutoff: datetime) -> int:
+        return int(
+            self.conn.execute(
+                delete(t.processed).where(t.processed.c.processed_at < cutoff)
+            ).rowcount
+        )

@@ -1,0 +1,129 @@
+"""Referrals, their compare-and-set state changes and their history."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import select, update
+
+from partnerbus.ledger import tables as t
+from partnerbus.ledger.repos.base import Conflict, Repository, row_of
+
+
+@dataclass(frozen=True)
+class ReferralRow:
+    referral_id: str
+    signal_id: str
+    need: str
+    attempt: int
+    partner_id: str
+    partner_kind: str
+    consent_id: str
+    status: str
+    reason: str | None
+    outcome: str | None
+    urgency: str
+    created_at: datetime
+    updated_at: datetime
+    sent_at: datetime | None
+    due_at: datetime | None
+    remind_at: datetime | None
+    reminded: bool
+    closed_at: datetime | None
+    anonymised_at: datetime | None
+
+
+class ReferralRepository(Repository):
+    """Referral rows: every write of a referral's state is a compare-and-set (`update`),
+    recorded in its history (`record_transition`)."""
+
+    def add(self, **values: Any) -> None:
+        self.conn.execute(t.referrals.insert().values(**values))
+
+    def get(self, referral_id: str, *, lock: bool = False) -> ReferralRow | None:
+        """A referral; with `lock`, its row is held until this transaction ends
+        (SELECT … FOR UPDATE on PostgreSQL; SQLite's BEGIN IMMEDIATE holds everything)."""
+        query = select(t.referrals).where(t.referrals.c.referral_id == referral_id)
+        if lock:
+            query = query.with_for_update()
+        row = self.conn.execute(query).first()
+        return row_of(ReferralRow, row) if row else None
+
+    def for_signal(self, signal_id: str, need: str | None = None) -> list[ReferralRow]:
+        query = select(t.referrals).where(t.referrals.c.signal_id == signal_id)
+        if need is not None:
+            query = query.where(t.referrals.c.need == need)
+        rows = self.conn.execute(query.order_by(t.referrals.c.need, t.referrals.c.attempt))
+        return [row_of(ReferralRow, r) for r in rows]
+
+    def under_consent(self, consent_id: str, statuses: frozenset[str]) -> list[ReferralRow]:
+        rows = self.conn.execute(
+            select(t.referrals)
+            .where(t.referrals.c.consent_id == consent_id, t.referrals.c.status.in_(statuses))
+            .order_by(t.referrals.c.referral_id)
+        )
+        return [row_of(ReferralRow, r) for r in rows]
+
+    def with_ended_consent(self, now: datetime, statuses: frozenset[str]) -> list[ReferralRow]:
+        """Referrals in `statuses` whose consent has run out (not revoked: revocation
+        withdraws at once)."""
+        rows = self.conn.execute(
+            select(t.referrals)
+            .join(t.consents, t.consents.c.consent_id == t.referrals.c.consent_id)
+            .where(
+                t.referrals.c.status.in_(statuses),
+                t.consents.c.valid_until <= now,
+                t.consents.c.revoked_at.is_(None),
+            )
+            .order_by(t.referrals.c.referral_id)
+        )
+        return [row_of(ReferralRow, r) for r in rows]
+
+    def waiting(self) -> list[ReferralRow]:
+        """Referrals still waiting for the partner's answer, for the deadline watch."""
+        rows = self.conn.execute(
+            select(t.referrals)
+            .where(t.referrals.c.status.in_(("requested", "delivered", "received")))
+            .order_by(t.referrals.c.due_at, t.referrals.c.referral_id)
+        )
+        return [row_of(ReferralRow, r) for r in rows]
+
+    def update(self, referral_id: str, expected_status: str, **values: Any) -> None:
+        """Compare-and-set: write only if the referral is still `expected_status` (the
+        status the decision was made on); otherwise raise `Conflict` and the transaction
+        re-runs on a fresh read. Every write of a referral's state goes through here."""
+        changed = self.conn.execute(
+            update(t.referrals)
+            .where(
+                t.referrals.c.referral_id == referral_id,
+                t.referrals.c.status == expected_status,
+            )
+            .values(**values)
+        ).rowcount
+        if changed != 1:
+            msg = f"referral {referral_id} is no longer {expected_status}"
+            raise Conflict(msg)
+
+    def record_transition(
+        self,
+        referral_id: str,
+        from_status: str,
+        to_status: str,
+        outcome: str,
+        actor: str,
+        reason: str | None,
+        at: datetime,
+    ) -> None:
+        self.conn.execute(
+            t.referral_history.insert().values(
+                referral_id=referral_id,
+                from_status=from_status,
+                to_status=to_status,
+                outcome=outcome,
+                actor=actor,
+                reason=reason,
+                at=at,
+            )
+        )
