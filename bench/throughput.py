@@ -470,6 +470,11 @@ def signal_for(person: str, urgency: str = "routine") -> Signal:
 
 
 def partnerbus_executable() -> str:
+    """The `partnerbus` beside this Python; `PARTNERBUS_BENCH_PARTNERBUS` names another (an
+    earlier build, for a before/after in one run)."""
+    chosen = os.environ.get("PARTNERBUS_BENCH_PARTNERBUS")
+    if chosen:
+        return chosen
     beside = Path(sys.executable).with_name("partnerbus")
     found = str(beside) if beside.exists() else shutil.which("partnerbus")
     if not found:
