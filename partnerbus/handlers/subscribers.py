@@ -1,24 +1,28 @@
-"""The FastStream subscribers: receive, decide (a use case), record, and let the relay send.
+"""The FastStream subscribers: one short typed handler per intake queue, its intake as
+middleware.
 
-Each is short: the `Intake` does decoding, authentication, dead-lettering and retries; the
-queue's `Batcher` records what the queue has prefetched in one transaction (group commit,
-each message's use case in its own savepoint) and answers each handler after the commit;
-the relay sends what it committed. Urgent and asap signals have their own queue and
+`IntakeMiddleware` (one per queue's router) does decoding, size, authentication,
+dead-lettering and retries (`Intake.run`); the handler gets the validated message as its
+typed argument (`Signal`, a status or a consent: FastStream's AsyncAPI document is built
+from these signatures) and records it through the queue's `Batcher` (group commit, each
+message's use case in its own savepoint, answered after the commit; FastStream acks then).
+The relay sends what was committed. Urgent and asap signals have their own queue and
 consumer, so that they never wait behind a routine backlog.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
+from contextvars import ContextVar
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, TypeVar
 
-from faststream import AckPolicy
+from faststream import AckPolicy, BaseMiddleware
 from faststream.message import StreamMessage
 from faststream.rabbit import Channel, RabbitQueue, RabbitRouter
-from faststream.rabbit.annotations import RabbitMessage
 from pydantic import TypeAdapter
 
 from partnerbus import usecases
@@ -136,53 +140,130 @@ def _status_sender(message: ReferralStatusChanged | CapacityChanged) -> str:
     return message.partner
 
 
+_VALIDATED: ContextVar[Any] = ContextVar("partnerbus_validated")
+"""The message the intake middleware validated, handed to FastStream's decoder so that the
+handler's typed argument is that object (the body is parsed and validated once)."""
+
+
+async def validated_body(message: StreamMessage[Any]) -> Any:
+    """The subscribers' decoder: what `IntakeMiddleware` validated for this delivery."""
+    return _VALIDATED.get()
+
+
+@dataclass(frozen=True)
+class Door:
+    """What the intake middleware needs to know of one queue."""
+
+    queue: str
+    intake: Intake
+    adapter: TypeAdapter[Any]
+    sender_of: Callable[[Any], str]
+    on_verdict: Callable[[str, Verdict], None]
+
+
+class IntakeMiddleware(BaseMiddleware):
+    """Around a queue's handler: size and JSON checks, schema validation, sender
+    authentication, dead-lettering with a reason and delayed retries (`Intake.run`). The
+    handler runs only for a message that passed them, with that message as its typed
+    argument; what it raises is judged by the intake (a refusal is dead-lettered, a
+    database outage retried)."""
+
+    def __init__(self, msg: Any, /, *, context: Any, door: Door) -> None:
+        super().__init__(msg, context=context)
+        self.door = door
+
+    async def consume_scope(self, call_next: Any, msg: StreamMessage[Any]) -> Any:
+        door = self.door
+
+        async def handler(message: Any) -> bool:
+            token = _VALIDATED.set(message)
+            try:
+                return bool(await call_next(msg))
+            finally:
+                _VALIDATED.reset(token)
+
+        raw = msg.raw_message
+        verdict = await door.intake.run(raw, msg.body, door.adapter, door.sender_of, handler)
+        if verdict.outcome == "held":
+            # Not acked: RabbitMQ keeps it, dead-lettered, until its dead letters have room.
+            await msg.reject()
+        door.on_verdict(door.queue, verdict)
+        return None
+
+
 def build_router(w: Wiring) -> RabbitRouter:
-    router = RabbitRouter()
+    """One router per intake queue, its intake as middleware, one typed handler each: the
+    handler records its message through the queue's group commit and returns whether it
+    did something (acked by FastStream after that commit)."""
     t = w.topology
-    options: dict[str, Any] = {"ack_policy": AckPolicy.NACK_ON_ERROR, "decoder": raw_body}
+    options: dict[str, Any] = {"ack_policy": AckPolicy.NACK_ON_ERROR, "decoder": validated_body}
+    routers: list[RabbitRouter] = []
 
-    def subscribe(
-        queue: RabbitQueue,
-        exchange: Any,
-        adapter: TypeAdapter[Any],
-        sender_of: Callable[[Any], str],
-        use_case: Callable[..., bool],
-        **extra: Any,
-    ) -> None:
-        intake = w.intake(queue)
-        batcher = w.batcher(queue)
-        name = queue.name
+    def door(
+        queue: RabbitQueue, adapter: TypeAdapter[Any], sender_of: Callable[[Any], str]
+    ) -> RabbitRouter:
+        entry = Door(queue.name, w.intake(queue), adapter, sender_of, w.on_verdict)
+        routers.append(RabbitRouter(middlewares=[partial(IntakeMiddleware, door=entry)]))
+        return routers[-1]
 
-        async def work(message: Any) -> bool:
-            # Acked (by FastStream, when the handler returns) only after the batch that
-            # holds this message has committed.
-            return await batcher.record(lambda tx: use_case(w.ledger, tx, message, name))
+    def recorder(
+        queue: RabbitQueue, use_case: Callable[..., bool]
+    ) -> Callable[[Any], Awaitable[bool]]:
+        batcher, name = w.batcher(queue), queue.name
 
-        async def handle(body: bytes, message: RabbitMessage) -> None:
-            verdict = await intake.run(message.raw_message, body, adapter, sender_of, work)
-            if verdict.outcome == "held":
-                # Not acked: RabbitMQ keeps it, dead-lettered, until its dead letters have room.
-                await message.reject(requeue=False)
-            w.on_verdict(name, verdict)
+        def record(message: Any) -> Awaitable[bool]:
+            return batcher.record(lambda tx: use_case(w.ledger, tx, message, name))
 
-        handle.__name__ = "on_" + name.removeprefix(t.queue_name("intake.")).replace(".", "_")
-        router.subscriber(queue, exchange, **options, **extra)(handle)
+        return record
 
     receive = _checked(usecases.receive_signal)
-    subscribe(t.signal_queue, t.signals, SIGNAL, lambda s: s.source, receive)
+    routine = recorder(t.signal_queue, receive)
+    urgent = recorder(t.urgent_signal_queue, receive)
+    statuses = recorder(t.status_queue, _status_use_case)
+    consents = recorder(t.consent_queue, _consent_use_case)
+
+    @door(t.signal_queue, SIGNAL, _signal_sender).subscriber(t.signal_queue, t.signals, **options)
+    async def on_signal(signal: Signal) -> bool:
+        """A partner's signal: checked against the directory, routed, recorded."""
+        return await routine(signal)
+
     # Its own channel and prefetch: never behind the routine queue's deliveries. A routine
     # signal published with an urgent key is accepted there (it is only recorded sooner).
-    subscribe(
+    @door(t.urgent_signal_queue, SIGNAL, _signal_sender).subscriber(
         t.urgent_signal_queue,
         t.signals,
-        SIGNAL,
-        lambda s: s.source,
-        receive,
         channel=Channel(prefetch_count=w.urgent_prefetch),
+        **options,
     )
-    subscribe(t.status_queue, t.statuses, STATUS, _status_sender, _status_use_case)
-    subscribe(t.consent_queue, t.consents, CONSENT, lambda c: c.agency, _consent_use_case)
-    return router
+    async def on_urgent_signal(signal: Signal) -> bool:
+        """An urgent or asap signal, on the urgent queue."""
+        return await urgent(signal)
+
+    @door(t.status_queue, STATUS, _status_sender).subscriber(t.status_queue, t.statuses, **options)
+    async def on_status(status: StatusMessage) -> bool:
+        """A partner's answer on a referral, or its capacity."""
+        return await statuses(status)
+
+    @door(t.consent_queue, CONSENT, _consent_sender).subscriber(
+        t.consent_queue, t.consents, **options
+    )
+    async def on_consent(consent: ConsentMessage) -> bool:
+        """An agency's consent: granted, refused or revoked."""
+        return await consents(consent)
+
+    # Included once their subscribers are declared: one router per queue, its own intake.
+    root = RabbitRouter()
+    for router in routers:
+        root.include_router(router)
+    return root
+
+
+def _signal_sender(signal: Signal) -> str:
+    return signal.source
+
+
+def _consent_sender(consent: ConsentGranted | ConsentRefused | ConsentRevoked) -> str:
+    return consent.agency
 
 
 def _checked(use_case: Callable[..., bool]) -> Callable[..., bool]:
