@@ -12,6 +12,10 @@ from partnerbus.ledger.repos.base import Repository
 from partnerbus.rules.consent import ConsentRecord
 from partnerbus.schemas import ConsentScope
 
+# Built once; the values go as execute() parameters, so each call reuses the compiled
+# statement instead of building and cache-keying a new `.values(...)` construct (issue 9).
+INSERT = t.consents.insert()
+
 
 def _consent(row: Any) -> ConsentRecord:
     values = dict(row._mapping)
@@ -26,17 +30,18 @@ class ConsentRepository(Repository):
         if self.get(row.consent_id) is not None:
             return False
         self.conn.execute(
-            t.consents.insert().values(
-                consent_id=row.consent_id,
-                person_ref=row.person_ref,
-                scope=row.scope.model_dump_json(),
-                collected_by=row.collected_by,
-                agency=row.agency,
-                method=row.method,
-                granted_at=row.granted_at,
-                valid_until=row.valid_until,
-                revoked_at=row.revoked_at,
-            )
+            INSERT,
+            {
+                "consent_id": row.consent_id,
+                "person_ref": row.person_ref,
+                "scope": row.scope.model_dump_json(),
+                "collected_by": row.collected_by,
+                "agency": row.agency,
+                "method": row.method,
+                "granted_at": row.granted_at,
+                "valid_until": row.valid_until,
+                "revoked_at": row.revoked_at,
+            },
         )
         return True
 

@@ -9,6 +9,10 @@ from sqlalchemy import delete, select
 from partnerbus.ledger import tables as t
 from partnerbus.ledger.repos.base import Repository
 
+# Built once; the values go as execute() parameters, so each call reuses the compiled
+# statement instead of building and cache-keying a new `.values(...)` construct (issue 9).
+INSERT = t.processed.insert()
+
 
 class ProcessedRepository(Repository):
     """A message recorded once per queue, so that a redelivery changes nothing."""
@@ -22,9 +26,7 @@ class ProcessedRepository(Repository):
         ).first()
         if seen:
             return False
-        self.conn.execute(
-            t.processed.insert().values(message_id=message_id, queue=queue, processed_at=now)
-        )
+        self.conn.execute(INSERT, {"message_id": message_id, "queue": queue, "processed_at": now})
         return True
 
     def delete_before(self, cutoff: datetime) -> int:

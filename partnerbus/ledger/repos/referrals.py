@@ -11,6 +11,11 @@ from sqlalchemy import select, update
 from partnerbus.ledger import tables as t
 from partnerbus.ledger.repos.base import Conflict, Repository, row_of
 
+# Built once; the values go as execute() parameters, so each call reuses the compiled
+# statement instead of building and cache-keying a new `.values(...)` construct (issue 9).
+INSERT = t.referrals.insert()
+INSERT_HISTORY = t.referral_history.insert()
+
 
 @dataclass(frozen=True)
 class ReferralRow:
@@ -40,7 +45,7 @@ class ReferralRepository(Repository):
     recorded in its history (`record_transition`)."""
 
     def add(self, **values: Any) -> None:
-        self.conn.execute(t.referrals.insert().values(**values))
+        self.conn.execute(INSERT, values)
 
     def get(self, referral_id: str, *, lock: bool = False) -> ReferralRow | None:
         """A referral; with `lock`, its row is held until this transaction ends
@@ -117,13 +122,14 @@ class ReferralRepository(Repository):
         at: datetime,
     ) -> None:
         self.conn.execute(
-            t.referral_history.insert().values(
-                referral_id=referral_id,
-                from_status=from_status,
-                to_status=to_status,
-                outcome=outcome,
-                actor=actor,
-                reason=reason,
-                at=at,
-            )
+            INSERT_HISTORY,
+            {
+                "referral_id": referral_id,
+                "from_status": from_status,
+                "to_status": to_status,
+                "outcome": outcome,
+                "actor": actor,
+                "reason": reason,
+                "at": at,
+            },
         )

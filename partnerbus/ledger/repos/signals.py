@@ -14,6 +14,10 @@ from partnerbus.ledger import tables as t
 from partnerbus.ledger.repos.base import Repository, row_of
 from partnerbus.schemas import Signal
 
+# Built once; the values go as execute() parameters, so each call reuses the compiled
+# statement instead of building and cache-keying a new `.values(...)` construct (issue 9).
+INSERT = t.signals.insert()
+
 
 @dataclass(frozen=True)
 class SignalRow:
@@ -52,7 +56,7 @@ class SignalRepository(Repository):
             note_deleted_at=None,
             anonymised_at=None,
         )
-        self.conn.execute(t.signals.insert().values(**dataclasses.asdict(row)))
+        self.conn.execute(INSERT, dataclasses.asdict(row))
         return row
 
     def get(self, signal_id: str) -> SignalRow | None:
