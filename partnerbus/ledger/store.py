@@ -53,6 +53,10 @@ from partnerbus.ledger.repos.base import row_of as _row
 from partnerbus.schemas import Message
 
 log = logging.getLogger("partnerbus.ledger")
+
+# Built once; the values go as execute() parameters, so each call reuses the compiled
+# statement instead of building and cache-keying a new `.values(...)` construct (issue 9).
+INSERT_OUTBOX = t.outbox.insert()
 T = TypeVar("T")
 
 RETRYABLE_SQLSTATES = frozenset({"40001", "40P01", "23505"})
@@ -188,16 +192,17 @@ class LedgerTx:
     ) -> None:
         """Record a message to send once this transaction commits (the outbox)."""
         self.conn.execute(
-            t.outbox.insert().values(
-                message_id=message.message_id,
-                routing_key=routing_key,
-                message_type=getattr(message, "type", type(message).__name__),
-                body=message.model_dump_json(),
-                referral_id=referral_id,
-                created_at=now,
-                attempts=0,
-                priority=outbox_priority(message),
-            )
+            INSERT_OUTBOX,
+            {
+                "message_id": message.message_id,
+                "routing_key": routing_key,
+                "message_type": getattr(message, "type", type(message).__name__),
+                "body": message.model_dump_json(),
+                "referral_id": referral_id,
+                "created_at": now,
+                "attempts": 0,
+                "priority": outbox_priority(message),
+            },
         )
 
     def referral_rows(self, referral_id: str) -> list[tuple[int, int, bool]]:
@@ -238,16 +243,17 @@ class LedgerTx:
             return
         self.conn.execute(delete(t.outbox).where(t.outbox.c.message_id == message.message_id))
         self.conn.execute(
-            t.outbox.insert().values(
-                message_id=message.message_id,
-                routing_key=routing_key,
-                message_type=getattr(message, "type", type(message).__name__),
-                body=message.model_dump_json(),
-                referral_id=referral_id,
-                created_at=now,
-                attempts=1,
-                priority=outbox_priority(message),
-            )
+            INSERT_OUTBOX,
+            {
+                "message_id": message.message_id,
+                "routing_key": routing_key,
+                "message_type": getattr(message, "type", type(message).__name__),
+                "body": message.model_dump_json(),
+                "referral_id": referral_id,
+                "created_at": now,
+                "attempts": 1,
+                "priority": outbox_priority(message),
+            },
         )
 
     def drop_outbox_row(self, outbox_id: int) -> None:

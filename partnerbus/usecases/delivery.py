@@ -121,6 +121,7 @@ def mark_delivered(ledger: Ledger, tx: LedgerTx, referral_id: str) -> None:
         return
     now = ledger.clock()
     first = referral.status == "requested"
+    row = None
     if first and _apply(
         ledger,
         tx,
@@ -135,10 +136,12 @@ def mark_delivered(ledger: Ledger, tx: LedgerTx, referral_id: str) -> None:
             "remind_at": ledger.deadlines.remind_at(referral.urgency, now),
         },
     ):
-        _notify_status(
+        # the signal row it read serves the audit below too (one read fewer per referral)
+        row = _notify_status(
             ledger, tx, referral, "delivered", "in the partner's queue (the broker confirmed it)"
         )
-    row = tx.signals.get(referral.signal_id)
+    if row is None:
+        row = tx.signals.get(referral.signal_id)
     assert row is not None
     tx.audit.record(
         BUS,

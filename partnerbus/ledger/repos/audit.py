@@ -7,6 +7,10 @@ from datetime import datetime
 from partnerbus.ledger import tables as t
 from partnerbus.ledger.repos.base import Repository
 
+# Built once; the values go as execute() parameters, so each call reuses the compiled
+# statement instead of building and cache-keying a new `.values(...)` construct (issue 9).
+INSERT = t.audit.insert()
+
 
 class AuditRepository(Repository):
     """Appends audit records (only retention rewrites them; `Store.audit_trail` reads)."""
@@ -23,13 +27,14 @@ class AuditRepository(Repository):
         why: str | None = None,
     ) -> None:
         self.conn.execute(
-            t.audit.insert().values(
-                at=at,
-                actor=actor,
-                action=action,
-                subject=subject,
-                person_ref=person_ref,
-                partner_id=partner_id,
-                why=why,
-            )
+            INSERT,
+            {
+                "at": at,
+                "actor": actor,
+                "action": action,
+                "subject": subject,
+                "person_ref": person_ref,
+                "partner_id": partner_id,
+                "why": why,
+            },
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any, TypeVar
 
 from sqlalchemy import Connection, Table
@@ -32,6 +33,19 @@ class Repository:
     def _upsert(self, table: Table, key: dict[str, Any], values: dict[str, Any]) -> None:
         """Insert or update in one statement (INSERT … ON CONFLICT DO UPDATE): two
         transactions writing the same key never both insert, nor lose the row."""
-        dialect = postgresql if self.conn.dialect.name == "postgresql" else sqlite
-        statement = dialect.insert(table).values(**key, **values)
-        self.conn.execute(statement.on_conflict_do_update(index_elements=list(key), set_=values))
+        statement = _upsert_statement(self.conn.dialect.name, table, tuple(key), tuple(values))
+        self.conn.execute(statement, {**key, **values})
+
+
+@functools.cache
+def _upsert_statement(
+    dialect_name: str, table: Table, key: tuple[str, ...], columns: tuple[str, ...]
+) -> Any:
+    """The upsert of `table` on `key` setting `columns`, built once per shape: the values
+    go as execute() parameters and the update takes them from the row that conflicted
+    (`excluded`), so each call reuses the compiled statement (issue 9)."""
+    dialect = postgresql if dialect_name == "postgresql" else sqlite
+    statement = dialect.insert(table)
+    return statement.on_conflict_do_update(
+        index_elements=list(key), set_={name: statement.excluded[name] for name in columns}
+    )

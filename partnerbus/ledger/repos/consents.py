@@ -5,12 +5,25 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import bindparam, select, update
 
 from partnerbus.ledger import tables as t
 from partnerbus.ledger.repos.base import Repository
 from partnerbus.rules.consent import ConsentRecord
 from partnerbus.schemas import ConsentScope
+
+# Built once; the values go as execute() parameters, so each call reuses the compiled
+# statement instead of building and cache-keying a new `.values(...)` construct (issue 9).
+INSERT = t.consents.insert()
+# The hot reads, built once with bound parameters (see INSERT).
+GET = select(t.consents).where(t.consents.c.consent_id == bindparam("consent_id"))
+GET_SHARE = GET.with_for_update(read=True)
+GET_UPDATE = GET.with_for_update(read=False)
+OF_PERSON = (
+    select(t.consents)
+    .where(t.consents.c.person_ref == bindparam("person_ref"))
+    .order_by(t.consents.c.granted_at, t.consents.c.consent_id)
+)
 
 
 def _consent(row: Any) -> ConsentRecord:
@@ -26,35 +39,30 @@ class ConsentRepository(Repository):
         if self.get(row.consent_id) is not None:
             return False
         self.conn.execute(
-            t.consents.insert().values(
-                consent_id=row.consent_id,
-                person_ref=row.person_ref,
-                scope=row.scope.model_dump_json(),
-                collected_by=row.collected_by,
-                agency=row.agency,
-                method=row.method,
-                granted_at=row.granted_at,
-                valid_until=row.valid_until,
-                revoked_at=row.revoked_at,
-            )
+            INSERT,
+            {
+                "consent_id": row.consent_id,
+                "person_ref": row.person_ref,
+                "scope": row.scope.model_dump_json(),
+                "collected_by": row.collected_by,
+                "agency": row.agency,
+                "method": row.method,
+                "granted_at": row.granted_at,
+                "valid_until": row.valid_until,
+                "revoked_at": row.revoked_at,
+            },
         )
         return True
 
     def get(self, consent_id: str, *, lock: str | None = None) -> ConsentRecord | None:
         """A consent; `lock="share"` keeps it from being revoked until this transaction
         ends (the relay, while it sends under it), `lock="update"` takes it for a change."""
-        query = select(t.consents).where(t.consents.c.consent_id == consent_id)
-        if lock is not None:
-            query = query.with_for_update(read=lock == "share")
-        row = self.conn.execute(query).first()
+        query = GET if lock is None else GET_SHARE if lock == "share" else GET_UPDATE
+        row = self.conn.execute(query, {"consent_id": consent_id}).first()
         return _consent(row) if row else None
 
     def of_person(self, person_ref: str) -> list[ConsentRecord]:
-        rows = self.conn.execute(
-            select(t.consents)
-            .where(t.consents.c.person_ref == person_ref)
-            .order_by(t.consents.c.granted_at, t.consents.c.consent_id)
-        )
+        rows = self.conn.execute(OF_PERSON, {"person_ref": person_ref})
         return [_consent(r) for r in rows]
 
     def revoke(self, consent_id: str, at: datetime, by: str) -> bool:

@@ -7,6 +7,10 @@ from datetime import datetime
 from partnerbus.ledger import tables as t
 from partnerbus.ledger.repos.base import Repository
 
+# Built once; the values go as execute() parameters, so each call reuses the compiled
+# statement instead of building and cache-keying a new `.values(...)` construct (issue 9).
+INSERT = t.consent_journal.insert()
+
 
 class JournalRepository(Repository):
     """Appends to the consent journal (only retention rewrites it)."""
@@ -21,12 +25,13 @@ class JournalRepository(Repository):
         body: str,
     ) -> None:
         self.conn.execute(
-            t.consent_journal.insert().values(
-                consent_id=consent_id,
-                person_ref=person_ref,
-                event=event_name,
-                by=by,
-                at=at,
-                body=body,
-            )
+            INSERT,
+            {
+                "consent_id": consent_id,
+                "person_ref": person_ref,
+                "event": event_name,
+                "by": by,
+                "at": at,
+                "body": body,
+            },
         )

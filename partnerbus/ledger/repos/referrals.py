@@ -6,10 +6,24 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import bindparam, select, update
 
 from partnerbus.ledger import tables as t
 from partnerbus.ledger.repos.base import Conflict, Repository, row_of
+
+# Built once; the values go as execute() parameters, so each call reuses the compiled
+# statement instead of building and cache-keying a new `.values(...)` construct (issue 9).
+INSERT = t.referrals.insert()
+INSERT_HISTORY = t.referral_history.insert()
+# The hot reads, built once with bound parameters (see INSERT).
+GET = select(t.referrals).where(t.referrals.c.referral_id == bindparam("referral_id"))
+GET_LOCKED = GET.with_for_update()
+# The compare-and-set: its key and expected status bound under names no column has, so
+# that the other parameters given are the columns it sets.
+COMPARE_AND_SET = update(t.referrals).where(
+    t.referrals.c.referral_id == bindparam("where_referral_id"),
+    t.referrals.c.status == bindparam("where_status"),
+)
 
 
 @dataclass(frozen=True)
@@ -40,15 +54,13 @@ class ReferralRepository(Repository):
     recorded in its history (`record_transition`)."""
 
     def add(self, **values: Any) -> None:
-        self.conn.execute(t.referrals.insert().values(**values))
+        self.conn.execute(INSERT, values)
 
     def get(self, referral_id: str, *, lock: bool = False) -> ReferralRow | None:
         """A referral; with `lock`, its row is held until this transaction ends
         (SELECT … FOR UPDATE on PostgreSQL; SQLite's BEGIN IMMEDIATE holds everything)."""
-        query = select(t.referrals).where(t.referrals.c.referral_id == referral_id)
-        if lock:
-            query = query.with_for_update()
-        row = self.conn.execute(query).first()
+        query = GET_LOCKED if lock else GET
+        row = self.conn.execute(query, {"referral_id": referral_id}).first()
         return row_of(ReferralRow, row) if row else None
 
     def for_signal(self, signal_id: str, need: str | None = None) -> list[ReferralRow]:
@@ -95,12 +107,8 @@ class ReferralRepository(Repository):
         status the decision was made on); otherwise raise `Conflict` and the transaction
         re-runs on a fresh read. Every write of a referral's state goes through here."""
         changed = self.conn.execute(
-            update(t.referrals)
-            .where(
-                t.referrals.c.referral_id == referral_id,
-                t.referrals.c.status == expected_status,
-            )
-            .values(**values)
+            COMPARE_AND_SET,
+            {**values, "where_referral_id": referral_id, "where_status": expected_status},
         ).rowcount
         if changed != 1:
             msg = f"referral {referral_id} is no longer {expected_status}"
@@ -117,13 +125,14 @@ class ReferralRepository(Repository):
         at: datetime,
     ) -> None:
         self.conn.execute(
-            t.referral_history.insert().values(
-                referral_id=referral_id,
-                from_status=from_status,
-                to_status=to_status,
-                outcome=outcome,
-                actor=actor,
-                reason=reason,
-                at=at,
-            )
+            INSERT_HISTORY,
+            {
+                "referral_id": referral_id,
+                "from_status": from_status,
+                "to_status": to_status,
+                "outcome": outcome,
+                "actor": actor,
+                "reason": reason,
+                "at": at,
+            },
         )

@@ -8,11 +8,23 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import bindparam, func, select, update
 
 from partnerbus.ledger import tables as t
 from partnerbus.ledger.repos.base import Repository, row_of
 from partnerbus.schemas import Signal
+
+# Built once; the values go as execute() parameters, so each call reuses the compiled
+# statement instead of building and cache-keying a new `.values(...)` construct (issue 9).
+INSERT = t.signals.insert()
+# The hot reads, built once with bound parameters (see INSERT).
+GET = select(t.signals).where(t.signals.c.signal_id == bindparam("signal_id"))
+PARKED = (
+    select(t.signal_needs.c.signal_id, t.signal_needs.c.need)
+    .join(t.signals, t.signals.c.signal_id == t.signal_needs.c.signal_id)
+    .where(t.signals.c.person_ref == bindparam("person_ref"), t.signal_needs.c.state == "parked")
+    .order_by(t.signals.c.received_at, t.signal_needs.c.signal_id, t.signal_needs.c.need)
+)
 
 
 @dataclass(frozen=True)
@@ -52,11 +64,11 @@ class SignalRepository(Repository):
             note_deleted_at=None,
             anonymised_at=None,
         )
-        self.conn.execute(t.signals.insert().values(**dataclasses.asdict(row)))
+        self.conn.execute(INSERT, dataclasses.asdict(row))
         return row
 
     def get(self, signal_id: str) -> SignalRow | None:
-        row = self.conn.execute(select(t.signals).where(t.signals.c.signal_id == signal_id)).first()
+        row = self.conn.execute(GET, {"signal_id": signal_id}).first()
         return row_of(SignalRow, row) if row else None
 
     def rewrite(self, signal_id: str, **values: Any) -> None:
@@ -103,10 +115,5 @@ class SignalRepository(Repository):
 
     def parked_needs(self, person_ref: str) -> list[tuple[str, str]]:
         """(signal_id, need) pairs of this person waiting for consent, oldest first."""
-        rows = self.conn.execute(
-            select(t.signal_needs.c.signal_id, t.signal_needs.c.need)
-            .join(t.signals, t.signals.c.signal_id == t.signal_needs.c.signal_id)
-            .where(t.signals.c.person_ref == person_ref, t.signal_needs.c.state == "parked")
-            .order_by(t.signals.c.received_at, t.signal_needs.c.signal_id, t.signal_needs.c.need)
-        )
+        rows = self.conn.execute(PARKED, {"person_ref": person_ref})
         return [(r.signal_id, r.need) for r in rows]
