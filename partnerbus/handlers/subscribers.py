@@ -18,7 +18,7 @@ from concurrent.futures import Executor
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, TypeVar
+from typing import Any
 
 from faststream import AckPolicy, BaseMiddleware
 from faststream.message import StreamMessage
@@ -41,8 +41,6 @@ from partnerbus.schemas import (
 )
 from partnerbus.schemas.messages import ConsentMessage, StatusMessage
 from partnerbus.usecases import Ledger
-
-T = TypeVar("T")
 
 SIGNAL = TypeAdapter(Signal)
 STATUS: TypeAdapter[Any] = TypeAdapter(StatusMessage)
