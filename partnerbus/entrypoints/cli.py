@@ -42,9 +42,11 @@ err = Console(stderr=True)
 
 def _mount_optional() -> None:
     """Sub-apps that live beside their code."""
+    from partnerbus.entrypoints.contract_cli import app as contract_app
     from partnerbus.entrypoints.directory_cli import app as directory_app
 
     app.add_typer(directory_app, name="directory")
+    app.add_typer(contract_app, name="contract")
     try:
         from partnerbus.broker.access import app as access_app
     except ImportError:  # pragma: no cover - access is part of the package

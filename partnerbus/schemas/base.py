@@ -14,9 +14,15 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     StringConstraints,
+    WithJsonSchema,
 )
 
-SCHEMA_VERSION: Literal[1] = 1
+SCHEMA_VERSION = 2
+"""The contract's major version, carried by every message the bus sends. It changes when
+a change would break a partner written against the previous one (docs/CHANGELOG-CONTRACT.md)."""
+ACCEPTED_SCHEMA_VERSIONS: tuple[int, ...] = (1, 2)
+"""What the bus reads: version 1 messages have the same fields as version 2 (what changed
+is what the bus sends), so a partner written against version 1 keeps working."""
 
 # data·inclusion v1 thématique, "parent--child" or a bare parent. Local codes start with "local-".
 NEED_PATTERN = r"^(local-)?[a-z0-9]+(?:-[a-z0-9]+)*(?:--[a-z0-9]+(?:-[a-z0-9]+)*)?$"
@@ -44,7 +50,44 @@ def _pseudonymous(value: str) -> str:
     return value
 
 
-PseudonymousRef = Annotated[str, AfterValidator(_pseudonymous)]
+PseudonymousRef = Annotated[
+    str,
+    AfterValidator(_pseudonymous),
+    WithJsonSchema(
+        {
+            "type": "string",
+            "pattern": PERSON_REF_PATTERN,
+            "description": "A pseudonymous reference: never a name or an e-mail address.",
+        }
+    ),
+]
+
+
+def _accepted_version(value: int) -> int:
+    if value not in ACCEPTED_SCHEMA_VERSIONS:
+        accepted = ", ".join(str(v) for v in ACCEPTED_SCHEMA_VERSIONS)
+        msg = (
+            f"schema_version {value} is not one this bus reads: it accepts {accepted} "
+            f"(current {SCHEMA_VERSION}); see docs/CHANGELOG-CONTRACT.md"
+        )
+        raise ValueError(msg)
+    return value
+
+
+SchemaVersion = Annotated[
+    int,
+    AfterValidator(_accepted_version),
+    WithJsonSchema(
+        {
+            "type": "integer",
+            "enum": list(ACCEPTED_SCHEMA_VERSIONS),
+            "description": (
+                f"The contract version the message was written against; the bus sends "
+                f"{SCHEMA_VERSION}."
+            ),
+        }
+    ),
+]
 
 
 def _iso_instant(value: object) -> object:
@@ -82,4 +125,4 @@ class Message(Record):
     message_id: MessageId
     """Unique per message; the bus deduplicates on it (at-least-once delivery)."""
     occurred_at: Instant
-    schema_version: Literal[1] = SCHEMA_VERSION
+    schema_version: SchemaVersion = SCHEMA_VERSION

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 
 from .base import (
     CommuneCode,
@@ -215,6 +215,34 @@ class ReferralStatusChanged(Message):
     the advisor with `signal_id` and `need` filled in. A partner's completion carries its
     outcome; the copy forwarded to the signal's source leaves out what the partner wrote
     (`outcome`, `note`: the advisor's copy keeps them)."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "allOf": [
+                {
+                    "if": {"properties": {"status": {"const": "rejected"}}, "required": ["status"]},
+                    "then": {"required": ["reason"], "properties": {"reason": {"type": "string"}}},
+                },
+                {
+                    "description": (
+                        "A partner's completion carries its outcome. The bus's copy to the "
+                        "signal's source has signal_id set and leaves outcome and note out."
+                    ),
+                    "if": {
+                        "properties": {
+                            "status": {"const": "completed"},
+                            "signal_id": {"type": "null"},
+                        },
+                        "required": ["status"],
+                    },
+                    "then": {
+                        "required": ["outcome"],
+                        "properties": {"outcome": {"type": "string", "minLength": 1}},
+                    },
+                },
+            ]
+        }
+    )
 
     type: Literal["referral-status-changed"] = "referral-status-changed"
     referral_id: MessageId

@@ -61,7 +61,7 @@ def signal(
     body = {
         "message_id": message_id or new_id("sig"),
         "occurred_at": iso(datetime.now(UTC)),
-        "schema_version": 1,
+        "schema_version": 2,
         "source": source,
         "person_ref": person or new_id("T"),
         "commune": commune,

@@ -52,7 +52,8 @@ def test_a_minimal_signal_is_valid_and_frozen() -> None:
         ({"message_id": None}, "message_id"),
         ({"occurred_at": "2026-11-23T09:00:00"}, "occurred_at"),
         ({"colour": "blue"}, "colour: Extra inputs are not permitted"),
-        ({"schema_version": 2}, "schema_version"),
+        ({"schema_version": 3}, "it accepts 1, 2"),
+        ({"schema_version": 0}, "schema_version"),
     ],
 )
 def test_a_bad_signal_is_refused_with_the_field_named(changes: dict, expected: str) -> None:
