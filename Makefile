@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: all demo test test-faults lint types check bench bench-throughput run clean
+.PHONY: all demo test test-faults lint types check contract-check asyncapi-validate bench bench-throughput run clean
 
 all: check test
 
@@ -39,6 +39,18 @@ types: $(STAMP)
 	$(BIN)/mypy partnerbus
 
 check: lint types
+
+# The published contract: the schemas and the AsyncAPI document are what the code generates,
+# no breaking change without a version bump, and the document is valid AsyncAPI 3.
+contract-check: $(STAMP) asyncapi-validate
+	$(BIN)/partnerbus contract export --check
+	$(BIN)/partnerbus contract asyncapi --check
+	$(BIN)/partnerbus contract compat
+
+# docs/asyncapi.yaml through the AsyncAPI project's own parser (Node.js and npm needed).
+asyncapi-validate:
+	cd tools/asyncapi-validate && npm ci --no-audit --no-fund --loglevel=error
+	node tools/asyncapi-validate/validate.mjs docs/asyncapi.yaml
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.directory --json bench/directory.json

@@ -1,4 +1,5 @@
-"""`partnerbus contract`: the published message schemas, regenerated and checked."""
+"""`partnerbus contract`: the published message schemas and the AsyncAPI document,
+regenerated and checked."""
 
 from __future__ import annotations
 
@@ -8,10 +9,13 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from partnerbus.contract.asyncapi import ASYNCAPI_FILE, asyncapi_is_current, write_asyncapi
 from partnerbus.contract.compat import compare, unbumped_breaks, version_of
 from partnerbus.contract.schemas import SCHEMA_DIR, load_schemas, stale_schemas, write_schemas
 
-app = typer.Typer(help="The contract partners code against: docs/schemas/, checked.")
+app = typer.Typer(
+    help="The contract partners code against: docs/schemas/ and docs/asyncapi.yaml, checked."
+)
 console = Console()
 err = Console(stderr=True)
 
@@ -63,3 +67,22 @@ def compat(
         )
         raise typer.Exit(1)
     console.print(f"compatible with the release (version {version_of(old)} → {version_of(new)})")
+
+
+@app.command("asyncapi")
+def asyncapi(
+    path: Annotated[Path, typer.Option(help="Where to write the document.")] = ASYNCAPI_FILE,
+    check: Annotated[
+        bool,
+        typer.Option("--check", help="Write nothing; exit 1 when the file differs from the code."),
+    ] = False,
+) -> None:
+    """Write the AsyncAPI 3 document of the bus, generated from the code (or, with --check,
+    say whether the committed one is current)."""
+    if check:
+        if not asyncapi_is_current(path):
+            err.print(f"[red]stale:[/red] {path}: run `partnerbus contract asyncapi` and commit it")
+            raise typer.Exit(1)
+        console.print(f"{path}: current")
+        return
+    console.print(f"wrote {write_asyncapi(path)}")
