@@ -180,7 +180,8 @@ RabbitMQ enforces it (docs/ACCESS.md, `partnerbus access`):
 
 At least once, both ways:
 
-- every queue is a durable quorum queue (replicated, on disk); exchanges are durable;
+- work queues and dead-letter queues are durable quorum queues (replicated, on disk); a
+  work queue has a delivery limit and a dead-letter route; exchanges are durable;
 - the bus publishes persistent messages (delivery mode 2), mandatory, with publisher
   confirms, and counts a message sent only once RabbitMQ confirmed it; partners should do
   the same (delivery mode 2, publisher confirms, mandatory);

@@ -37,7 +37,7 @@ async function main(argv) {
   console.log(
     `${path}: valid AsyncAPI ${document.version()} (${counts.channels} channels, ` +
       `${counts.operations} operations, ${counts.messages} messages; ` +
-      `${diagnostics.length - errors.length} warning(s) or hint(s))`,
+      `${diagnostics.length - errors.length} diagnostic(s) that are not errors)`,
   );
   return 0;
 }
