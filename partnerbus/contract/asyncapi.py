@@ -327,6 +327,8 @@ def _channels(t: Topology) -> list[_Channel]:
             ),
             operation="receiveDirectoryUpdate",
             operation_summary="Apply the capacity to this worker's directory.",
+            exchange=t.deliveries,
+            binding_key=DIRECTORY_UPDATES_KEY,
             internal=True,
         ),
         _Channel(
@@ -495,8 +497,20 @@ def _contract_message(entry: Contracted) -> Node:
     return message
 
 
-def _copy_message(name: str, title: str, entries: list[Contracted], headers: Node) -> Node:
-    """A dead letter or retry copy: the original body, byte for byte, with our headers."""
+def _copy_message(
+    name: str, title: str, entries: list[Contracted], headers: Node, *, refused: bool
+) -> Node:
+    """A dead letter or retry copy: the original body, byte for byte, with our headers
+    (`refused`: the body may be one the intake could not read)."""
+    if refused:
+        body = (
+            "The body as it was published: one of these messages, or (for a refusal) "
+            "whatever the sender published, invalid JSON included."
+        )
+        anything = [{"description": "A body the intake refused (not JSON, not a message)."}]
+    else:
+        body = "The body as it was published: one of these messages, already validated."
+        anything = []
     return {
         "name": name,
         "title": title,
@@ -504,14 +518,8 @@ def _copy_message(name: str, title: str, entries: list[Contracted], headers: Nod
         "contentType": "application/json",
         "headers": headers,
         "payload": {
-            "description": (
-                "The body as it was published: one of these messages, or (for a refusal) "
-                "whatever the sender published, invalid JSON included."
-            ),
-            "anyOf": [
-                *(_schema_ref(e) for e in entries),
-                {"description": "A body the intake refused (not JSON, not a message)."},
-            ],
+            "description": body,
+            "anyOf": [*(_schema_ref(e) for e in entries), *anything],
         },
         "bindings": {
             "amqp": {
@@ -599,13 +607,13 @@ def build_document() -> Node:
         elif channel.message == "dead-letter":
             names = [channel.message]
             messages[channel.message] = _copy_message(
-                "dead-letter", "Dead letter", entries, DEAD_LETTER_HEADERS
+                "dead-letter", "Dead letter", entries, DEAD_LETTER_HEADERS, refused=True
             )
         else:
             names = [channel.message]
             inbound = [e for e in entries if e.inbound]
             messages[channel.message] = _copy_message(
-                "retry", "Delayed retry copy", inbound, RETRY_HEADERS
+                "retry", "Delayed retry copy", inbound, RETRY_HEADERS, refused=False
             )
         channels[channel.key] = _channel_node(channel, raw_channel, names)
         operations[channel.operation] = _operation_node(channel, raw["operations"], key, names)
