@@ -24,14 +24,16 @@ from secrets import token_urlsafe
 from typing import Any
 from urllib.parse import urlsplit
 
+import aio_pika
 from pydantic import SecretStr
 from rich.console import Console
 from rich.table import Table
 
+from partnerbus.broker.dlq import dead_letter_queues, peek
 from partnerbus.client import PartnerClient
 from partnerbus.entrypoints.bootstrap import Bus, create_app
 from partnerbus.schemas import ConsentGranted, ConsentScope, Facts, Profile, Signal
-from partnerbus.settings import Settings, pseudonym_key_of
+from partnerbus.settings import Settings, amqp_user, pseudonym_key_of
 
 ARREARS = "logement-hebergement--reduire-les-impayes-de-loyer"
 KEEP_HOME = "logement-hebergement--se-maintenir-dans-le-logement"
@@ -304,6 +306,28 @@ def summary(bus: Bus) -> None:
         )
 
 
+async def no_dead_letters(bus: Bus, url: str) -> bool:
+    """Every message of the day was taken: no dead letter in any of the demo's queues (a
+    message the bus or a partner refused would be there, with its reason)."""
+    connection = await aio_pika.connect(url)
+    try:
+        names = await dead_letter_queues(
+            connection, bus.topology, (p.id for p in bus.directory.partners())
+        )
+        letters = [
+            letter for name in names for letter in await peek(connection, name, amqp_user(url))
+        ]
+    finally:
+        await connection.close()
+    if not letters:
+        console.print("dead letters: none")
+        return True
+    console.print(f"[red]dead letters: {len(letters)}[/red]")
+    for letter in letters:
+        console.print(f"  {letter.queue}: {letter.type} {letter.message_id}: {letter.reason}")
+    return False
+
+
 def demo_key(settings: Settings) -> Settings | None:
     """The demo's settings with a pseudonym key: the one set (checked like the service's),
     or a throwaway random key when none is set, said on screen. None when the key set is
@@ -362,6 +386,8 @@ async def main(settings: Settings, timeout: float = 60.0) -> int:
             console.print("[red]the day did not complete in time[/red]")
             summary(bus)
             ok = False
+        try:
+            ok = await no_dead_letters(bus, url) and ok
         finally:
             await bus.stop()
             await bus.teardown()

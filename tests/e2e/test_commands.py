@@ -165,7 +165,9 @@ async def test_the_demo_command_plays_the_day_prints_the_summary_and_leaves_noth
         check=False,
     )
     out = done.stdout
-    # Every message the bus sent was taken: no client gave one back, nothing crashed.
+    # Every message the bus sent was taken: no client gave one back, nothing crashed, and
+    # no dead letter was left in any of the demo's queues (the demo counts them before it
+    # deletes its queues, and fails when there is one).
     for bad in ("Traceback", "not handled", "ERROR"):
         assert bad not in out + done.stderr, f"the demo printed {bad!r}"
     # The demo names its own prefix (`demo-…`) and keeps its ledger in a temporary directory.
@@ -216,6 +218,7 @@ async def test_the_demo_command_plays_the_day_prints_the_summary_and_leaves_noth
     assert re.search(r"outbox sent \d+, pending 0; audit records \d+", out), out
     assert "What the audit trail says about T-59599-0077" in out
     assert "consent-granted by" in out
+    assert "dead letters: none" in out, out
     assert out.rstrip().endswith("demo complete"), out
     assert left == [], f"the demo left {left} on the broker"
     written = await asyncio.to_thread(lambda: list(tmp_path.iterdir()))
