@@ -29,6 +29,7 @@ from rich.console import Console
 from rich.table import Table
 
 from partnerbus.client import PartnerClient
+from partnerbus.client_store import ClientStore
 from partnerbus.entrypoints.bootstrap import Bus, create_app
 from partnerbus.schemas import ConsentGranted, ConsentScope, Facts, Profile, Signal
 from partnerbus.settings import Settings, pseudonym_key_of
@@ -198,7 +199,10 @@ async def run_day(bus: Bus, url: str, timeout: float) -> bool:
     day = Day(bus, url)
     d = bus.directory
     for partner in d.partners():
-        client = PartnerClient(url, partner.id, prefix=bus.topology.prefix)
+        # the day is replayed from nothing each time: a memory that dies with it is right
+        client = PartnerClient(
+            url, partner.id, prefix=bus.topology.prefix, store=ClientStore.memory()
+        )
         await client.__aenter__()
         day.clients[partner.id] = client
 
