@@ -13,11 +13,12 @@ Two tables, nothing personal in them (ids and instants only):
 - `partnerbus_client_withdrawn (referral_id, withdrawn_at)`: written when a
   `referral-withdrawn` arrives, before the partner's handler sees it.
 
-Retention: handled ids are kept `keep_handled` (30 days by default; a redelivery comes
-within minutes or hours, a replay from a dead-letter queue within days), withdrawn referral
-ids `keep_withdrawn` (365 days by default: a withdrawn referral must stay refused for as
-long as a copy of it could still travel). Older rows are pruned when the store opens and
-then at most once an hour, as the client records.
+Retention: handled ids are kept `keep_handled`, 90 days by default: a redelivery comes
+within minutes or hours, and no copy of a message outlives 90 days on the bus (its dead
+letters and its own dedupe marks are kept that long), so an older id can only be forgotten.
+Withdrawn referral ids are kept `keep_withdrawn`, 365 days by default: a withdrawn referral
+must stay refused as long as a copy of it could still come, with a wide margin. Older rows
+are pruned when the store opens and then at most once an hour, as the client records.
 
 SQLAlchemy rather than the stdlib `sqlite3`: it is already a dependency, and it lets a
 partner put these two tables in its own PostgreSQL (`ClientStore(url)`) when its consumer
@@ -49,7 +50,7 @@ from sqlalchemy import (
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.pool import StaticPool
 
-KEEP_HANDLED = timedelta(days=30)
+KEEP_HANDLED = timedelta(days=90)
 KEEP_WITHDRAWN = timedelta(days=365)
 PRUNE_EVERY = timedelta(hours=1)
 
