@@ -3,16 +3,22 @@
 What a partner's IT team would otherwise write by hand: JSON with our models, persistent
 messages with publisher confirms, `user_id` set so the broker vouches for the sender, a
 `received` status sent back when a referral has been taken, and deduplication on
-`message_id` (delivery is at least once).
+`message_id` (delivery is at least once) that survives a restart: the client keeps the
+messages it has handled and the referrals that were withdrawn in a store the partner
+chooses (`partnerbus.client_store.ClientStore`, a SQLite file usually).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import unquote, urlsplit
 
 import aio_pika
@@ -20,6 +26,7 @@ from aio_pika.abc import AbstractIncomingMessage
 from pydantic import TypeAdapter
 
 from partnerbus.broker.topology import Topology
+from partnerbus.client_store import ClientStore
 from partnerbus.schemas import Message, ReferralStatusChanged
 from partnerbus.schemas.messages import OutboundMessage
 
@@ -27,19 +34,55 @@ log = logging.getLogger("partnerbus.client")
 
 OUTBOUND: TypeAdapter[Any] = TypeAdapter(OutboundMessage)
 Handler = Callable[[Any], Awaitable[None]]
+Outcome = Literal["handled", "repeat", "after-withdrawal"]
+
+WITHDRAWABLE = frozenset({"referral", "referral-reminder"})
+"""Kinds not handed on once their referral was withdrawn."""
+
+
+@dataclass
+class Handling:
+    """What `consume` did with the messages of our queue since this client started."""
+
+    handled: int = 0
+    """Handed to the handler, which returned: recorded in the store, then acked."""
+    repeats: int = 0
+    """Already handled (a redelivery after a restart, a second copy): acked, not handed on."""
+    after_withdrawal: int = 0
+    """A referral (or its reminder) whose withdrawal came first: acked, not handed on."""
+    failed: int = 0
+    """Not decoded, or the handler or the store failed: given back to the queue (nack)."""
 
 
 class PartnerClient:
-    def __init__(self, amqp_url: str, partner_id: str, *, prefix: str = "partnerbus") -> None:
+    """`async with PartnerClient(url, partner_id, store=ClientStore.sqlite(path)) as c:`.
+
+    `store` is where the client remembers what it has handled and which referrals were
+    withdrawn: a `ClientStore`, a file path (SQLite) or a database URL. Without one, it
+    remembers in memory only, until the process stops (tests, one-off publishers)."""
+
+    def __init__(
+        self,
+        amqp_url: str,
+        partner_id: str,
+        *,
+        prefix: str = "partnerbus",
+        store: ClientStore | str | os.PathLike[str] | None = None,
+    ) -> None:
         self.amqp_url = amqp_url
         self.partner_id = partner_id
         self.topology = Topology(prefix)
         self.user = unquote(urlsplit(amqp_url).username or "guest")
         self._connection: aio_pika.abc.AbstractRobustConnection | None = None
         self._channel: aio_pika.abc.AbstractChannel | None = None
-        self._seen: set[str] = set()
+        self._store_given = store is not None
+        self._owns_store = not isinstance(store, ClientStore)
+        self.store = _store(store)
+        self.counts = Handling()
+        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
 
     async def __aenter__(self) -> PartnerClient:
+        await asyncio.to_thread(self.store.open)
         self._connection = await aio_pika.connect_robust(self.amqp_url)
         self._channel = await self._connection.channel(
             publisher_confirms=True, on_return_raises=True
@@ -50,6 +93,8 @@ class PartnerClient:
     async def __aexit__(self, *exc: object) -> None:
         if self._connection is not None:
             await self._connection.close()
+        if self._owns_store:
+            await asyncio.to_thread(self.store.close)
 
     @property
     def channel(self) -> aio_pika.abc.AbstractChannel:
@@ -100,10 +145,26 @@ class PartnerClient:
 
     async def consume(self, handler: Handler, *, acknowledge_receipt: bool = True) -> str:
         """Call `handler` with each message of our queue (decoded); ack after it returns.
-        Each referral taken is then answered with `received` (the status that says the
-        partner's consumer acked it), when `acknowledge_receipt`. A message the handler
-        fails on is given back (nack): after the queue's delivery limit, RabbitMQ moves it
-        to our dead-letter queue, where it can be read and replayed."""
+
+        - Handled once: the message id is recorded in the store after the handler returned
+          and before the ack. A message already recorded (redelivered after a restart,
+          published twice) is acked without calling the handler again.
+        - Withdrawn means withdrawn: a `referral-withdrawn` is recorded before the handler
+          sees it; a `referral` or `referral-reminder` of a referral withdrawn earlier is
+          acked and not handed on (logged with its ids, counted in `counts`).
+        - Each referral taken is answered with `received` (the status that says the
+          partner's consumer acked it), when `acknowledge_receipt`; again when a referral
+          already handled is redelivered (the client may have stopped before its ack, or
+          before that status left; the bus ignores a repeat).
+        - A message the handler (or the store) fails on is given back (nack): after the
+          queue's delivery limit, RabbitMQ moves it to our dead-letter queue, where it can
+          be read and replayed."""
+        if not self._store_given:
+            log.warning(
+                "%s consumes with no store: what it handles is remembered until it stops, "
+                "then handled again if redelivered (pass store=ClientStore.sqlite(path))",
+                self.partner_id,
+            )
         queue = await self.channel.get_queue(
             self.topology.partner_queue_name(self.partner_id), ensure=False
         )
@@ -111,16 +172,84 @@ class PartnerClient:
         async def on_message(raw: AbstractIncomingMessage) -> None:
             try:
                 message = OUTBOUND.validate_json(raw.body)
-                first = message.message_id not in self._seen  # else a redelivery: handled
-                if first:
-                    await handler(message)
+                # a referral, its withdrawal and its reminders one at a time, in arrival order
+                async with self._one_at_a_time(getattr(message, "referral_id", raw.message_id)):
+                    outcome = await self._take(message, handler)
             except Exception:
                 log.exception("message %s not handled; given back to the queue", raw.message_id)
+                self.counts.failed += 1
                 await raw.nack(requeue=True)
                 return
-            self._seen.add(message.message_id)
-            await raw.ack()
-            if first and acknowledge_receipt and message.type == "referral":
+            if not await self._ack(raw):
+                return
+            receipt = acknowledge_receipt and message.type == "referral"
+            if outcome == "handled":
+                self.counts.handled += 1
+            elif outcome == "repeat":
+                self.counts.repeats += 1
+                log.info("message %s already handled: acked, not handed on", message.message_id)
+                receipt = receipt and bool(raw.redelivered)
+            else:
+                self.counts.after_withdrawal += 1
+                log.info(
+                    "%s %s of referral %s, withdrawn before it arrived: acked, not handed on",
+                    message.type,
+                    message.message_id,
+                    message.referral_id,
+                )
+                receipt = False
+            if receipt:
                 await self.send_status(message.referral_id, "received")
 
         return await queue.consume(on_message)
+
+    async def _take(self, message: Any, handler: Handler) -> Outcome:
+        """Decide with the store, call the handler when it is the message's first time, and
+        record it; an exception leaves the store without the message."""
+        store = self.store
+        if message.type in WITHDRAWABLE and await asyncio.to_thread(
+            store.was_withdrawn, message.referral_id
+        ):
+            return "after-withdrawal"
+        if await asyncio.to_thread(store.was_handled, message.message_id):
+            return "repeat"
+        if message.type == "referral-withdrawn":
+            # before the handler: the consent is gone even if the partner's system fails now
+            await asyncio.to_thread(store.record_withdrawn, message.referral_id)
+        await handler(message)
+        await asyncio.to_thread(store.mark_handled, message.message_id)
+        return "handled"
+
+    async def _ack(self, raw: AbstractIncomingMessage) -> bool:
+        try:
+            await raw.ack()
+        except (aio_pika.exceptions.AMQPError, RuntimeError):
+            # the channel closed (a restart, a lost connection): the broker delivers the
+            # message again, and the store already says it was handled
+            log.warning("message %s handled but not acked: it will come again", raw.message_id)
+            return False
+        return True
+
+    @asynccontextmanager
+    async def _one_at_a_time(self, key: str | None) -> AsyncIterator[None]:
+        name = key or ""
+        lock, users = self._locks.get(name, (asyncio.Lock(), 0))
+        self._locks[name] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[name]
+            if users == 1:
+                del self._locks[name]
+            else:
+                self._locks[name] = (lock, users - 1)
+
+
+def _store(store: ClientStore | str | os.PathLike[str] | None) -> ClientStore:
+    if isinstance(store, ClientStore):
+        return store
+    if store is None:
+        return ClientStore.memory()
+    where = os.fspath(store)
+    return ClientStore(where) if "://" in where else ClientStore.sqlite(where)

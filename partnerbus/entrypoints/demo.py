@@ -31,6 +31,7 @@ from rich.table import Table
 
 from partnerbus.broker.dlq import dead_letter_queues, peek
 from partnerbus.client import PartnerClient
+from partnerbus.client_store import ClientStore
 from partnerbus.entrypoints.bootstrap import Bus, create_app
 from partnerbus.schemas import ConsentGranted, ConsentScope, Facts, Profile, Signal
 from partnerbus.settings import Settings, amqp_user, pseudonym_key_of
@@ -200,7 +201,10 @@ async def run_day(bus: Bus, url: str, timeout: float) -> bool:
     day = Day(bus, url)
     d = bus.directory
     for partner in d.partners():
-        client = PartnerClient(url, partner.id, prefix=bus.topology.prefix)
+        # the day is replayed from nothing each time: a memory that dies with it is right
+        client = PartnerClient(
+            url, partner.id, prefix=bus.topology.prefix, store=ClientStore.memory()
+        )
         await client.__aenter__()
         day.clients[partner.id] = client
 
