@@ -18,7 +18,7 @@ import pika.exceptions
 import pytest
 
 from partnerbus.broker.access import apply_with_rabbitmqctl, grants_for, remove_with_rabbitmqctl
-from partnerbus.testing import wait_for_status, wait_until
+from partnerbus.testing import Inbox, wait_for_status, wait_until
 
 from .helpers import ARREARS, ROUBAIX, contract_schema, new_id, publish, signal, signal_ref
 from .test_flow import KINDS, expected_partner, grant
@@ -217,3 +217,25 @@ async def test_a_pika_partner_passing_for_another_is_refused_by_the_broker(
     assert [v.outcome for v in verdicts] == ["processed"]
     assert bus.store.count("signals", signal_id=own["message_id"]) == 1
     assert bus.store.count("signals", signal_id=forged["message_id"]) == 0
+
+
+async def test_a_pika_partner_rejects_what_it_cannot_read_to_its_dead_letter_queue(bus, channel):
+    """Broken JSON and a body without a type in the pika partner's queue are nacked without requeue: RabbitMQ dead-letters them to the queue's DLQ (x-death: rejected), nothing is taken."""
+    target = expected_partner(bus)
+    t = bus.topology
+    dlq = await Inbox.open(channel, t.dlq_name(t.partner_queue_name(target)))
+    junk = {"broken-1": b'{"type": "referral", oops', "untyped-1": b'["no", "type"]'}
+    async with connected(bus, target) as helper, serving(helper):
+        for message_id, raw in junk.items():
+            await publish(
+                channel, t.deliveries.name, raw, routing_key=target, message_id=message_id
+            )
+        dead = await dlq.expect(2, timeout=30)
+
+    assert sorted(d.message_id for d in dead) == sorted(junk)
+    for letter in dead:
+        (death,) = letter.headers["x-death"]
+        assert death["reason"] == "rejected"
+        assert death["queue"] == t.partner_queue_name(target)
+    assert helper.received == []
+    assert helper.sent == []
