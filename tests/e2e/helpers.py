@@ -145,3 +145,31 @@ async def publish(
 async def queue_depth(channel: aio_pika.abc.AbstractChannel, name: str) -> int:
     queue = await channel.declare_queue(name, passive=True)
     return int(queue.declaration_result.message_count or 0)
+
+
+@functools.cache
+def contract_schema(message_type: str) -> dict[str, Any]:
+    """The JSON Schema of one message type (its `type` field), as a partner reads it.
+
+    For now generated from our pydantic models (validation mode: what the bus accepts);
+    to be switched to the committed `docs/schemas/<type>.schema.json` files, so that
+    the tests check our bodies against the published contract, not against themselves."""
+    from partnerbus.schemas import messages
+
+    models: tuple[type[messages.Message], ...] = (
+        messages.Signal,
+        messages.ConsentGranted,
+        messages.ConsentRevoked,
+        messages.ConsentRefused,
+        messages.ConsentRequested,
+        messages.ConsentExpiring,
+        messages.Referral,
+        messages.ReferralStatusChanged,
+        messages.ReferralWithdrawn,
+        messages.ReferralReminder,
+        messages.NoPartnerFound,
+        messages.SignalClosed,
+        messages.CapacityChanged,
+    )
+    by_type = {model.model_fields["type"].default: model for model in models}
+    return by_type[message_type].model_json_schema()
