@@ -14,6 +14,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     StringConstraints,
+    WithJsonSchema,
 )
 
 SCHEMA_VERSION: Literal[1] = 1
@@ -44,7 +45,13 @@ def _pseudonymous(value: str) -> str:
     return value
 
 
-PseudonymousRef = Annotated[str, AfterValidator(_pseudonymous)]
+PseudonymousRef = Annotated[
+    str,
+    AfterValidator(_pseudonymous),
+    # The same rule in the JSON schema (the gateway's OpenAPI document), which the validator
+    # alone would leave as any string; the validator keeps its clearer refusals.
+    WithJsonSchema({"type": "string", "pattern": PERSON_REF_PATTERN}),
+]
 
 
 def _iso_instant(value: object) -> object:

@@ -95,7 +95,10 @@ class Signal(Message):
     person_ref: PseudonymousRef
     """The source's own pseudonymous reference of the person (e.g. the tenancy's number)."""
     commune: CommuneCode
-    needs: Annotated[tuple[NeedCode, ...], Field(min_length=1, max_length=10)]
+    needs: Annotated[
+        tuple[NeedCode, ...],
+        Field(min_length=1, max_length=10, json_schema_extra={"uniqueItems": True}),
+    ]
     urgency: Urgency = "routine"
     agency: PartnerId | None = None
     """The landlord's agency that follows the tenant; found from the commune when absent."""
