@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from partnerbus.entrypoints.cli import app
 from partnerbus.entrypoints.gateway import openapi_document
-from partnerbus.handlers.subscribers import SIGNAL
+from partnerbus.handlers.subscribers import SIGNAL, STATUS
 
 COMMITTED = Path(__file__).parents[3] / "docs" / "gateway-openapi.json"
 ROUTES = ("/v1/signals", "/v1/statuses", "/v1/consents")
@@ -119,3 +119,18 @@ def _signal(**fields: Any) -> dict[str, Any]:
         "needs": ["logement"],
         **fields,
     }
+
+
+@pytest.mark.parametrize("value", ["false", "true", '"4"', "4.5"])
+def test_a_count_is_a_json_integer_as_the_document_says(value):
+    """Found by schemathesis: `"remaining": false` or `"arrears_months": "4"` was accepted (read as 0 or 4) although the document says integer; counts are now strict, on every door."""
+    capacity = (
+        '{"type": "capacity-changed", "message_id": "c-1", "partner": "ccas-roubaix",'
+        f' "occurred_at": "2026-11-23T09:00:00+01:00", "status": "capacity", "remaining": {value}}}'
+    )
+    with pytest.raises(ValidationError, match="remaining"):
+        STATUS.validate_json(capacity)
+    facts = json.dumps(_signal(facts={"arrears_months": None}))
+    with pytest.raises(ValidationError, match="arrears_months"):
+        SIGNAL.validate_json(facts.replace('"arrears_months": null', f'"arrears_months": {value}'))
+    assert STATUS.validate_json(capacity.replace(value + "}", "4}")).remaining == 4
