@@ -12,9 +12,9 @@ from contextlib import AsyncExitStack
 from pathlib import Path
 
 import httpx
+import hypothesis
 import pytest
 import schemathesis
-from hypothesis import HealthCheck, settings
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import (
     content_type_conformance,
@@ -37,8 +37,9 @@ from .gateway_fixtures import Door, serve_gateway
 pytestmark = pytest.mark.rabbitmq
 DOCUMENT = Path(__file__).parents[2] / "docs" / "gateway-openapi.json"
 PARTNER = next(p.id for p in load_sample().partners() if is_pivot(p))
-"""Posts as this partner, a pivot (it may post on every route); every route's claimed sender is set to it, so that valid bodies
-go past the sender check to the broker (the forged-sender 403 has its own tests)."""
+"""Posts as this partner, a pivot (it may post on every route); every route's claimed sender
+is set to it, so that valid bodies go past the sender check to the broker (the forged-sender
+403 has its own tests)."""
 CLAIMED = {"/v1/signals": "source", "/v1/statuses": "partner", "/v1/consents": "agency"}
 CHECKS = [
     not_a_server_error,
@@ -73,9 +74,11 @@ def live_gateway(settings: Settings, tmp_path: Path) -> Iterator[Door]:
             serve_gateway(bus, tmp_path / "tokens.json", gateway_rate_limit="100000/minute")
         )
 
+    started = asyncio.run_coroutine_threadsafe(start(), loop)
     try:
-        yield asyncio.run_coroutine_threadsafe(start(), loop).result(timeout=60)
+        yield started.result(timeout=60)
     finally:
+        started.cancel()
         asyncio.run_coroutine_threadsafe(stack.aclose(), loop).result(timeout=60)
         loop.call_soon_threadsafe(loop.stop)
         thread.join(timeout=30)
@@ -90,15 +93,15 @@ schema = schemathesis.openapi.from_dict(json.loads(DOCUMENT.read_text(encoding="
 
 
 @schema.parametrize()
-@settings(
+@hypothesis.settings(
     max_examples=25,
     deadline=None,
     derandomize=True,
     # One bus and gateway per operation, for all its examples (function scope is meant).
     suppress_health_check=[
-        HealthCheck.function_scoped_fixture,
-        HealthCheck.too_slow,
-        HealthCheck.filter_too_much,
+        hypothesis.HealthCheck.function_scoped_fixture,
+        hypothesis.HealthCheck.too_slow,
+        hypothesis.HealthCheck.filter_too_much,
     ],
 )
 def test_every_answer_of_the_running_gateway_is_as_documented(case, live_gateway: Door):
