@@ -498,6 +498,36 @@ def gateway_token_revoke(
     console.print(f"token of {partner} revoked")
 
 
+@gateway_app.command("openapi")
+def gateway_openapi(
+    check: Annotated[
+        Path | None,
+        typer.Option(help="Compare with this file instead of printing; exit 1 when it differs."),
+    ] = None,
+) -> None:
+    """Print the gateway's OpenAPI document (the one it serves at /openapi.json), e.g.
+    `partnerbus gateway openapi > docs/gateway-openapi.json`; needs no settings."""
+    from partnerbus.entrypoints.gateway import openapi_document
+
+    document = openapi_document()
+    if check is None:
+        sys.stdout.write(document)
+        return
+    try:
+        current = check.read_text(encoding="utf-8")
+    except OSError as exc:
+        _fail(f"cannot read {check}: {exc.strerror}")
+        return
+    if current != document:
+        err.print(
+            f"{check} is not the gateway's document: regenerate it with "
+            f"`partnerbus gateway openapi > {check}`",
+            markup=False,
+        )
+        raise typer.Exit(1)
+    console.print(f"{check} is up to date")
+
+
 # the ledger's schema -------------------------------------------------------------------
 def _ledger_of(settings: Settings) -> Store:
     from partnerbus.ledger.store import Store

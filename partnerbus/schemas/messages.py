@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, Strict, model_validator
 
 from .base import (
     CommuneCode,
@@ -78,9 +78,10 @@ class Contact(Record):
 class Facts(Record):
     """Minimal facts a partner may need; each partner kind sees only its share."""
 
-    arrears_eur: Annotated[float, Field(ge=0, le=1_000_000)] | None = None
-    arrears_months: Annotated[int, Field(ge=0, le=240)] | None = None
-    household_size: Annotated[int, Field(ge=1, le=30)] | None = None
+    # Numbers are strict, as their schema says: `false` or "4" is a partner's bug, not 0 or 4.
+    arrears_eur: Annotated[float, Field(ge=0, le=1_000_000), Strict()] | None = None
+    arrears_months: Annotated[int, Field(ge=0, le=240), Strict()] | None = None
+    household_size: Annotated[int, Field(ge=1, le=30), Strict()] | None = None
     housing_condition: Literal["substandard", "hoarding", "overcrowded", "unfit"] | None = None
     note: ShortText | None = None
     """Free text: disclosed to few, deleted early by the retention job."""
@@ -95,7 +96,10 @@ class Signal(Message):
     person_ref: PseudonymousRef
     """The source's own pseudonymous reference of the person (e.g. the tenancy's number)."""
     commune: CommuneCode
-    needs: Annotated[tuple[NeedCode, ...], Field(min_length=1, max_length=10)]
+    needs: Annotated[
+        tuple[NeedCode, ...],
+        Field(min_length=1, max_length=10, json_schema_extra={"uniqueItems": True}),
+    ]
     urgency: Urgency = "routine"
     agency: PartnerId | None = None
     """The landlord's agency that follows the tenant; found from the commune when absent."""
@@ -313,7 +317,7 @@ class CapacityChanged(Message):
     type: Literal["capacity-changed"] = "capacity-changed"
     partner: PartnerId
     status: CapacityStatus
-    remaining: Annotated[int, Field(ge=0)] | None = None
+    remaining: Annotated[int, Field(ge=0), Strict()] | None = None
 
 
 class ConsentExpiring(Message):

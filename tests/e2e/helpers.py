@@ -149,27 +149,8 @@ async def queue_depth(channel: aio_pika.abc.AbstractChannel, name: str) -> int:
 
 @functools.cache
 def contract_schema(message_type: str) -> dict[str, Any]:
-    """The JSON Schema of one message type (its `type` field), as a partner reads it.
+    """The published JSON Schema of one message type (its `type` field), as a partner reads
+    it: the committed `docs/schemas/<type>.schema.json`, never our own models."""
+    from partnerbus.contract import load_schemas
 
-    For now generated from our pydantic models (validation mode: what the bus accepts);
-    to be switched to the committed `docs/schemas/<type>.schema.json` files, so that
-    the tests check our bodies against the published contract, not against themselves."""
-    from partnerbus.schemas import messages
-
-    models: tuple[type[messages.Message], ...] = (
-        messages.Signal,
-        messages.ConsentGranted,
-        messages.ConsentRevoked,
-        messages.ConsentRefused,
-        messages.ConsentRequested,
-        messages.ConsentExpiring,
-        messages.Referral,
-        messages.ReferralStatusChanged,
-        messages.ReferralWithdrawn,
-        messages.ReferralReminder,
-        messages.NoPartnerFound,
-        messages.SignalClosed,
-        messages.CapacityChanged,
-    )
-    by_type = {model.model_fields["type"].default: model for model in models}
-    return by_type[message_type].model_json_schema()
+    return load_schemas()[message_type]

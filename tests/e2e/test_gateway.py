@@ -247,3 +247,19 @@ async def test_an_urgent_signal_posted_over_http_takes_the_urgent_queue(
         and json.loads(took_routine.body)["message_id"] == routine["message_id"]
     )
     assert await spies[f"{source}.urgent"].get(no_ack=True, fail=False) is None
+
+
+async def test_a_message_the_broker_does_not_confirm_is_a_503_never_a_500(bus, channel, tmp_path):
+    """A gateway whose intake exchanges are not there (another prefix): the broker does not confirm the publish, and the partner gets 503 "send it again", not a 500 with a traceback."""
+    absent = f"{bus.settings.prefix}-absent"
+    try:
+        async with serve_gateway(bus, tmp_path / "t.json", prefix=absent) as door:
+            for _ in range(2):  # the channel the broker closed is not left broken
+                response = await door.post(
+                    "/v1/signals", json=signal(), headers=door.auth("lmh-recouvrement")
+                )
+                assert response.status_code == 503, response.text
+                assert "send it again" in response.json()["detail"]
+    finally:
+        await channel.exchange_delete(f"{absent}.signals", if_unused=False)
+    assert bus.verdicts == []
