@@ -24,6 +24,11 @@ def schema_file(message_type: str) -> str:
 
 def _schema(entry: Contracted) -> dict[str, Any]:
     body = entry.model.model_json_schema(mode="validation")
+    # Every message names its type: the bus tells the kinds of one channel apart by it
+    # (statuses, consents), and always writes it on what it sends.
+    required = body.setdefault("required", [])
+    if "type" not in required:
+        required.insert(0, "type")
     who = {
         "inbound": "Published by partners to the bus.",
         "outbound": "Sent by the bus to a partner's queue.",

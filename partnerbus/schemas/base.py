@@ -13,6 +13,7 @@ from pydantic import (
     BaseModel,
     BeforeValidator,
     ConfigDict,
+    Strict,
     StringConstraints,
     WithJsonSchema,
 )
@@ -76,6 +77,7 @@ def _accepted_version(value: int) -> int:
 
 SchemaVersion = Annotated[
     int,
+    Strict(),  # "2" is not 2: the schema says integer
     AfterValidator(_accepted_version),
     WithJsonSchema(
         {
