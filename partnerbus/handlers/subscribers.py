@@ -220,43 +220,14 @@ def build_router(w: Wiring) -> RabbitRouter:
 
         return record
 
-    def answering(queue: RabbitQueue) -> Callable[[Any], Awaitable[bool]]:
-        """The consents' recorder: an event the use case refuses is answered to its agency
-        when the agency itself sent it (its own AMQP user, directly or through the
-        gateway), in the batch's transaction, the event's own changes rolled back alone (a
-        savepoint); the refusal is raised once that has committed, so that the intake
-        dead-letters it as before. An event a trusted sender (the bus's CLI) sent in an
-        agency's name is not answered to that agency: nothing goes to a partner on the
-        strength of a claim the partner did not make itself."""
-        batcher, name = w.batcher(queue), queue.name
-
-        async def record(message: Any) -> bool:
-            refused: list[Refused] = []
-            answer = _sent_by_agency(w.ledger, message, _SENDER.get())
-
-            def work(tx: LedgerTx) -> bool:
-                refused.clear()  # the batch may run again (a conflict)
-                try:
-                    with tx.savepoint():
-                        return _consent_use_case(w.ledger, tx, message, name)
-                except Refused as refusal:
-                    if not answer:
-                        raise
-                    refused.append(refusal)
-                    return usecases.answer_refusal(w.ledger, tx, message, name, str(refusal))
-
-            done = await batcher.record(work)
-            if refused:
-                raise refused[0]
-            return done
-
-        return record
-
     receive = _checked(usecases.receive_signal)
     routine = recorder(t.signal_queue, receive)
     urgent = recorder(t.urgent_signal_queue, receive)
     statuses = recorder(t.status_queue, _status_use_case)
-    consents = answering(t.consent_queue)
+    answering = ConsentRecorder(w.ledger, w.batcher(t.consent_queue), t.consent_queue.name)
+
+    def consents(message: Any) -> Awaitable[bool]:
+        return answering.record(message, _SENDER.get())
 
     @door(t.signal_queue, SIGNAL, _signal_sender).subscriber(t.signal_queue, t.signals, **options)
     async def on_signal(signal: Signal) -> bool:
@@ -300,6 +271,44 @@ def _signal_sender(signal: Signal) -> str:
 
 def _consent_sender(consent: ConsentGranted | ConsentRefused | ConsentRevoked) -> str:
     return consent.agency
+
+
+@dataclass(frozen=True)
+class ConsentRecorder:
+    """The consents' recorder: an event the use case refuses is answered to its agency
+    when the agency itself sent it (its own AMQP user, directly or through the gateway), in
+    the batch's transaction, the event's own changes rolled back alone (a savepoint); the
+    refusal is raised once that has committed, so that the intake dead-letters it as
+    before. An event a trusted sender (the bus's CLI) sent in an agency's name is not
+    answered to that agency: nothing goes to a partner on the strength of a claim the
+    partner did not make itself."""
+
+    ledger: Ledger
+    batcher: Batcher
+    queue: str
+
+    async def record(self, message: Any, sender: str | None) -> bool:
+        """Record `message` (a consent event) sent by the AMQP user `sender`, as the intake
+        vouches for it; raises the use case's refusal after the answer is committed."""
+        ledger, queue = self.ledger, self.queue
+        answer = _sent_by_agency(ledger, message, sender)
+        refused: list[Refused] = []
+
+        def work(tx: LedgerTx) -> bool:
+            refused.clear()  # the batch may run again (a conflict)
+            try:
+                with tx.savepoint():
+                    return _consent_use_case(ledger, tx, message, queue)
+            except Refused as refusal:
+                if not answer:
+                    raise
+                refused.append(refusal)
+                return usecases.answer_refusal(ledger, tx, message, queue, str(refusal))
+
+        done = await self.batcher.record(work)
+        if refused:
+            raise refused[0]
+        return done
 
 
 def _sent_by_agency(ledger: Ledger, consent: Any, sender: str | None) -> bool:
