@@ -5,21 +5,35 @@ PostgreSQL, without a broker)."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
+from typing import Any
 
 import pytest
 
+from partnerbus import usecases
 from partnerbus.handlers.batch import Batcher
 from partnerbus.handlers.subscribers import ConsentRecorder
 from partnerbus.ledger.store import Store
-from partnerbus.schemas import ConsentGranted, ConsentScope
+from partnerbus.schemas import ConsentGranted, ConsentScope, Signal
 from partnerbus.usecases import Ledger, Refused
 from tests.conftest import make_ledger
 
 AGENCY = "lmh-agence-roubaix"
 Q = "test.consents"
+ARREARS = "logement-hebergement--reduire-les-impayes-de-loyer"
+CONSENT_SCOPE = ConsentScope(
+    needs=("logement-hebergement",),
+    partner_kinds=(
+        "ccas-cias",
+        "points-conseil-budget",
+        "cresus",
+        "caf",
+        "maisons-des-solidarites",
+    ),
+)
 
 
 @pytest.fixture
@@ -94,3 +108,39 @@ async def test_a_recorded_consent_is_answered_once(
     assert not await recorder.record(event, "guest")
     ((key, answer),) = answers(ledger)
     assert (key, answer["type"], answer["event_id"]) == (AGENCY, "consent-recorded", "m-3")
+
+
+def a_signal(ledger: Ledger, person: str) -> Signal:
+    return Signal(
+        message_id=f"sig-{person}",
+        occurred_at=ledger.clock(),
+        source="lmh-recouvrement",
+        person_ref=person,
+        commune="59512",
+        needs=(ARREARS,),
+    )
+
+
+def test_a_signal_and_its_consent_recorded_at_once_end_in_one_referral(ledger: Ledger) -> None:
+    """For each of thirty people, her signal and her consent are recorded by two workers at the same moment (a barrier, two connections): every signal ends routed, with one referral, whichever transaction came first."""
+    people = [f"T-RACE-{n:03d}" for n in range(30)]
+    barrier = threading.Barrier(2)
+
+    def record(use_case: Callable[..., bool], message: Any) -> bool:
+        barrier.wait(timeout=10)
+        return ledger.store.run(lambda tx: use_case(ledger, tx, message, Q))
+
+    with ThreadPoolExecutor(2) as pool:
+        for person in people:
+            consent = grant(ledger, f"m-{person}").model_copy(
+                update={"person_ref": person, "scope": CONSENT_SCOPE}
+            )
+            both = [
+                pool.submit(record, usecases.receive_signal, a_signal(ledger, person)),
+                pool.submit(record, usecases.grant_consent, consent),
+            ]
+            assert [f.result(timeout=30) for f in both] == [True, True]
+    with ledger.store.begin() as tx:
+        states = {p: tx.signals.need_states(f"sig-{p}") for p in people}
+    assert all(s == {ARREARS: "routed"} for s in states.values()), states
+    assert ledger.store.count("referrals") == len(people)
