@@ -303,7 +303,7 @@ class ConsentRecorder:
                 if not answer:
                     raise
                 refused.append(refusal)
-                return usecases.answer_refusal(ledger, tx, message, queue, str(refusal))
+                return usecases.answer_refusal(ledger, tx, message, str(refusal))
 
         done = await self.batcher.record(work)
         if refused:

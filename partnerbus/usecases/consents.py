@@ -292,14 +292,13 @@ def _acknowledge(
     )
 
 
-ANSWERED = ".answered"
-"""Suffix of the dedupe key (`processed`, per queue) of a refused event already answered."""
+ANSWERED = "consent-answers"
+"""The dedupe key (`processed_messages.queue`) of a refused event already answered: its own,
+so that the event itself stays unmarked (a corrected event under the same id is recorded)."""
 
 
 @use_case
-def answer_refusal(
-    ledger: Ledger, tx: LedgerTx, event: ConsentEventMessage, queue: str, reason: str
-) -> bool:
+def answer_refusal(ledger: Ledger, tx: LedgerTx, event: ConsentEventMessage, reason: str) -> bool:
     """A consent event the use case refused (its own changes rolled back), from a sender
     the intake authenticated as `event.agency`: the agency hears why, once per event (a
     redelivered or replayed refusal is not answered again). False when nothing is sent:
@@ -309,7 +308,7 @@ def answer_refusal(
     if event.agency not in ledger.directory:
         return False
     now = ledger.clock()
-    if not tx.processed.first_time(event.message_id, queue + ANSWERED, now):
+    if not tx.processed.first_time(event.message_id, ANSWERED, now):
         return False
     consent_id = event.consent_id if not isinstance(event, ConsentRefused) else None
     signal_id = event.signal_id if isinstance(event, ConsentRefused) else None

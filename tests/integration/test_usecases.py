@@ -190,7 +190,7 @@ class TestConsentAnswers:
             run(ledger, usecases.grant_consent, grant)
         for _ in range(2):
             with ledger.store.begin() as tx:
-                usecases.answer_refusal(ledger, tx, grant, Q, str(refused.value))
+                usecases.answer_refusal(ledger, tx, grant, str(refused.value))
         ((key, answer),) = sent(ledger, "consent-rejected")
         assert key == grant.agency
         assert answer["event_id"] == grant.message_id
@@ -205,7 +205,7 @@ class TestConsentAnswers:
         """No queue to answer on: nothing is put in the outbox (the dead letter keeps it)."""
         grant = a_consent(ledger).model_copy(update={"agency": "nobody-here"})
         with ledger.store.begin() as tx:
-            assert not usecases.answer_refusal(ledger, tx, grant, Q, "unknown agency")
+            assert not usecases.answer_refusal(ledger, tx, grant, "unknown agency")
         assert sent(ledger, "consent-rejected") == []
 
 
