@@ -398,14 +398,14 @@ def _record(
 ) -> None:
     """One window's confirms in one statement; each failure kept with its error (its claim
     counts: it may have reached the broker); rows never tried given back uncounted."""
-    tx.mark_sent_many(
+    tx.outbox.mark_sent_many(
         [row.id for row in rows if row.id in outcomes and outcomes[row.id] is None], now
     )
     for row in rows:
         exc = outcomes.get(row.id)
         if exc is not None:
-            tx.release_row(row.id, describe_error(exc))
-    tx.release_untried([row.id for row in rows if row.id not in outcomes])
+            tx.outbox.release_row(row.id, describe_error(exc))
+    tx.outbox.release_untried([row.id for row in rows if row.id not in outcomes])
 
 
 async def _awaited(awaitable: Awaitable[Any]) -> Any:

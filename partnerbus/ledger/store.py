@@ -24,7 +24,6 @@ from sqlalchemy import (
     Engine,
     and_,
     create_engine,
-    delete,
     event,
     exists,
     func,
@@ -42,21 +41,19 @@ from partnerbus.ledger.repos import (
     Conflict,
     ConsentRepository,
     JournalRepository,
+    OutboxRepository,
     ProcessedRepository,
     ReferralRepository,
     ReferralRow,
     RetentionRepository,
     SignalRepository,
     SignalRow,
+    UnsentRow,
 )
 from partnerbus.ledger.repos.base import row_of as _row
-from partnerbus.schemas import Message
 
 log = logging.getLogger("partnerbus.ledger")
 
-# Built once; the values go as execute() parameters, so each call reuses the compiled
-# statement instead of building and cache-keying a new `.values(...)` construct (issue 9).
-INSERT_OUTBOX = t.outbox.insert()
 T = TypeVar("T")
 
 RETRYABLE_SQLSTATES = frozenset({"40001", "40P01", "23505"})
@@ -94,18 +91,6 @@ class OutboxRow:
 
 
 @dataclass(frozen=True)
-class UnsentRow:
-    """An outbox row that never left (its body is not read: retention only counts it)."""
-
-    id: int
-    message_id: str
-    routing_key: str
-    message_type: str
-    created_at: datetime
-    attempts: int
-
-
-@dataclass(frozen=True)
 class AuditRow:
     at: datetime
     actor: str
@@ -116,25 +101,11 @@ class AuditRow:
     why: str | None
 
 
-URGENT_REFERRAL, ROUTINE_REFERRAL, OTHER = 0, 1, 2
-
-
-def outbox_priority(message: Message) -> int:
-    """Which outbox rows leave first when the relay is behind: an urgent or asap referral
-    (0), then a routine referral (1), then the rest (2: notices to the source and the
-    agency, reminders, withdrawals, statuses). A withdrawal or reminder still waits for its
-    referral, whatever the priorities (`Store.claim_pending`)."""
-    if getattr(message, "type", None) != "referral":
-        return OTHER
-    return (
-        URGENT_REFERRAL if getattr(message, "urgency", "routine") != "routine" else ROUTINE_REFERRAL
-    )
-
-
 class LedgerTx:
     """One transaction: its connection, and the repositories that work in it. A use case
     reads and writes through them (`tx.signals.add(...)`, `tx.referrals.update(...)`,
-    `tx.audit.record(...)`), and all of it commits or rolls back together."""
+    `tx.audit.record(...)`, `tx.outbox.enqueue(...)`), and all of it commits or rolls back
+    together."""
 
     def __init__(self, conn: Connection) -> None:
         self.conn = conn
@@ -146,152 +117,7 @@ class LedgerTx:
         self.capacity = CapacityRepository(conn)
         self.audit = AuditRepository(conn)
         self.retention = RetentionRepository(conn)
-
-    # outbox (still here: it moves to an outbox repository with the relay's rework) -----
-    def undeliverable_before(self, cutoff: datetime) -> list[UnsentRow]:
-        """Unsent outbox rows created before `cutoff`, oldest first (without their bodies)."""
-        rows = self.conn.execute(
-            select(
-                t.outbox.c.id,
-                t.outbox.c.message_id,
-                t.outbox.c.routing_key,
-                t.outbox.c.message_type,
-                t.outbox.c.created_at,
-                t.outbox.c.attempts,
-            )
-            .where(t.outbox.c.sent_at.is_(None), t.outbox.c.created_at < cutoff)
-            .order_by(t.outbox.c.id)
-        )
-        return [_row(UnsentRow, r) for r in rows]
-
-    def expire_unsent(self, outbox_id: int, cutoff: datetime) -> bool:
-        """Delete an unsent row older than `cutoff` unless a relay has sent it since; True if
-        it was deleted. A relay's claim does not protect it: an undeliverable row is retried
-        at every sweep, so it is claimed much of the time (a publish under way at that very
-        instant may still land once; the relay's `mark_sent` then finds no row)."""
-        return bool(
-            self.conn.execute(
-                delete(t.outbox).where(
-                    t.outbox.c.id == outbox_id,
-                    t.outbox.c.sent_at.is_(None),
-                    t.outbox.c.created_at < cutoff,
-                )
-            ).rowcount
-        )
-
-    def delete_sent_outbox_before(self, cutoff: datetime) -> int:
-        """Sent messages are copies of personal data: keep them only as long as needed."""
-        return int(
-            self.conn.execute(
-                delete(t.outbox).where(t.outbox.c.sent_at.is_not(None), t.outbox.c.sent_at < cutoff)
-            ).rowcount
-        )
-
-    def enqueue(
-        self, message: Message, routing_key: str, now: datetime, referral_id: str | None = None
-    ) -> None:
-        """Record a message to send once this transaction commits (the outbox)."""
-        self.conn.execute(
-            INSERT_OUTBOX,
-            {
-                "message_id": message.message_id,
-                "routing_key": routing_key,
-                "message_type": getattr(message, "type", type(message).__name__),
-                "body": message.model_dump_json(),
-                "referral_id": referral_id,
-                "created_at": now,
-                "attempts": 0,
-                "priority": outbox_priority(message),
-            },
-        )
-
-    def referral_rows(self, referral_id: str) -> list[tuple[int, int, bool]]:
-        """The outbox rows carrying this referral itself: (id, claims, sent), oldest first.
-        A row's claims count the relays' tries that may have published it (a claim given
-        back untried is not counted)."""
-        rows = self.conn.execute(
-            select(t.outbox.c.id, t.outbox.c.attempts, t.outbox.c.sent_at)
-            .where(t.outbox.c.referral_id == referral_id, t.outbox.c.message_type == "referral")
-            .order_by(t.outbox.c.id)
-        )
-        return [(r.id, r.attempts, r.sent_at is not None) for r in rows]
-
-    def pending_withdrawals(self, referral_id: str) -> list[int]:
-        """Unsent `referral-withdrawn` rows of this referral (ids)."""
-        rows = self.conn.execute(
-            select(t.outbox.c.id).where(
-                t.outbox.c.referral_id == referral_id,
-                t.outbox.c.message_type == "referral-withdrawn",
-                t.outbox.c.sent_at.is_(None),
-            )
-        )
-        return [r.id for r in rows]
-
-    def enqueue_again(
-        self, message: Message, routing_key: str, now: datetime, referral_id: str | None = None
-    ) -> None:
-        """Send once more a message that left before (a replayed dead letter), after
-        everything already in the outbox: the row it left in, if still kept, is replaced by
-        a new one at the end. It counts as claimed once already, since it did reach the
-        partner (so a withdrawal follows it if need be). Still waiting to leave: unchanged."""
-        waiting = self.conn.execute(
-            select(t.outbox.c.id).where(
-                t.outbox.c.message_id == message.message_id, t.outbox.c.sent_at.is_(None)
-            )
-        ).first()
-        if waiting is not None:
-            return
-        self.conn.execute(delete(t.outbox).where(t.outbox.c.message_id == message.message_id))
-        self.conn.execute(
-            INSERT_OUTBOX,
-            {
-                "message_id": message.message_id,
-                "routing_key": routing_key,
-                "message_type": getattr(message, "type", type(message).__name__),
-                "body": message.model_dump_json(),
-                "referral_id": referral_id,
-                "created_at": now,
-                "attempts": 1,
-                "priority": outbox_priority(message),
-            },
-        )
-
-    def drop_outbox_row(self, outbox_id: int) -> None:
-        """A claimed row that must not leave after all (its referral is closed, or its
-        consent ran out): removed without being published."""
-        self.conn.execute(delete(t.outbox).where(t.outbox.c.id == outbox_id))
-
-    def mark_sent(self, outbox_id: int, now: datetime) -> None:
-        self.mark_sent_many([outbox_id], now)
-
-    def mark_sent_many(self, outbox_ids: Collection[int], now: datetime) -> None:
-        """Record the broker's confirms of many rows in one statement."""
-        if not outbox_ids:
-            return
-        self.conn.execute(
-            update(t.outbox)
-            .where(t.outbox.c.id.in_(list(outbox_ids)))
-            .values(sent_at=now, claimed_until=None, last_error=None)
-        )
-
-    def release_untried(self, outbox_ids: Collection[int]) -> None:
-        """Give back claimed rows that were never published (their claim did not count)."""
-        if not outbox_ids:
-            return
-        self.conn.execute(
-            update(t.outbox)
-            .where(t.outbox.c.id.in_(list(outbox_ids)), t.outbox.c.sent_at.is_(None))
-            .values(claimed_until=None, attempts=t.outbox.c.attempts - 1)
-        )
-
-    def release_row(self, outbox_id: int, error: str) -> None:
-        """A try that failed: the row waits for the next one (its claim still counts: the
-        publish may have reached the broker)."""
-        self.conn.execute(
-            update(t.outbox)
-            .where(t.outbox.c.id == outbox_id)
-            .values(claimed_until=None, last_error=error[:2000])
-        )
+        self.outbox = OutboxRepository(conn)
 
     # the transaction itself -------------------------------------------------------------
     @contextmanager

@@ -275,7 +275,7 @@ def _acknowledge(
     """The agency hears that its event is recorded, through the outbox (it leaves only if
     the record commits). Its id derives from the event's: one answer per event."""
     now = ledger.clock()
-    tx.enqueue(
+    tx.outbox.enqueue(
         ConsentRecorded(
             message_id=_derived_id("consent-recorded", event.message_id),
             occurred_at=now,
@@ -313,7 +313,7 @@ def answer_refusal(ledger: Ledger, tx: LedgerTx, event: ConsentEventMessage, rea
     consent_id = event.consent_id if not isinstance(event, ConsentRefused) else None
     signal_id = event.signal_id if isinstance(event, ConsentRefused) else None
     person_ref = event.person_ref if not isinstance(event, ConsentRevoked) else None
-    tx.enqueue(
+    tx.outbox.enqueue(
         ConsentRejected(
             message_id=_derived_id("consent-rejected", event.message_id),
             occurred_at=now,

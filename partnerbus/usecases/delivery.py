@@ -28,7 +28,7 @@ def send_or_withhold(
     verdict = _check_before_sending(ledger, tx, referral_id, claims)
     if verdict == "send":
         return True
-    tx.drop_outbox_row(outbox_id)
+    tx.outbox.drop(outbox_id)
     if verdict == "closed":
         _settle_withdrawal(ledger, tx, referral_id, claims)
     return False
@@ -38,15 +38,15 @@ def _settle_withdrawal(ledger: Ledger, tx: LedgerTx, referral_id: str, claims: i
     """A withdrawal queued while a relay held an untried claim on the referral (see
     `_may_have_left`) is decided here: `claims` counts the tries that may have published
     the referral, this one (which did not) included."""
-    withdrawals = tx.pending_withdrawals(referral_id)
-    if not withdrawals or any(sent for _, _, sent in tx.referral_rows(referral_id)):
+    withdrawals = tx.outbox.pending_withdrawals(referral_id)
+    if not withdrawals or any(sent for _, _, sent in tx.outbox.referral_rows(referral_id)):
         return  # nothing waits, or it was decided when the referral was withdrawn
     referral = tx.referrals.get(referral_id)
     assert referral is not None
     left = claims > 1
     if not left:
         for row_id in withdrawals:
-            tx.drop_outbox_row(row_id)
+            tx.outbox.drop(row_id)
     tx.audit.record(
         BUS,
         "referral-withdrawn" if left else "referral-withheld",
@@ -205,7 +205,7 @@ def replay_to_partner(ledger: Ledger, tx: LedgerTx, partner_id: str, body: bytes
             )
             if not decision.allowed:
                 return f"referral {rid}: consent {decision.consent_id} is {decision.reason} now"
-    tx.enqueue_again(message, partner_id, now, referral_id=rid)
+    tx.outbox.enqueue_again(message, partner_id, now, referral_id=rid)
     return None
 
 

@@ -86,7 +86,7 @@ def _withdraw(
         return False
     left = _may_have_left(tx, referral) if may_have_left is None else may_have_left
     if left is not False:
-        tx.enqueue(
+        tx.outbox.enqueue(
             ReferralWithdrawn(
                 message_id=_derived_id("withdrawn", referral.referral_id),
                 occurred_at=now,
@@ -122,11 +122,11 @@ def _may_have_left(tx: LedgerTx, referral: ReferralRow) -> bool | None:
     decides, under the referral's lock, in `send_or_withhold`)."""
     if referral.status != "requested" or referral.sent_at is not None:
         return True
-    rows = tx.referral_rows(referral.referral_id)
+    rows = tx.outbox.referral_rows(referral.referral_id)
     if any(sent for _, _, sent in rows):
         return True
     if all(claims == 0 for _, claims, _ in rows):
         for outbox_id, _, _ in rows:
-            tx.drop_outbox_row(outbox_id)
+            tx.outbox.drop(outbox_id)
         return False
     return None

@@ -21,7 +21,7 @@ def _tell_source(
         }
         if isinstance(message, ReferralStatusChanged) and target != row.agency:
             update |= {"note": None, "outcome": None}
-        tx.enqueue(message.model_copy(update=update), target, now)
+        tx.outbox.enqueue(message.model_copy(update=update), target, now)
 
 
 def _notify_status(

@@ -125,7 +125,7 @@ def record_routing(
     reason, tried = decision.reason, decision.tried
     tx.signals.set_need_state(row.signal_id, need, "no-partner", reason, now)
     if row.agency:
-        tx.enqueue(
+        tx.outbox.enqueue(
             NoPartnerFound(
                 message_id=_derived_id("no-partner", row.signal_id, need, str(attempt)),
                 occurred_at=now,
@@ -242,7 +242,7 @@ def _send_referral(
     )
     # Nothing is disclosed yet: the audit records the disclosure when the broker confirms
     # the referral (`mark_delivered`), or that it was withheld if it never leaves.
-    tx.enqueue(referral, partner.id, now, referral_id=rid)
+    tx.outbox.enqueue(referral, partner.id, now, referral_id=rid)
 
 
 def _request_consent(
@@ -278,7 +278,7 @@ def _request_consent(
             if c.partner_id not in suggested:
                 suggested.append(c.partner_id)
     reasons = sorted({waiting.consent.reason for waiting in parked})
-    tx.enqueue(
+    tx.outbox.enqueue(
         ConsentRequested(
             message_id=_derived_id("consent-requested", row.signal_id, str(attempt), *needs),
             occurred_at=now,

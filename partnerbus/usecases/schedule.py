@@ -122,7 +122,7 @@ def watch_deadlines(ledger: Ledger, tx: LedgerTx) -> dict[str, int]:
 def _remind(ledger: Ledger, tx: LedgerTx, referral: ReferralRow) -> bool:
     now = ledger.clock()
     tx.referrals.update(referral.referral_id, referral.status, reminded=True)
-    tx.enqueue(
+    tx.outbox.enqueue(
         ReferralReminder(
             message_id=_derived_id("reminder", referral.referral_id),
             occurred_at=now,
@@ -179,7 +179,7 @@ def _withdraw_consent_ended(ledger: Ledger, tx: LedgerTx, referral: ReferralRow)
 def _notify_consent_expiring(ledger: Ledger, tx: LedgerTx, consent: ConsentRecord) -> bool:
     now = ledger.clock()
     tx.consents.mark_expiry_notified(consent.consent_id, now)
-    tx.enqueue(
+    tx.outbox.enqueue(
         ConsentExpiring(
             message_id=_derived_id("consent-expiring", consent.consent_id),
             occurred_at=now,
@@ -256,9 +256,9 @@ def apply_retention(
                 body["facts"]["note"] = None
                 counts["free-text-deleted"] += 1
             tx.signals.rewrite(row.signal_id, body=json.dumps(body), note_deleted_at=now)
-    for unsent in tx.undeliverable_before(text_cutoff):
+    for unsent in tx.outbox.undeliverable_before(text_cutoff):
         with _retained_item(tx, "outbox-expiry", counts):
-            if tx.expire_unsent(unsent.id, text_cutoff):
+            if tx.outbox.expire_unsent(unsent.id, text_cutoff):
                 tx.audit.record(
                     BUS,
                     "outbox-expired",
@@ -307,7 +307,7 @@ def apply_retention(
             )
             counts["persons-forgotten"] += 1
     with _retained_item(tx, "outbox-sent", counts):
-        counts["outbox-deleted"] = tx.delete_sent_outbox_before(text_cutoff)
+        counts["outbox-deleted"] = tx.outbox.delete_sent_before(text_cutoff)
     with _retained_item(tx, "dedupe", counts):
         counts["dedupe-deleted"] = tx.processed.delete_before(text_cutoff)
     return counts

@@ -85,7 +85,7 @@ def record_capacity(ledger: Ledger, tx: LedgerTx, event: CapacityChanged) -> Non
     if event.partner not in ledger.directory:
         raise Refused(f"unknown partner {event.partner!r}")
     tx.capacity.set(event.partner, event.status, event.remaining, now)
-    tx.enqueue(event, DIRECTORY_UPDATES_KEY, now)
+    tx.outbox.enqueue(event, DIRECTORY_UPDATES_KEY, now)
     tx.audit.record(
         event.partner,
         "capacity-changed",

@@ -216,7 +216,7 @@ async def test_an_unroutable_message_stays_in_the_outbox_until_its_queue_exists(
         due_by=now + timedelta(days=1),
     )
     with bus.store.begin() as tx:
-        tx.enqueue(reminder, "ghost-partner", now)
+        tx.outbox.enqueue(reminder, "ghost-partner", now)
     await bus.relay.flush()  # waits for any sweep under way: the row has been tried once
     assert bus.store.pending_count() == 1
     assert bus.store.failing_count() == 1

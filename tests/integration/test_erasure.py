@@ -130,7 +130,7 @@ class TestUndeliverable:
             due_by=now,
         )
         with ledger.store.begin() as tx:
-            tx.enqueue(younger, "ghost-partner", now)
+            tx.outbox.enqueue(younger, "ghost-partner", now)
 
         clock_of(ledger).advance(timedelta(days=31))
         counts = retain(ledger)
@@ -153,7 +153,7 @@ class TestUndeliverable:
         assert ledger.store.pending_count() == 0
         ledger.store.release(row.id, "unroutable")  # the relay's failed try, after: no row
         with ledger.store.begin() as tx:
-            tx.mark_sent(row.id, ledger.clock())
+            tx.outbox.mark_sent(row.id, ledger.clock())
         assert ledger.store.pending_count() == 0
 
 
@@ -268,18 +268,18 @@ class TestStore:
         ]
         with ledger.store.begin() as tx:
             for reminder in reminders:
-                tx.enqueue(reminder, "ghost-partner", now)
+                tx.outbox.enqueue(reminder, "ghost-partner", now)
         first, *_ = ledger.store.claim_pending(now, timedelta(minutes=1), limit=1)
         with ledger.store.begin() as tx:
-            tx.mark_sent(first.id, now)
+            tx.outbox.mark_sent(first.id, now)
         later = now + timedelta(days=1)
         with ledger.store.begin() as tx:
-            rows = tx.undeliverable_before(later)
+            rows = tx.outbox.undeliverable_before(later)
             assert [r.message_id for r in rows] == [m.message_id for m in reminders[1:]]
             assert not hasattr(rows[0], "body")
-            assert tx.expire_unsent(rows[0].id, later)
-            assert not tx.expire_unsent(rows[0].id, later)
-            assert not tx.expire_unsent(first.id, later), "a sent row is not expired"
+            assert tx.outbox.expire_unsent(rows[0].id, later)
+            assert not tx.outbox.expire_unsent(rows[0].id, later)
+            assert not tx.outbox.expire_unsent(first.id, later), "a sent row is not expired"
         assert ledger.store.pending_count() == 1
 
 
@@ -308,8 +308,10 @@ class TestStoreConsents:
         with ledger.store.begin() as tx:
             # The agency's `consent-recorded` answers (they name the person) left long ago:
             # a sent outbox copy is deleted after the free-text period, well before this.
-            tx.mark_sent_many([row.id for row in tx.conn.execute(select(t.outbox.c.id))], later)
-            tx.delete_sent_outbox_before(later + timedelta(seconds=1))
+            tx.outbox.mark_sent_many(
+                [row.id for row in tx.conn.execute(select(t.outbox.c.id))], later
+            )
+            tx.outbox.delete_sent_before(later + timedelta(seconds=1))
             tx.audit.record(
                 "a.martin", "consent-revoked", ended.consent_id, later, why="she said so"
             )

@@ -58,7 +58,7 @@ async def test_a_withdrawal_never_overtakes_nor_outlives_a_referral_another_rela
     ledger = make_ledger(store)
     now = ledger.clock()
     with store.begin() as tx:  # an earlier message, so that relay 1 is busy before the referral
-        tx.enqueue(
+        tx.outbox.enqueue(
             ReferralReminder(
                 message_id="x",
                 occurred_at=now,

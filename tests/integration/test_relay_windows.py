@@ -82,7 +82,7 @@ def follow_ups(ledger: Ledger, referral_ids: list[str], count: int) -> None:
     with ledger.store.begin() as tx:
         for rid in referral_ids:
             for k in range(count):
-                tx.enqueue(
+                tx.outbox.enqueue(
                     ReferralReminder(
                         message_id=f"rem-{rid}-{k}",
                         occurred_at=now,

@@ -361,7 +361,7 @@ def claim_and_send(ledger: Ledger) -> None:
     """What the relay does: claim what is pending and record each confirm."""
     for row in ledger.store.claim_pending(ledger.clock(), timedelta(minutes=1)):
         with ledger.store.begin() as tx:
-            tx.mark_sent(row.id, ledger.clock())
+            tx.outbox.mark_sent(row.id, ledger.clock())
             if row.message_type == "referral" and row.referral_id:
                 usecases.mark_delivered(ledger, tx, row.referral_id)
 
@@ -527,7 +527,7 @@ class TestRetention:
         assert ledger.store.referral(referral["referral_id"]).outcome == "repayment plan signed"
         for row in ledger.store.claim_pending(ledger.clock(), timedelta(minutes=1)):
             with ledger.store.begin() as tx:  # what the relay does after each confirm
-                tx.mark_sent(row.id, ledger.clock())
+                tx.outbox.mark_sent(row.id, ledger.clock())
         clock = ledger.clock
         assert isinstance(clock, FakeClock)
         keep = {"keep": timedelta(days=730), "keep_free_text": timedelta(days=90)}

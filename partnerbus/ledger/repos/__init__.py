@@ -6,6 +6,7 @@ from partnerbus.ledger.repos.base import Conflict, Repository
 from partnerbus.ledger.repos.capacity import CapacityRepository
 from partnerbus.ledger.repos.consents import ConsentRepository
 from partnerbus.ledger.repos.journal import JournalRepository
+from partnerbus.ledger.repos.outbox import OutboxRepository, UnsentRow, outbox_priority
 from partnerbus.ledger.repos.processed import ProcessedRepository
 from partnerbus.ledger.repos.referrals import ReferralRepository, ReferralRow
 from partnerbus.ledger.repos.retention import RetentionRepository
@@ -17,6 +18,7 @@ __all__ = [
     "Conflict",
     "ConsentRepository",
     "JournalRepository",
+    "OutboxRepository",
     "ProcessedRepository",
     "ReferralRepository",
     "ReferralRow",
@@ -24,4 +26,6 @@ __all__ = [
     "RetentionRepository",
     "SignalRepository",
     "SignalRow",
+    "UnsentRow",
+    "outbox_priority",
 ]

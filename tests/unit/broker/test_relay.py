@@ -34,7 +34,7 @@ def enqueue(ledger: Ledger, count: int) -> None:
     now = ledger.clock()
     with ledger.store.begin() as tx:
         for i in range(count):
-            tx.enqueue(
+            tx.outbox.enqueue(
                 ReferralReminder(
                     message_id=f"rem-{i}",
                     occurred_at=now,
