@@ -9,14 +9,18 @@ import json
 import os
 import shutil
 import signal as signals
+import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from partnerbus.directory.load import SAMPLE, directory_from_document, read_document
+from partnerbus.entrypoints.bootstrap import create_app
 from partnerbus.testing import Inbox, wait_for_status, wait_until
 
 from .helpers import ARREARS, ROUBAIX, new_id, publish, signal, signal_ref
@@ -38,6 +42,24 @@ def node() -> str:
             pytest.fail("CI installs the Node partner's dependencies first (.ci/run): missing")
         pytest.skip("needs `node` and `npm ci` in examples/node-partner for the Node partner")
     return found
+
+
+@pytest.fixture
+async def bus(settings) -> AsyncIterator[Any]:
+    """The service on the sample directory, each partner with an AMQP user of this test's own
+    (`pb-<id>-<tag>`): other tests on the same broker create and remove the sample's
+    `pb-<id>` users, and would change the password under a running Node partner."""
+    path = Path(str(resources.files("partnerbus.directory") / "data" / SAMPLE))
+    document = dict(read_document(path))
+    tag = uuid.uuid4().hex[:8]
+    document["partners"] = [
+        {**row, "amqp_user": f"pb-{row['id']}-{tag}"} for row in document["partners"]
+    ]
+    service = create_app(settings, directory=directory_from_document(document, base=path.parent))
+    await service.start()
+    yield service
+    await service.stop()
+    await service.teardown()
 
 
 class NodePartner:
