@@ -36,7 +36,7 @@ def envelope(kind: str) -> dict[str, Any]:
         "type": kind,
         "message_id": str(uuid.uuid4()),
         "occurred_at": datetime.now(UTC).isoformat(),
-        "schema_version": 1,
+        "schema_version": 2,
     }
 
 
