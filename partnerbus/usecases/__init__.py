@@ -17,7 +17,6 @@ from partnerbus.errors import Refused
 from partnerbus.usecases.consents import (
     CLOCK_SKEW,
     MAX_CONSENT,
-    answer_refusal,
     check_consent,
     grant_consent,
     refuse_consent,
@@ -60,7 +59,6 @@ __all__ = [
     "Refused",
     "RoutingDecision",
     "SendReferral",
-    "answer_refusal",
     "apply_retention",
     "check_consent",
     "check_signal",
