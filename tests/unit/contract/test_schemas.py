@@ -85,6 +85,7 @@ def test_the_schema_and_the_model_agree_on_the_status_rules(
 def test_a_person_reference_that_is_an_email_fails_the_schema_too() -> None:
     schema = load_schemas()["signal"]
     body = {
+        "type": "signal",
         "message_id": "sig-1",
         "occurred_at": NOW,
         "source": "lmh-recouvrement",
