@@ -58,6 +58,12 @@ async def test_windows_of_many_referrals_keep_each_referrals_order_in_the_queue(
     async with bus.relay._lock, second.relay._lock:  # the backlog is recorded first
         rids = await asyncio.to_thread(decide, bus.ledger, 0, 100)
         await asyncio.to_thread(follow_ups, bus.ledger, rids, 2)
+        # Each relay sends a window while no other relay runs; then both race for the
+        # rest. (Left to race from the start, one relay can take every window: on SQLite
+        # the other waits in the busy handler, whose sleeps outlast the gaps between the
+        # first one's windows.)
+        assert (await second.relay._flush_once()).sent > 0
+        assert (await bus.relay._flush_once()).sent > 0
     await sent_all(bus, second)
     queue = await partner_queue(bus, channel)
     ids = [m["message_id"] for m in queue]
