@@ -104,6 +104,21 @@ def consent(
     }
 
 
+def revocation(granted: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    """The agency's revocation of a consent it granted (`granted`: the body of `consent`)."""
+    now = iso(datetime.now(UTC))
+    return {
+        "type": "consent-revoked",
+        "message_id": new_id("rev"),
+        "occurred_at": now,
+        "consent_id": granted["consent_id"],
+        "revoked_by": granted["collected_by"],
+        "agency": granted["agency"],
+        "revoked_at": now,
+        **extra,
+    }
+
+
 def status(*, referral_id: str, partner: str, value: str, **extra: Any) -> dict[str, Any]:
     body = {
         "type": "referral-status-changed",

@@ -31,6 +31,7 @@ from .helpers import (
     iso,
     new_id,
     publish,
+    revocation,
     signal,
     status,
 )
@@ -124,16 +125,12 @@ class Flow:
             return await self.grant()
         consent_id = self.rng.choice(sorted(self.consents))
         granted = self.consents.pop(consent_id)
-        body = {
-            "type": "consent-revoked",
-            "message_id": new_id("rev"),
-            "occurred_at": self._moment(),
-            "consent_id": consent_id,
-            "revoked_by": granted["collected_by"],
-            "agency": granted["agency"],
-            "revoked_at": self._moment(),
-            "reason": "the person asked",
-        }
+        body = revocation(
+            granted,
+            occurred_at=self._moment(),
+            revoked_at=self._moment(),
+            reason="the person asked",
+        )
         await self._send("consents", body, granted["agency"])
         self.steps.append(f"revoke {consent_id}")
         return None

@@ -9,7 +9,7 @@ import secrets
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,16 @@ import pytest
 from partnerbus.broker.access import apply_with_rabbitmqctl, grants_for, remove_with_rabbitmqctl
 from partnerbus.testing import Inbox, wait_for_status, wait_until
 
-from .helpers import ARREARS, ROUBAIX, contract_schema, new_id, publish, signal, signal_ref
+from .helpers import (
+    ARREARS,
+    ROUBAIX,
+    contract_schema,
+    new_id,
+    publish,
+    revocation,
+    signal,
+    signal_ref,
+)
 from .test_flow import KINDS, expected_partner, grant
 
 pytestmark = pytest.mark.rabbitmq
@@ -160,16 +169,7 @@ async def test_a_pika_partner_drops_a_referral_whose_consent_is_revoked(bus, cha
         await wait_until(lambda: bool(helper.held), what="the referral held")
         (rid,) = helper.held
         await wait_for_status(bus.store, rid, "accepted")
-        revocation = {
-            "type": "consent-revoked",
-            "message_id": new_id("rev"),
-            "occurred_at": datetime.now(UTC).isoformat(),
-            "consent_id": given["consent_id"],
-            "revoked_by": given["collected_by"],
-            "agency": agency,
-            "revoked_at": datetime.now(UTC).isoformat(),
-        }
-        await publish(channel, t.consents.name, revocation, routing_key=agency)
+        await publish(channel, t.consents.name, revocation(given), routing_key=agency)
         await wait_until(
             lambda: bool(of_kind(helper, "referral-withdrawn", referral_id=rid)),
             what="the withdrawal",

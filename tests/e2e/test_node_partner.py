@@ -12,7 +12,7 @@ import signal as signals
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from datetime import UTC, datetime
+from datetime import datetime
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,7 @@ from partnerbus.directory.load import SAMPLE, directory_from_document, read_docu
 from partnerbus.entrypoints.bootstrap import create_app
 from partnerbus.testing import Inbox, wait_for_status, wait_until
 
-from .helpers import ARREARS, ROUBAIX, new_id, publish, signal, signal_ref
+from .helpers import ARREARS, ROUBAIX, new_id, publish, revocation, signal, signal_ref
 from .test_flow import KINDS, expected_partner, grant
 from .test_foreign_partner import assert_contract, partner_url
 
@@ -215,16 +215,7 @@ async def test_a_node_partner_drops_a_referral_whose_consent_is_revoked(node, bu
         (accepted,) = helper.bodies("sent")
         rid = accepted["referral_id"]
         await wait_for_status(bus.store, rid, "accepted")
-        revocation = {
-            "type": "consent-revoked",
-            "message_id": new_id("rev"),
-            "occurred_at": datetime.now(UTC).isoformat(),
-            "consent_id": given["consent_id"],
-            "revoked_by": given["collected_by"],
-            "agency": agency,
-            "revoked_at": datetime.now(UTC).isoformat(),
-        }
-        await publish(channel, t.consents.name, revocation, routing_key=agency)
+        await publish(channel, t.consents.name, revocation(given), routing_key=agency)
         await helper.wait("the referral dropped", lambda: helper.events("dropped"))
         assert await wait_for_status(bus.store, rid, "withdrawn") == "withdrawn"
         assert await helper.stop() == 0
