@@ -2,8 +2,9 @@
 
 FastStream describes what the service's code declares: each intake queue from its typed
 subscriber, and the outbound side from documentation publishers registered here on the
-broker of an app built for the document only (the relay keeps publishing with
-`broker.publish`; nothing here changes how a message leaves). That document is then
+broker of an app built for the document only (the relay keeps publishing on its
+own channel, `partnerbus.broker.publisher`; nothing here changes how a message
+leaves). That document is then
 completed in code, never by hand:
 
 - every message is named by its contract type and its payload is the committed JSON Schema
@@ -89,9 +90,10 @@ class _CodeSettings(Settings):
 
 
 def _document_publishers(broker: RabbitBroker, t: Topology) -> None:
-    """Documentation publishers for what the bus sends with `broker.publish` (the relay, the
-    intake's dead-letter and retry copies), so that FastStream describes them too. They are
-    registered on the document's own app only and never publish."""
+    """Documentation publishers for what the bus sends (the relay on its own channel,
+    the intake's dead-letter and retry copies with `broker.publish`), so that FastStream
+    describes them too. They are registered on the document's own app only and never
+    publish."""
     every_message: Any = Union[tuple(e.model for e in CATALOG)]  # noqa: UP007 (a runtime union of classes)
     broker.publisher(
         exchange=t.deliveries,

@@ -24,6 +24,7 @@ from faststream.rabbit.annotations import RabbitMessage
 
 from partnerbus import usecases
 from partnerbus.broker import retention
+from partnerbus.broker.publisher import RelayChannel
 from partnerbus.broker.topology import Topology
 from partnerbus.directory import Directory
 from partnerbus.errors import describe_error, redact_wire_logs
@@ -237,8 +238,10 @@ class Bus:
         # Take no new message first: each subscriber finishes (and acks) the handlers under
         # way, within the broker's graceful timeout, and cancels its consumer; what it had
         # prefetched but not started goes back to the queue when the channel closes.
-        for subscriber in self.broker.subscribers:
-            await subscriber.stop()
+        # All at once: each `stop` marks its subscriber stopped before its first await, so
+        # no queue takes another message while an earlier one cancels its consumer (one
+        # after the other, the last queue kept consuming for as long as the others took).
+        await asyncio.gather(*(subscriber.stop() for subscriber in self.broker.subscribers))
         self._stop.set()
         self.relay.kick()
         relay, *others = self._tasks
@@ -438,14 +441,19 @@ def create_app(
     intake_executor = ThreadPoolExecutor(
         max_workers=1 if store.is_sqlite else 2, thread_name_prefix="partnerbus-intake"
     )
+    # The relay publishes on a channel of its own, which it can renew
+    # (`partnerbus.broker.publisher`); `_connection` is the broker's robust connection
+    # (FastStream exposes no accessor).
+    relay_channel = RelayChannel(lambda: broker._connection)
     relay = Relay(
         ledger,
         topology,
-        broker.publish,
+        relay_channel.publish,
         # its own database thread: sending never waits behind the intake's transactions
         ThreadPoolExecutor(max_workers=1, thread_name_prefix="partnerbus-relay-db"),
         timeout_s=settings.publish_timeout_s,
         lease=timedelta(seconds=settings.outbox_lease_s),
+        renew=relay_channel.renew,
     )
     app = FastStream(broker, logger=log)
     bus = Bus(

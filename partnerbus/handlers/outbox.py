@@ -74,6 +74,7 @@ class Relay:
         timeout_s: float,
         lease: timedelta = timedelta(seconds=60),
         window: int = WINDOW,
+        renew: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.ledger = ledger
         self.topology = topology
@@ -84,6 +85,9 @@ class Relay:
         self.timeout_s = timeout_s
         self.lease = lease
         self.window = window
+        # Replaces the publishing channel after a window the broker refused whole: a
+        # channel can keep nacking a quorum queue whose leader died (`partnerbus.broker.publisher`).
+        self.renew = renew
         self.sent = 0
         self.failed = 0
         self.withheld = 0
@@ -137,6 +141,12 @@ class Relay:
         else:
             result = await self._send_plain(rows, claimed_at)
         result.claimed = len(rows)
+        if result.refused and not result.sent and self.renew is not None:
+            log.warning(
+                "the broker refused a whole window (%d rows): the relay opens a new channel",
+                len(result.refused),
+            )
+            await self.renew()
         self.sent += result.sent
         self.withheld += result.withheld
         if result.withheld:

@@ -373,14 +373,15 @@ class LocalCluster:
         self._wait_gone(n, pid)  # type: ignore[arg-type]
 
     def stop(self, *, remove: bool = True) -> None:
-        """Stop every node (followers first) and, by default, remove the base directory."""
+        """Stop every node (followers first) and, by default, remove the base directory
+        when this cluster made it (a `base_dir` given by the caller is left, logs and all)."""
         errors = []
         for n in reversed(self.nodes):
             try:
                 self.stop_node(n.name)
             except Exception as exc:
                 errors.append(f"{n.nodename}: {exc}")
-        if remove:
+        if remove and self._owns_dir:
             shutil.rmtree(self.base, ignore_errors=True)
         if errors:
             raise ClusterError("; ".join(errors))

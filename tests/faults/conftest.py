@@ -22,7 +22,9 @@ def build_cluster(**kwargs: object) -> LocalCluster:
 
 @pytest.fixture(scope="session")
 def cluster() -> Iterator[LocalCluster]:
-    """Three clustered nodes (pbc1-3 on 5681-5683), stopped and removed after the session."""
-    with build_cluster() as c:
+    """Three clustered nodes (pbc1-3 on 5681-5683), stopped and removed after the session
+    (kept, with the nodes' logs, under `PARTNERBUS_CLUSTER_DIR` when that is set)."""
+    base = os.environ.get("PARTNERBUS_CLUSTER_DIR")
+    with build_cluster(base_dir=base) if base else build_cluster() as c:
         print(f"\nlocal cluster started in {c.startup_seconds:.1f}s")
         yield c

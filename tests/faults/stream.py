@@ -11,8 +11,10 @@ import os
 import signal as signal_module
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,7 +25,7 @@ from sqlalchemy import select
 from partnerbus.broker.topology import Topology
 from partnerbus.directory import Directory, load_sample
 from partnerbus.ledger import tables
-from partnerbus.ledger.store import Store
+from partnerbus.ledger.store import LedgerTx, Store
 from partnerbus.rules import signal_pseudonym
 from partnerbus.settings import Settings
 from tests.e2e.helpers import ROUBAIX, consent, new_id, signal
@@ -189,6 +191,37 @@ class Tally:
             f"partner-keeps={self.distinct_message_ids} "
             f"time={seconds:.1f}s"
         )
+
+
+class GatedStore(Store):
+    """A store whose intake transactions, once armed, run `after` more and then wait at a
+    gate until it opens: the bus is held mid-stream, however fast it drains the queue (left
+    to race, the stop could come after the last signal). Only the intake's thread waits."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(url)
+        self._left: int | None = None
+        self.reached = threading.Event()
+        self._open = threading.Event()
+
+    def arm(self, after: int) -> None:
+        self._left = after
+
+    def open(self) -> None:
+        self._open.set()
+
+    @contextmanager
+    def begin(self) -> Iterator[LedgerTx]:
+        if self._left is not None and threading.current_thread().name.startswith(
+            "partnerbus-intake"
+        ):
+            if self._left > 0:
+                self._left -= 1
+            else:
+                self.reached.set()
+                self._open.wait(60)
+        with super().begin() as tx:
+            yield tx
 
 
 class ReferralCounter:

@@ -14,6 +14,7 @@ from partnerbus.testing.cluster import ClusterError, LocalCluster
 
 from .stream import (
     SOURCE,
+    GatedStore,
     N,
     Publisher,
     ReferralCounter,
@@ -51,9 +52,9 @@ async def test_a_cluster_node_killed_mid_stream_loses_and_duplicates_no_referral
 
     # The bus speaks to pbc2 (one URL: FastStream's robust connection takes a single one),
     # partners to pbc3; pbc1, which leads every queue, is the one that dies.
-    bus = create_app(
-        fault_settings(bus_node.url, work.prefix, tmp_path / "bus.db"), directory=work.directory
-    )
+    settings = fault_settings(bus_node.url, work.prefix, tmp_path / "bus.db")
+    gated = GatedStore(settings.database_url)
+    bus = create_app(settings, directory=work.directory, store=gated)
     await bus.start()
     killed = False
     try:
@@ -62,15 +63,19 @@ async def test_a_cluster_node_killed_mid_stream_loses_and_duplicates_no_referral
             await bus.wait_verdicts(N, queue="intake.consents", timeout=60)
 
             began = time.monotonic()
+            # A few batches, then the intake waits at the gate while the node dies: the
+            # kill is mid-stream however fast the bus drains the queue.
+            gated.arm(after=3)
             stream = asyncio.create_task(publisher.send(t.signals.name, work.signals, SOURCE))
 
             def signals_decided() -> int:
                 return sum(1 for q, _ in bus.verdicts if q.endswith("intake.signals"))
 
-            await wait_for(lambda: signals_decided() >= N // 3, 60, "a third of the stream")
+            await wait_for(gated.reached.is_set, 60, "the intake held mid-stream")
             await asyncio.to_thread(cluster.kill_node, leader_node.name)
             killed = True
             down_at = signals_decided()
+            gated.open()
             await stream
 
             async with ReferralCounter(client_node.url, work) as counter:
@@ -89,8 +94,11 @@ async def test_a_cluster_node_killed_mid_stream_loses_and_duplicates_no_referral
         print(
             "\n" + tally.line("cluster-leader-kill", seconds),
             f"decided-before-kill={down_at} publisher-resends={publisher.resent}",
-            f"relay-failures={bus.relay.failed} new-leaders={leaders}",
+            f"relay-failures={bus.relay.failed}",
+            f"relay-channel-renewals={getattr(bus.relay.renew, '__self__', None).renewals}",
+            f"new-leaders={leaders}",
         )
+        assert 0 < down_at < N, "the node died mid-stream"
         assert tally.lost == 0, f"lost {tally.lost} of {N}"
         check_duplicates(tally, bus.store)
         assert bus.store.count("referrals") == N

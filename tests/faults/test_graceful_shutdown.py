@@ -3,6 +3,7 @@ and acked, what it had not is redelivered to the next instance."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 
@@ -12,6 +13,7 @@ from partnerbus.entrypoints.bootstrap import create_app
 
 from .stream import (
     SOURCE,
+    GatedStore,
     N,
     Publisher,
     ReferralCounter,
@@ -35,7 +37,8 @@ async def test_a_bus_stopped_mid_stream_hands_every_signal_to_the_next_instance(
     settings = fault_settings(
         amqp_url, work.prefix, tmp_path / "bus.db", prefetch=32, intake_batch_size=16
     )
-    first = create_app(settings, directory=work.directory)
+    gated = GatedStore(settings.database_url)
+    first = create_app(settings, directory=work.directory, store=gated)
     second = create_app(settings, directory=work.directory)
     await first.start()
     started_second = False
@@ -45,14 +48,21 @@ async def test_a_bus_stopped_mid_stream_hands_every_signal_to_the_next_instance(
             await first.wait_verdicts(N, queue="intake.consents", timeout=60)
 
             began = time.monotonic()
+            # Four batches of 16 (about a third), then the intake waits at the gate.
+            gated.arm(after=4)
             await publisher.send(t.signals.name, work.signals, SOURCE)  # all queued, confirmed
 
             def decided(bus) -> list[str]:
                 return [v.outcome for q, v in bus.verdicts if q.endswith("intake.signals")]
 
-            await wait_for(lambda: len(decided(first)) >= N // 3, 60, "a third of the stream")
+            await wait_for(gated.reached.is_set, 60, "the intake held after a third")
             stop_began = time.monotonic()
-            await first.stop()  # graceful: handlers under way finish and ack
+            stopping = asyncio.create_task(first.stop())  # graceful: what is under way finishes
+            await wait_for(
+                lambda: not any(s.running for s in first.broker.subscribers), 30, "no new message"
+            )
+            gated.open()
+            await stopping
             stop_s = time.monotonic() - stop_began
             by_first = decided(first)
 

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from aio_pika.exceptions import PublishError
+from aio_pika.exceptions import DeliveryError, PublishError
 from pamqp.commands import Basic
 from sqlalchemy import select
 
@@ -97,3 +97,47 @@ async def test_a_message_the_broker_refuses_does_not_hold_back_the_others(ledger
     assert relay.sent == 2
     assert ledger.store.pending_count() == 1
     assert ledger.store.failing_count() == 1
+
+
+def nack() -> DeliveryError:
+    return DeliveryError(None, Basic.Nack(delivery_tag=1, multiple=True))
+
+
+async def flush_renewing(ledger: Ledger, publish: Any) -> tuple[Relay, list[int]]:
+    renewed: list[int] = []
+
+    async def renew() -> None:
+        renewed.append(1)
+
+    with ThreadPoolExecutor(1) as executor:
+        relay = Relay(ledger, Topology("p"), publish, executor, timeout_s=1, renew=renew)
+        await relay.flush()
+    return relay, renewed
+
+
+async def test_a_window_the_broker_refuses_whole_makes_the_relay_renew_its_channel(
+    ledger,
+) -> None:
+    """Every publish of a window nacked: the relay asks for a new channel (a RabbitMQ channel can keep nacking a quorum queue whose leader died); the rows stay pending."""
+    enqueue(ledger, 3)
+
+    async def publish(body: bytes, **options: Any) -> None:
+        raise nack()
+
+    relay, renewed = await flush_renewing(ledger, publish)
+    assert renewed == [1]
+    assert relay.sent == 0
+    assert ledger.store.pending_count() == 3
+
+
+async def test_a_window_partly_confirmed_keeps_the_channel(ledger) -> None:
+    """One row nacked, the others confirmed: the channel works, it is kept."""
+    enqueue(ledger, 3)
+
+    async def publish(body: bytes, **options: Any) -> None:
+        if options["message_id"] == "rem-1":
+            raise nack()
+
+    relay, renewed = await flush_renewing(ledger, publish)
+    assert renewed == []
+    assert relay.sent == 2
