@@ -288,17 +288,17 @@ class ReferralWithdrawn(Message):
 
 
 class ReferralReminder(Message):
-    """To a partner: `answer`, the referral still waits for its answer (it expires at
-    `due_by`); `news`, it accepted the referral and has sent no news since `last_news_at`
-    (a status by `due_by`, or the advisor is told)."""
+    """To a partner, `reason` `no-answer`: the referral still waits for its answer (it
+    expires at `due_by`); `no-news`: it accepted the referral and has sent no news since
+    `last_news_at` (a status by `due_by`, or the advisor is told)."""
 
     type: Literal["referral-reminder"] = "referral-reminder"
     referral_id: MessageId
     partner: PartnerId
     due_by: Instant
-    kind: Literal["answer", "news"] = "answer"
+    reason: Literal["no-answer", "no-news"] = "no-answer"
     last_news_at: Instant | None = None
-    """On a `news` reminder: when the partner's last status was recorded."""
+    """On a `no-news` reminder: when the partner's last status was recorded."""
 
 
 class ReferralStalled(Message):

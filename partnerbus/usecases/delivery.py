@@ -189,7 +189,7 @@ def replay_to_partner(ledger: Ledger, tx: LedgerTx, partner_id: str, body: bytes
             return f"referral {rid} is no longer in the ledger"
         if partner_id != referral.partner_id or partner_id != message.partner:
             return f"referral {rid} was not sent to {partner_id}"
-        if isinstance(message, ReferralReminder) and message.kind == "news":
+        if isinstance(message, ReferralReminder) and message.reason == "no-news":
             if referral.status != "accepted":
                 return f"referral {rid} is {referral.status}: the partner has sent news since"
         elif not isinstance(message, ReferralWithdrawn) and referral.status not in AWAITING_ANSWER:

@@ -335,7 +335,7 @@ def _remind_stalled(ledger: Ledger, tx: LedgerTx, referral: ReferralRow) -> bool
             referral_id=referral.referral_id,
             partner=referral.partner_id,
             due_by=due_by,
-            kind="news",
+            reason="no-news",
             last_news_at=referral.updated_at,
         ),
         referral.partner_id,

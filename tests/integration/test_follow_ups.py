@@ -369,7 +369,7 @@ def news(ledger: Ledger, rid: str, status: str) -> None:
 
 
 def news_reminders(store: Store, rid: str) -> list[tuple[str, dict[str, Any]]]:
-    return sent(store, "referral-reminder", referral_id=rid, kind="news")
+    return sent(store, "referral-reminder", referral_id=rid, reason="no-news")
 
 
 def stalled(store: Store, rid: str) -> list[tuple[str, dict[str, Any]]]:
@@ -434,7 +434,7 @@ def test_news_after_the_reminder_stops_the_follow_up(ledger: Ledger) -> None:
 
 
 def test_an_unanswered_referral_gets_only_the_answer_reminder(ledger: Ledger) -> None:
-    """A referral still waiting for its answer is not followed for news: its reminder is of the answer (kind answer)."""
+    """A referral still waiting for its answer is not followed for news: its reminder is of the answer (reason no-answer)."""
     store, clock = ledger.store, ledger.clock
     assert isinstance(clock, FakeClock)
     rid = referred(ledger, "T-QUIET-3", SOURCE)
@@ -442,7 +442,7 @@ def test_an_unanswered_referral_gets_only_the_answer_reminder(ledger: Ledger) ->
     counts = tick(ledger)
     assert (counts["reminded"], counts["stalled-reminded"]) == (1, 0)
     ((_, reminder),) = sent(store, "referral-reminder", referral_id=rid)
-    assert reminder["kind"] == "answer"
+    assert reminder["reason"] == "no-answer"
 
 
 def test_two_workers_remind_and_report_a_stalled_referral_once(ledger: Ledger) -> None:
