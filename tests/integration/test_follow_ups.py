@@ -336,6 +336,50 @@ def test_a_consent_racing_the_closing_either_routes_or_closes_the_need(ledger: L
             assert (routed, closed) == (0, 2), person
 
 
+def test_a_need_parked_again_by_a_grant_for_something_else_keeps_its_wait(
+    ledger: Ledger,
+) -> None:
+    """A consent that does not cover the need (another need) routes nothing and parks it again: its wait still runs from the first parking (reminded at day 7, not 7 days after the grant)."""
+    store, clock = ledger.store, ledger.clock
+    assert isinstance(clock, FakeClock)
+    signal_id = parked_signal(ledger, "T-PARK-AGAIN")
+    clock.advance(5 * DAY)
+    now = clock()
+    event = ConsentGranted(
+        message_id="grant-T-PARK-AGAIN",
+        occurred_at=now,
+        consent_id="c-T-PARK-AGAIN",
+        person_ref="T-PARK-AGAIN",
+        scope=ConsentScope(needs=("numerique",), partner_kinds=KINDS),
+        collected_by="s.benali",
+        agency=AGENCY,
+        method="oral",
+        granted_at=now,
+        valid_until=now + timedelta(days=60),
+    )
+    store.run(lambda tx: usecases.grant_consent(ledger, tx, event, Q))
+    assert state(store, signal_id) == "parked"
+    clock.advance(2 * DAY)
+    assert tick(ledger)["parked-reminded"] == 1
+
+
+def test_a_need_back_at_the_consent_gate_starts_a_new_wait(ledger: Ledger) -> None:
+    """A referral whose consent ran out before the partner took it up is withdrawn and its need parked again: that new wait is followed from its own start (a reminder 7 days later)."""
+    store, clock = ledger.store, ledger.clock
+    assert isinstance(clock, FakeClock)
+    rid = referred(ledger, "T-PARK-BACK", SOURCE, days=3)
+    signal_id = store.referral(rid).signal_id  # type: ignore[union-attr]
+    clock.advance(4 * DAY)
+    assert tick(ledger)["withdrawn-consent-expired"] == 1
+    assert state(store, signal_id) == "parked"
+    clock.advance(6 * DAY)
+    assert tick(ledger)["parked-reminded"] == 0
+    clock.advance(DAY)
+    assert tick(ledger)["parked-reminded"] == 1
+    clock.advance(23 * DAY)
+    assert tick(ledger)["parked-closed"] == 1
+
+
 # stalled referrals ---------------------------------------------------------------------
 
 
