@@ -507,3 +507,25 @@ def test_two_workers_remind_and_report_a_stalled_referral_once(ledger: Ledger) -
         assert len(stalled(store, rid)) == 1
         assert actions(store, rid).count("referral-news-reminded") == 1
         assert actions(store, rid).count("referral-stalled") == 1
+
+
+def test_a_no_news_reminder_from_the_dead_letters_is_replayed_only_while_still_accepted(
+    ledger: Ledger,
+) -> None:
+    """A partner's dead-lettered no-news reminder goes back to the outbox while the referral is still accepted without news; once the partner has sent a status, the replay is refused with why."""
+    store, clock = ledger.store, ledger.clock
+    assert isinstance(clock, FakeClock)
+    rid = accepted(ledger, "T-QUIET-REPLAY")
+    partner = store.referral(rid).partner_id  # type: ignore[union-attr]
+    clock.advance(30 * DAY)
+    tick(ledger)
+    ((_, reminder),) = news_reminders(store, rid)
+    body = json.dumps(reminder).encode()
+
+    def replay() -> str | None:
+        return store.run(lambda tx: usecases.replay_to_partner(ledger, tx, partner, body))
+
+    assert replay() is None
+    news(ledger, rid, "in-progress")
+    refused = replay()
+    assert refused is not None and "in-progress" in refused
