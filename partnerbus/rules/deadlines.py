@@ -135,6 +135,12 @@ class FollowUpPolicy:
     urgent: FollowUpSteps
     asap: FollowUpSteps
 
+    @property
+    def first_step(self) -> timedelta:
+        """The shortest wait before any step, whatever the urgency: nothing that began
+        since `now - first_step` needs a follow-up yet (the passes read only the older)."""
+        return min(self.routine.remind, self.urgent.remind, self.asap.remind)
+
     def steps(self, urgency: str) -> FollowUpSteps:
         if urgency not in ("routine", "urgent", "asap"):
             msg = f"unknown urgency {urgency!r}: one of routine, urgent, asap"

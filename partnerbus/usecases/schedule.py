@@ -42,6 +42,8 @@ STALLED_STATUSES: frozenset[str] = frozenset({"accepted"})
 """Statuses whose silence the stalled-referrals follow-up watches: accepted, and nothing
 since (in progress, on hold, a closing status are news)."""
 CONSENT_NOT_OBTAINED = "consent-not-obtained"
+_INSTANT = timedelta(microseconds=1)
+"""The reads take what started strictly before a bound: one step exactly due is included."""
 
 
 def scheduled_item_failed(task: str, item: str, exc: BaseException) -> None:
@@ -156,7 +158,7 @@ def _follow_parked(ledger: Ledger, tx: LedgerTx, tally: Callable[[str, bool | No
     the need closes when its wait is over."""
     now = ledger.clock()
     to_remind: dict[str, list[ParkedNeed]] = {}
-    for need in tx.signals.parked():
+    for need in tx.signals.parked(now - ledger.parked.first_step + _INSTANT):
         steps = ledger.parked.steps(need.urgency)
         action = follow_up_action(
             steps, need.parked_since, need.reminded_at, now, can_remind=need.agency is not None
@@ -294,7 +296,9 @@ def _follow_stalled(
     partner is reminded once, then the advisor's agency is told once the reminder's
     notice has run."""
     now = ledger.clock()
-    for referral in tx.referrals.quiet(STALLED_STATUSES):
+    for referral in tx.referrals.quiet(
+        STALLED_STATUSES, now - ledger.stalled.first_step + _INSTANT
+    ):
         steps = ledger.stalled.steps(referral.urgency)
         action = follow_up_action(steps, referral.updated_at, referral.stalled_reminded_at, now)
         if action == "remind":

@@ -104,12 +104,17 @@ class ReferralRepository(Repository):
         )
         return [row_of(ReferralRow, r) for r in rows]
 
-    def quiet(self, statuses: frozenset[str]) -> list[ReferralRow]:
-        """Referrals in `statuses` whose advisor has not yet been told they stalled, for
-        the stalled-referrals follow-up (their last news is `updated_at`)."""
+    def quiet(self, statuses: frozenset[str], news_before: datetime) -> list[ReferralRow]:
+        """Referrals in `statuses` with no news since before `news_before` (their last news
+        is `updated_at`) whose advisor has not yet been told they stalled, for the
+        stalled-referrals follow-up."""
         rows = self.conn.execute(
             select(t.referrals)
-            .where(t.referrals.c.status.in_(statuses), t.referrals.c.stalled_reported_at.is_(None))
+            .where(
+                t.referrals.c.status.in_(statuses),
+                t.referrals.c.updated_at < news_before,
+                t.referrals.c.stalled_reported_at.is_(None),
+            )
             .order_by(t.referrals.c.updated_at, t.referrals.c.referral_id)
         )
         return [row_of(ReferralRow, r) for r in rows]

@@ -170,8 +170,9 @@ class SignalRepository(Repository):
         rows = self.conn.execute(PARKED, {"person_ref": person_ref})
         return [(r.signal_id, r.need) for r in rows]
 
-    def parked(self) -> list[ParkedNeed]:
-        """Every need waiting for consent, oldest wait first (the follow-up's reads)."""
+    def parked(self, since_before: datetime) -> list[ParkedNeed]:
+        """The needs waiting for consent since before `since_before`, oldest wait first
+        (the follow-up's reads)."""
         needs = t.signal_needs.c
         rows = self.conn.execute(
             select(
@@ -184,7 +185,7 @@ class SignalRepository(Repository):
                 needs.reminded_at,
             )
             .join(t.signals, t.signals.c.signal_id == needs.signal_id)
-            .where(needs.state == "parked")
+            .where(needs.state == "parked", needs.parked_since < since_before)
             .order_by(needs.parked_since, needs.signal_id, needs.need)
         )
         return [row_of(ParkedNeed, r) for r in rows]

@@ -168,6 +168,10 @@ def test_the_default_follow_ups_are_shorter_for_more_urgent_needs() -> None:
         assert routine.give_up > urgent.give_up > asap.give_up
     assert PARKED_FOLLOW_UP.steps("routine") == FollowUpSteps(timedelta(days=7), timedelta(days=30))
     assert STALLED_FOLLOW_UP.steps("asap") == FollowUpSteps(timedelta(days=7), timedelta(days=10))
+    assert (PARKED_FOLLOW_UP.first_step, STALLED_FOLLOW_UP.first_step) == (
+        timedelta(days=1),
+        timedelta(days=7),
+    ), "the passes read only what started before the shortest first step"
 
 
 @pytest.mark.parametrize(
