@@ -334,7 +334,7 @@ class Directory:
                     msg = f"partner {pid!r}: need {need!r} is not in the taxonomy"
                     raise DirectoryError(msg)
             coverages[pid] = coverage
-            if partner.kind == BAILLEUR_SOCIAL and partner.advisors:
+            if partner.kind == BAILLEUR_SOCIAL and partner.advisors and not partner.is_creditor:
                 for code in coverage:
                     agencies[code].append(pid)
         ordinals = {pid: i for i, pid in enumerate(ids)}
@@ -523,6 +523,12 @@ class Directory:
     def partner(self, partner_id: str) -> Partner:
         """The partner with that id; KeyError if unknown."""
         return self._partners[partner_id]
+
+    def is_creditor(self, partner_id: str) -> bool:
+        """Whether the partner is a creditor (`Partner.is_creditor`); one no longer in the
+        directory keeps only the roles its relation to the signal gives it."""
+        partner = self._partners.get(partner_id)
+        return partner is not None and partner.is_creditor
 
     def partners(self) -> list[Partner]:
         """Every partner, sorted by id."""
