@@ -264,6 +264,8 @@ class Directory:
                 msg = f"partner {partner.id!r} is declared twice"
                 raise DirectoryError(msg)
             self._partners[partner.id] = partner
+        self._creditors = frozenset(p.id for p in self._partners.values() if p.is_creditor)
+        """Partners whose relation to the person is a debt (docs/DISCLOSURE.md)."""
         self.agreements: tuple[Agreement, ...] = tuple(agreements)
         self._build_indexes()
         self.graph: nx.DiGraph = build_graph(self)
@@ -527,8 +529,7 @@ class Directory:
     def is_creditor(self, partner_id: str) -> bool:
         """Whether the partner is a creditor (`Partner.is_creditor`); one no longer in the
         directory keeps only the roles its relation to the signal gives it."""
-        partner = self._partners.get(partner_id)
-        return partner is not None and partner.is_creditor
+        return partner_id in self._creditors
 
     def partners(self) -> list[Partner]:
         """Every partner, sorted by id."""

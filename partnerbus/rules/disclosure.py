@@ -11,6 +11,7 @@ signal, need and attempt, so a redelivered signal makes the same referral, not a
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import uuid
@@ -134,7 +135,6 @@ Role = Literal["source", "advisor", "partner", "creditor"]
   and `creditor` may see.
 """
 ROLES: tuple[Role, ...] = get_args(Role)
-RELATIONS: tuple[Role, ...] = ("source", "advisor", "partner")
 
 _S: Role = "source"
 _A: Role = "advisor"
@@ -320,19 +320,32 @@ def disclose(message: M, roles: Collection[Role]) -> Disclosed[M]:
         who = ", ".join(sorted(role_set)) or "no role"
         msg = f"a {kind} message is not for a recipient that is {who} (docs/DISCLOSURE.md)"
         raise DisclosureError(msg)
-    fields = type(message).model_fields
     hidden = {
-        name: fields[name].get_default(call_default_factory=True)
-        for name in fields
-        if not may_see(role_set, table.get(name, frozenset()))
-        and getattr(message, name) != fields[name].get_default(call_default_factory=True)
+        name: default
+        for name, default in _hidden(kind, type(message), role_set)
+        if getattr(message, name) != default
     }
     if hidden:
         # validated again: what leaves is still a message of the contract
+        fields = type(message).model_fields
         message = type(message).model_validate(
             {**{name: getattr(message, name) for name in fields}, **hidden}
         )
     return Disclosed(message, role_set, _MINT)
+
+
+@functools.cache
+def _hidden(
+    kind: str, model: type[BaseModel], roles: frozenset[Role]
+) -> tuple[tuple[str, object], ...]:
+    """The fields of `model` these roles may not see, with their defaults (a field the
+    table does not name is seen by nobody)."""
+    table = ROLE_DISCLOSURE[kind]
+    return tuple(
+        (name, field.get_default(call_default_factory=True))
+        for name, field in model.model_fields.items()
+        if not may_see(roles, table.get(name, frozenset()))
+    )
 
 
 def internal(message: M) -> Disclosed[M]:
