@@ -17,6 +17,8 @@ from pydantic import BaseModel
 from partnerbus.contract.catalog import CATALOG
 from partnerbus.contract.disclosure import disclosure_is_current
 from partnerbus.contract.schemas import load_schemas
+from partnerbus.directory import Directory, load_sample
+from partnerbus.directory.check import find_problems
 from partnerbus.rules import (
     ROLE_DISCLOSURE,
     ROLES,
@@ -382,3 +384,32 @@ def test_a_disclosed_message_is_made_by_disclose_only() -> None:
     with pytest.raises(TypeError):
         Disclosed(status, frozenset({"partner"}), object())
     assert internal(status).roles == frozenset()
+
+
+# ---- a creditor is never an agency ---------------------------------------------------
+
+
+def test_a_creditor_with_advisors_is_no_agency_and_the_directory_check_says_so() -> None:
+    """Marked a creditor, an agency's record is skipped by `agency_for` (nobody would ask
+    a creditor for consent) and `check` reports the mistake as an error."""
+    sample = load_sample()
+    agency = sample.agency_for("59512")
+    assert agency is not None and not sample.is_creditor(agency.id)
+    assert sample.is_creditor("lmh-recouvrement") and not sample.is_creditor("lmh-proximite")
+    assert not [p for p in find_problems(sample) if "creditor" in p.message]
+
+    marked = Directory(
+        territories=sample.territories,
+        needs=sample.needs,
+        partners=[
+            p.model_copy(update={"creditor": True}) if p.id == agency.id else p
+            for p in sample.partners()
+        ],
+        agreements=sample.agreements,
+        organisations=sample.organisations,
+    )
+    assert marked.is_creditor(agency.id)
+    found = marked.agency_for("59512")
+    assert found is None or found.id != agency.id
+    (problem,) = [p for p in find_problems(marked) if "creditor" in p.message]
+    assert (problem.severity, problem.subject) == ("error", agency.id)
