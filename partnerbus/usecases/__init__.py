@@ -36,6 +36,8 @@ from partnerbus.usecases.delivery import (
 from partnerbus.usecases.routing import (
     AwaitConsent,
     NoPartner,
+    Room,
+    RoomCheck,
     RoutingDecision,
     SendReferral,
     decide_routing,
@@ -57,6 +59,8 @@ __all__ = [
     "Ledger",
     "NoPartner",
     "Refused",
+    "Room",
+    "RoomCheck",
     "RoutingDecision",
     "SendReferral",
     "apply_retention",
