@@ -104,4 +104,7 @@ def ancestors(territories: Mapping[str, Territory], code: str) -> tuple[Territor
         if departement is None and not any(t.level == "commune" for t in out[:-1]):
             departement = own_departement(territories, territory)
         current = territory.parent
+    if departement is not None:
+        # the chain stopped below the département level: the commune still lies in it
+        out.extend(t for t in ancestors(territories, departement) if t not in out)
     return tuple(out)
