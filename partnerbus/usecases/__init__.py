@@ -17,6 +17,7 @@ from partnerbus.errors import Refused
 from partnerbus.usecases.consents import (
     CLOCK_SKEW,
     MAX_CONSENT,
+    answer_refusal,
     check_consent,
     grant_consent,
     refuse_consent,
@@ -63,6 +64,7 @@ __all__ = [
     "RoomCheck",
     "RoutingDecision",
     "SendReferral",
+    "answer_refusal",
     "apply_retention",
     "check_consent",
     "check_signal",

@@ -183,7 +183,7 @@ async def test_a_full_partner_is_skipped_until_its_referral_completes(bus, chann
 
 
 async def test_a_refused_consent_closes_the_signal_for_the_source(bus, channel):
-    """The person says no: the parked signal closes and the source is told why."""
+    """The person says no: the parked signal closes, the source is told why, and the agency that the refusal is recorded."""
     t = bus.topology
     agency = bus.directory.agency_for(ROUBAIX).id
     advisor = await Inbox.open(channel, t.partner_queue_name(agency))
@@ -204,6 +204,8 @@ async def test_a_refused_consent_closes_the_signal_for_the_source(bus, channel):
     closed = await source.expect_kind("signal-closed")
     assert closed.body["outcome"] == "consent-refused"
     assert closed.body["signal_id"] == body["message_id"]
+    ack = await advisor.expect_kind("consent-recorded", event_id=refusal["message_id"])
+    assert (ack.body["event"], ack.body["signal_id"]) == ("consent-refused", body["message_id"])
 
 
 async def test_the_partner_client_answers_received_and_the_status_moves(bus, channel):
