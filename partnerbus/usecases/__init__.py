@@ -37,6 +37,8 @@ from partnerbus.usecases.delivery import (
 from partnerbus.usecases.routing import (
     AwaitConsent,
     NoPartner,
+    Room,
+    RoomCheck,
     RoutingDecision,
     SendReferral,
     decide_routing,
@@ -58,6 +60,8 @@ __all__ = [
     "Ledger",
     "NoPartner",
     "Refused",
+    "Room",
+    "RoomCheck",
     "RoutingDecision",
     "SendReferral",
     "answer_refusal",
