@@ -9,7 +9,9 @@ from partnerbus.schemas import (
     CapacityChanged,
     ConsentExpiring,
     ConsentGranted,
+    ConsentRecorded,
     ConsentRefused,
+    ConsentRejected,
     ConsentRequested,
     ConsentRevoked,
     Message,
@@ -59,6 +61,8 @@ CATALOG: tuple[Contracted, ...] = (
     Contracted(ReferralReminder, "outbound"),
     Contracted(ConsentRequested, "outbound"),
     Contracted(ConsentExpiring, "outbound"),
+    Contracted(ConsentRecorded, "outbound"),
+    Contracted(ConsentRejected, "outbound"),
     Contracted(NoPartnerFound, "outbound"),
     Contracted(SignalClosed, "outbound"),
 )

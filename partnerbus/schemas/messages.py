@@ -3,8 +3,9 @@
 Inbound (partners → bus): Signal, ReferralStatusChanged, CapacityChanged,
 ConsentGranted, ConsentRevoked, ConsentRefused.
 Outbound (bus → a partner's queue): Referral, ReferralWithdrawn, ReferralReminder,
-ConsentRequested, NoPartnerFound, SignalClosed, and ReferralStatusChanged forwarded to
-the signal's source and the advisor (the closed loop).
+ConsentRequested, ConsentExpiring, NoPartnerFound, SignalClosed, ReferralStatusChanged
+forwarded to the signal's source and the advisor (the closed loop), and the answers to an
+agency's consent events: ConsentRecorded, ConsentRejected.
 Each body carries its `type`, so a partner's consumer can tell them apart without headers.
 """
 
@@ -171,6 +172,49 @@ class ConsentRefused(Message):
     """Needs refused; empty means all needs of the signal."""
     collected_by: Annotated[str, Field(min_length=2, max_length=80)]
     agency: PartnerId
+
+
+ConsentEvent = Literal["consent-granted", "consent-revoked", "consent-refused"]
+"""The consent events an agency sends, as the bus's answers name them."""
+
+
+class ConsentRecorded(Message):
+    """To the agency: the bus recorded its consent event. One per event (`event_id` is the
+    event's `message_id`; a redelivered event is not answered again), sent once the record
+    is committed."""
+
+    type: Literal["consent-recorded"] = "consent-recorded"
+    event_id: MessageId
+    """The `message_id` of the agency's event this answers."""
+    event: ConsentEvent
+    consent_id: MessageId | None = None
+    """The consent granted or revoked (none for a refusal, which names its signal)."""
+    signal_id: MessageId | None = None
+    """The signal whose parked needs the person refused (consent-refused only)."""
+    person_ref: PseudonymousRef
+    agency: PartnerId
+    status: Literal["recorded"] = "recorded"
+    detail: str | None = None
+    """What the record did: parked needs released, referrals withdrawn, needs closed."""
+
+
+class ConsentRejected(Message):
+    """To the agency: the bus read its consent event, authenticated it as the agency's,
+    and refused it; nothing was recorded. The event is also in the consents queue's dead
+    letters, with the same reason. Sent only to the agency authenticated as the sender:
+    a message the bus cannot read, or whose sender does not match, is only dead-lettered."""
+
+    type: Literal["consent-rejected"] = "consent-rejected"
+    event_id: MessageId
+    """The `message_id` of the agency's event this answers."""
+    event: ConsentEvent
+    consent_id: MessageId | None = None
+    signal_id: MessageId | None = None
+    person_ref: PseudonymousRef | None = None
+    agency: PartnerId
+    status: Literal["rejected"] = "rejected"
+    reason: str
+    """Why, as the dead letter's `partnerbus-error` header says it."""
 
 
 class ConsentRequested(Message):
@@ -350,6 +394,8 @@ OutboundMessage = Annotated[
     | ReferralStatusChanged
     | ConsentRequested
     | ConsentExpiring
+    | ConsentRecorded
+    | ConsentRejected
     | NoPartnerFound
     | SignalClosed,
     Field(discriminator="type"),

@@ -307,6 +307,12 @@ class TestStoreConsents:
         run(ledger, usecases.grant_consent, running)
         later = ledger.clock() + timedelta(days=11)
         with ledger.store.begin() as tx:
+            # The agency's `consent-recorded` answers (they name the person) left long ago:
+            # a sent outbox copy is deleted after the free-text period, well before this.
+            tx.outbox.mark_sent_many(
+                [row.id for row in tx.conn.execute(select(t.outbox.c.id))], later
+            )
+            tx.outbox.delete_sent_before(later + timedelta(seconds=1))
             tx.audit.record(
                 "a.martin", "consent-revoked", ended.consent_id, later, why="she said so"
             )
