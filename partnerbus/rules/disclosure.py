@@ -237,6 +237,28 @@ ROLE_DISCLOSURE: Mapping[str, Mapping[str, frozenset[Role]]] = MappingProxyType(
             agency=(_A,),
             valid_until=(_A,),
         ),
+        "consent-recorded": _fields(
+            (_A,),
+            event_id=(_A,),
+            event=(_A,),
+            consent_id=(_A,),
+            signal_id=(_A,),
+            person_ref=(_A,),
+            agency=(_A,),
+            status=(_A,),
+            detail=(_A,),
+        ),
+        "consent-rejected": _fields(
+            (_A,),
+            event_id=(_A,),
+            event=(_A,),
+            consent_id=(_A,),
+            signal_id=(_A,),
+            person_ref=(_A,),
+            agency=(_A,),
+            status=(_A,),
+            reason=(_A,),
+        ),
     }
 )
 """Message type -> field -> the roles that may see it. The single source of truth of
@@ -278,7 +300,13 @@ def recipient_roles(
         message, "partner", None
     ):
         roles.add(_P)
-    if kind in ("consent-requested", "no-partner-found", "consent-expiring"):
+    if kind in (
+        "consent-requested",
+        "no-partner-found",
+        "consent-expiring",
+        "consent-recorded",
+        "consent-rejected",
+    ):
         agency = getattr(message, "agency", None)
     if source is not None and recipient == source:
         roles.add(_S)

@@ -44,7 +44,13 @@ NEEDS = (
 KINDS = ("ccas-cias", "maisons-des-solidarites", "departements", "points-conseil-budget", "cresus")
 TO_PARTNER = ("referral", "referral-withdrawn", "referral-reminder")
 LOOP = ("referral-status-changed", "signal-closed")
-TO_ADVISOR = ("consent-requested", "no-partner-found", "consent-expiring")
+TO_ADVISOR = (
+    "consent-requested",
+    "no-partner-found",
+    "consent-expiring",
+    "consent-recorded",
+    "consent-rejected",
+)
 
 grant = st.tuples(st.just("grant"), st.sampled_from(PERSONS), st.integers(1, 40))
 revoke = st.tuples(st.just("revoke"), st.integers(0, 10))

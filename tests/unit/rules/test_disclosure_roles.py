@@ -33,6 +33,8 @@ from partnerbus.rules.disclosure import ENVELOPE, receives
 from partnerbus.schemas import (
     CapacityChanged,
     ConsentExpiring,
+    ConsentRecorded,
+    ConsentRejected,
     ConsentRequested,
     Contact,
     Facts,
@@ -197,6 +199,28 @@ def outbound_messages(draw: st.DrawFn) -> BaseModel:
             person_ref="T-" + draw(ids),
             agency="lmh-agence-roubaix",
             tried=("ccas-roubaix",),
+            reason=draw(text),
+        )
+    if kind == "consent-recorded":
+        return ConsentRecorded(
+            **envelope,
+            event_id=draw(ids),
+            event=draw(st.sampled_from(["consent-granted", "consent-revoked", "consent-refused"])),
+            consent_id=maybe(ids),
+            signal_id=maybe(ids),
+            person_ref="T-" + draw(ids),
+            agency="lmh-agence-roubaix",
+            detail=maybe(text),
+        )
+    if kind == "consent-rejected":
+        return ConsentRejected(
+            **envelope,
+            event_id=draw(ids),
+            event=draw(st.sampled_from(["consent-granted", "consent-revoked", "consent-refused"])),
+            consent_id=maybe(ids),
+            signal_id=maybe(ids),
+            person_ref=maybe(st.just("T-" + draw(ids))),
+            agency="lmh-agence-roubaix",
             reason=draw(text),
         )
     assert kind == "consent-expiring"
