@@ -271,6 +271,8 @@ class Directory:
                 msg = f"partner {partner.id!r} is declared twice"
                 raise DirectoryError(msg)
             self._partners[partner.id] = partner
+        self._creditors = frozenset(p.id for p in self._partners.values() if p.is_creditor)
+        """Partners whose relation to the person is a debt (docs/DISCLOSURE.md)."""
         self.agreements: tuple[Agreement, ...] = tuple(agreements)
         self._build_indexes()
         self.graph: nx.DiGraph = build_graph(self)
@@ -382,7 +384,7 @@ class Directory:
                     msg = f"partner {pid!r}: need {need!r} is not in the taxonomy"
                     raise DirectoryError(msg)
             coverages[pid] = coverage
-            if partner.kind == BAILLEUR_SOCIAL and partner.advisors:
+            if partner.kind == BAILLEUR_SOCIAL and partner.advisors and not partner.is_creditor:
                 for code in coverage:
                     agencies[code].append(pid)
         ordinals = {pid: i for i, pid in enumerate(ids)}
@@ -576,6 +578,11 @@ class Directory:
     def partner(self, partner_id: str) -> Partner:
         """The partner with that id; KeyError if unknown."""
         return self._partners[partner_id]
+
+    def is_creditor(self, partner_id: str) -> bool:
+        """Whether the partner is a creditor (`Partner.is_creditor`); one no longer in the
+        directory keeps only the roles its relation to the signal gives it."""
+        return partner_id in self._creditors
 
     def partners(self) -> list[Partner]:
         """Every partner, sorted by id."""

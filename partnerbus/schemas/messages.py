@@ -261,14 +261,25 @@ class Referral(Message):
 class ReferralStatusChanged(Message):
     """A referral's status moved. Partners send it; the bus forwards it to the source and
     the advisor with `signal_id` and `need` filled in. A partner's completion carries its
-    outcome; the copy forwarded to the signal's source leaves out what the partner wrote
-    (`outcome`, `note`: the advisor's copy keeps them)."""
+    outcome, its rejection a reason; each forwarded copy holds what its recipient's roles
+    may see (docs/DISCLOSURE.md): the advisor's all of it, the source's no `outcome` or
+    `note`, a creditor's no `reason` either."""
 
     model_config = ConfigDict(
         json_schema_extra={
             "allOf": [
                 {
-                    "if": {"properties": {"status": {"const": "rejected"}}, "required": ["status"]},
+                    "description": (
+                        "A partner's rejection carries its reason. The bus's copy to a "
+                        "creditor (signal_id set) leaves it out (docs/DISCLOSURE.md)."
+                    ),
+                    "if": {
+                        "properties": {
+                            "status": {"const": "rejected"},
+                            "signal_id": {"type": "null"},
+                        },
+                        "required": ["status"],
+                    },
                     "then": {"required": ["reason"], "properties": {"reason": {"type": "string"}}},
                 },
                 {
@@ -304,7 +315,7 @@ class ReferralStatusChanged(Message):
 
     @model_validator(mode="after")
     def _reason_on_reject(self) -> ReferralStatusChanged:
-        if self.status == "rejected" and self.reason is None:
+        if self.status == "rejected" and self.reason is None and self.signal_id is None:
             msg = (
                 "a rejection carries a reason: unreachable, not-eligible, not-interested, "
                 "full, duplicate or other"

@@ -22,7 +22,7 @@ from partnerbus.schemas import (
     Partner,
     SignalClosed,
 )
-from partnerbus.usecases.context import BUS, Ledger, _derived_id, intake, use_case
+from partnerbus.usecases.context import BUS, Ledger, _derived_id, intake, send, use_case
 from partnerbus.usecases.lifecycle import _withdraw
 from partnerbus.usecases.loop import _tell_source
 from partnerbus.usecases.routing import _route, _tried
@@ -275,7 +275,9 @@ def _acknowledge(
     """The agency hears that its event is recorded, through the outbox (it leaves only if
     the record commits). Its id derives from the event's: one answer per event."""
     now = ledger.clock()
-    tx.outbox.enqueue(
+    send(
+        ledger,
+        tx,
         ConsentRecorded(
             message_id=_derived_id("consent-recorded", event.message_id),
             occurred_at=now,
@@ -288,7 +290,6 @@ def _acknowledge(
             detail=detail,
         ),
         event.agency,
-        now,
     )
 
 
@@ -313,7 +314,9 @@ def answer_refusal(ledger: Ledger, tx: LedgerTx, event: ConsentEventMessage, rea
     consent_id = event.consent_id if not isinstance(event, ConsentRefused) else None
     signal_id = event.signal_id if isinstance(event, ConsentRefused) else None
     person_ref = event.person_ref if not isinstance(event, ConsentRevoked) else None
-    tx.outbox.enqueue(
+    send(
+        ledger,
+        tx,
         ConsentRejected(
             message_id=_derived_id("consent-rejected", event.message_id),
             occurred_at=now,
@@ -326,7 +329,6 @@ def answer_refusal(ledger: Ledger, tx: LedgerTx, event: ConsentEventMessage, rea
             reason=reason[:2000],
         ),
         event.agency,
-        now,
     )
     tx.audit.record(
         BUS,

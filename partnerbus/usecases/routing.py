@@ -22,7 +22,7 @@ from partnerbus.rules import (
     signal_pseudonym,
 )
 from partnerbus.schemas import ConsentRequested, NoPartnerFound, Referral, Signal, SignalClosed
-from partnerbus.usecases.context import BUS, Ledger, _derived_id
+from partnerbus.usecases.context import BUS, Ledger, _derived_id, send
 from partnerbus.usecases.loop import _tell_source
 
 
@@ -164,7 +164,9 @@ def record_routing(
     reason, tried = decision.reason, decision.tried
     tx.signals.set_need_state(row.signal_id, need, "no-partner", reason, now)
     if row.agency:
-        tx.outbox.enqueue(
+        send(
+            ledger,
+            tx,
             NoPartnerFound(
                 message_id=_derived_id("no-partner", row.signal_id, need, str(attempt)),
                 occurred_at=now,
@@ -177,7 +179,6 @@ def record_routing(
                 reason=reason,
             ),
             row.agency,
-            now,
         )
         tx.audit.record(
             BUS,
@@ -311,7 +312,7 @@ def _send_referral(
     )
     # Nothing is disclosed yet: the audit records the disclosure when the broker confirms
     # the referral (`mark_delivered`), or that it was withheld if it never leaves.
-    tx.outbox.enqueue(referral, partner.id, now, referral_id=rid)
+    send(ledger, tx, referral, partner.id, source=row.source, agency=row.agency, referral_id=rid)
 
 
 def _request_consent(
@@ -347,7 +348,9 @@ def _request_consent(
             if c.partner_id not in suggested:
                 suggested.append(c.partner_id)
     reasons = sorted({waiting.consent.reason for waiting in parked})
-    tx.outbox.enqueue(
+    send(
+        ledger,
+        tx,
         ConsentRequested(
             message_id=_derived_id("consent-requested", row.signal_id, str(attempt), *needs),
             occurred_at=now,
@@ -362,7 +365,6 @@ def _request_consent(
             suggested_partners=tuple(suggested),
         ),
         row.agency,
-        now,
     )
     tx.audit.record(
         BUS,

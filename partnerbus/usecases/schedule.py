@@ -17,7 +17,7 @@ from partnerbus.ledger.store import LedgerTx, ReferralRow
 from partnerbus.ops.counters import SCHEDULED_ITEM_FAILURES
 from partnerbus.rules import AWAITING_ANSWER, ConsentRecord, deadline_action, expiring_soon
 from partnerbus.schemas import ConsentExpiring, ReferralReminder
-from partnerbus.usecases.context import BUS, Ledger, _derived_id, use_case
+from partnerbus.usecases.context import BUS, Ledger, _derived_id, send, use_case
 from partnerbus.usecases.lifecycle import _apply, _withdraw
 from partnerbus.usecases.loop import _notify_status
 from partnerbus.usecases.routing import _reroute
@@ -122,7 +122,9 @@ def watch_deadlines(ledger: Ledger, tx: LedgerTx) -> dict[str, int]:
 def _remind(ledger: Ledger, tx: LedgerTx, referral: ReferralRow) -> bool:
     now = ledger.clock()
     tx.referrals.update(referral.referral_id, referral.status, reminded=True)
-    tx.outbox.enqueue(
+    send(
+        ledger,
+        tx,
         ReferralReminder(
             message_id=_derived_id("reminder", referral.referral_id),
             occurred_at=now,
@@ -131,7 +133,6 @@ def _remind(ledger: Ledger, tx: LedgerTx, referral: ReferralRow) -> bool:
             due_by=referral.due_at or now,
         ),
         referral.partner_id,
-        now,
         referral_id=referral.referral_id,
     )
     return True
@@ -179,7 +180,9 @@ def _withdraw_consent_ended(ledger: Ledger, tx: LedgerTx, referral: ReferralRow)
 def _notify_consent_expiring(ledger: Ledger, tx: LedgerTx, consent: ConsentRecord) -> bool:
     now = ledger.clock()
     tx.consents.mark_expiry_notified(consent.consent_id, now)
-    tx.outbox.enqueue(
+    send(
+        ledger,
+        tx,
         ConsentExpiring(
             message_id=_derived_id("consent-expiring", consent.consent_id),
             occurred_at=now,
@@ -189,7 +192,6 @@ def _notify_consent_expiring(ledger: Ledger, tx: LedgerTx, consent: ConsentRecor
             valid_until=consent.valid_until,
         ),
         consent.agency,
-        now,
     )
     return True
 

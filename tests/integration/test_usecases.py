@@ -420,7 +420,16 @@ class TestStatuses:
         closed = sent(ledger, "signal-closed")
         assert {k for k, _ in closed} == {"lmh-recouvrement", "lmh-agence-roubaix"}
         assert {b["outcome"] for _, b in closed} == {"advisor-decides"}
-        assert all("unreachable" in b["detail"] for _, b in closed)
+        details = {k: b["detail"] for k, b in closed}
+        assert "unreachable" in details["lmh-agence-roubaix"]
+        # the source is the landlord's recovery service: a creditor never learns why
+        assert details["lmh-recouvrement"] is None
+        reasons = {
+            k: b["reason"]
+            for k, b in sent(ledger, "referral-status-changed")
+            if b["status"] == "rejected"
+        }
+        assert reasons == {"lmh-agence-roubaix": "unreachable", "lmh-recouvrement": None}
 
     def test_a_completion_closes_the_need_for_the_source_and_the_advisor(
         self, ledger: Ledger
