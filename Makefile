@@ -45,6 +45,7 @@ check: lint types
 contract-check: $(STAMP) asyncapi-validate
 	$(BIN)/partnerbus contract export --check
 	$(BIN)/partnerbus contract asyncapi --check
+	$(BIN)/partnerbus contract disclosure --check
 	$(BIN)/partnerbus contract compat
 
 # docs/asyncapi.yaml through the AsyncAPI project's own parser (Node.js and npm needed).

@@ -9,7 +9,9 @@ from partnerbus.schemas import (
     CapacityChanged,
     ConsentExpiring,
     ConsentGranted,
+    ConsentRecorded,
     ConsentRefused,
+    ConsentRejected,
     ConsentRequested,
     ConsentRevoked,
     Message,
@@ -61,6 +63,8 @@ CATALOG: tuple[Contracted, ...] = (
     Contracted(ReferralStalled, "outbound"),
     Contracted(ConsentRequested, "outbound"),
     Contracted(ConsentExpiring, "outbound"),
+    Contracted(ConsentRecorded, "outbound"),
+    Contracted(ConsentRejected, "outbound"),
     Contracted(NoPartnerFound, "outbound"),
     Contracted(SignalClosed, "outbound"),
 )

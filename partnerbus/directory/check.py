@@ -87,6 +87,15 @@ def find_problems(d: Directory) -> list[Problem]:
                 )
     agencies = [p for p in d.partners() if p.kind == "bailleur-social" and p.advisors]
     for p in d.partners():
+        if p.is_creditor and p.advisors:
+            out.append(
+                Problem(
+                    "error",
+                    p.id,
+                    "is a creditor with advisors: a creditor is never the agency that follows "
+                    "the person (docs/DISCLOSURE.md); set `creditor: false` if it is one",
+                )
+            )
         if not p.needs and p.kind != "bailleur-social":
             out.append(Problem("warning", p.id, "serves no need: it can never be matched"))
         if not p.coverage and p.needs:

@@ -167,7 +167,9 @@ def _territories(raw: Mapping[str, Any], base: Path | None) -> dict[str, Territo
             raise DirectoryError(msg)
         out[str(code)] = Territory(str(code), name, "epci", dep)
 
-    rows: list[tuple[str, str, str | None]] = []
+    # (code, name, EPCI, département): a commune lies in its own département, which its
+    # INSEE code carries, whichever département its EPCI is filed under
+    rows: list[tuple[str, str, str | None, str]] = []
     csv_name = raw.get("communes_csv")
     if csv_name:
         candidates = [Path(csv_name)] if base is None else [base / csv_name, Path(csv_name)]
@@ -183,11 +185,19 @@ def _territories(raw: Mapping[str, Any], base: Path | None) -> dict[str, Territo
                 if missing:
                     msg = f"{csv_path}:{i}: missing column {missing[0]!r}"
                     raise DirectoryError(msg)
-                rows.append((row["commune_insee"], row["commune_name"], row["epci_siren"]))
+                code = row["commune_insee"]
+                dep = row.get("departement") or departement_of(code)
+                if dep != departement_of(code):
+                    msg = (
+                        f"{csv_path}:{i}: commune {code} is in département "
+                        f"{departement_of(code)} (its INSEE code says so), not {dep}"
+                    )
+                    raise DirectoryError(msg)
+                if dep not in out:
+                    out[dep] = Territory(dep, dep, "departement", FRANCE)
+                rows.append((code, row["commune_name"], row["epci_siren"], dep))
                 if row["epci_siren"] not in out:
-                    dep = row.get("departement") or departement_of(row["commune_insee"])
-                    if dep not in out:
-                        out[dep] = Territory(dep, dep, "departement", FRANCE)
+                    # filed under its first commune's département; it may span others
                     out[row["epci_siren"]] = Territory(
                         row["epci_siren"], row.get("epci_name", ""), "epci", dep
                     )
@@ -197,16 +207,15 @@ def _territories(raw: Mapping[str, Any], base: Path | None) -> dict[str, Territo
             code, name, epci = [*entry, None, None][:3]
         else:
             code, name, epci = entry.get("code"), entry.get("name", ""), entry.get("epci")
-        rows.append((str(code), str(name), str(epci) if epci else None))
-    for code, name, epci in rows:
-        dep = departement_of(code)
-        if dep not in out:
+        rows.append((str(code), str(name), str(epci) if epci else None, departement_of(str(code))))
+    for code, name, epci, dep in rows:
+        if out.get(dep) is None or out[dep].level != "departement":
             msg = f"territory: commune {code} ({name}) is in département {dep}, not declared"
             raise DirectoryError(msg)
         if epci is not None and epci not in out:
             msg = f"territory: commune {code} ({name}) names unknown EPCI {epci}"
             raise DirectoryError(msg)
-        out[code] = Territory(code, name, "commune", epci or dep)
+        out[code] = Territory(code, name, "commune", epci or dep, departement=dep)
     for code, value in (raw.get("qpvs") or {}).items():
         name, attrs = _named(value)
         commune = str(attrs.get("commune", ""))

@@ -20,7 +20,14 @@ import networkx as nx
 from partnerbus.directory.errors import DirectoryError
 from partnerbus.directory.kinds import LOCAL_KINDS
 from partnerbus.directory.needs import Need, need_chain
-from partnerbus.directory.territory import FRANCE, FRANCE_ALIASES, LEVEL_RANK, Territory
+from partnerbus.directory.territory import (
+    FRANCE,
+    FRANCE_ALIASES,
+    LEVEL_RANK,
+    Territory,
+    ancestors,
+    own_departement,
+)
 from partnerbus.schemas import Advisor, Agreement, Partner
 
 BAILLEUR_SOCIAL = "bailleur-social"
@@ -264,6 +271,8 @@ class Directory:
                 msg = f"partner {partner.id!r} is declared twice"
                 raise DirectoryError(msg)
             self._partners[partner.id] = partner
+        self._creditors = frozenset(p.id for p in self._partners.values() if p.is_creditor)
+        """Partners whose relation to the person is a debt (docs/DISCLOSURE.md)."""
         self.agreements: tuple[Agreement, ...] = tuple(agreements)
         self._build_indexes()
         self.graph: nx.DiGraph = build_graph(self)
@@ -302,13 +311,54 @@ class Directory:
                 chains[item] = tail
             return chains[code]
 
+        # A commune lies in its own département, whichever one its EPCI is filed under:
+        # past the commune (and its EPCI), a chain goes through the commune's département.
+        # The territories between the two (an EPCI of the Grand Paris for a commune of 93)
+        # then lie partly in that département too: `spans` keeps it.
+        placed_chains: dict[str, tuple[tuple[str, int], ...]] = {}
+        spans: defaultdict[str, set[str]] = defaultdict(set)
+        commune_rank = LEVEL_RANK["commune"]
+        departement_rank = LEVEL_RANK["departement"]
+
+        def placed(code: str) -> tuple[tuple[str, int], ...]:
+            found = placed_chains.get(code)
+            if found is not None:
+                return found
+            chain = found = chain_of(code)
+            i = next((i for i, (_, rank) in enumerate(chain) if rank == commune_rank), None)
+            if i is not None:
+                commune = territories[chain[i][0]]
+                dep = own_departement(territories, commune)
+                if dep is None and commune.departement is not None:
+                    msg = (
+                        f"territory: commune {commune.code} ({commune.name}) names "
+                        f"unknown département {commune.departement!r}"
+                    )
+                    raise DirectoryError(msg)
+                if dep is not None:
+                    j = next(
+                        (j for j in range(i + 1, len(chain)) if chain[j][1] >= departement_rank),
+                        len(chain),
+                    )
+                    if j == len(chain) or chain[j][0] != dep:
+                        found = (*chain[:j], *chain_of(dep))
+                        for between, _ in chain[i + 1 : j]:
+                            spans[between].add(tcanon[dep])
+            placed_chains[code] = found
+            return found
+
         self._chain: dict[str, tuple[tuple[str, int], ...]] = {}
         self._qpv_commune: dict[str, str] = {}
         for code, territory in territories.items():
             if territory.level == "commune":
-                self._chain[code] = chain_of(code)
+                self._chain[code] = placed(code)
             elif territory.level == "qpv" and territory.parent is not None:
                 self._qpv_commune[code] = territory.parent
+        self._spans: dict[str, tuple[str, ...]] = {
+            code: tuple(sorted(deps)) for code, deps in spans.items()
+        }
+        """Territory (an EPCI) → the départements it lies in besides the one it is filed
+        under: those of its communes."""
         self._where: dict[str, str] = {}
 
         # (territory code → need code → entries): a commune's chain then points straight
@@ -334,7 +384,7 @@ class Directory:
                     msg = f"partner {pid!r}: need {need!r} is not in the taxonomy"
                     raise DirectoryError(msg)
             coverages[pid] = coverage
-            if partner.kind == BAILLEUR_SOCIAL and partner.advisors:
+            if partner.kind == BAILLEUR_SOCIAL and partner.advisors and not partner.is_creditor:
                 for code in coverage:
                     agencies[code].append(pid)
         ordinals = {pid: i for i, pid in enumerate(ids)}
@@ -348,7 +398,7 @@ class Directory:
             coverage = coverages[pid]
             if not coverage:
                 return ()
-            return tuple(code for code, _ in reversed(chain_of(coverage[0])))
+            return tuple(code for code, _ in reversed(placed(coverage[0])))
 
         # level rank × 32 + need level × 4 + eligibility rank × 2 + agreement rank →
         # the start of a candidate's score
@@ -356,12 +406,17 @@ class Directory:
             (k >> 5, (k >> 2) & 7, (k >> 1) & 1, k & 1)
             for k in range((max(LEVEL_RANK.values()) + 1) * 32)
         )
-        ancestors: dict[str, frozenset[str]] = {}
+        ancestor_sets: dict[str, frozenset[str]] = {}
 
         def ancestors_of(code: str) -> frozenset[str]:
-            found = ancestors.get(code)
+            found = ancestor_sets.get(code)
             if found is None:
-                found = ancestors[code] = frozenset(c for c, _ in chain_of(code)[1:])
+                # an EPCI crossing département lines encloses each of its communes'
+                # départements: a partner covering it and one of them meets a match twice
+                above = [c for c, _ in placed(code)[1:]]
+                for dep in self._spans.get(code, ()):
+                    above.extend(c for c, _ in chain_of(dep))
+                found = ancestor_sets[code] = frozenset(above)
             return found
 
         by_pid: dict[str, Entry] = {}
@@ -524,6 +579,11 @@ class Directory:
         """The partner with that id; KeyError if unknown."""
         return self._partners[partner_id]
 
+    def is_creditor(self, partner_id: str) -> bool:
+        """Whether the partner is a creditor (`Partner.is_creditor`); one no longer in the
+        directory keeps only the roles its relation to the signal gives it."""
+        return partner_id in self._creditors
+
     def partners(self) -> list[Partner]:
         """Every partner, sorted by id."""
         return [self._partners[pid] for pid in sorted(self._partners)]
@@ -549,6 +609,20 @@ class Directory:
     def territory(self, code: str) -> Territory:
         """The territory with that code; KeyError if unknown."""
         return self.territories[FRANCE if code in FRANCE_ALIASES else code]
+
+    def departements_of(self, code: str) -> tuple[str, ...]:
+        """The départements a territory lies in: a commune's own (whichever its EPCI is
+        filed under); an EPCI's, the one it is filed under, then any other its communes
+        lie in; none above the département level. KeyError for an unknown code."""
+        territory = self.territory(code)
+        chain = self._chain.get(territory.code)
+        codes = (
+            [c for c, _ in chain]
+            if chain is not None
+            else [t.code for t in ancestors(self.territories, territory.code)]
+        )
+        own = [c for c in codes if self.territories[c].level == "departement"][:1]
+        return (*own, *self._spans.get(territory.code, ()))
 
     def organisation_name(self, org: str) -> str:
         return self.organisations.get(org, org)
@@ -701,6 +775,9 @@ def build_graph(directory: Directory) -> nx.DiGraph:
         nodes[tkey[t.code]] = {"type": "territory", "level": t.level, "label": t.name}
         if t.parent is not None:
             edges.append((tkey[t.code], tkey[t.parent], within))
+        for dep in directory._spans.get(t.code, ()):
+            # an EPCI crossing département lines lies partly within each of them
+            edges.append((tkey[t.code], tkey[dep], within))
     for n in directory.needs.values():
         nodes[nkey[n.code]] = {"type": "need", "label": n.label, "local": n.local}
         if n.parent is not None:

@@ -11,6 +11,11 @@ from rich.console import Console
 
 from partnerbus.contract.asyncapi import ASYNCAPI_FILE, asyncapi_is_current, write_asyncapi
 from partnerbus.contract.compat import compare, unbumped_breaks, version_of
+from partnerbus.contract.disclosure import (
+    DISCLOSURE_FILE,
+    disclosure_is_current,
+    write_disclosure,
+)
 from partnerbus.contract.schemas import SCHEMA_DIR, load_schemas, stale_schemas, write_schemas
 
 app = typer.Typer(
@@ -67,6 +72,27 @@ def compat(
         )
         raise typer.Exit(1)
     console.print(f"compatible with the release (version {version_of(old)} → {version_of(new)})")
+
+
+@app.command("disclosure")
+def disclosure(
+    path: Annotated[Path, typer.Option(help="The document holding the table.")] = DISCLOSURE_FILE,
+    check: Annotated[
+        bool,
+        typer.Option("--check", help="Write nothing; exit 1 when the table differs from the code."),
+    ] = False,
+) -> None:
+    """Render the disclosure table (message × field → roles) into docs/DISCLOSURE.md from
+    the code's `ROLE_DISCLOSURE` (or, with --check, say whether it is current)."""
+    if check:
+        if not disclosure_is_current(path):
+            err.print(
+                f"[red]stale:[/red] {path}: run `partnerbus contract disclosure` and commit it"
+            )
+            raise typer.Exit(1)
+        console.print(f"{path}: current")
+        return
+    console.print(f"wrote {write_disclosure(path)}")
 
 
 @app.command("asyncapi")

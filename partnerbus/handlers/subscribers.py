@@ -27,6 +27,7 @@ from pydantic import TypeAdapter
 
 from partnerbus import usecases
 from partnerbus.broker.topology import Topology
+from partnerbus.errors import Refused
 from partnerbus.handlers.batch import Batcher
 from partnerbus.handlers.delivery import Held, Intake, Publish, Verdict
 from partnerbus.handlers.outbox import Relay
@@ -142,6 +143,9 @@ _VALIDATED: ContextVar[Any] = ContextVar("partnerbus_validated")
 """The message the intake middleware validated, handed to FastStream's decoder so that the
 handler's typed argument is that object (the body is parsed and validated once)."""
 
+_SENDER: ContextVar[str | None] = ContextVar("partnerbus_sender", default=None)
+"""The AMQP user that sent the delivery being handled, as the intake vouches for it."""
+
 
 async def validated_body(message: StreamMessage[Any]) -> Any:
     """The subscribers' decoder: what `IntakeMiddleware` validated for this delivery."""
@@ -175,9 +179,11 @@ class IntakeMiddleware(BaseMiddleware):
 
         async def handler(message: Any) -> bool:
             token = _VALIDATED.set(message)
+            sender = _SENDER.set(door.intake.vouched_sender(msg.raw_message))
             try:
                 return bool(await call_next(msg))
             finally:
+                _SENDER.reset(sender)
                 _VALIDATED.reset(token)
 
         raw = msg.raw_message
@@ -218,7 +224,10 @@ def build_router(w: Wiring) -> RabbitRouter:
     routine = recorder(t.signal_queue, receive)
     urgent = recorder(t.urgent_signal_queue, receive)
     statuses = recorder(t.status_queue, _status_use_case)
-    consents = recorder(t.consent_queue, _consent_use_case)
+    answering = ConsentRecorder(w.ledger, w.batcher(t.consent_queue), t.consent_queue.name)
+
+    def consents(message: Any) -> Awaitable[bool]:
+        return answering.record(message, _SENDER.get())
 
     @door(t.signal_queue, SIGNAL, _signal_sender).subscriber(t.signal_queue, t.signals, **options)
     async def on_signal(signal: Signal) -> bool:
@@ -262,6 +271,51 @@ def _signal_sender(signal: Signal) -> str:
 
 def _consent_sender(consent: ConsentGranted | ConsentRefused | ConsentRevoked) -> str:
     return consent.agency
+
+
+@dataclass(frozen=True)
+class ConsentRecorder:
+    """The consents' recorder: an event the use case refuses is answered to its agency
+    when the agency itself sent it (its own AMQP user, directly or through the gateway), in
+    the batch's transaction, the event's own changes rolled back alone (a savepoint); the
+    refusal is raised once that has committed, so that the intake dead-letters it as
+    before. An event a trusted sender (the bus's CLI) sent in an agency's name is not
+    answered to that agency: nothing goes to a partner on the strength of a claim the
+    partner did not make itself."""
+
+    ledger: Ledger
+    batcher: Batcher
+    queue: str
+
+    async def record(self, message: Any, sender: str | None) -> bool:
+        """Record `message` (a consent event) sent by the AMQP user `sender`, as the intake
+        vouches for it; raises the use case's refusal after the answer is committed."""
+        ledger, queue = self.ledger, self.queue
+        answer = _sent_by_agency(ledger, message, sender)
+        refused: list[Refused] = []
+
+        def work(tx: LedgerTx) -> bool:
+            refused.clear()  # the batch may run again (a conflict)
+            try:
+                with tx.savepoint():
+                    return _consent_use_case(ledger, tx, message, queue)
+            except Refused as refusal:
+                if not answer:
+                    raise
+                refused.append(refusal)
+                return usecases.answer_refusal(ledger, tx, message, str(refusal))
+
+        done = await self.batcher.record(work)
+        if refused:
+            raise refused[0]
+        return done
+
+
+def _sent_by_agency(ledger: Ledger, consent: Any, sender: str | None) -> bool:
+    """Whether the AMQP user that sent this consent event is its agency's own."""
+    if sender is None or consent.agency not in ledger.directory:
+        return False
+    return sender == ledger.directory.partner(consent.agency).username
 
 
 def _checked(use_case: Callable[..., bool]) -> Callable[..., bool]:

@@ -141,6 +141,8 @@ referrals = Table(
     Column("stalled_reminded_at", UTCDateTime),
     Column("stalled_reported_at", UTCDateTime),
     UniqueConstraint("signal_id", "need", "attempt", name="uq_referral_attempt"),
+    # the places a partner's open referrals take, counted on each routing (capacity)
+    Index("ix_referrals_partner_status", "partner_id", "status"),
 )
 
 referral_history = Table(

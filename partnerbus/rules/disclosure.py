@@ -1,6 +1,9 @@
-"""Minimisation and pseudonyms: each partner learns only what its kind needs.
+"""Minimisation and pseudonyms: each recipient learns only what its role and kind need.
 
-`DISCLOSURE` is the one place deciding which parts of a signal a referral carries for a
+`ROLE_DISCLOSURE` is the one place deciding which fields of each message the bus sends a
+recipient may see, by its role towards the signal (source, advisor, partner, creditor;
+docs/DISCLOSURE.md is rendered from it); `disclose` applies it to every message written to
+the outbox. `DISCLOSURE` then decides which parts of a signal a referral carries for a
 partner kind; each entry says why. The person travels under a pseudonym proper to each
 partner, so two partners cannot join their files on it; referral ids derive from their
 signal, need and attempt, so a redelivered signal makes the same referral, not a second one.
@@ -8,14 +11,19 @@ signal, need and attempt, so a redelivered signal makes the same referral, not a
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import uuid
-from collections.abc import Mapping
+from collections.abc import Collection, Iterable, Mapping
+from dataclasses import dataclass
 from types import MappingProxyType
+from typing import Generic, Literal, TypeVar, get_args
+
+from pydantic import BaseModel
 
 from partnerbus.errors import ConfigError
-from partnerbus.schemas import Contact, Facts, Profile
+from partnerbus.schemas import Contact, Facts, Message, Profile
 
 PARTS: frozenset[str] = frozenset(
     {
@@ -111,6 +119,306 @@ def minimise(
     }
     shown_facts = Facts(**kept) if kept else None
     return shown_profile, shown_facts, shown_contact
+
+
+# ---- disclosure by recipient role -------------------------------------------------------
+
+Role = Literal["source", "advisor", "partner", "creditor"]
+"""What a recipient is to the signal a message is about:
+
+- `source`: the partner that sent the signal (it may be a creditor);
+- `advisor`: the landlord's agency that follows the person and holds her consent;
+- `partner`: the organisation a referral is addressed to;
+- `creditor`: a recipient whose relation to the person is a debt (the landlord's recovery
+  service: `Partner.is_creditor`). It is a restriction, not a relation: it applies on top
+  of the others, so a creditor that is the signal's source sees only what both `source`
+  and `creditor` may see.
+"""
+ROLES: tuple[Role, ...] = get_args(Role)
+
+_S: Role = "source"
+_A: Role = "advisor"
+_P: Role = "partner"
+_C: Role = "creditor"
+ENVELOPE = ("type", "message_id", "occurred_at", "schema_version")
+"""Fields every message has: they go to whoever receives the message."""
+
+
+def _fields(receivers: Iterable[Role], **fields: Iterable[Role]) -> Mapping[str, frozenset[Role]]:
+    everyone = frozenset(receivers)
+    table = dict.fromkeys(ENVELOPE, everyone)
+    table.update({name: frozenset(roles) for name, roles in fields.items()})
+    return MappingProxyType(table)
+
+
+_LOOP = (_S, _A, _C)
+"""The closed loop: the source and the advisor hear where each need stands, a creditor
+source included (it learns the status, not why)."""
+_TO_PARTNER = (_P, _C)
+"""About a referral, to the partner it is addressed to (a creditor may be one)."""
+
+ROLE_DISCLOSURE: Mapping[str, Mapping[str, frozenset[Role]]] = MappingProxyType(
+    {
+        "referral": _fields(
+            _TO_PARTNER,
+            referral_id=_TO_PARTNER,
+            signal_ref=_TO_PARTNER,
+            attempt=_TO_PARTNER,
+            partner=_TO_PARTNER,
+            need=_TO_PARTNER,
+            person=_TO_PARTNER,
+            commune=_TO_PARTNER,
+            urgency=_TO_PARTNER,
+            due_by=_TO_PARTNER,
+            agency=_TO_PARTNER,
+            why=_TO_PARTNER,
+            # Who follows the person and what the source knows of her: to the partner
+            # that helps her (its kind's share only: `DISCLOSURE`), never to a creditor.
+            advisor=(_P,),
+            profile=(_P,),
+            facts=(_P,),
+            contact=(_P,),
+        ),
+        "referral-withdrawn": _fields(
+            _TO_PARTNER, referral_id=_TO_PARTNER, partner=_TO_PARTNER, reason=_TO_PARTNER
+        ),
+        "referral-reminder": _fields(
+            _TO_PARTNER,
+            referral_id=_TO_PARTNER,
+            partner=_TO_PARTNER,
+            due_by=_TO_PARTNER,
+            reason=_TO_PARTNER,
+            last_news_at=_TO_PARTNER,
+        ),
+        "referral-stalled": _fields(
+            (_A,),
+            referral_id=(_A,),
+            partner=(_A,),
+            status=(_A,),
+            signal_id=(_A,),
+            need=(_A,),
+            last_news_at=(_A,),
+            reminded_at=(_A,),
+        ),
+        "referral-status-changed": _fields(
+            _LOOP,
+            referral_id=_LOOP,
+            partner=_LOOP,
+            status=_LOOP,
+            signal_id=_LOOP,
+            need=_LOOP,
+            # Why the partner declined (unreachable, not interested, not eligible…) is
+            # about the person: the source may hear it, a creditor never.
+            reason=(_S, _A),
+            # What the partner wrote (a completion's outcome, a note): the advisor only.
+            outcome=(_A,),
+            note=(_A,),
+        ),
+        "signal-closed": _fields(
+            _LOOP,
+            signal_id=_LOOP,
+            need=_LOOP,
+            outcome=_LOOP,
+            # The detail names a partner's refusal and its reason: not to a creditor.
+            detail=(_S, _A),
+        ),
+        # The person's reference, the consent's scope and life: to the advisor who holds it.
+        "consent-requested": _fields(
+            (_A,),
+            signal_id=(_A,),
+            source=(_A,),
+            person_ref=(_A,),
+            commune=(_A,),
+            needs=(_A,),
+            agency=(_A,),
+            advisor=(_A,),
+            reason=(_A,),
+            suggested_partners=(_A,),
+            reminder=(_A,),
+            closes_at=(_A,),
+        ),
+        "no-partner-found": _fields(
+            (_A,),
+            signal_id=(_A,),
+            need=(_A,),
+            commune=(_A,),
+            person_ref=(_A,),
+            agency=(_A,),
+            tried=(_A,),
+            reason=(_A,),
+        ),
+        "consent-expiring": _fields(
+            (_A,),
+            consent_id=(_A,),
+            person_ref=(_A,),
+            agency=(_A,),
+            valid_until=(_A,),
+        ),
+        "consent-recorded": _fields(
+            (_A,),
+            event_id=(_A,),
+            event=(_A,),
+            consent_id=(_A,),
+            signal_id=(_A,),
+            person_ref=(_A,),
+            agency=(_A,),
+            status=(_A,),
+            detail=(_A,),
+        ),
+        "consent-rejected": _fields(
+            (_A,),
+            event_id=(_A,),
+            event=(_A,),
+            consent_id=(_A,),
+            signal_id=(_A,),
+            person_ref=(_A,),
+            agency=(_A,),
+            status=(_A,),
+            reason=(_A,),
+        ),
+    }
+)
+"""Message type -> field -> the roles that may see it. The single source of truth of
+docs/DISCLOSURE.md (`partnerbus contract disclosure` renders it)."""
+
+
+class DisclosureError(ValueError):
+    """The bus was about to send a message to a recipient whose roles do not receive it
+    (a bug or a directory mistake, e.g. a creditor named as the advisor's agency)."""
+
+
+def may_see(roles: Collection[Role], allowed: Collection[Role]) -> bool:
+    """Whether a recipient with these roles may see what `allowed` roles may: one of its
+    relations must be allowed, and a creditor only what creditors may see."""
+    if _C in roles and _C not in allowed:
+        return False
+    return any(role in allowed for role in roles if role != _C)
+
+
+def receives(message_type: str, roles: Collection[Role]) -> bool:
+    """Whether a recipient with these roles receives this type of message at all."""
+    table = ROLE_DISCLOSURE.get(message_type)
+    return table is not None and may_see(roles, table["message_id"])
+
+
+def recipient_roles(
+    message: Message,
+    recipient: str,
+    *,
+    source: str | None = None,
+    agency: str | None = None,
+    creditor: bool = False,
+) -> frozenset[Role]:
+    """What `recipient` is to the signal `message` is about: `source` and `agency` are the
+    signal's (a message about a consent names its agency itself)."""
+    kind = getattr(message, "type", "")
+    roles: set[Role] = set()
+    if kind in ("referral", "referral-withdrawn", "referral-reminder") and recipient == getattr(
+        message, "partner", None
+    ):
+        roles.add(_P)
+    if kind in (
+        "consent-requested",
+        "no-partner-found",
+        "consent-expiring",
+        "consent-recorded",
+        "consent-rejected",
+    ):
+        agency = getattr(message, "agency", None)
+    if source is not None and recipient == source:
+        roles.add(_S)
+    if agency is not None and recipient == agency:
+        roles.add(_A)
+    if creditor:
+        roles.add(_C)
+    return frozenset(roles)
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+@dataclass(frozen=True)
+class Disclosed(Generic[M]):
+    """A message as one recipient may see it: what the outbox accepts. Made by `disclose`
+    only (the outbox takes nothing else, so no message leaves without the table)."""
+
+    message: M
+    roles: frozenset[Role]
+    _token: object
+
+    def __post_init__(self) -> None:
+        if self._token is not _MINT:
+            msg = "a Disclosed message is made by disclose() or internal(), nowhere else"
+            raise TypeError(msg)
+
+
+_MINT = object()
+
+
+def disclose(message: M, roles: Collection[Role]) -> Disclosed[M]:
+    """`message` with every field these roles may not see set back to its default (None,
+    or empty); `DisclosureError` if they do not receive this type of message at all."""
+    kind = str(getattr(message, "type", type(message).__name__))
+    table = ROLE_DISCLOSURE.get(kind)
+    role_set = frozenset(roles)
+    if table is None or not may_see(role_set, table["message_id"]):
+        who = ", ".join(sorted(role_set)) or "no role"
+        msg = f"a {kind} message is not for a recipient that is {who} (docs/DISCLOSURE.md)"
+        raise DisclosureError(msg)
+    hidden = {
+        name: default
+        for name, default in _hidden(kind, type(message), role_set)
+        if getattr(message, name) != default
+    }
+    if hidden:
+        # validated again: what leaves is still a message of the contract
+        fields = type(message).model_fields
+        message = type(message).model_validate(
+            {**{name: getattr(message, name) for name in fields}, **hidden}
+        )
+    return Disclosed(message, role_set, _MINT)
+
+
+@functools.cache
+def _hidden(
+    kind: str, model: type[BaseModel], roles: frozenset[Role]
+) -> tuple[tuple[str, object], ...]:
+    """The fields of `model` these roles may not see, with their defaults (a field the
+    table does not name is seen by nobody)."""
+    table = ROLE_DISCLOSURE[kind]
+    return tuple(
+        (name, field.get_default(call_default_factory=True))
+        for name, field in model.model_fields.items()
+        if not may_see(roles, table.get(name, frozenset()))
+    )
+
+
+def internal(message: M) -> Disclosed[M]:
+    """A message for the bus's own workers (a capacity broadcast), never for a partner:
+    the outbox refuses to send it to a partner's queue."""
+    return Disclosed(message, frozenset(), _MINT)
+
+
+def visible_fields(message_type: str, roles: Collection[Role]) -> frozenset[str]:
+    """The fields of this type of message a recipient with these roles may see."""
+    table = ROLE_DISCLOSURE[message_type]
+    return frozenset(name for name, allowed in table.items() if may_see(roles, allowed))
+
+
+def render_disclosure_table() -> str:
+    """docs/DISCLOSURE.md's table, from `ROLE_DISCLOSURE`: message × field → roles."""
+    lines = [
+        "| message | field | " + " | ".join(ROLES) + " |",
+        "|---|---|" + "---|" * len(ROLES),
+    ]
+    for kind, table in ROLE_DISCLOSURE.items():
+        for name, allowed in table.items():
+            if name in ENVELOPE and name != "message_id":
+                continue
+            label = "*(receives it)*" if name == "message_id" else f"`{name}`"
+            cells = " | ".join("yes" if role in allowed else "—" for role in ROLES)
+            lines.append(f"| `{kind}` | {label} | {cells} |")
+    return "\n".join(lines) + "\n"
 
 
 MIN_KEY_LENGTH = 32

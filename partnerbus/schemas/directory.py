@@ -53,10 +53,35 @@ class Partner(Record):
     """The RabbitMQ user this partner authenticates as; default `pb-<id>`."""
     external_id: Annotated[str, Field(max_length=200)] | None = None
     """The record's id where it came from (data·inclusion `id` of the service), if imported."""
+    creditor: bool | None = None
+    """Its relation to the person is a debt (the landlord's recovery service): it receives
+    only what docs/DISCLOSURE.md gives the `creditor` role, whatever else it is. None: the
+    default, `creditor_by_default` (a `bailleur-social` partner named for recovery)."""
+
+    @property
+    def is_creditor(self) -> bool:
+        """Whether the `creditor` role applies to it (docs/DISCLOSURE.md)."""
+        return creditor_by_default(self) if self.creditor is None else self.creditor
 
     @property
     def username(self) -> str:
         return self.amqp_user or f"pb-{self.id}"
+
+
+CREDITOR_WORDS = ("recouvrement", "recovery", "contentieux", "precontentieux")
+"""Words that name a landlord's debt-collection service, in a partner's id or name."""
+
+
+def creditor_by_default(partner: Partner) -> bool:
+    """A partner the directory does not say is or is not a creditor: one of kind
+    `bailleur-social` whose id or name names debt collection (`lmh-recouvrement`,
+    "service contentieux"). Nothing in the data·inclusion kinds marks a creditor, and a
+    landlord's agencies and proximity teams share its kind: set `creditor` in the directory
+    for any other case."""
+    if partner.kind != "bailleur-social":
+        return False
+    text = f"{partner.id} {partner.name}".lower().replace("é", "e")
+    return any(word in text for word in CREDITOR_WORDS)
 
 
 class Agreement(Record):

@@ -3,8 +3,9 @@
 Inbound (partners → bus): Signal, ReferralStatusChanged, CapacityChanged,
 ConsentGranted, ConsentRevoked, ConsentRefused.
 Outbound (bus → a partner's queue): Referral, ReferralWithdrawn, ReferralReminder,
-ReferralStalled, ConsentRequested, NoPartnerFound, SignalClosed, and ReferralStatusChanged
-forwarded to the signal's source and the advisor (the closed loop).
+ReferralStalled, ConsentRequested, ConsentExpiring, NoPartnerFound, SignalClosed,
+ReferralStatusChanged forwarded to the signal's source and the advisor (the closed loop),
+and the answers to an agency's consent events: ConsentRecorded, ConsentRejected.
 Each body carries its `type`, so a partner's consumer can tell them apart without headers.
 """
 
@@ -173,6 +174,49 @@ class ConsentRefused(Message):
     agency: PartnerId
 
 
+ConsentEvent = Literal["consent-granted", "consent-revoked", "consent-refused"]
+"""The consent events an agency sends, as the bus's answers name them."""
+
+
+class ConsentRecorded(Message):
+    """To the agency: the bus recorded its consent event. One per event (`event_id` is the
+    event's `message_id`; a redelivered event is not answered again), sent once the record
+    is committed."""
+
+    type: Literal["consent-recorded"] = "consent-recorded"
+    event_id: MessageId
+    """The `message_id` of the agency's event this answers."""
+    event: ConsentEvent
+    consent_id: MessageId | None = None
+    """The consent granted or revoked (none for a refusal, which names its signal)."""
+    signal_id: MessageId | None = None
+    """The signal whose parked needs the person refused (consent-refused only)."""
+    person_ref: PseudonymousRef
+    agency: PartnerId
+    status: Literal["recorded"] = "recorded"
+    detail: str | None = None
+    """What the record did: parked needs released, referrals withdrawn, needs closed."""
+
+
+class ConsentRejected(Message):
+    """To the agency: the bus read its consent event, authenticated it as the agency's,
+    and refused it; nothing was recorded. The event is also in the consents queue's dead
+    letters, with the same reason. Sent only to the agency authenticated as the sender:
+    a message the bus cannot read, or whose sender does not match, is only dead-lettered."""
+
+    type: Literal["consent-rejected"] = "consent-rejected"
+    event_id: MessageId
+    """The `message_id` of the agency's event this answers."""
+    event: ConsentEvent
+    consent_id: MessageId | None = None
+    signal_id: MessageId | None = None
+    person_ref: PseudonymousRef | None = None
+    agency: PartnerId
+    status: Literal["rejected"] = "rejected"
+    reason: str
+    """Why, as the dead letter's `partnerbus-error` header says it."""
+
+
 class ConsentRequested(Message):
     """To the advisor: ask the person before anyone contacts them."""
 
@@ -223,14 +267,25 @@ class Referral(Message):
 class ReferralStatusChanged(Message):
     """A referral's status moved. Partners send it; the bus forwards it to the source and
     the advisor with `signal_id` and `need` filled in. A partner's completion carries its
-    outcome; the copy forwarded to the signal's source leaves out what the partner wrote
-    (`outcome`, `note`: the advisor's copy keeps them)."""
+    outcome, its rejection a reason; each forwarded copy holds what its recipient's roles
+    may see (docs/DISCLOSURE.md): the advisor's all of it, the source's no `outcome` or
+    `note`, a creditor's no `reason` either."""
 
     model_config = ConfigDict(
         json_schema_extra={
             "allOf": [
                 {
-                    "if": {"properties": {"status": {"const": "rejected"}}, "required": ["status"]},
+                    "description": (
+                        "A partner's rejection carries its reason. The bus's copy to a "
+                        "creditor (signal_id set) leaves it out (docs/DISCLOSURE.md)."
+                    ),
+                    "if": {
+                        "properties": {
+                            "status": {"const": "rejected"},
+                            "signal_id": {"type": "null"},
+                        },
+                        "required": ["status"],
+                    },
                     "then": {"required": ["reason"], "properties": {"reason": {"type": "string"}}},
                 },
                 {
@@ -266,7 +321,7 @@ class ReferralStatusChanged(Message):
 
     @model_validator(mode="after")
     def _reason_on_reject(self) -> ReferralStatusChanged:
-        if self.status == "rejected" and self.reason is None:
+        if self.status == "rejected" and self.reason is None and self.signal_id is None:
             msg = (
                 "a rejection carries a reason: unreachable, not-eligible, not-interested, "
                 "full, duplicate or other"
@@ -371,6 +426,8 @@ OutboundMessage = Annotated[
     | ReferralStatusChanged
     | ConsentRequested
     | ConsentExpiring
+    | ConsentRecorded
+    | ConsentRejected
     | NoPartnerFound
     | SignalClosed,
     Field(discriminator="type"),

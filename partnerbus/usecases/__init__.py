@@ -17,6 +17,7 @@ from partnerbus.errors import Refused
 from partnerbus.usecases.consents import (
     CLOCK_SKEW,
     MAX_CONSENT,
+    answer_refusal,
     check_consent,
     grant_consent,
     refuse_consent,
@@ -36,6 +37,8 @@ from partnerbus.usecases.delivery import (
 from partnerbus.usecases.routing import (
     AwaitConsent,
     NoPartner,
+    Room,
+    RoomCheck,
     RoutingDecision,
     SendReferral,
     decide_routing,
@@ -57,8 +60,11 @@ __all__ = [
     "Ledger",
     "NoPartner",
     "Refused",
+    "Room",
+    "RoomCheck",
     "RoutingDecision",
     "SendReferral",
+    "answer_refusal",
     "apply_retention",
     "check_consent",
     "check_signal",

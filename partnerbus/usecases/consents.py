@@ -1,5 +1,8 @@
 """Consents the agencies' advisors record: granted (parked needs are released),
-refused (parked needs close), revoked (open referrals are withdrawn)."""
+refused (parked needs close), revoked (open referrals are withdrawn). Each event recorded
+is answered on the agency's queue (`ConsentRecorded`, in the same transaction, so a
+redelivery that dedupe skips is not answered twice); one refused after the agency was
+authenticated is answered too (`ConsentRejected`, `answer_refusal`)."""
 
 from __future__ import annotations
 
@@ -10,8 +13,16 @@ from partnerbus.directory.rights import advisor_ids, is_pivot
 from partnerbus.errors import Refused
 from partnerbus.ledger.store import LedgerTx
 from partnerbus.rules import DURATIONS, OPEN, ConsentRecord
-from partnerbus.schemas import ConsentGranted, ConsentRefused, ConsentRevoked, Partner, SignalClosed
-from partnerbus.usecases.context import Ledger, _derived_id, intake
+from partnerbus.schemas import (
+    ConsentGranted,
+    ConsentRecorded,
+    ConsentRefused,
+    ConsentRejected,
+    ConsentRevoked,
+    Partner,
+    SignalClosed,
+)
+from partnerbus.usecases.context import BUS, Ledger, _derived_id, intake, send, use_case
 from partnerbus.usecases.lifecycle import _withdraw
 from partnerbus.usecases.loop import _tell_source
 from partnerbus.usecases.routing import _route, _tried
@@ -114,7 +125,15 @@ def grant_consent(ledger: Ledger, tx: LedgerTx, event: ConsentGranted) -> None:
         partner_id=event.agency,
         why=f"{event.method}; {', '.join(event.scope.needs)}; until {event.valid_until:%Y-%m-%d}",
     )
-    release_parked(ledger, tx, event.person_ref)
+    released = release_parked(ledger, tx, event.person_ref)
+    _acknowledge(
+        ledger,
+        tx,
+        event,
+        consent_id=event.consent_id,
+        person_ref=event.person_ref,
+        detail=f"{released} waiting need(s) of the person routed",
+    )
 
 
 def release_parked(ledger: Ledger, tx: LedgerTx, person_ref: str) -> int:
@@ -140,9 +159,10 @@ def refuse_consent(ledger: Ledger, tx: LedgerTx, event: ConsentRefused) -> None:
         raise Refused(f"no signal {event.signal_id} about the person named in the refusal")
     agency = _pivot(ledger, event.agency, "a refusal")
     if row.agency != event.agency:
+        # Not naming the agency that does follow it: this reason is answered to the sender.
         raise Refused(
-            f"signal {event.signal_id} is followed by {row.agency or 'no agency'}, "
-            f"not {event.agency!r}: only its own agency records the person's refusal"
+            f"signal {event.signal_id} is not followed by {event.agency!r}: only its own "
+            f"agency records the person's refusal"
         )
     _own_advisor(agency, event.collected_by, "collected_by")
     tx.signals.lock_person(event.person_ref)  # a grant releasing these needs meanwhile is seen
@@ -151,9 +171,11 @@ def refuse_consent(ledger: Ledger, tx: LedgerTx, event: ConsentRefused) -> None:
     tx.journal.record(
         None, event.person_ref, "refused", event.collected_by, now, event.model_dump_json()
     )
+    closed = 0
     for need in needs:
         if states.get(need) != "parked":
             continue
+        closed += 1
         tx.signals.set_need_state(
             event.signal_id, need, "refused", f"refused, told to {event.collected_by}", now
         )
@@ -178,6 +200,14 @@ def refuse_consent(ledger: Ledger, tx: LedgerTx, event: ConsentRefused) -> None:
         person_ref=event.person_ref,
         partner_id=event.agency,
         why=", ".join(needs),
+    )
+    _acknowledge(
+        ledger,
+        tx,
+        event,
+        signal_id=event.signal_id,
+        person_ref=event.person_ref,
+        detail=f"{closed} waiting need(s) of the signal closed",
     )
 
 
@@ -215,5 +245,98 @@ def revoke_consent(ledger: Ledger, tx: LedgerTx, event: ConsentRevoked) -> None:
         partner_id=event.agency,
         why=event.reason,
     )
+    withdrawn = 0
     for referral in tx.referrals.under_consent(event.consent_id, OPEN):
         _withdraw(ledger, tx, referral, "consent-revoked", event.revoked_by)
+        withdrawn += 1
+    _acknowledge(
+        ledger,
+        tx,
+        event,
+        consent_id=event.consent_id,
+        person_ref=consent.person_ref,
+        detail=f"{withdrawn} open referral(s) withdrawn",
+    )
+
+
+ConsentEventMessage = ConsentGranted | ConsentRevoked | ConsentRefused
+
+
+def _acknowledge(
+    ledger: Ledger,
+    tx: LedgerTx,
+    event: ConsentEventMessage,
+    *,
+    person_ref: str,
+    detail: str,
+    consent_id: str | None = None,
+    signal_id: str | None = None,
+) -> None:
+    """The agency hears that its event is recorded, through the outbox (it leaves only if
+    the record commits). Its id derives from the event's: one answer per event."""
+    now = ledger.clock()
+    send(
+        ledger,
+        tx,
+        ConsentRecorded(
+            message_id=_derived_id("consent-recorded", event.message_id),
+            occurred_at=now,
+            event_id=event.message_id,
+            event=event.type,
+            consent_id=consent_id,
+            signal_id=signal_id,
+            person_ref=person_ref,
+            agency=event.agency,
+            detail=detail,
+        ),
+        event.agency,
+    )
+
+
+ANSWERED = "consent-answers"
+"""The dedupe key (`processed_messages.queue`) of a refused event already answered: its own,
+so that the event itself stays unmarked (a corrected event under the same id is recorded)."""
+
+
+@use_case
+def answer_refusal(ledger: Ledger, tx: LedgerTx, event: ConsentEventMessage, reason: str) -> bool:
+    """A consent event the use case refused (its own changes rolled back), from a sender
+    the intake authenticated as `event.agency`: the agency hears why, once per event (a
+    redelivered or replayed refusal is not answered again). False when nothing is sent:
+    answered already, or the agency is not in the directory (it has no queue; the dead
+    letter alone keeps the refusal). Call it only for an authenticated sender: the answer
+    goes to the queue the event names."""
+    if event.agency not in ledger.directory:
+        return False
+    now = ledger.clock()
+    if not tx.processed.first_time(event.message_id, ANSWERED, now):
+        return False
+    consent_id = event.consent_id if not isinstance(event, ConsentRefused) else None
+    signal_id = event.signal_id if isinstance(event, ConsentRefused) else None
+    person_ref = event.person_ref if not isinstance(event, ConsentRevoked) else None
+    send(
+        ledger,
+        tx,
+        ConsentRejected(
+            message_id=_derived_id("consent-rejected", event.message_id),
+            occurred_at=now,
+            event_id=event.message_id,
+            event=event.type,
+            consent_id=consent_id,
+            signal_id=signal_id,
+            person_ref=person_ref,
+            agency=event.agency,
+            reason=reason[:2000],
+        ),
+        event.agency,
+    )
+    tx.audit.record(
+        BUS,
+        "consent-event-rejected",
+        consent_id or signal_id or event.message_id,
+        now,
+        person_ref=person_ref,
+        partner_id=event.agency,
+        why=f"{event.type} {event.message_id} refused; the agency is told why",
+    )
+    return True

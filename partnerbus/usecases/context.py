@@ -28,7 +28,10 @@ from partnerbus.rules import (
     DeadlinePolicy,
     FollowUpPolicy,
     check_pseudonym_key,
+    disclose,
+    recipient_roles,
 )
+from partnerbus.schemas import Message
 
 Clock = Callable[[], datetime]
 BUS = "partnerbus"
@@ -119,3 +122,27 @@ def _derived_id(*parts: str) -> str:
     """A deterministic message id for what the bus emits: a relayed row sent twice, or a
     use case run again after a rollback, keeps one id that partners can deduplicate on."""
     return str(uuid.uuid5(uuid.NAMESPACE_URL, "partnerbus:" + "|".join(parts)))
+
+
+def send(
+    ledger: Ledger,
+    tx: LedgerTx,
+    message: Message,
+    recipient: str,
+    *,
+    source: str | None = None,
+    agency: str | None = None,
+    referral_id: str | None = None,
+) -> None:
+    """Write `message` to the outbox for `recipient`, cut to what its roles may see
+    (docs/DISCLOSURE.md): its relation to the signal (`source` and `agency` are the
+    signal's) and whether the directory says it is a creditor. Every message the bus sends
+    a partner goes through here (the outbox takes only `Disclosed` messages)."""
+    roles = recipient_roles(
+        message,
+        recipient,
+        source=source,
+        agency=agency,
+        creditor=ledger.directory.is_creditor(recipient),
+    )
+    tx.outbox.enqueue(disclose(message, roles), recipient, ledger.clock(), referral_id=referral_id)

@@ -8,7 +8,21 @@ from pydantic import TypeAdapter, ValidationError
 
 from partnerbus.ledger.store import LedgerTx
 from partnerbus.rules import AWAITING_ANSWER, evaluate_consent, minimise
-from partnerbus.schemas import Referral, ReferralReminder, ReferralWithdrawn, Signal
+from partnerbus.rules.disclosure import (
+    Role,
+    disclose,
+    receives,
+    recipient_roles,
+    visible_fields,
+)
+from partnerbus.schemas import (
+    Referral,
+    ReferralReminder,
+    ReferralStatusChanged,
+    ReferralWithdrawn,
+    Signal,
+    SignalClosed,
+)
 from partnerbus.schemas.messages import OutboundMessage
 from partnerbus.usecases.context import BUS, Ledger, use_case
 from partnerbus.usecases.lifecycle import _apply, _withdraw
@@ -151,18 +165,29 @@ def mark_delivered(ledger: Ledger, tx: LedgerTx, referral_id: str) -> None:
         person_ref=row.person_ref,
         partner_id=referral.partner_id,
         why=f"{referral.need}; consent {referral.consent_id}; "
-        f"shared: {_shared(referral.partner_kind, row.signal())}"
+        f"shared: {_shared(ledger, referral.partner_id, referral.partner_kind, row.signal())}"
         + ("" if first else f"; sent again while {referral.status}"),
     )
 
 
-def _shared(kind: str, signal: Signal) -> str:
-    """What of the person a partner of this kind receives, for the audit."""
+def _shared(ledger: Ledger, partner_id: str, kind: str, signal: Signal) -> str:
+    """What of the person this partner receives, for the audit: its kind's share, and
+    nothing if it is a creditor (docs/DISCLOSURE.md)."""
     profile, facts, contact = minimise(kind, signal.profile, signal.facts, signal.contact)
     parts = (("profile", profile), ("facts", facts), ("contact", contact))
-    return ", ".join(name for name, part in parts if part) or "ids only"
+    roles = recipient_roles_of_partner(ledger.directory.is_creditor(partner_id))
+    shown = visible_fields("referral", roles)
+    return ", ".join(name for name, part in parts if part and name in shown) or "ids only"
 
 
+def recipient_roles_of_partner(creditor: bool) -> frozenset[Role]:
+    """The roles of a referral's partner: `partner`, and `creditor` if it is one."""
+    return frozenset(("partner", "creditor") if creditor else ("partner",))
+
+
+_LOOP = (ReferralStatusChanged, SignalClosed)
+"""Messages of the closed loop: their recipient's roles depend on the signal's source and
+agency."""
 OUTBOUND: TypeAdapter[OutboundMessage] = TypeAdapter(OutboundMessage)
 
 
@@ -209,7 +234,18 @@ def replay_to_partner(ledger: Ledger, tx: LedgerTx, partner_id: str, body: bytes
             )
             if not decision.allowed:
                 return f"referral {rid}: consent {decision.consent_id} is {decision.reason} now"
-    tx.outbox.enqueue_again(message, partner_id, now, referral_id=rid)
+    loop_signal = message.signal_id if isinstance(message, _LOOP) else None
+    row = tx.signals.get(loop_signal) if loop_signal else None
+    roles = recipient_roles(
+        message,
+        partner_id,
+        source=row.source if row else None,
+        agency=row.agency if row else None,
+        creditor=ledger.directory.is_creditor(partner_id),
+    )
+    if not receives(message.type, roles):
+        return f"a {message.type} message is not for {partner_id} (docs/DISCLOSURE.md)"
+    tx.outbox.enqueue_again(disclose(message, roles), partner_id, now, referral_id=rid)
     return None
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from partnerbus.ledger.store import Conflict, LedgerTx, ReferralRow
 from partnerbus.rules import OPEN, transition
 from partnerbus.schemas import ReferralWithdrawn
-from partnerbus.usecases.context import Ledger, _derived_id
+from partnerbus.usecases.context import Ledger, _derived_id, send
 from partnerbus.usecases.loop import _notify_status
 
 
@@ -86,7 +86,9 @@ def _withdraw(
         return False
     left = _may_have_left(tx, referral) if may_have_left is None else may_have_left
     if left is not False:
-        tx.outbox.enqueue(
+        send(
+            ledger,
+            tx,
             ReferralWithdrawn(
                 message_id=_derived_id("withdrawn", referral.referral_id),
                 occurred_at=now,
@@ -95,7 +97,6 @@ def _withdraw(
                 reason=reason,
             ),
             referral.partner_id,
-            now,
             referral_id=referral.referral_id,
         )
     tx.signals.set_need_state(referral.signal_id, referral.need, "withdrawn", why, now)

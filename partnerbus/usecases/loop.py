@@ -5,23 +5,21 @@ from __future__ import annotations
 
 from partnerbus.ledger.store import LedgerTx, ReferralRow, SignalRow
 from partnerbus.schemas import ReferralStatusChanged, SignalClosed
-from partnerbus.usecases.context import Ledger, _derived_id
+from partnerbus.usecases.context import Ledger, _derived_id, send
 
 
 def _tell_source(
     ledger: Ledger, tx: LedgerTx, row: SignalRow, message: SignalClosed | ReferralStatusChanged
 ) -> None:
-    """The closed loop: the source and the advisor's agency hear of every outcome. What
-    the partner wrote (a note, a completion's outcome) goes to the advisor only: the
-    source learns where the referral stands, not what the partner learnt of the person."""
-    now = ledger.clock()
+    """The closed loop: the source and the advisor's agency hear of every outcome, each
+    as its roles allow (`send`, docs/DISCLOSURE.md): what the partner wrote (a note, a
+    completion's outcome) goes to the advisor only, and a creditor source learns where the
+    need stands, never why a partner declined."""
     for index, target in enumerate(dict.fromkeys(p for p in (row.source, row.agency) if p)):
-        update: dict[str, object] = {
-            "message_id": _derived_id("loop", message.message_id, target, str(index))
-        }
-        if isinstance(message, ReferralStatusChanged) and target != row.agency:
-            update |= {"note": None, "outcome": None}
-        tx.outbox.enqueue(message.model_copy(update=update), target, now)
+        copy = message.model_copy(
+            update={"message_id": _derived_id("loop", message.message_id, target, str(index))}
+        )
+        send(ledger, tx, copy, target, source=row.source, agency=row.agency)
 
 
 def _notify_status(

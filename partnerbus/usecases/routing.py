@@ -1,16 +1,18 @@
-"""Where a need goes: a pure decision (`decide_routing`: the directory's match and the
-consent rules over facts read beforehand), then a step that records it
-(`record_routing`: a referral in the outbox, a need parked for consent, or no partner)."""
+"""Where a need goes: a decision (`decide_routing`: the directory's match, the consent
+rules over facts read beforehand, and each consented candidate's room, counted in the
+ledger), then a step that records it (`record_routing`: a referral in the outbox, a need
+parked for consent, or no partner)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from datetime import datetime
 
 from partnerbus.directory import Candidate, Directory, match
 from partnerbus.ledger.store import LedgerTx, ReferralRow, SignalRow
 from partnerbus.rules import (
+    OPEN,
     ConsentDecision,
     ConsentRecord,
     evaluate_consent,
@@ -20,7 +22,7 @@ from partnerbus.rules import (
     signal_pseudonym,
 )
 from partnerbus.schemas import ConsentRequested, NoPartnerFound, Referral, Signal, SignalClosed
-from partnerbus.usecases.context import BUS, Ledger, _derived_id
+from partnerbus.usecases.context import BUS, Ledger, _derived_id, send
 from partnerbus.usecases.loop import _tell_source
 
 
@@ -57,6 +59,22 @@ class NoPartner:
 RoutingDecision = SendReferral | AwaitConsent | NoPartner
 
 
+@dataclass(frozen=True)
+class Room:
+    """A candidate's places as the ledger counts them: its declared capacity less the
+    referrals it holds open."""
+
+    free: bool
+    """It may take one more referral."""
+    reason: str
+    """What the explanation says of its capacity (`capacity 1 left (2 open of 3)`,
+    `full (3 open of 3)`)."""
+
+
+RoomCheck = Callable[[Candidate], Room | None]
+"""A candidate's `Room`, or None when it declared no limit (nothing to count)."""
+
+
 def decide_routing(
     directory: Directory,
     signal: Signal,
@@ -64,10 +82,15 @@ def decide_routing(
     consents: Sequence[ConsentRecord],
     now: datetime,
     tried: tuple[str, ...] = (),
+    room: RoomCheck | None = None,
 ) -> RoutingDecision:
     """Where this need of the signal goes: the best candidate of the directory (besides
-    those `tried`) that one of the person's `consents` allows at `now`. Pure: the
-    consents are read beforehand, under the person's lock; nothing is written."""
+    those `tried`) that one of the person's `consents` allows at `now` and that has
+    `room`. The consents are read beforehand, under the person's lock; `room` is asked
+    only about consented candidates, best first, until one has a place (in the use case
+    it counts open referrals under the partner's lock); nothing is written. A full
+    candidate is skipped and said so in the chosen one's reasons, or in the no-partner
+    reason when every consented candidate is full."""
     candidates = match(
         directory,
         need,
@@ -84,15 +107,31 @@ def decide_routing(
             reason += f": the source {signal.source} is no longer in the directory (no agreement)"
         return NoPartner(need, reason, tried)
     first_decision: ConsentDecision | None = None
+    full: list[str] = []
+    waiting: list[Candidate] = []
     for candidate in candidates:
         decision = evaluate_consent(
             consents, signal.person_ref, need, candidate.partner_id, candidate.partner.kind, now
         )
-        if decision.allowed:
-            return SendReferral(need, candidate, decision)
-        first_decision = first_decision or decision
-    assert first_decision is not None
-    return AwaitConsent(need, first_decision, tuple(candidates))
+        if not decision.allowed:
+            first_decision = first_decision or decision
+            waiting.append(candidate)
+            continue
+        places = room(candidate) if room is not None else None
+        if places is not None and not places.free:
+            full.append(f"{candidate.partner_id} skipped: {places.reason}")
+            continue
+        reasons = candidate.reasons
+        if places is not None:
+            reasons = (*reasons[:4], places.reason, *reasons[5:])
+        if full or places is not None:
+            candidate = replace(candidate, reasons=(*reasons, *full))
+        return SendReferral(need, candidate, decision)
+    if first_decision is None:
+        # every candidate the person consented to is full: none can take it now
+        reason = f"no partner with room for {need} in {signal.commune}: " + "; ".join(full)
+        return NoPartner(need, reason, tried)
+    return AwaitConsent(need, first_decision, tuple(waiting))
 
 
 def record_routing(
@@ -125,7 +164,9 @@ def record_routing(
     reason, tried = decision.reason, decision.tried
     tx.signals.set_need_state(row.signal_id, need, "no-partner", reason, now)
     if row.agency:
-        tx.outbox.enqueue(
+        send(
+            ledger,
+            tx,
             NoPartnerFound(
                 message_id=_derived_id("no-partner", row.signal_id, need, str(attempt)),
                 occurred_at=now,
@@ -138,7 +179,6 @@ def record_routing(
                 reason=reason,
             ),
             row.agency,
-            now,
         )
         tx.audit.record(
             BUS,
@@ -180,8 +220,38 @@ def _route(
     # her lock: a grant committing meanwhile either is seen here or sees the need parked.
     tx.signals.lock_person(signal.person_ref)
     consents = tx.consents.of_person(signal.person_ref)
-    decision = decide_routing(ledger.directory, signal, need, consents, ledger.clock(), tried)
+    decision = decide_routing(
+        ledger.directory,
+        signal,
+        need,
+        consents,
+        ledger.clock(),
+        tried,
+        room=lambda candidate: _room(tx, candidate),
+    )
     return record_routing(ledger, tx, row, signal, attempt, decision)
+
+
+def _room(tx: LedgerTx, candidate: Candidate) -> Room | None:
+    """The candidate's places as the ledger has them, so that every worker agrees: its
+    last capacity event (else the directory's declaration) less its open referrals,
+    counted under its lock (held until commit: a worker routing to it meanwhile waits,
+    then counts the referral this transaction adds). None: no limit declared."""
+    partner = candidate.partner
+    status, declared = tx.capacity.get(partner.id) or (partner.capacity_status, partner.capacity)
+    if status == "no-capacity":
+        return Room(free=False, reason="no-capacity")
+    if declared is None:
+        return None
+    tx.capacity.lock(partner.id)
+    taken = tx.capacity.taken(partner.id, OPEN)
+    left = declared - taken
+    counted = f"{taken} open of {declared}"
+    if left <= 0:
+        return Room(free=False, reason=f"full ({counted})")
+    if status == "capacity":
+        return Room(free=True, reason=f"capacity {left} left ({counted})")
+    return Room(free=True, reason=f"{status} ({left} left, {counted})")
 
 
 def _send_referral(
@@ -242,7 +312,7 @@ def _send_referral(
     )
     # Nothing is disclosed yet: the audit records the disclosure when the broker confirms
     # the referral (`mark_delivered`), or that it was withheld if it never leaves.
-    tx.outbox.enqueue(referral, partner.id, now, referral_id=rid)
+    send(ledger, tx, referral, partner.id, source=row.source, agency=row.agency, referral_id=rid)
 
 
 def _request_consent(
@@ -278,7 +348,9 @@ def _request_consent(
             if c.partner_id not in suggested:
                 suggested.append(c.partner_id)
     reasons = sorted({waiting.consent.reason for waiting in parked})
-    tx.outbox.enqueue(
+    send(
+        ledger,
+        tx,
         ConsentRequested(
             message_id=_derived_id("consent-requested", row.signal_id, str(attempt), *needs),
             occurred_at=now,
@@ -293,7 +365,6 @@ def _request_consent(
             suggested_partners=tuple(suggested),
         ),
         row.agency,
-        now,
     )
     tx.audit.record(
         BUS,

@@ -31,7 +31,7 @@ from partnerbus.schemas import (
     ReferralStalled,
     SignalClosed,
 )
-from partnerbus.usecases.context import BUS, Ledger, _derived_id, use_case
+from partnerbus.usecases.context import BUS, Ledger, _derived_id, send, use_case
 from partnerbus.usecases.lifecycle import _apply, _withdraw
 from partnerbus.usecases.loop import _notify_status, _tell_source
 from partnerbus.usecases.routing import _reroute
@@ -202,7 +202,9 @@ def _remind_parked(ledger: Ledger, tx: LedgerTx, signal_id: str, needs: list[Par
     closes_at = min(ledger.parked.steps(n.urgency).give_up_at(n.parked_since, now) for n in marked)
     needs_codes = tuple(n.need for n in marked)
     since = min(n.parked_since for n in marked)
-    tx.outbox.enqueue(
+    send(
+        ledger,
+        tx,
         ConsentRequested(
             message_id=_derived_id(
                 "consent-reminder",
@@ -225,7 +227,6 @@ def _remind_parked(ledger: Ledger, tx: LedgerTx, signal_id: str, needs: list[Par
             closes_at=closes_at,
         ),
         row.agency,
-        now,
     )
     tx.audit.record(
         BUS,
@@ -330,7 +331,9 @@ def _remind_stalled(ledger: Ledger, tx: LedgerTx, referral: ReferralRow) -> bool
     ):
         return False
     due_by = ledger.stalled.steps(referral.urgency).give_up_at(referral.updated_at, now)
-    tx.outbox.enqueue(
+    send(
+        ledger,
+        tx,
         ReferralReminder(
             message_id=_derived_id(
                 "news-reminder", referral.referral_id, referral.updated_at.isoformat()
@@ -343,7 +346,6 @@ def _remind_stalled(ledger: Ledger, tx: LedgerTx, referral: ReferralRow) -> bool
             last_news_at=referral.updated_at,
         ),
         referral.partner_id,
-        now,
         referral_id=referral.referral_id,
     )
     tx.audit.record(
@@ -368,8 +370,22 @@ def _report_stalled(ledger: Ledger, tx: LedgerTx, referral: ReferralRow) -> bool
         return False
     row = tx.signals.get(referral.signal_id)
     assert row is not None
-    target = row.agency or row.source
-    tx.outbox.enqueue(
+    # The advisor's agency is told; with none following the person, nobody is (the
+    # source may be a creditor, who never hears how a partner's work goes: DISCLOSURE.md).
+    target = row.agency
+    if target is None:
+        tx.audit.record(
+            BUS,
+            "referral-stalled",
+            referral.referral_id,
+            now,
+            partner_id=referral.partner_id,
+            why=f"{referral.partner_id}: no news; no agency follows the person, nobody told",
+        )
+        return True
+    send(
+        ledger,
+        tx,
         ReferralStalled(
             message_id=_derived_id(
                 "stalled", referral.referral_id, referral.updated_at.isoformat()
@@ -384,7 +400,8 @@ def _report_stalled(ledger: Ledger, tx: LedgerTx, referral: ReferralRow) -> bool
             reminded_at=referral.stalled_reminded_at or now,
         ),
         target,
-        now,
+        source=row.source,
+        agency=row.agency,
     )
     tx.audit.record(
         BUS,
@@ -404,7 +421,9 @@ def _report_stalled(ledger: Ledger, tx: LedgerTx, referral: ReferralRow) -> bool
 def _remind(ledger: Ledger, tx: LedgerTx, referral: ReferralRow) -> bool:
     now = ledger.clock()
     tx.referrals.update(referral.referral_id, referral.status, reminded=True)
-    tx.outbox.enqueue(
+    send(
+        ledger,
+        tx,
         ReferralReminder(
             message_id=_derived_id("reminder", referral.referral_id),
             occurred_at=now,
@@ -413,7 +432,6 @@ def _remind(ledger: Ledger, tx: LedgerTx, referral: ReferralRow) -> bool:
             due_by=referral.due_at or now,
         ),
         referral.partner_id,
-        now,
         referral_id=referral.referral_id,
     )
     return True
@@ -461,7 +479,9 @@ def _withdraw_consent_ended(ledger: Ledger, tx: LedgerTx, referral: ReferralRow)
 def _notify_consent_expiring(ledger: Ledger, tx: LedgerTx, consent: ConsentRecord) -> bool:
     now = ledger.clock()
     tx.consents.mark_expiry_notified(consent.consent_id, now)
-    tx.outbox.enqueue(
+    send(
+        ledger,
+        tx,
         ConsentExpiring(
             message_id=_derived_id("consent-expiring", consent.consent_id),
             occurred_at=now,
@@ -471,7 +491,6 @@ def _notify_consent_expiring(ledger: Ledger, tx: LedgerTx, consent: ConsentRecor
             valid_until=consent.valid_until,
         ),
         consent.agency,
-        now,
     )
     return True
 

@@ -26,6 +26,11 @@ def check_signal(ledger: Ledger, signal: Signal) -> None:
         agency = directory.partner(signal.agency)
         if agency.kind != "bailleur-social":
             raise Refused(f"{signal.agency!r} is not a landlord's agency")
+        if agency.is_creditor:
+            raise Refused(
+                f"{signal.agency!r} is a creditor (the landlord's recovery service), not the "
+                "agency that follows the person: it does not hold her consent"
+            )
 
 
 @intake

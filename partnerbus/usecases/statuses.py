@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from partnerbus.errors import Refused
 from partnerbus.ledger.store import LedgerTx
-from partnerbus.rules import reroute_after_rejection
+from partnerbus.rules import internal, reroute_after_rejection
 from partnerbus.schemas import CapacityChanged, ReferralStatusChanged
 from partnerbus.usecases.context import DIRECTORY_UPDATES_KEY, Ledger, intake
 from partnerbus.usecases.lifecycle import _apply
@@ -23,6 +23,12 @@ def record_status(ledger: Ledger, tx: LedgerTx, event: ReferralStatusChanged) ->
         raise Refused(f"unknown referral {event.referral_id}")
     if referral.partner_id != event.partner:
         raise Refused(f"referral {event.referral_id} was not sent to {event.partner}")
+    if event.status == "rejected" and event.reason is None:
+        # the schema lets only the bus's copy to a creditor (`signal_id` set) go without one
+        raise Refused(
+            "a rejection carries a reason: unreachable, not-eligible, not-interested, "
+            "full, duplicate or other"
+        )
     if event.status == "completed" and not event.outcome:
         # the schema lets only the bus's forwarded copy (`signal_id` set) go without one
         raise Refused("a completion carries its outcome: what was done for the person")
@@ -85,7 +91,7 @@ def record_capacity(ledger: Ledger, tx: LedgerTx, event: CapacityChanged) -> Non
     if event.partner not in ledger.directory:
         raise Refused(f"unknown partner {event.partner!r}")
     tx.capacity.set(event.partner, event.status, event.remaining, now)
-    tx.outbox.enqueue(event, DIRECTORY_UPDATES_KEY, now)
+    tx.outbox.enqueue(internal(event), DIRECTORY_UPDATES_KEY, now)
     tx.audit.record(
         event.partner,
         "capacity-changed",

@@ -204,6 +204,7 @@ async def test_an_unroutable_message_stays_in_the_outbox_until_its_queue_exists(
     """The broker refuses a message no queue is bound for (mandatory publish): the relay keeps it, counted as failing, and sends it once the partner's queue exists."""
     from datetime import timedelta
 
+    from partnerbus.rules import disclose
     from partnerbus.schemas import ReferralReminder
 
     t = bus.topology
@@ -216,7 +217,7 @@ async def test_an_unroutable_message_stays_in_the_outbox_until_its_queue_exists(
         due_by=now + timedelta(days=1),
     )
     with bus.store.begin() as tx:
-        tx.outbox.enqueue(reminder, "ghost-partner", now)
+        tx.outbox.enqueue(disclose(reminder, {"partner"}), "ghost-partner", now)
     await bus.relay.flush()  # waits for any sweep under way: the row has been tried once
     assert bus.store.pending_count() == 1
     assert bus.store.failing_count() == 1

@@ -38,11 +38,22 @@ def expected_partner(
     return candidates[0].partner_id
 
 
-async def grant(bus, channel, person: str, agency: str, **scope) -> dict:
+async def grant(
+    bus, channel, person: str, agency: str, *, inbox: Inbox | None = None, **scope
+) -> dict:
+    """A consent the agency grants, recorded, and its `consent-recorded` answer taken off
+    the agency's queue (through `inbox` when the test reads that queue already), so that
+    what a test then counts on the agency's queue is what follows the grant."""
     body = consent(person=person, agency=agency, **scope)
     before = len(bus.verdicts)
-    await publish(channel, f"{bus.topology.prefix}.consents", body, routing_key=agency)
-    await bus.wait_verdicts(before + 1)
+    reader = inbox or await Inbox.open(channel, bus.topology.partner_queue_name(agency))
+    try:
+        await publish(channel, f"{bus.topology.prefix}.consents", body, routing_key=agency)
+        await bus.wait_verdicts(before + 1)
+        await reader.expect_kind("consent-recorded", event_id=body["message_id"])
+    finally:
+        if inbox is None:
+            await reader.close()
     return body
 
 
@@ -108,7 +119,8 @@ async def test_an_unconsented_signal_waits_for_consent_then_leaves(bus, channel)
     assert partner_inbox.drain() == []
     assert bus.store.count("referrals", signal_id=body["message_id"]) == 0
 
-    await grant(bus, channel, person, agency, kinds=(bus.directory.partner(target).kind,))
+    kinds = (bus.directory.partner(target).kind,)
+    await grant(bus, channel, person, agency, inbox=advisor_inbox, kinds=kinds)
     (referral,) = await partner_inbox.expect(1)
     assert signal_ref(referral.body, body["message_id"])
 

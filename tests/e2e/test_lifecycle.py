@@ -6,10 +6,11 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from partnerbus.directory import match
 from partnerbus.entrypoints.bootstrap import create_app
 from partnerbus.testing import FakeClock, Inbox, wait_for_status
 
-from .helpers import ARREARS, ROUBAIX, new_id, publish, signal
+from .helpers import ARREARS, ROUBAIX, new_id, publish, signal, status
 from .test_flow import KINDS, expected_partner, grant
 
 pytestmark = pytest.mark.rabbitmq
@@ -125,8 +126,64 @@ async def test_a_capacity_event_changes_the_next_match(bus, channel):
     assert bus.store.count("referrals", partner_id=full) == 0
 
 
+async def test_a_full_partner_is_skipped_until_its_referral_completes(bus, channel):
+    """Capacity 1: the partner gets the first referral; the second need goes to the next-best partner, the referral saying why; once the first completes, the partner gets the next one."""
+    t = bus.topology
+    person = new_id("T")
+    agency = bus.directory.agency_for(ROUBAIX).id
+    await grant(bus, channel, person, agency, kinds=KINDS)
+    best, next_best = (
+        c.partner_id for c in match(bus.directory, ARREARS, ROUBAIX, sender="lmh-recouvrement")[:2]
+    )
+    capacity = {
+        "type": "capacity-changed",
+        "message_id": new_id("cap"),
+        "occurred_at": datetime.now(UTC).isoformat(),
+        "partner": best,
+        "status": "capacity",
+        "remaining": 1,
+    }
+    await publish(channel, f"{t.prefix}.statuses", capacity, routing_key=best)
+    await bus.wait_directory_update(capacity["message_id"])
+    assert expected_partner(bus) == best, "one place left: still the best"
+    best_inbox = await Inbox.open(channel, t.partner_queue_name(best))
+    next_inbox = await Inbox.open(channel, t.partner_queue_name(next_best))
+
+    async def refer() -> None:
+        await publish(
+            channel, f"{t.prefix}.signals", signal(person=person), routing_key="lmh-recouvrement"
+        )
+
+    await refer()
+    (first,) = await best_inbox.expect(1)
+    assert "capacity 1 left (0 open of 1)" in first.body["why"]
+
+    await refer()
+    (second,) = await next_inbox.expect(1)
+    assert second.body["partner"] == next_best
+    assert f"{best} skipped: full (1 open of 1)" in second.body["why"]
+    assert bus.store.count("referrals", partner_id=best) == 1
+
+    rid = first.body["referral_id"]
+    for value, extra in (("accepted", {}), ("completed", {"outcome": "plan d'apurement signé"})):
+        await publish(
+            channel,
+            f"{t.prefix}.statuses",
+            status(referral_id=rid, partner=best, value=value, **extra),
+            routing_key=best,
+        )
+    assert await wait_for_status(bus.store, rid, "completed") == "completed"
+
+    await refer()
+    (third,) = await best_inbox.expect(1)
+    assert third.body["partner"] == best
+    assert third.body["referral_id"] != rid
+    assert not any("skipped" in reason for reason in third.body["why"])
+    assert next_inbox.drain() == []
+
+
 async def test_a_refused_consent_closes_the_signal_for_the_source(bus, channel):
-    """The person says no: the parked signal closes and the source is told why."""
+    """The person says no: the parked signal closes, the source is told why, and the agency that the refusal is recorded."""
     t = bus.topology
     agency = bus.directory.agency_for(ROUBAIX).id
     advisor = await Inbox.open(channel, t.partner_queue_name(agency))
@@ -147,6 +204,8 @@ async def test_a_refused_consent_closes_the_signal_for_the_source(bus, channel):
     closed = await source.expect_kind("signal-closed")
     assert closed.body["outcome"] == "consent-refused"
     assert closed.body["signal_id"] == body["message_id"]
+    ack = await advisor.expect_kind("consent-recorded", event_id=refusal["message_id"])
+    assert (ack.body["event"], ack.body["signal_id"]) == ("consent-refused", body["message_id"])
 
 
 async def test_the_partner_client_answers_received_and_the_status_moves(bus, channel):

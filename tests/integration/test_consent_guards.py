@@ -138,7 +138,8 @@ def test_a_pivot_s_own_advisor_records_a_consent(ledger):
 @pytest.mark.parametrize(
     ("agency", "collected_by", "why"),
     [
-        ("lmh-agence-lille-sud", "a.martin", "lmh-agence-roubaix"),
+        # the agency that does follow the signal is not named: the sender hears this reason
+        ("lmh-agence-lille-sud", "a.martin", "not followed by 'lmh-agence-lille-sud'"),
         ("ccas-roubaix", "ccas-roubaix", "advisors"),
         (AGENCY, "a.martin", "a.martin"),
     ],

@@ -13,6 +13,7 @@ from sqlalchemy import select
 from partnerbus import usecases
 from partnerbus.ledger import tables as t
 from partnerbus.ledger.store import Store
+from partnerbus.rules import disclose
 from partnerbus.schemas import ConsentRefused, ConsentRevoked, ReferralReminder
 from partnerbus.testing import FakeClock
 from partnerbus.usecases import Ledger
@@ -130,7 +131,7 @@ class TestUndeliverable:
             due_by=now,
         )
         with ledger.store.begin() as tx:
-            tx.outbox.enqueue(younger, "ghost-partner", now)
+            tx.outbox.enqueue(disclose(younger, {"partner"}), "ghost-partner", now)
 
         clock_of(ledger).advance(timedelta(days=31))
         counts = retain(ledger)
@@ -268,7 +269,7 @@ class TestStore:
         ]
         with ledger.store.begin() as tx:
             for reminder in reminders:
-                tx.outbox.enqueue(reminder, "ghost-partner", now)
+                tx.outbox.enqueue(disclose(reminder, {"partner"}), "ghost-partner", now)
         first, *_ = ledger.store.claim_pending(now, timedelta(minutes=1), limit=1)
         with ledger.store.begin() as tx:
             tx.outbox.mark_sent(first.id, now)
@@ -306,6 +307,12 @@ class TestStoreConsents:
         run(ledger, usecases.grant_consent, running)
         later = ledger.clock() + timedelta(days=11)
         with ledger.store.begin() as tx:
+            # The agency's `consent-recorded` answers (they name the person) left long ago:
+            # a sent outbox copy is deleted after the free-text period, well before this.
+            tx.outbox.mark_sent_many(
+                [row.id for row in tx.conn.execute(select(t.outbox.c.id))], later
+            )
+            tx.outbox.delete_sent_before(later + timedelta(seconds=1))
             tx.audit.record(
                 "a.martin", "consent-revoked", ended.consent_id, later, why="she said so"
             )

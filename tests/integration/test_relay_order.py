@@ -19,6 +19,7 @@ from partnerbus import usecases
 from partnerbus.broker.topology import Topology
 from partnerbus.handlers.outbox import Relay
 from partnerbus.ledger.store import Store
+from partnerbus.rules import disclose
 from partnerbus.schemas import (
     ConsentGranted,
     ConsentRevoked,
@@ -59,12 +60,15 @@ async def test_a_withdrawal_never_overtakes_nor_outlives_a_referral_another_rela
     now = ledger.clock()
     with store.begin() as tx:  # an earlier message, so that relay 1 is busy before the referral
         tx.outbox.enqueue(
-            ReferralReminder(
-                message_id="x",
-                occurred_at=now,
-                referral_id="other",
-                partner="ccas-roubaix",
-                due_by=now,
+            disclose(
+                ReferralReminder(
+                    message_id="x",
+                    occurred_at=now,
+                    referral_id="other",
+                    partner="ccas-roubaix",
+                    due_by=now,
+                ),
+                {"partner"},
             ),
             "ccas-roubaix",
             now,

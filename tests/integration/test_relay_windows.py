@@ -20,6 +20,7 @@ from partnerbus import usecases
 from partnerbus.broker.topology import Topology
 from partnerbus.handlers.outbox import Relay
 from partnerbus.ledger.store import LedgerTx, Store
+from partnerbus.rules import disclose
 from partnerbus.schemas import (
     ConsentGranted,
     ConsentRevoked,
@@ -83,12 +84,15 @@ def follow_ups(ledger: Ledger, referral_ids: list[str], count: int) -> None:
         for rid in referral_ids:
             for k in range(count):
                 tx.outbox.enqueue(
-                    ReferralReminder(
-                        message_id=f"rem-{rid}-{k}",
-                        occurred_at=now,
-                        referral_id=rid,
-                        partner="ccas-roubaix",
-                        due_by=now,
+                    disclose(
+                        ReferralReminder(
+                            message_id=f"rem-{rid}-{k}",
+                            occurred_at=now,
+                            referral_id=rid,
+                            partner="ccas-roubaix",
+                            due_by=now,
+                        ),
+                        {"partner"},
                     ),
                     "ccas-roubaix",
                     now,

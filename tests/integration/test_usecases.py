@@ -85,6 +85,13 @@ def sent(ledger: Ledger, kind: str) -> list[tuple[str, dict]]:
     return [(key, json.loads(body)) for key, t, body in ledger.store.outbox() if t == kind]
 
 
+def claimed_referrals(ledger: Ledger) -> list:
+    """The referral rows of the outbox, claimed as the relay claims them (the agency's
+    `consent-recorded` answers are claimed beside them)."""
+    rows = ledger.store.claim_pending(ledger.clock(), timedelta(minutes=1))
+    return [row for row in rows if row.message_type == "referral"]
+
+
 class TestReceiveSignal:
     def test_a_signal_without_consent_is_parked_and_the_advisor_is_asked(
         self, ledger: Ledger
@@ -125,6 +132,81 @@ class TestReceiveSignal:
         """A commune outside the territory is bad input, refused with the reason."""
         with pytest.raises(Refused, match="unknown commune"):
             usecases.check_signal(ledger, a_signal(ledger, commune="75056"))
+
+
+class TestConsentAnswers:
+    def test_a_recorded_grant_is_acknowledged_to_its_agency_once(self, ledger: Ledger) -> None:
+        """A grant puts one ConsentRecorded in the outbox for its agency, naming the event; the same event again (a redelivery) changes nothing and adds no second answer."""
+        run(ledger, usecases.receive_signal, a_signal(ledger))
+        grant = a_consent(ledger)
+        assert run(ledger, usecases.grant_consent, grant)
+        assert not run(ledger, usecases.grant_consent, grant)
+        ((key, ack),) = sent(ledger, "consent-recorded")
+        assert key == grant.agency
+        assert ack["event_id"] == grant.message_id
+        assert ack["event"] == "consent-granted"
+        assert (ack["consent_id"], ack["person_ref"]) == (grant.consent_id, grant.person_ref)
+        assert ack["status"] == "recorded"
+        assert ack["detail"] == "1 waiting need(s) of the person routed"
+
+    def test_a_revocation_and_a_refusal_are_acknowledged(self, ledger: Ledger) -> None:
+        """A revocation is answered with the consent's person and the referrals withdrawn; a person's refusal with its signal and the needs closed."""
+        grant = a_consent(ledger)
+        run(ledger, usecases.grant_consent, grant)
+        run(ledger, usecases.receive_signal, a_signal(ledger))
+        revocation = ConsentRevoked(
+            message_id=mid("rev"),
+            occurred_at=ledger.clock(),
+            consent_id=grant.consent_id,
+            revoked_by="s.benali",
+            agency=grant.agency,
+            revoked_at=ledger.clock(),
+        )
+        run(ledger, usecases.revoke_consent, revocation)
+        parked = a_signal(ledger, person="T-0002")
+        run(ledger, usecases.receive_signal, parked)
+        refusal = ConsentRefused(
+            message_id=mid("ref"),
+            occurred_at=ledger.clock(),
+            signal_id=parked.message_id,
+            person_ref="T-0002",
+            collected_by="s.benali",
+            agency=grant.agency,
+        )
+        run(ledger, usecases.refuse_consent, refusal)
+        acks = {b["event_id"]: b for _, b in sent(ledger, "consent-recorded")}
+        revoked, refused = acks[revocation.message_id], acks[refusal.message_id]
+        assert (revoked["event"], revoked["consent_id"]) == ("consent-revoked", grant.consent_id)
+        assert revoked["person_ref"] == "T-0001"
+        assert revoked["detail"] == "1 open referral(s) withdrawn"
+        assert (refused["event"], refused["signal_id"]) == ("consent-refused", parked.message_id)
+        assert refused["detail"] == "1 waiting need(s) of the signal closed"
+
+    def test_a_refused_event_is_answered_once_with_its_reason(self, ledger: Ledger) -> None:
+        """`answer_refusal` puts one ConsentRejected for the agency, with the reason and no consent recorded; the same event refused again is not answered twice."""
+        grant = a_consent(ledger)
+        grant = grant.model_copy(update={"collected_by": "a.martin"})
+        with pytest.raises(Refused, match=r"a\.martin") as refused:
+            run(ledger, usecases.grant_consent, grant)
+        for _ in range(2):
+            with ledger.store.begin() as tx:
+                usecases.answer_refusal(ledger, tx, grant, str(refused.value))
+        ((key, answer),) = sent(ledger, "consent-rejected")
+        assert key == grant.agency
+        assert answer["event_id"] == grant.message_id
+        assert answer["consent_id"] == grant.consent_id
+        assert "a.martin" in answer["reason"]
+        assert sent(ledger, "consent-recorded") == []
+        assert ledger.store.count("consents") == 0
+
+    def test_a_refusal_naming_an_agency_outside_the_directory_is_not_answered(
+        self, ledger: Ledger
+    ) -> None:
+        """No queue to answer on: nothing is put in the outbox (the dead letter keeps it)."""
+        grant = a_consent(ledger).model_copy(update={"agency": "nobody-here"})
+        with ledger.store.begin() as tx:
+            assert not usecases.answer_refusal(ledger, tx, grant, "unknown agency")
+        assert sent(ledger, "consent-rejected") == []
 
 
 class TestConsent:
@@ -217,7 +299,7 @@ class TestConsent:
         ((_, referral),) = sent(ledger, "referral")
         assert isinstance(ledger.clock, FakeClock)
         ledger.clock.advance(timedelta(days=2))  # the broker was down meanwhile
-        (row,) = ledger.store.claim_pending(ledger.clock(), timedelta(minutes=1))
+        (row,) = claimed_referrals(ledger)
         with ledger.store.begin() as tx:
             assert not usecases.clear_to_send(ledger, tx, referral["referral_id"], row.attempts)
         assert ledger.store.referral(referral["referral_id"]).status == "withdrawn"
@@ -230,7 +312,7 @@ class TestConsent:
         run(ledger, usecases.grant_consent, a_consent(ledger))
         run(ledger, usecases.receive_signal, a_signal(ledger))
         ((_, referral),) = sent(ledger, "referral")
-        (row,) = ledger.store.claim_pending(ledger.clock(), timedelta(minutes=1))
+        (row,) = claimed_referrals(ledger)
         with ledger.store.begin() as tx:
             assert usecases.clear_to_send(ledger, tx, referral["referral_id"], row.attempts)
         assert ledger.store.referral(referral["referral_id"]).status == "requested"
@@ -338,7 +420,16 @@ class TestStatuses:
         closed = sent(ledger, "signal-closed")
         assert {k for k, _ in closed} == {"lmh-recouvrement", "lmh-agence-roubaix"}
         assert {b["outcome"] for _, b in closed} == {"advisor-decides"}
-        assert all("unreachable" in b["detail"] for _, b in closed)
+        details = {k: b["detail"] for k, b in closed}
+        assert "unreachable" in details["lmh-agence-roubaix"]
+        # the source is the landlord's recovery service: a creditor never learns why
+        assert details["lmh-recouvrement"] is None
+        reasons = {
+            k: b["reason"]
+            for k, b in sent(ledger, "referral-status-changed")
+            if b["status"] == "rejected"
+        }
+        assert reasons == {"lmh-agence-roubaix": "unreachable", "lmh-recouvrement": None}
 
     def test_a_completion_closes_the_need_for_the_source_and_the_advisor(
         self, ledger: Ledger

@@ -14,6 +14,7 @@ from partnerbus.usecases import (
     AwaitConsent,
     Ledger,
     NoPartner,
+    Room,
     SendReferral,
     decide_routing,
     intake,
@@ -115,6 +116,91 @@ def test_the_decision_is_the_same_every_time(directory: Directory) -> None:
     consents = [a_consent(("ccas-cias", "caf"))]
     first = decide_routing(directory, a_signal(), ARREARS, consents, NOW)
     assert decide_routing(directory, a_signal(), ARREARS, consents, NOW) == first
+
+
+KINDS = ("ccas-cias", "points-conseil-budget", "caf", "maisons-des-solidarites", "adil")
+
+
+def rooms(full: set[str], asked: list[str] | None = None) -> Any:
+    """A room check: the partners in `full` have none; the others one place of two."""
+
+    def room(candidate: Any) -> Room:
+        if asked is not None:
+            asked.append(candidate.partner_id)
+        if candidate.partner_id in full:
+            return Room(free=False, reason="full (2 open of 2)")
+        return Room(free=True, reason="capacity 1 left (1 open of 2)")
+
+    return room
+
+
+def test_a_full_candidate_is_skipped_and_the_chosen_ones_reasons_say_so(
+    directory: Directory,
+) -> None:
+    """The best candidate full: the need goes to the next, whose reasons carry its counted capacity and why the first was skipped."""
+    first, second = match(directory, ARREARS, ROUBAIX, sender="lmh-recouvrement")[:2]
+    decision = decide_routing(
+        directory,
+        a_signal(),
+        ARREARS,
+        [a_consent(KINDS)],
+        NOW,
+        room=rooms({first.partner_id}),
+    )
+    assert isinstance(decision, SendReferral)
+    assert decision.candidate.partner_id == second.partner_id
+    reasons = decision.candidate.reasons
+    assert reasons[:4] == second.reasons[:4] and reasons[5] == second.reasons[5]
+    assert reasons[4] == "capacity 1 left (1 open of 2)"
+    assert reasons[6:] == (f"{first.partner_id} skipped: full (2 open of 2)",)
+
+
+def test_room_is_asked_only_of_consented_candidates_until_one_has_a_place(
+    directory: Directory,
+) -> None:
+    """Room is counted for consented candidates only, best first, and no further than the one chosen."""
+    candidates = match(directory, ARREARS, ROUBAIX, sender="lmh-recouvrement")
+    asked: list[str] = []
+    consented = a_consent(("maisons-des-solidarites", "caf"))
+    decision = decide_routing(
+        directory, a_signal(), ARREARS, [consented], NOW, room=rooms(set(), asked)
+    )
+    assert isinstance(decision, SendReferral)
+    kinds = {"maisons-des-solidarites", "caf"}
+    assert asked == [next(c.partner_id for c in candidates if c.partner.kind in kinds)]
+
+
+def test_every_consented_candidate_full_is_no_partner_naming_them(directory: Directory) -> None:
+    """Every candidate the person consented to is full and no other exists: no partner, the reason naming each full one."""
+    everyone = [c.partner_id for c in match(directory, ARREARS, ROUBAIX, sender="lmh-recouvrement")]
+    decision = decide_routing(
+        directory, a_signal(), ARREARS, [a_consent(KINDS)], NOW, room=rooms(set(everyone))
+    )
+    assert isinstance(decision, NoPartner)
+    assert decision.reason.startswith(f"no partner with room for {ARREARS} in {ROUBAIX}: ")
+    for partner in everyone:
+        assert f"{partner} skipped: full (2 open of 2)" in decision.reason
+
+
+def test_full_consented_candidates_leave_the_others_awaiting_consent(
+    directory: Directory,
+) -> None:
+    """The consented candidate full, others not consented to: the need awaits consent, suggesting only those others."""
+    candidates = match(directory, ARREARS, ROUBAIX, sender="lmh-recouvrement")
+    first = candidates[0]
+    decision = decide_routing(
+        directory,
+        a_signal(),
+        ARREARS,
+        [a_consent((first.partner.kind,))],
+        NOW,
+        room=rooms({first.partner_id}),
+    )
+    assert isinstance(decision, AwaitConsent)
+    assert first.partner_id not in [c.partner_id for c in decision.candidates]
+    assert [c.partner_id for c in decision.candidates] == [
+        c.partner_id for c in candidates if c.partner.kind != first.partner.kind
+    ]
 
 
 class Ticking:

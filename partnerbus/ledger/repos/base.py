@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 from typing import Any, TypeVar
 
-from sqlalchemy import Connection, Table
+from sqlalchemy import Connection, Table, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 
 from partnerbus.errors import PartnerbusError
@@ -21,6 +22,16 @@ class Conflict(PartnerbusError):  # noqa: N818 - a signal to re-run, not an erro
 def row_of(cls: type[R], row: Any) -> R:
     """A result row as the frozen dataclass `cls` (its fields are the columns)."""
     return cls(**dict(row._mapping))
+
+
+def advisory_lock(conn: Connection, *names: str) -> None:
+    """Hold, until this transaction ends, the PostgreSQL advisory lock named by `names`
+    (a 64-bit hash of them); nothing on SQLite, whose BEGIN IMMEDIATE already serialises
+    every writer."""
+    if conn.dialect.name != "postgresql":
+        return
+    digest = hashlib.blake2b("\x00".join(names).encode(), digest_size=8).digest()
+    conn.execute(select(func.pg_advisory_xact_lock(int.from_bytes(digest, "big", signed=True))))
 
 
 class Repository:

@@ -1,15 +1,32 @@
-"""Each partner's capacity, as it last told it."""
+"""Each partner's capacity, as it last told it, and the referrals holding its places."""
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from datetime import datetime
 
+from sqlalchemy import bindparam, func, select
+
 from partnerbus.ledger import tables as t
-from partnerbus.ledger.repos.base import Repository
+from partnerbus.ledger.repos.base import Repository, advisory_lock
+
+# The hot reads, built once with bound parameters (issue 9).
+GET = select(t.partner_capacity.c.status, t.partner_capacity.c.remaining).where(
+    t.partner_capacity.c.partner_id == bindparam("partner_id")
+)
+TAKEN = (
+    select(func.count())
+    .select_from(t.referrals)
+    .where(
+        t.referrals.c.partner_id == bindparam("partner_id"),
+        t.referrals.c.status.in_(bindparam("statuses", expanding=True)),
+    )
+)
 
 
 class CapacityRepository(Repository):
-    """One row per partner, upserted on each capacity change."""
+    """One row per partner, upserted on each capacity change; and, for the routing
+    decision, the partner's places taken by its open referrals, under the partner's lock."""
 
     def set(self, partner_id: str, status: str, remaining: int | None, now: datetime) -> None:
         self._upsert(
@@ -17,3 +34,24 @@ class CapacityRepository(Repository):
             {"partner_id": partner_id},
             {"status": status, "remaining": remaining, "updated_at": now},
         )
+
+    def get(self, partner_id: str) -> tuple[str, int | None] | None:
+        """The partner's last capacity event: (status, remaining); None if it never sent
+        one (the directory's declaration then stands)."""
+        row = self.conn.execute(GET, {"partner_id": partner_id}).first()
+        return (row.status, row.remaining) if row is not None else None
+
+    def lock(self, partner_id: str) -> None:
+        """Serialise, until this transaction ends, every decision to give this partner one
+        of its places: two workers routing at once never both take the last one.
+        A PostgreSQL transaction-scoped advisory lock; SQLite's BEGIN IMMEDIATE already
+        serialises every writer."""
+        advisory_lock(self.conn, "partner-capacity", partner_id)
+
+    def taken(self, partner_id: str, open_statuses: Collection[str]) -> int:
+        """How many of the partner's referrals are in one of `open_statuses`: the places
+        they hold. Read after `lock`, it counts every referral committed before."""
+        count = self.conn.execute(
+            TAKEN, {"partner_id": partner_id, "statuses": sorted(open_statuses)}
+        ).scalar_one()
+        return int(count)

@@ -12,6 +12,7 @@ from sqlalchemy import delete, select, update
 from partnerbus.ledger import tables as t
 from partnerbus.ledger.repos.base import Repository
 from partnerbus.ledger.repos.base import row_of as _row
+from partnerbus.rules.disclosure import Disclosed
 from partnerbus.schemas import Message
 
 # Built once; the values go as execute() parameters, so each call reuses the compiled
@@ -31,6 +32,15 @@ def outbox_priority(message: Message) -> int:
     return (
         URGENT_REFERRAL if getattr(message, "urgency", "routine") != "routine" else ROUTINE_REFERRAL
     )
+
+
+def _checked(disclosed: Disclosed[Message], routing_key: str) -> Message:
+    """The message, if it may go where it is addressed: one made for the bus's own workers
+    (no roles) never goes to a partner's queue (a partner id has no dot)."""
+    if not disclosed.roles and "." not in routing_key:
+        msg = f"a message for the bus's workers cannot go to partner {routing_key!r}"
+        raise ValueError(msg)
+    return disclosed.message
 
 
 @dataclass(frozen=True)
@@ -88,9 +98,15 @@ class OutboxRepository(Repository):
         )
 
     def enqueue(
-        self, message: Message, routing_key: str, now: datetime, referral_id: str | None = None
+        self,
+        disclosed: Disclosed[Message],
+        routing_key: str,
+        now: datetime,
+        referral_id: str | None = None,
     ) -> None:
-        """Record a message to send once this transaction commits (the outbox)."""
+        """Record a message to send once this transaction commits (the outbox). It is
+        `Disclosed`: cut to what its recipient's roles may see (docs/DISCLOSURE.md)."""
+        message = _checked(disclosed, routing_key)
         self.conn.execute(
             INSERT_OUTBOX,
             {
@@ -128,12 +144,17 @@ class OutboxRepository(Repository):
         return [r.id for r in rows]
 
     def enqueue_again(
-        self, message: Message, routing_key: str, now: datetime, referral_id: str | None = None
+        self,
+        disclosed: Disclosed[Message],
+        routing_key: str,
+        now: datetime,
+        referral_id: str | None = None,
     ) -> None:
         """Send once more a message that left before (a replayed dead letter), after
         everything already in the outbox: the row it left in, if still kept, is replaced by
         a new one at the end. It counts as claimed once already, since it did reach the
         partner (so a withdrawal follows it if need be). Still waiting to leave: unchanged."""
+        message = _checked(disclosed, routing_key)
         waiting = self.conn.execute(
             select(t.outbox.c.id).where(
                 t.outbox.c.message_id == message.message_id, t.outbox.c.sent_at.is_(None)

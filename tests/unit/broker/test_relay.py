@@ -17,6 +17,7 @@ from partnerbus.broker.topology import Topology
 from partnerbus.handlers.outbox import Relay
 from partnerbus.ledger import tables
 from partnerbus.ledger.store import Store
+from partnerbus.rules import disclose
 from partnerbus.schemas import ReferralReminder
 from partnerbus.usecases import Ledger
 from tests.conftest import make_ledger
@@ -35,12 +36,15 @@ def enqueue(ledger: Ledger, count: int) -> None:
     with ledger.store.begin() as tx:
         for i in range(count):
             tx.outbox.enqueue(
-                ReferralReminder(
-                    message_id=f"rem-{i}",
-                    occurred_at=now,
-                    referral_id=f"ref-{i}",
-                    partner="ccas-roubaix",
-                    due_by=now + timedelta(days=1),
+                disclose(
+                    ReferralReminder(
+                        message_id=f"rem-{i}",
+                        occurred_at=now,
+                        referral_id=f"ref-{i}",
+                        partner="ccas-roubaix",
+                        due_by=now + timedelta(days=1),
+                    ),
+                    {"partner"},
                 ),
                 "ccas-roubaix",
                 now,

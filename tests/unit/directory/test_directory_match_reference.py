@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from partnerbus.directory import Directory, match
 from partnerbus.directory.match import eligible
 from partnerbus.directory.model import REMAINING_CAP, directory_from_records
-from partnerbus.directory.territory import FRANCE_ALIASES, LEVEL_RANK, Territory
+from partnerbus.directory.territory import FRANCE_ALIASES, LEVEL_RANK, Territory, ancestors
 from partnerbus.schemas import Agreement, Profile
 
 from .conftest import (
@@ -44,11 +44,8 @@ def reference(
     """(partner id, rank, score, reasons) of every candidate, the slow and obvious way."""
     if not d.has_commune(commune) or not d.has_need(need):
         return []
-    places: list[str] = []
-    code: str | None = commune
-    while code is not None:
-        places.append(code)
-        code = d.territories[code].parent
+    # the commune, its EPCI, then its own département (whichever its EPCI is filed under)
+    places = [t.code for t in ancestors(d.territories, commune)]
     if profile is not None and profile.qpv:
         qpv = d.territories.get(profile.qpv)
         if qpv is not None and qpv.parent == commune:
