@@ -34,6 +34,40 @@ class Deadlines(BaseSettings):
     """A reminder leaves when this share of the deadline has passed."""
 
 
+class ParkedNeeds(BaseSettings):
+    """Hours a need may wait for the person's consent, per urgency: the advisor is reminded
+    after `*_remind_hours`; the need closes (`consent-not-obtained`) after `*_close_hours`
+    (and never sooner after the reminder than the difference of the two)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="PARTNERBUS_PARKED_", env_file=".env", extra="ignore", frozen=True
+    )
+
+    routine_remind_hours: float = Field(default=7 * 24, gt=0)
+    routine_close_hours: float = Field(default=30 * 24, gt=0)
+    urgent_remind_hours: float = Field(default=3 * 24, gt=0)
+    urgent_close_hours: float = Field(default=14 * 24, gt=0)
+    asap_remind_hours: float = Field(default=24, gt=0)
+    asap_close_hours: float = Field(default=7 * 24, gt=0)
+
+
+class StalledReferrals(BaseSettings):
+    """Hours an accepted referral may go without news, per urgency: the partner is reminded
+    after `*_remind_hours`; the advisor is told after `*_report_hours` (and never sooner
+    after the reminder than the difference of the two)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="PARTNERBUS_STALLED_", env_file=".env", extra="ignore", frozen=True
+    )
+
+    routine_remind_hours: float = Field(default=30 * 24, gt=0)
+    routine_report_hours: float = Field(default=45 * 24, gt=0)
+    urgent_remind_hours: float = Field(default=14 * 24, gt=0)
+    urgent_report_hours: float = Field(default=21 * 24, gt=0)
+    asap_remind_hours: float = Field(default=7 * 24, gt=0)
+    asap_report_hours: float = Field(default=10 * 24, gt=0)
+
+
 def pseudonym_key_of(settings: Settings) -> bytes:
     """The settings' pseudonym key, checked: `PseudonymKeyError` (a `ValueError`) saying
     why and how to make one when it is missing, short or a known value."""
@@ -96,6 +130,8 @@ class Settings(BaseSettings):
     free_text_retention_days: int = Field(default=90, ge=1)
     consent_expiry_notice_days: int = Field(default=14, ge=0)
     deadlines: Deadlines = Field(default_factory=Deadlines)
+    parked: ParkedNeeds = Field(default_factory=ParkedNeeds)
+    stalled: StalledReferrals = Field(default_factory=StalledReferrals)
     metrics_port: int | None = None
     """Serve this process's counters (Prometheus text format, `/metrics`) on this port."""
     metrics_host: str = "127.0.0.1"

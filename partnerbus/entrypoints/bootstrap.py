@@ -34,7 +34,7 @@ from partnerbus.handlers.outbox import Relay
 from partnerbus.handlers.subscribers import CAPACITY, Wiring, build_router, raw_body
 from partnerbus.ledger.migrate import open_ledger
 from partnerbus.ledger.store import Store
-from partnerbus.rules import DeadlinePolicy
+from partnerbus.rules import DeadlinePolicy, FollowUpPolicy, FollowUpSteps
 from partnerbus.schemas import utcnow
 from partnerbus.settings import Settings, amqp_user, open_directory, pseudonym_key_of
 from partnerbus.usecases import DIRECTORY_UPDATES_KEY, Ledger
@@ -54,6 +54,35 @@ def deadline_policy(settings: Settings) -> DeadlinePolicy:
         asap=timedelta(hours=d.asap_hours),
         reminder_fraction=d.reminder_fraction,
     )
+
+
+def parked_policy(settings: Settings) -> FollowUpPolicy:
+    """The parked needs' follow-up (`PARTNERBUS_PARKED_*`): remind the advisor, then close."""
+    p = settings.parked
+    return FollowUpPolicy(
+        routine=_steps(p.routine_remind_hours, p.routine_close_hours, "PARKED_ROUTINE"),
+        urgent=_steps(p.urgent_remind_hours, p.urgent_close_hours, "PARKED_URGENT"),
+        asap=_steps(p.asap_remind_hours, p.asap_close_hours, "PARKED_ASAP"),
+    )
+
+
+def stalled_policy(settings: Settings) -> FollowUpPolicy:
+    """The stalled referrals' follow-up (`PARTNERBUS_STALLED_*`): remind the partner, then
+    tell the advisor."""
+    s = settings.stalled
+    return FollowUpPolicy(
+        routine=_steps(s.routine_remind_hours, s.routine_report_hours, "STALLED_ROUTINE"),
+        urgent=_steps(s.urgent_remind_hours, s.urgent_report_hours, "STALLED_URGENT"),
+        asap=_steps(s.asap_remind_hours, s.asap_report_hours, "STALLED_ASAP"),
+    )
+
+
+def _steps(remind_hours: float, last_hours: float, name: str) -> FollowUpSteps:
+    try:
+        return FollowUpSteps(timedelta(hours=remind_hours), timedelta(hours=last_hours))
+    except ValueError as exc:
+        msg = f"PARTNERBUS_{name}_*: {exc}"
+        raise ValueError(msg) from None
 
 
 @dataclass
@@ -431,6 +460,8 @@ def create_app(
         pseudonym_key=pseudonym_key,
         deadlines=deadline_policy(settings),
         consent_notice=timedelta(days=settings.consent_expiry_notice_days),
+        parked=parked_policy(settings),
+        stalled=stalled_policy(settings),
     )
     # SQLite has one writer: one database thread per room avoids lock contention inside a
     # process (the intake and the relay still take turns on the file's write lock, each

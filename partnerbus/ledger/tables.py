@@ -80,6 +80,10 @@ signal_needs = Table(
     Column("state", String(16), nullable=False),
     Column("detail", Text),
     Column("updated_at", UTCDateTime, nullable=False),
+    # While parked: since when (kept when it is parked again), and when the advisor was
+    # reminded (the scheduler's parked-needs follow-up).
+    Column("parked_since", UTCDateTime),
+    Column("reminded_at", UTCDateTime),
     Index("ix_signal_needs_state", "state"),
 )
 
@@ -133,6 +137,9 @@ referrals = Table(
     Column("reminded", Boolean, nullable=False, default=False),
     Column("closed_at", UTCDateTime),
     Column("anonymised_at", UTCDateTime),
+    # Accepted with no news: when the partner was reminded, when the advisor was told.
+    Column("stalled_reminded_at", UTCDateTime),
+    Column("stalled_reported_at", UTCDateTime),
     UniqueConstraint("signal_id", "need", "attempt", name="uq_referral_attempt"),
     # the places a partner's open referrals take, counted on each routing (capacity)
     Index("ix_referrals_partner_status", "partner_id", "status"),

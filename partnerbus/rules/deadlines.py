@@ -2,8 +2,10 @@
 
 Procedures are slow, so every referral carries a due date from its urgency; half-way
 (by default) the partner is reminded once; past the due date an unanswered referral expires
-and the bus tries the next-best partner. Only referrals still waiting for an answer are
-concerned: once accepted, the partner's own pace is the advisor's business, not a timer's.
+and the bus tries the next-best partner. Only referrals still waiting for an answer
+expire: once accepted, the partner works at its own pace, but an accepted referral with no
+news for long reminds the partner, then the advisor is told (`STALLED_FOLLOW_UP`). A need
+parked for the person's consent reminds the advisor, then closes (`PARKED_FOLLOW_UP`).
 """
 
 from __future__ import annotations
@@ -94,3 +96,90 @@ def deadline_action(
 
 def _minute(moment: datetime) -> str:
     return moment.isoformat(timespec="minutes")
+
+
+@dataclass(frozen=True)
+class FollowUpSteps:
+    """Two steps after a quiet start: a reminder `remind` after it, then the last step
+    (`give_up`: close the need, or tell the advisor) counted from the same start, but never
+    sooner after the reminder than `give_up - remind`, so the reminder always leaves its
+    full notice (a pass that did not run for a while sends the reminder first)."""
+
+    remind: timedelta
+    give_up: timedelta
+
+    def __post_init__(self) -> None:
+        if self.remind <= timedelta(0):
+            msg = f"the reminder must come after a positive time, not {self.remind}"
+            raise ValueError(msg)
+        if self.give_up <= self.remind:
+            msg = f"the last step ({self.give_up}) must come after the reminder ({self.remind})"
+            raise ValueError(msg)
+
+    def give_up_at(self, since: datetime, reminded_at: datetime | None) -> datetime:
+        """When the last step is due: `give_up` after the start, and at least the notice
+        (`give_up - remind`) after the reminder."""
+        due = since + self.give_up
+        if reminded_at is not None:
+            due = max(due, reminded_at + (self.give_up - self.remind))
+        return due
+
+
+@dataclass(frozen=True)
+class FollowUpPolicy:
+    """The two steps of a time-driven follow-up, per urgency: parked needs (remind the
+    advisor, then close the need) and stalled referrals (remind the partner, then tell the
+    advisor)."""
+
+    routine: FollowUpSteps
+    urgent: FollowUpSteps
+    asap: FollowUpSteps
+
+    @property
+    def first_step(self) -> timedelta:
+        """The shortest wait before any step, whatever the urgency: nothing that began
+        since `now - first_step` needs a follow-up yet (the passes read only the older)."""
+        return min(self.routine.remind, self.urgent.remind, self.asap.remind)
+
+    def steps(self, urgency: str) -> FollowUpSteps:
+        if urgency not in ("routine", "urgent", "asap"):
+            msg = f"unknown urgency {urgency!r}: one of routine, urgent, asap"
+            raise ValueError(msg)
+        steps: FollowUpSteps = getattr(self, urgency)
+        return steps
+
+
+PARKED_FOLLOW_UP = FollowUpPolicy(
+    routine=FollowUpSteps(remind=timedelta(days=7), give_up=timedelta(days=30)),
+    urgent=FollowUpSteps(remind=timedelta(days=3), give_up=timedelta(days=14)),
+    asap=FollowUpSteps(remind=timedelta(days=1), give_up=timedelta(days=7)),
+)
+"""A need waiting for the person's consent: the advisor is reminded after a week (3 days
+urgent, 1 day asap); the need closes (`consent-not-obtained`) after 30 days (14, 7)."""
+
+STALLED_FOLLOW_UP = FollowUpPolicy(
+    routine=FollowUpSteps(remind=timedelta(days=30), give_up=timedelta(days=45)),
+    urgent=FollowUpSteps(remind=timedelta(days=14), give_up=timedelta(days=21)),
+    asap=FollowUpSteps(remind=timedelta(days=7), give_up=timedelta(days=10)),
+)
+"""An accepted referral with no news: the partner is reminded after 30 days (14 urgent,
+7 asap); the advisor is told after 45 days (21, 10)."""
+
+FollowUpKind = Literal["none", "remind", "give-up"]
+
+
+def follow_up_action(
+    steps: FollowUpSteps,
+    since: datetime,
+    reminded_at: datetime | None,
+    now: datetime,
+    *,
+    can_remind: bool = True,
+) -> FollowUpKind:
+    """What a follow-up does now with an item quiet since `since`: remind once (when
+    someone can be reminded), then give up once the reminder's notice has run
+    (`FollowUpSteps.give_up_at`); with nobody to remind, give up at `give_up` after the
+    start."""
+    if reminded_at is None and can_remind:
+        return "remind" if now >= since + steps.remind else "none"
+    return "give-up" if now >= steps.give_up_at(since, reminded_at) else "none"

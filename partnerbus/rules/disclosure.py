@@ -183,7 +183,22 @@ ROLE_DISCLOSURE: Mapping[str, Mapping[str, frozenset[Role]]] = MappingProxyType(
             _TO_PARTNER, referral_id=_TO_PARTNER, partner=_TO_PARTNER, reason=_TO_PARTNER
         ),
         "referral-reminder": _fields(
-            _TO_PARTNER, referral_id=_TO_PARTNER, partner=_TO_PARTNER, due_by=_TO_PARTNER
+            _TO_PARTNER,
+            referral_id=_TO_PARTNER,
+            partner=_TO_PARTNER,
+            due_by=_TO_PARTNER,
+            reason=_TO_PARTNER,
+            last_news_at=_TO_PARTNER,
+        ),
+        "referral-stalled": _fields(
+            (_A,),
+            referral_id=(_A,),
+            partner=(_A,),
+            status=(_A,),
+            signal_id=(_A,),
+            need=(_A,),
+            last_news_at=(_A,),
+            reminded_at=(_A,),
         ),
         "referral-status-changed": _fields(
             _LOOP,
@@ -219,6 +234,8 @@ ROLE_DISCLOSURE: Mapping[str, Mapping[str, frozenset[Role]]] = MappingProxyType(
             advisor=(_A,),
             reason=(_A,),
             suggested_partners=(_A,),
+            reminder=(_A,),
+            closes_at=(_A,),
         ),
         "no-partner-found": _fields(
             (_A,),

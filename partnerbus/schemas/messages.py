@@ -3,9 +3,9 @@
 Inbound (partners → bus): Signal, ReferralStatusChanged, CapacityChanged,
 ConsentGranted, ConsentRevoked, ConsentRefused.
 Outbound (bus → a partner's queue): Referral, ReferralWithdrawn, ReferralReminder,
-ConsentRequested, ConsentExpiring, NoPartnerFound, SignalClosed, ReferralStatusChanged
-forwarded to the signal's source and the advisor (the closed loop), and the answers to an
-agency's consent events: ConsentRecorded, ConsentRejected.
+ReferralStalled, ConsentRequested, ConsentExpiring, NoPartnerFound, SignalClosed,
+ReferralStatusChanged forwarded to the signal's source and the advisor (the closed loop),
+and the answers to an agency's consent events: ConsentRecorded, ConsentRejected.
 Each body carries its `type`, so a partner's consumer can tell them apart without headers.
 """
 
@@ -231,6 +231,12 @@ class ConsentRequested(Message):
     reason: str
     """Why consent is needed: missing, expired, revoked, out of scope."""
     suggested_partners: tuple[PartnerId, ...] = ()
+    reminder: bool = False
+    """True on the reminder of a request still unanswered (the needs are still parked);
+    it suggests no partner (the first request did)."""
+    closes_at: Instant | None = None
+    """On a reminder: when the needs close (`SignalClosed` with `consent-not-obtained`)
+    if no consent covers them by then."""
 
 
 class Referral(Message):
@@ -337,10 +343,31 @@ class ReferralWithdrawn(Message):
 
 
 class ReferralReminder(Message):
+    """To a partner, `reason` `no-answer`: the referral still waits for its answer (it
+    expires at `due_by`); `no-news`: it accepted the referral and has sent no news since
+    `last_news_at` (a status by `due_by`, or the advisor is told)."""
+
     type: Literal["referral-reminder"] = "referral-reminder"
     referral_id: MessageId
     partner: PartnerId
     due_by: Instant
+    reason: Literal["no-answer", "no-news"] = "no-answer"
+    last_news_at: Instant | None = None
+    """On a `no-news` reminder: when the partner's last status was recorded."""
+
+
+class ReferralStalled(Message):
+    """To the advisor's agency: a partner accepted this referral, was reminded, and has
+    still sent no news."""
+
+    type: Literal["referral-stalled"] = "referral-stalled"
+    referral_id: MessageId
+    partner: PartnerId
+    status: ReferralStatus
+    signal_id: MessageId
+    need: NeedCode
+    last_news_at: Instant
+    reminded_at: Instant
 
 
 class NoPartnerFound(Message):
@@ -362,7 +389,11 @@ class SignalClosed(Message):
     type: Literal["signal-closed"] = "signal-closed"
     signal_id: MessageId
     need: NeedCode
-    outcome: Literal["consent-refused", "no-partner", "completed", "advisor-decides"]
+    outcome: Literal[
+        "consent-refused", "no-partner", "completed", "advisor-decides", "consent-not-obtained"
+    ]
+    """`consent-not-obtained`: the need waited for the person's consent too long (the
+    advisor was reminded) and closes unreferred."""
     detail: str | None = None
 
 
@@ -391,6 +422,7 @@ OutboundMessage = Annotated[
     Referral
     | ReferralWithdrawn
     | ReferralReminder
+    | ReferralStalled
     | ReferralStatusChanged
     | ConsentRequested
     | ConsentExpiring

@@ -22,7 +22,15 @@ from typing import Concatenate, ParamSpec, Protocol, TypeVar
 
 from partnerbus.directory import Directory
 from partnerbus.ledger.store import LedgerTx, Store
-from partnerbus.rules import DeadlinePolicy, check_pseudonym_key, disclose, recipient_roles
+from partnerbus.rules import (
+    PARKED_FOLLOW_UP,
+    STALLED_FOLLOW_UP,
+    DeadlinePolicy,
+    FollowUpPolicy,
+    check_pseudonym_key,
+    disclose,
+    recipient_roles,
+)
 from partnerbus.schemas import Message
 
 Clock = Callable[[], datetime]
@@ -46,6 +54,10 @@ class Ledger:
     pseudonym_key: bytes
     deadlines: DeadlinePolicy
     consent_notice: timedelta = timedelta(days=14)
+    parked: FollowUpPolicy = PARKED_FOLLOW_UP
+    """A need parked for consent: when the advisor is reminded, when the need closes."""
+    stalled: FollowUpPolicy = STALLED_FOLLOW_UP
+    """An accepted referral with no news: when the partner is reminded, the advisor told."""
 
     def __post_init__(self) -> None:
         check_pseudonym_key(self.pseudonym_key)  # a guessable key makes pseudonyms reversible

@@ -197,7 +197,8 @@ def replay_to_partner(ledger: Ledger, tx: LedgerTx, partner_id: str, body: bytes
     through the outbox, so that it meets the same send-time check as any other message
     and leaves in the ledger's order: a referral only while it still awaits this partner's
     answer under a consent valid now (checked here, and again by the relay); a reminder
-    only while it awaits the answer; a withdrawal whenever its referral was this
+    only while it awaits the answer (a reminder of news, while the referral is still
+    accepted with no news); a withdrawal whenever its referral was this
     partner's. Returns why it is refused (ids and states, no personal data), or None once
     it is in the outbox."""
     try:
@@ -213,7 +214,10 @@ def replay_to_partner(ledger: Ledger, tx: LedgerTx, partner_id: str, body: bytes
             return f"referral {rid} is no longer in the ledger"
         if partner_id != referral.partner_id or partner_id != message.partner:
             return f"referral {rid} was not sent to {partner_id}"
-        if not isinstance(message, ReferralWithdrawn) and referral.status not in AWAITING_ANSWER:
+        if isinstance(message, ReferralReminder) and message.reason == "no-news":
+            if referral.status != "accepted":
+                return f"referral {rid} is {referral.status}: the partner has sent news since"
+        elif not isinstance(message, ReferralWithdrawn) and referral.status not in AWAITING_ANSWER:
             return f"referral {rid} is {referral.status}: it no longer awaits {partner_id}'s answer"
         if isinstance(message, Referral):
             consent = tx.consents.get(referral.consent_id)

@@ -1,6 +1,7 @@
 """Time-driven work (the scheduler's passes): reminders, expiries and their reroute,
-referrals whose consent ran out, consents about to expire, and retention. Each item runs
-in its own savepoint: one that fails is rolled back, logged, counted and tried again."""
+referrals whose consent ran out, consents about to expire, needs parked for consent too
+long, accepted referrals with no news, and retention. Each item runs in its own
+savepoint: one that fails is rolled back, logged, counted and tried again."""
 
 from __future__ import annotations
 
@@ -13,16 +14,36 @@ from datetime import timedelta
 from functools import partial
 
 from partnerbus.errors import describe_error
+from partnerbus.ledger.repos.signals import ParkedNeed
 from partnerbus.ledger.store import LedgerTx, ReferralRow
 from partnerbus.ops.counters import SCHEDULED_ITEM_FAILURES
-from partnerbus.rules import AWAITING_ANSWER, ConsentRecord, deadline_action, expiring_soon
-from partnerbus.schemas import ConsentExpiring, ReferralReminder
+from partnerbus.rules import (
+    AWAITING_ANSWER,
+    ConsentRecord,
+    deadline_action,
+    expiring_soon,
+    follow_up_action,
+)
+from partnerbus.schemas import (
+    ConsentExpiring,
+    ConsentRequested,
+    ReferralReminder,
+    ReferralStalled,
+    SignalClosed,
+)
 from partnerbus.usecases.context import BUS, Ledger, _derived_id, send, use_case
 from partnerbus.usecases.lifecycle import _apply, _withdraw
-from partnerbus.usecases.loop import _notify_status
+from partnerbus.usecases.loop import _notify_status, _tell_source
 from partnerbus.usecases.routing import _reroute
 
 log = logging.getLogger("partnerbus.scheduler")
+
+STALLED_STATUSES: frozenset[str] = frozenset({"accepted"})
+"""Statuses whose silence the stalled-referrals follow-up watches: accepted, and nothing
+since (in progress, on hold, a closing status are news)."""
+CONSENT_NOT_OBTAINED = "consent-not-obtained"
+_INSTANT = timedelta(microseconds=1)
+"""The reads take what started strictly before a bound: one step exactly due is included."""
 
 
 def scheduled_item_failed(task: str, item: str, exc: BaseException) -> None:
@@ -55,15 +76,24 @@ def _isolated(tx: LedgerTx, task: str, item: str, work: Callable[[], bool]) -> b
 def watch_deadlines(ledger: Ledger, tx: LedgerTx) -> dict[str, int]:
     """Remind partners that have not answered; past the deadline, expire and reroute;
     withdraw what a partner has not taken up when its consent runs out; tell the advisor
-    of consents about to expire. Each item runs alone (`_isolated`): one that fails (a
+    of consents about to expire; remind the advisor of needs parked for consent, then
+    close them (`consent-not-obtained`); remind a partner of an accepted referral with no
+    news, then tell the advisor. Each item runs alone (`_isolated`): one that fails (a
     partner gone from the directory, a row that cannot be written) is rolled back, logged,
-    counted and tried again at the next pass; the others are done."""
+    counted and tried again at the next pass; the others are done. Each reminder and
+    closing is recorded in the ledger by a compare-and-set, under an id derived from what
+    it is about: a second pass, or another worker's pass at the same time, sends nothing
+    again."""
     now = ledger.clock()
     counts = {
         "reminded": 0,
         "expired": 0,
         "withdrawn-consent-expired": 0,
         "consents-expiring": 0,
+        "parked-reminded": 0,
+        "parked-closed": 0,
+        "stalled-reminded": 0,
+        "stalled-reported": 0,
         "failed": 0,
     }
 
@@ -116,7 +146,276 @@ def watch_deadlines(ledger: Ledger, tx: LedgerTx) -> dict[str, int]:
                 partial(_notify_consent_expiring, ledger, tx, consent),
             ),
         )
+    _follow_parked(ledger, tx, tally)
+    _follow_stalled(ledger, tx, tally)
     return counts
+
+
+def _follow_parked(ledger: Ledger, tx: LedgerTx, tally: Callable[[str, bool | None], None]) -> None:
+    """Needs parked for consent: the advisor is reminded once per signal (a reminder of
+    the request, with the needs due), then each need closes with `consent-not-obtained`
+    once the reminder's notice has run. With no agency to ask, there is nobody to remind:
+    the need closes when its wait is over."""
+    now = ledger.clock()
+    to_remind: dict[str, list[ParkedNeed]] = {}
+    for need in tx.signals.parked(now - ledger.parked.first_step + _INSTANT):
+        steps = ledger.parked.steps(need.urgency)
+        action = follow_up_action(
+            steps, need.parked_since, need.reminded_at, now, can_remind=need.agency is not None
+        )
+        if action == "remind":
+            to_remind.setdefault(need.signal_id, []).append(need)
+        elif action == "give-up":
+            tally(
+                "parked-closed",
+                _isolated(
+                    tx,
+                    "parked-close",
+                    need.signal_id,
+                    partial(_close_parked, ledger, tx, need),
+                ),
+            )
+    for signal_id, needs in to_remind.items():
+        tally(
+            "parked-reminded",
+            _isolated(
+                tx,
+                "parked-remind",
+                signal_id,
+                partial(_remind_parked, ledger, tx, signal_id, needs),
+            ),
+        )
+
+
+def _remind_parked(ledger: Ledger, tx: LedgerTx, signal_id: str, needs: list[ParkedNeed]) -> bool:
+    """Remind the agency's advisor of the needs of this signal still waiting for consent:
+    each need is marked (once: another pass or worker that got there first wins), and the
+    request is sent again for the needs this pass marked, with when they close."""
+    now = ledger.clock()
+    marked = [
+        n for n in needs if tx.signals.mark_parked_reminded(signal_id, n.need, n.parked_since, now)
+    ]
+    if not marked:
+        return False
+    row = tx.signals.get(signal_id)
+    assert row is not None and row.agency is not None
+    closes_at = min(ledger.parked.steps(n.urgency).give_up_at(n.parked_since, now) for n in marked)
+    needs_codes = tuple(n.need for n in marked)
+    since = min(n.parked_since for n in marked)
+    send(
+        ledger,
+        tx,
+        ConsentRequested(
+            message_id=_derived_id(
+                "consent-reminder",
+                signal_id,
+                *(f"{n.need}@{n.parked_since.isoformat()}" for n in marked),
+            ),
+            occurred_at=now,
+            signal_id=signal_id,
+            source=row.source,
+            person_ref=row.person_ref,
+            commune=row.commune,
+            needs=needs_codes,
+            agency=row.agency,
+            advisor=row.advisor,
+            reason=(
+                f"reminder: no consent since {since:%Y-%m-%d}; the needs close on "
+                f"{closes_at:%Y-%m-%d} without one"
+            ),
+            reminder=True,
+            closes_at=closes_at,
+        ),
+        row.agency,
+    )
+    tx.audit.record(
+        BUS,
+        "consent-reminded",
+        signal_id,
+        now,
+        person_ref=row.person_ref,
+        partner_id=row.agency,
+        why=f"{', '.join(needs_codes)}: parked since {since:%Y-%m-%d}; closes {closes_at:%Y-%m-%d}",
+    )
+    return True
+
+
+def _close_parked(ledger: Ledger, tx: LedgerTx, need: ParkedNeed) -> bool:
+    """The need waited too long for consent: closed (once), and the source and the
+    advisor's agency are told (`SignalClosed` with `consent-not-obtained`). Under the
+    person's lock: a consent granted at the same time either routes the need first (and
+    the close finds it no longer parked) or comes after and finds it closed."""
+    now = ledger.clock()
+    tx.signals.lock_person(need.person_ref)
+    waited = (now - need.parked_since).days
+    detail = (
+        f"no consent {waited} days after it was asked"
+        if need.agency is not None
+        else f"no consent after {waited} days, and no agency covers the commune to ask it"
+    )
+    if not tx.signals.close_parked(
+        need.signal_id, need.need, need.parked_since, "closed", detail, now
+    ):
+        return False
+    row = tx.signals.get(need.signal_id)
+    assert row is not None
+    _tell_source(
+        ledger,
+        tx,
+        row,
+        SignalClosed(
+            message_id=_derived_id(
+                "closed",
+                need.signal_id,
+                need.need,
+                CONSENT_NOT_OBTAINED,
+                need.parked_since.isoformat(),
+            ),
+            occurred_at=now,
+            signal_id=need.signal_id,
+            need=need.need,
+            outcome=CONSENT_NOT_OBTAINED,
+            detail=detail,
+        ),
+    )
+    tx.audit.record(
+        BUS,
+        CONSENT_NOT_OBTAINED,
+        need.signal_id,
+        now,
+        person_ref=need.person_ref,
+        partner_id=need.agency,
+        why=f"{need.need}: parked since {need.parked_since:%Y-%m-%d}; {detail}",
+    )
+    return True
+
+
+def _follow_stalled(
+    ledger: Ledger, tx: LedgerTx, tally: Callable[[str, bool | None], None]
+) -> None:
+    """Accepted referrals with no news since (`updated_at`, the last status recorded): the
+    partner is reminded once, then the advisor's agency is told once the reminder's
+    notice has run."""
+    now = ledger.clock()
+    for referral in tx.referrals.quiet(
+        STALLED_STATUSES, now - ledger.stalled.first_step + _INSTANT
+    ):
+        steps = ledger.stalled.steps(referral.urgency)
+        action = follow_up_action(steps, referral.updated_at, referral.stalled_reminded_at, now)
+        if action == "remind":
+            tally(
+                "stalled-reminded",
+                _isolated(
+                    tx,
+                    "stalled-remind",
+                    referral.referral_id,
+                    partial(_remind_stalled, ledger, tx, referral),
+                ),
+            )
+        elif action == "give-up":
+            tally(
+                "stalled-reported",
+                _isolated(
+                    tx,
+                    "stalled-report",
+                    referral.referral_id,
+                    partial(_report_stalled, ledger, tx, referral),
+                ),
+            )
+
+
+def _remind_stalled(ledger: Ledger, tx: LedgerTx, referral: ReferralRow) -> bool:
+    now = ledger.clock()
+    if not tx.referrals.mark_stalled(
+        referral.referral_id, referral.status, referral.updated_at, "stalled_reminded_at", now
+    ):
+        return False
+    due_by = ledger.stalled.steps(referral.urgency).give_up_at(referral.updated_at, now)
+    send(
+        ledger,
+        tx,
+        ReferralReminder(
+            message_id=_derived_id(
+                "news-reminder", referral.referral_id, referral.updated_at.isoformat()
+            ),
+            occurred_at=now,
+            referral_id=referral.referral_id,
+            partner=referral.partner_id,
+            due_by=due_by,
+            reason="no-news",
+            last_news_at=referral.updated_at,
+        ),
+        referral.partner_id,
+        referral_id=referral.referral_id,
+    )
+    tx.audit.record(
+        BUS,
+        "referral-news-reminded",
+        referral.referral_id,
+        now,
+        partner_id=referral.partner_id,
+        why=(
+            f"{referral.status} with no news since {referral.updated_at:%Y-%m-%d}; "
+            f"the advisor is told on {due_by:%Y-%m-%d}"
+        ),
+    )
+    return True
+
+
+def _report_stalled(ledger: Ledger, tx: LedgerTx, referral: ReferralRow) -> bool:
+    now = ledger.clock()
+    if not tx.referrals.mark_stalled(
+        referral.referral_id, referral.status, referral.updated_at, "stalled_reported_at", now
+    ):
+        return False
+    row = tx.signals.get(referral.signal_id)
+    assert row is not None
+    # The advisor's agency is told; with none following the person, nobody is (the
+    # source may be a creditor, who never hears how a partner's work goes: DISCLOSURE.md).
+    target = row.agency
+    if target is None:
+        tx.audit.record(
+            BUS,
+            "referral-stalled",
+            referral.referral_id,
+            now,
+            partner_id=referral.partner_id,
+            why=f"{referral.partner_id}: no news; no agency follows the person, nobody told",
+        )
+        return True
+    send(
+        ledger,
+        tx,
+        ReferralStalled(
+            message_id=_derived_id(
+                "stalled", referral.referral_id, referral.updated_at.isoformat()
+            ),
+            occurred_at=now,
+            referral_id=referral.referral_id,
+            partner=referral.partner_id,
+            status=referral.status,
+            signal_id=referral.signal_id,
+            need=referral.need,
+            last_news_at=referral.updated_at,
+            reminded_at=referral.stalled_reminded_at or now,
+        ),
+        target,
+        source=row.source,
+        agency=row.agency,
+    )
+    tx.audit.record(
+        BUS,
+        "referral-stalled",
+        referral.referral_id,
+        now,
+        partner_id=target,
+        why=(
+            f"{referral.partner_id}: {referral.status} with no news since "
+            f"{referral.updated_at:%Y-%m-%d}, reminded "
+            f"{(referral.stalled_reminded_at or now):%Y-%m-%d}"
+        ),
+    )
+    return True
 
 
 def _remind(ledger: Ledger, tx: LedgerTx, referral: ReferralRow) -> bool:

@@ -29,8 +29,15 @@ ADDED_AFTER_FIRST_RELEASE = {
 """Indexes tables.py gained after ledgers were first deployed: `create_all` never added
 them to an existing ledger."""
 
-SINCE_BASELINE = {("outbox", "priority")}
-"""Columns later revisions added (0002: the outbox's priority); a ledger from before
+SINCE_BASELINE = {
+    ("outbox", "priority"),
+    ("signal_needs", "parked_since"),
+    ("signal_needs", "reminded_at"),
+    ("referrals", "stalled_reminded_at"),
+    ("referrals", "stalled_reported_at"),
+}
+"""Columns later revisions added (0002: the outbox's priority; 0004: the follow-ups of
+parked needs and stalled referrals); a ledger from before
 migrations never had them, nor the indexes over them."""
 
 INDEXES_SINCE_BASELINE = {"ix_referrals_partner_status"}

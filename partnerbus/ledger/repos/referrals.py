@@ -47,6 +47,8 @@ class ReferralRow:
     reminded: bool
     closed_at: datetime | None
     anonymised_at: datetime | None
+    stalled_reminded_at: datetime | None = None
+    stalled_reported_at: datetime | None = None
 
 
 class ReferralRepository(Repository):
@@ -101,6 +103,42 @@ class ReferralRepository(Repository):
             .order_by(t.referrals.c.due_at, t.referrals.c.referral_id)
         )
         return [row_of(ReferralRow, r) for r in rows]
+
+    def quiet(self, statuses: frozenset[str], news_before: datetime) -> list[ReferralRow]:
+        """Referrals in `statuses` with no news since before `news_before` (their last news
+        is `updated_at`) whose advisor has not yet been told they stalled, for the
+        stalled-referrals follow-up."""
+        rows = self.conn.execute(
+            select(t.referrals)
+            .where(
+                t.referrals.c.status.in_(statuses),
+                t.referrals.c.updated_at < news_before,
+                t.referrals.c.stalled_reported_at.is_(None),
+            )
+            .order_by(t.referrals.c.updated_at, t.referrals.c.referral_id)
+        )
+        return [row_of(ReferralRow, r) for r in rows]
+
+    def mark_stalled(
+        self, referral_id: str, status: str, last_news: datetime, column: str, now: datetime
+    ) -> bool:
+        """Record a step of the stalled-referral follow-up (`column`: stalled_reminded_at
+        or stalled_reported_at), once: False if the referral has had news since
+        `last_news` (its status or `updated_at` moved) or the step was taken already
+        (another pass, another worker)."""
+        c = t.referrals.c
+        return bool(
+            self.conn.execute(
+                update(t.referrals)
+                .where(
+                    c.referral_id == referral_id,
+                    c.status == status,
+                    c.updated_at == last_news,
+                    c[column].is_(None),
+                )
+                .values({column: now})
+            ).rowcount
+        )
 
     def update(self, referral_id: str, expected_status: str, **values: Any) -> None:
         """Compare-and-set: write only if the referral is still `expected_status` (the

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import bindparam, func, select, update
+from sqlalchemy import and_, bindparam, case, func, select, update
+from sqlalchemy.dialects import postgresql, sqlite
 
 from partnerbus.ledger import tables as t
 from partnerbus.ledger.repos.base import Repository, row_of
@@ -25,6 +27,42 @@ PARKED = (
     .where(t.signals.c.person_ref == bindparam("person_ref"), t.signal_needs.c.state == "parked")
     .order_by(t.signals.c.received_at, t.signal_needs.c.signal_id, t.signal_needs.c.need)
 )
+
+
+@dataclass(frozen=True)
+class ParkedNeed:
+    """A need waiting for the person's consent, as the parked-needs follow-up reads it."""
+
+    signal_id: str
+    need: str
+    person_ref: str
+    urgency: str
+    agency: str | None
+    parked_since: datetime
+    reminded_at: datetime | None
+
+
+@functools.cache
+def _park_statement(dialect_name: str) -> Any:
+    """Upsert of a need parked: a need already parked keeps when it began to wait and its
+    reminder (a grant that routes other needs parks it again: its wait goes on); one that
+    comes back to the consent gate (withdrawn, then rerouted) starts a new wait."""
+    dialect = postgresql if dialect_name == "postgresql" else sqlite
+    statement = dialect.insert(t.signal_needs)
+    needs = t.signal_needs.c
+    already = and_(needs.state == "parked", needs.parked_since.is_not(None))
+    return statement.on_conflict_do_update(
+        index_elements=["signal_id", "need"],
+        set_={
+            "state": statement.excluded.state,
+            "detail": statement.excluded.detail,
+            "updated_at": statement.excluded.updated_at,
+            "parked_since": case(
+                (already, needs.parked_since), else_=statement.excluded.updated_at
+            ),
+            "reminded_at": case((already, needs.reminded_at), else_=None),
+        },
+    )
 
 
 @dataclass(frozen=True)
@@ -92,6 +130,20 @@ class SignalRepository(Repository):
     def set_need_state(
         self, signal_id: str, need: str, state: str, detail: str | None, now: datetime
     ) -> None:
+        if state == "parked":
+            self.conn.execute(
+                _park_statement(self.conn.dialect.name),
+                {
+                    "signal_id": signal_id,
+                    "need": need,
+                    "state": state,
+                    "detail": detail,
+                    "updated_at": now,
+                    "parked_since": now,
+                    "reminded_at": None,
+                },
+            )
+            return
         self._upsert(
             t.signal_needs,
             {"signal_id": signal_id, "need": need},
@@ -117,3 +169,62 @@ class SignalRepository(Repository):
         """(signal_id, need) pairs of this person waiting for consent, oldest first."""
         rows = self.conn.execute(PARKED, {"person_ref": person_ref})
         return [(r.signal_id, r.need) for r in rows]
+
+    def parked(self, since_before: datetime) -> list[ParkedNeed]:
+        """The needs waiting for consent since before `since_before`, oldest wait first
+        (the follow-up's reads)."""
+        needs = t.signal_needs.c
+        rows = self.conn.execute(
+            select(
+                needs.signal_id,
+                needs.need,
+                t.signals.c.person_ref,
+                t.signals.c.urgency,
+                t.signals.c.agency,
+                needs.parked_since,
+                needs.reminded_at,
+            )
+            .join(t.signals, t.signals.c.signal_id == needs.signal_id)
+            .where(needs.state == "parked", needs.parked_since < since_before)
+            .order_by(needs.parked_since, needs.signal_id, needs.need)
+        )
+        return [row_of(ParkedNeed, r) for r in rows]
+
+    def mark_parked_reminded(
+        self, signal_id: str, need: str, since: datetime, now: datetime
+    ) -> bool:
+        """Record the advisor's reminder of this wait, once: False if the need is no
+        longer parked since `since` or was reminded already (another pass, another worker)."""
+        needs = t.signal_needs.c
+        return bool(
+            self.conn.execute(
+                update(t.signal_needs)
+                .where(
+                    needs.signal_id == signal_id,
+                    needs.need == need,
+                    needs.state == "parked",
+                    needs.parked_since == since,
+                    needs.reminded_at.is_(None),
+                )
+                .values(reminded_at=now)
+            ).rowcount
+        )
+
+    def close_parked(
+        self, signal_id: str, need: str, since: datetime, state: str, detail: str, now: datetime
+    ) -> bool:
+        """Close a need that waited for consent since `since`, once: False if it is no
+        longer parked (a consent released it, another pass or worker closed it)."""
+        needs = t.signal_needs.c
+        return bool(
+            self.conn.execute(
+                update(t.signal_needs)
+                .where(
+                    needs.signal_id == signal_id,
+                    needs.need == need,
+                    needs.state == "parked",
+                    needs.parked_since == since,
+                )
+                .values(state=state, detail=detail, updated_at=now)
+            ).rowcount
+        )

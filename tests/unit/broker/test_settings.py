@@ -5,11 +5,18 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
+from datetime import timedelta
 
 import pytest
 
-from partnerbus.entrypoints.bootstrap import create_app
-from partnerbus.rules import PseudonymKeyError, check_pseudonym_key
+from partnerbus.entrypoints.bootstrap import create_app, parked_policy, stalled_policy
+from partnerbus.rules import (
+    PARKED_FOLLOW_UP,
+    STALLED_FOLLOW_UP,
+    FollowUpSteps,
+    PseudonymKeyError,
+    check_pseudonym_key,
+)
 from partnerbus.settings import Settings
 
 
@@ -58,6 +65,21 @@ def test_the_defaults_are_the_documented_ones(tmp_path, monkeypatch) -> None:
         24,
     )
     assert (s.retention_days, s.free_text_retention_days) == (730, 90)
+    assert parked_policy(s) == PARKED_FOLLOW_UP
+    assert stalled_policy(s) == STALLED_FOLLOW_UP
+
+
+def test_the_follow_up_periods_come_from_the_environment(bare_environment, monkeypatch) -> None:
+    """`PARTNERBUS_PARKED_*` and `PARTNERBUS_STALLED_*` set the follow-ups per urgency; steps out of order are refused, naming the variables."""
+    monkeypatch.setenv("PARTNERBUS_PARKED_ASAP_REMIND_HOURS", "6")
+    monkeypatch.setenv("PARTNERBUS_PARKED_ASAP_CLOSE_HOURS", "48")
+    monkeypatch.setenv("PARTNERBUS_STALLED_URGENT_REPORT_HOURS", "400")
+    s = Settings()
+    assert parked_policy(s).asap == FollowUpSteps(timedelta(hours=6), timedelta(hours=48))
+    assert stalled_policy(s).urgent == FollowUpSteps(timedelta(days=14), timedelta(hours=400))
+    monkeypatch.setenv("PARTNERBUS_STALLED_ROUTINE_REPORT_HOURS", "100")
+    with pytest.raises(ValueError, match="PARTNERBUS_STALLED_ROUTINE_"):
+        stalled_policy(Settings())
 
 
 @pytest.fixture

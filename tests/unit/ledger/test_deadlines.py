@@ -9,10 +9,14 @@ import pytest
 from partnerbus.rules import (
     DORA_DEADLINES,
     OPEN,
+    PARKED_FOLLOW_UP,
+    STALLED_FOLLOW_UP,
     TERMINAL,
     DeadlineAction,
     DeadlinePolicy,
+    FollowUpSteps,
     deadline_action,
+    follow_up_action,
 )
 
 SENT = datetime(2026, 3, 2, 9, 0, tzinfo=UTC)
@@ -121,3 +125,71 @@ def test_every_action_says_why() -> None:
     action = deadline_action("received", "routine", SENT, False, SENT + timedelta(days=31), POLICY)
     assert action == DeadlineAction("expire", "no answer by 2026-04-01T09:00+00:00")
     assert deadline_action("accepted", "routine", SENT, False, SENT, POLICY).reason
+
+
+# follow-ups: parked needs and stalled referrals -------------------------------------------
+
+STEPS = FollowUpSteps(remind=timedelta(days=7), give_up=timedelta(days=30))
+
+
+@pytest.mark.parametrize(
+    ("elapsed", "reminded_after", "expected"),
+    [
+        (timedelta(days=6, hours=23), None, "none"),
+        (timedelta(days=7), None, "remind"),
+        (timedelta(days=40), None, "remind"),  # a late pass reminds first, never closes at once
+        (timedelta(days=29), timedelta(days=7), "none"),
+        (timedelta(days=30), timedelta(days=7), "give-up"),
+        (timedelta(days=62), timedelta(days=40), "none"),  # the reminder keeps its notice
+        (timedelta(days=63), timedelta(days=40), "give-up"),
+    ],
+)
+def test_a_follow_up_reminds_once_then_gives_up_after_the_notice(
+    elapsed: timedelta, reminded_after: timedelta | None, expected: str
+) -> None:
+    """Remind at `remind`; give up at `give_up`, and never sooner after the reminder than the notice between the two steps (23 days here)."""
+    reminded_at = SENT + reminded_after if reminded_after is not None else None
+    assert follow_up_action(STEPS, SENT, reminded_at, SENT + elapsed) == expected
+
+
+def test_with_nobody_to_remind_a_follow_up_gives_up_at_its_time() -> None:
+    """No agency to remind: nothing at 7 days, give up at 30."""
+    at = SENT + timedelta(days=7)
+    assert follow_up_action(STEPS, SENT, None, at, can_remind=False) == "none"
+    at = SENT + timedelta(days=30)
+    assert follow_up_action(STEPS, SENT, None, at, can_remind=False) == "give-up"
+
+
+def test_the_default_follow_ups_are_shorter_for_more_urgent_needs() -> None:
+    """Parked: remind 7/3/1 days, close 30/14/7; stalled: remind 30/14/7, report 45/21/10."""
+    for policy in (PARKED_FOLLOW_UP, STALLED_FOLLOW_UP):
+        routine, urgent, asap = (policy.steps(u) for u in ("routine", "urgent", "asap"))
+        assert routine.remind > urgent.remind > asap.remind
+        assert routine.give_up > urgent.give_up > asap.give_up
+    assert PARKED_FOLLOW_UP.steps("routine") == FollowUpSteps(timedelta(days=7), timedelta(days=30))
+    assert STALLED_FOLLOW_UP.steps("asap") == FollowUpSteps(timedelta(days=7), timedelta(days=10))
+    assert (PARKED_FOLLOW_UP.first_step, STALLED_FOLLOW_UP.first_step) == (
+        timedelta(days=1),
+        timedelta(days=7),
+    ), "the passes read only what started before the shortest first step"
+
+
+@pytest.mark.parametrize(
+    ("remind", "give_up", "error"),
+    [
+        (timedelta(0), timedelta(days=1), "positive"),
+        (timedelta(days=3), timedelta(days=3), "after the reminder"),
+        (timedelta(days=3), timedelta(days=2), "after the reminder"),
+    ],
+)
+def test_follow_up_steps_must_come_in_order(
+    remind: timedelta, give_up: timedelta, error: str
+) -> None:
+    """A reminder after a positive time, and the last step after it: else a clear error."""
+    with pytest.raises(ValueError, match=error):
+        FollowUpSteps(remind, give_up)
+
+
+def test_an_unknown_urgency_has_no_follow_up() -> None:
+    with pytest.raises(ValueError, match="unknown urgency"):
+        PARKED_FOLLOW_UP.steps("stat")

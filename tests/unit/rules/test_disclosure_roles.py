@@ -43,6 +43,7 @@ from partnerbus.schemas import (
     Profile,
     Referral,
     ReferralReminder,
+    ReferralStalled,
     ReferralStatusChanged,
     ReferralWithdrawn,
     SignalClosed,
@@ -152,8 +153,14 @@ def outbound_messages(draw: st.DrawFn) -> BaseModel:
             reason=draw(st.sampled_from(("consent-revoked", "consent-expired"))),
         )
     if kind == "referral-reminder":
+        news = draw(st.booleans())
         return ReferralReminder(
-            **envelope, referral_id=draw(ids), partner=draw(partner_ids), due_by=NOW
+            **envelope,
+            referral_id=draw(ids),
+            partner=draw(partner_ids),
+            due_by=NOW,
+            reason="no-news" if news else "no-answer",
+            last_news_at=NOW - timedelta(days=30) if news else None,
         )
     if kind == "referral-status-changed":
         status = draw(st.sampled_from(("accepted", "rejected", "completed", "expired")))
@@ -189,6 +196,8 @@ def outbound_messages(draw: st.DrawFn) -> BaseModel:
             advisor=maybe(st.just("s.benali")),
             reason="missing",
             suggested_partners=("ccas-roubaix",),
+            reminder=draw(st.booleans()),
+            closes_at=maybe(st.just(NOW + timedelta(days=7))),
         )
     if kind == "no-partner-found":
         return NoPartnerFound(
@@ -222,6 +231,17 @@ def outbound_messages(draw: st.DrawFn) -> BaseModel:
             person_ref=maybe(st.just("T-" + draw(ids))),
             agency="lmh-agence-roubaix",
             reason=draw(text),
+        )
+    if kind == "referral-stalled":
+        return ReferralStalled(
+            **envelope,
+            referral_id=draw(ids),
+            partner="ccas-roubaix",
+            status="accepted",
+            signal_id=draw(ids),
+            need=NEED,
+            last_news_at=NOW - timedelta(days=40),
+            reminded_at=NOW - timedelta(days=10),
         )
     assert kind == "consent-expiring"
     return ConsentExpiring(
