@@ -10,8 +10,10 @@ tests and for partners who test against us.
 from __future__ import annotations
 
 import logging
+import os
 import random
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
@@ -140,6 +142,7 @@ class Store:
         self.url = url
         self.engine = _engine(url, schema=schema, echo=echo)
         self.is_sqlite = self.engine.dialect.name == "sqlite"
+        self._write_gate = _write_gate(self.engine) if self.is_sqlite else None
 
     def create_all(self) -> None:
         """Bring the schema to this version's (Alembic's head): the same migrations as
@@ -165,7 +168,14 @@ class Store:
             with self.read() as tx:
                 yield tx
             return
-        with self.engine.begin() as conn:
+        if self._write_gate is None:
+            with self.engine.begin() as conn:
+                yield LedgerTx(conn)
+            return
+        # SQLite: the threads of this process take turns on the file's write lock here,
+        # woken as soon as it is free, rather than in SQLite's busy handler, which sleeps
+        # up to 100 ms between tries (other processes still meet that handler).
+        with self._write_gate, self.engine.begin() as conn:
             yield LedgerTx(conn)
 
     @contextmanager
@@ -440,6 +450,21 @@ def _error_code(exc: BaseException) -> str:
     if isinstance(exc, DBAPIError):
         return f"{type(exc.orig).__name__} {getattr(exc.orig, 'sqlstate', '')}".strip()
     return type(exc).__name__
+
+
+_GATES: dict[str, threading.RLock] = {}
+_GATES_LOCK = threading.Lock()
+
+
+def _write_gate(engine: Engine) -> threading.RLock:
+    """One lock per SQLite file in this process, shared by every `Store` on it (an
+    in-memory database has its own)."""
+    database = engine.url.database
+    if not database or database == ":memory:":
+        return threading.RLock()
+    key = os.path.realpath(database)
+    with _GATES_LOCK:
+        return _GATES.setdefault(key, threading.RLock())
 
 
 def _wal(cursor: Any, wait_s: float = 30.0) -> None:
