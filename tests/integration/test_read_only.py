@@ -93,3 +93,34 @@ def test_sqlite_writers_of_one_process_take_turns_at_the_write_gate(tmp_path) ->
         a.join(10)
         first.dispose()
         second.dispose()
+
+
+def test_a_writer_held_at_the_gate_too_long_fails_as_transient(tmp_path, monkeypatch) -> None:
+    """The gate waits as long as SQLite's busy timeout would, then fails like it: "database is locked", a transient failure (the message is retried, never dead-lettered for it)."""
+    from partnerbus.handlers.delivery import is_transient
+    from partnerbus.ledger import store as store_module
+
+    monkeypatch.setattr(store_module, "WRITE_WAIT_S", 0.05)
+    url = f"sqlite:///{tmp_path / 'gate.db'}"
+    first, second = Store(url), Store(url)
+    first.create_all()
+    holding = threading.Event()
+    release = threading.Event()
+
+    def writer() -> None:
+        with first.begin():
+            holding.set()
+            release.wait(10)
+
+    a = threading.Thread(target=writer)
+    a.start()
+    try:
+        assert holding.wait(10)
+        with pytest.raises(DBAPIError, match="database is locked") as failed, second.begin():
+            pass
+        assert is_transient(failed.value)
+    finally:
+        release.set()
+        a.join(10)
+        first.dispose()
+        second.dispose()
