@@ -10,8 +10,10 @@ tests and for partners who test against us.
 from __future__ import annotations
 
 import logging
+import os
 import random
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
@@ -31,7 +33,7 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.pool import StaticPool
 
 from partnerbus.ledger import tables as t
@@ -140,6 +142,7 @@ class Store:
         self.url = url
         self.engine = _engine(url, schema=schema, echo=echo)
         self.is_sqlite = self.engine.dialect.name == "sqlite"
+        self._write_gate = _write_gate(self.engine) if self.is_sqlite else None
 
     def create_all(self) -> None:
         """Bring the schema to this version's (Alembic's head): the same migrations as
@@ -165,8 +168,22 @@ class Store:
             with self.read() as tx:
                 yield tx
             return
-        with self.engine.begin() as conn:
-            yield LedgerTx(conn)
+        if self._write_gate is None:
+            with self.engine.begin() as conn:
+                yield LedgerTx(conn)
+            return
+        # SQLite: the threads of this process take turns on the file's write lock here,
+        # woken as soon as it is free, rather than in SQLite's busy handler, which sleeps
+        # up to 100 ms between tries (other processes still meet that handler).
+        if not self._write_gate.acquire(timeout=WRITE_WAIT_S):
+            # as SQLite's own busy timeout would say (a transient failure: retried)
+            msg = f"database is locked (another writer of this process held it {WRITE_WAIT_S} s)"
+            raise OperationalError("BEGIN IMMEDIATE", {}, sqlite3.OperationalError(msg))
+        try:
+            with self.engine.begin() as conn:
+                yield LedgerTx(conn)
+        finally:
+            self._write_gate.release()
 
     @contextmanager
     def read(self) -> Iterator[LedgerTx]:
@@ -442,6 +459,25 @@ def _error_code(exc: BaseException) -> str:
     return type(exc).__name__
 
 
+WRITE_WAIT_S = 30
+"""How long a writer waits for the file's write lock: at the gate, then in SQLite's busy
+handler (`busy_timeout`), as long as before the gate."""
+
+_GATES: dict[str, threading.RLock] = {}
+_GATES_LOCK = threading.Lock()
+
+
+def _write_gate(engine: Engine) -> threading.RLock:
+    """One lock per SQLite file in this process, shared by every `Store` on it (an
+    in-memory database has its own)."""
+    database = engine.url.database
+    if not database or database == ":memory:":
+        return threading.RLock()
+    key = os.path.realpath(database)
+    with _GATES_LOCK:
+        return _GATES.setdefault(key, threading.RLock())
+
+
 def _wal(cursor: Any, wait_s: float = 30.0) -> None:
     """Switch the file to WAL (a property of the file, kept once set). Two workers opening
     a new file at once race to switch it, and the loser gets "database is locked" at once,
@@ -466,7 +502,7 @@ def _engine(url: str, *, schema: str | None, echo: bool) -> Engine:
             url,
             echo=echo,
             hide_parameters=True,  # bound values (a person, a phone, a note) stay out of errors
-            connect_args={"check_same_thread": False, "timeout": 30},
+            connect_args={"check_same_thread": False, "timeout": WRITE_WAIT_S},
             poolclass=StaticPool if in_memory else None,
         )
 
@@ -476,7 +512,7 @@ def _engine(url: str, *, schema: str | None, echo: bool) -> Engine:
             # is the real one; WAL lets readers run beside the one writer.
             dbapi_conn.isolation_level = None
             cursor = dbapi_conn.cursor()
-            cursor.execute("PRAGMA busy_timeout=30000")
+            cursor.execute(f"PRAGMA busy_timeout={WRITE_WAIT_S * 1000}")
             if not in_memory:
                 _wal(cursor)
             # Every commit reaches the disk before the broker is told (an ack, a publish):
