@@ -1,7 +1,8 @@
 """The message contracts of the bus.
 
 Inbound (partners → bus): Signal, ReferralStatusChanged, CapacityChanged,
-ConsentGranted, ConsentRevoked, ConsentRefused.
+ConsentGranted, ConsentRevoked, ConsentRefused, and the advisor's decisions from her
+agency: ReferralCancelled, NeedDirected.
 Outbound (bus → a partner's queue): Referral, ReferralWithdrawn, ReferralReminder,
 ReferralStalled, ConsentRequested, ConsentExpiring, NoPartnerFound, SignalClosed,
 ReferralStatusChanged forwarded to the signal's source and the advisor (the closed loop),
@@ -172,6 +173,40 @@ class ConsentRefused(Message):
     """Needs refused; empty means all needs of the signal."""
     collected_by: Annotated[str, Field(min_length=2, max_length=80)]
     agency: PartnerId
+
+
+class ReferralCancelled(Message):
+    """The advisor's decision, from her agency: cancel this referral (the person moved, the
+    need is met elsewhere...). The partner is told to drop it (`ReferralWithdrawn`, reason
+    `signal-cancelled`) if it may have received it; the source and the advisor hear the
+    status `cancelled`; the need closes. Only the agency that follows the signal decides."""
+
+    type: Literal["referral-cancelled"] = "referral-cancelled"
+    referral_id: MessageId
+    agency: PartnerId
+    decided_by: Annotated[str, Field(min_length=2, max_length=80)]
+    """The advisor who decided (one of the agency's advisors)."""
+    reason: Annotated[str, Field(min_length=3, max_length=500)]
+    """Why, in the advisor's words: kept in the referral's history and told to her agency,
+    never to the partner."""
+
+
+class NeedDirected(Message):
+    """The advisor's decision, from her agency: send this need of the signal to the partner
+    she chose, among those the directory has an agreement with that cover the need in the
+    person's commune (the directory's ranking is advice: the referral's `why` gives it).
+    Refused while the need has an open referral (cancel it first) and when the person's
+    consent does not cover the partner (record her consent first)."""
+
+    type: Literal["need-directed"] = "need-directed"
+    signal_id: MessageId
+    need: NeedCode
+    partner: PartnerId
+    """The partner the advisor chose."""
+    agency: PartnerId
+    decided_by: Annotated[str, Field(min_length=2, max_length=80)]
+    note: ShortText | None = None
+    """Why this partner, in the advisor's words (kept in the history, not sent on)."""
 
 
 ConsentEvent = Literal["consent-granted", "consent-revoked", "consent-refused"]
@@ -416,8 +451,11 @@ class ConsentExpiring(Message):
 
 StatusMessage = Annotated[ReferralStatusChanged | CapacityChanged, Field(discriminator="type")]
 ConsentMessage = Annotated[
-    ConsentGranted | ConsentRevoked | ConsentRefused, Field(discriminator="type")
+    ConsentGranted | ConsentRevoked | ConsentRefused | ReferralCancelled | NeedDirected,
+    Field(discriminator="type"),
 ]
+"""What an agency publishes on the consents exchange: its consent events and its
+advisors' decisions on the referrals of the signals it follows."""
 OutboundMessage = Annotated[
     Referral
     | ReferralWithdrawn

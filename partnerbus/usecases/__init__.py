@@ -1,7 +1,8 @@
 """The use cases of the bus, one module per verb family: `signals` (receive a signal),
-`consents` (grant, refuse, revoke), `statuses` (a referral's status, a partner's
-capacity), `delivery` (the outbox's last check, the broker's confirm, a dead letter sent
-again), `schedule` (deadlines, consents running out, retention).
+`consents` (grant, refuse, revoke), `decisions` (the advisor's: cancel a referral, send a
+need to the partner she chose), `statuses` (a referral's status, a partner's capacity),
+`delivery` (the outbox's last check, the broker's confirm, a dead letter sent again),
+`schedule` (deadlines, consents running out, retention).
 
 Each runs inside one ledger transaction, through the wrappers of `context`: the clock
 read once (one `now` per transaction) and, for a message from a queue, the dedupe mark.
@@ -25,6 +26,7 @@ from partnerbus.usecases.consents import (
     revoke_consent,
 )
 from partnerbus.usecases.context import BUS, DIRECTORY_UPDATES_KEY, Clock, Ledger, intake, use_case
+from partnerbus.usecases.decisions import cancel_referral, direct_need
 from partnerbus.usecases.delivery import (
     DEAD_LETTER_REFUSED,
     OUTBOUND,
@@ -66,11 +68,13 @@ __all__ = [
     "SendReferral",
     "answer_refusal",
     "apply_retention",
+    "cancel_referral",
     "check_consent",
     "check_signal",
     "clear_to_send",
     "count_refused_dead_letter",
     "decide_routing",
+    "direct_need",
     "grant_consent",
     "intake",
     "mark_delivered",

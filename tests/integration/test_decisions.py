@@ -1,0 +1,234 @@
+"""The advisor's decisions from her agency: a referral cancelled with a reason, a need sent
+to the partner she chose (SQLite and PostgreSQL, without a broker)."""
+
+from __future__ import annotations
+
+import pytest
+
+from partnerbus import usecases
+from partnerbus.directory import match
+from partnerbus.ledger.store import Store
+from partnerbus.schemas import NeedDirected, ReferralCancelled
+from partnerbus.usecases import Ledger, Refused
+from tests.conftest import make_ledger
+from tests.integration.test_usecases import (
+    ARREARS,
+    ROUBAIX,
+    a_consent,
+    a_signal,
+    answer,
+    claim_and_send,
+    mid,
+    run,
+    sent,
+)
+
+AGENCY = "lmh-agence-roubaix"
+SOURCE = "lmh-recouvrement"
+
+
+@pytest.fixture
+def ledger(store: Store) -> Ledger:
+    return make_ledger(store)
+
+
+def a_referral(ledger: Ledger, **consent) -> dict:
+    run(ledger, usecases.grant_consent, a_consent(ledger, **consent))
+    run(ledger, usecases.receive_signal, a_signal(ledger))
+    return sent(ledger, "referral")[-1][1]
+
+
+def cancellation(
+    ledger: Ledger, referral_id: str, agency: str = AGENCY, by: str = "s.benali"
+) -> ReferralCancelled:
+    return ReferralCancelled(
+        message_id=mid("cancel"),
+        occurred_at=ledger.clock(),
+        referral_id=referral_id,
+        agency=agency,
+        decided_by=by,
+        reason="the person moved to Lille",
+    )
+
+
+def signal_of(ledger: Ledger, referral: dict) -> str:
+    row = ledger.store.referral(referral["referral_id"])
+    assert row is not None
+    return row.signal_id
+
+
+class TestCancel:
+    def test_the_advisor_cancels_a_sent_referral_and_the_partner_drops_it(
+        self, ledger: Ledger
+    ) -> None:
+        """Sent and accepted: cancelled, the partner gets ReferralWithdrawn (signal-cancelled, never the advisor's words), the source and agency hear `cancelled` (the reason only to the agency), the need closes, the audit names the advisor."""
+        referral = a_referral(ledger)
+        claim_and_send(ledger)
+        answer(ledger, referral, "accepted")
+        assert run(ledger, usecases.cancel_referral, cancellation(ledger, referral["referral_id"]))
+        rid = referral["referral_id"]
+        assert ledger.store.referral(rid).status == "cancelled"
+        ((key, withdrawn),) = sent(ledger, "referral-withdrawn")
+        assert key == referral["partner"]
+        assert withdrawn["reason"] == "signal-cancelled"
+        assert "Lille" not in str(withdrawn)
+        told = {
+            key: body
+            for key, body in sent(ledger, "referral-status-changed")
+            if body["status"] == "cancelled"
+        }
+        assert set(told) == {SOURCE, AGENCY}
+        assert "moved to Lille" in told[AGENCY]["note"]
+        assert "moved to Lille" not in str(told[SOURCE])
+        history = ledger.store.history(rid)
+        assert history[-1]["to_status"] == "cancelled"
+        assert history[-1]["actor"] == "s.benali"
+        (audit,) = [a for a in ledger.store.audit_trail(rid) if a.action == "referral-cancelled"]
+        assert audit.actor == "s.benali"
+        assert "Lille" not in (audit.why or "")
+        with ledger.store.begin() as tx:
+            assert tx.signals.need_states(signal_of(ledger, referral))[ARREARS] == "closed"
+
+    def test_a_referral_cancelled_before_it_left_is_withheld(self, ledger: Ledger) -> None:
+        """Not yet picked up by a relay: its outbox row is dropped, the partner never hears of it."""
+        referral = a_referral(ledger)
+        run(ledger, usecases.cancel_referral, cancellation(ledger, referral["referral_id"]))
+        assert sent(ledger, "referral") == []
+        assert sent(ledger, "referral-withdrawn") == []
+        actions = [a.why for a in ledger.store.audit_trail(referral["referral_id"])]
+        assert any("never received it" in (why or "") for why in actions)
+
+    def test_another_agency_may_not_cancel(self, ledger: Ledger) -> None:
+        referral = a_referral(ledger)
+        other = cancellation(ledger, referral["referral_id"], "lmh-agence-lille-sud", "a.martin")
+        with pytest.raises(Refused, match="not followed by 'lmh-agence-lille-sud'"):
+            run(ledger, usecases.cancel_referral, other)
+        assert ledger.store.referral(referral["referral_id"]).status == "requested"
+
+    def test_a_partner_without_advisors_may_not_cancel(self, ledger: Ledger) -> None:
+        referral = a_referral(ledger)
+        partner = cancellation(ledger, referral["referral_id"], referral["partner"], "x.someone")
+        with pytest.raises(Refused, match="no social advisors"):
+            run(ledger, usecases.cancel_referral, partner)
+
+    def test_another_agency_s_advisor_may_not_cancel(self, ledger: Ledger) -> None:
+        referral = a_referral(ledger)
+        with pytest.raises(Refused, match="not one of the advisors"):
+            run(
+                ledger,
+                usecases.cancel_referral,
+                cancellation(ledger, referral["referral_id"], by="a.martin"),
+            )
+
+    def test_an_unknown_referral_is_refused(self, ledger: Ledger) -> None:
+        with pytest.raises(Refused, match="unknown referral"):
+            run(ledger, usecases.cancel_referral, cancellation(ledger, "r-nowhere"))
+
+    def test_a_closed_referral_cannot_be_cancelled(self, ledger: Ledger) -> None:
+        """Completed: the state machine refuses, and so does a second cancellation."""
+        referral = a_referral(ledger)
+        claim_and_send(ledger)
+        answer(ledger, referral, "accepted")
+        answer(ledger, referral, "completed", outcome="plan d'apurement signé")
+        with pytest.raises(Refused, match="closed \\(completed\\)"):
+            run(ledger, usecases.cancel_referral, cancellation(ledger, referral["referral_id"]))
+        assert ledger.store.referral(referral["referral_id"]).status == "completed"
+
+    def test_a_repeated_message_is_done_once(self, ledger: Ledger) -> None:
+        referral = a_referral(ledger)
+        claim_and_send(ledger)
+        decision = cancellation(ledger, referral["referral_id"])
+        assert run(ledger, usecases.cancel_referral, decision)
+        assert not run(ledger, usecases.cancel_referral, decision)
+        assert len(sent(ledger, "referral-withdrawn")) == 1
+
+
+def directed(
+    ledger: Ledger, signal_id: str, partner: str, agency: str = AGENCY, by: str = "s.benali"
+) -> NeedDirected:
+    return NeedDirected(
+        message_id=mid("direct"),
+        occurred_at=ledger.clock(),
+        signal_id=signal_id,
+        need=ARREARS,
+        partner=partner,
+        agency=agency,
+        decided_by=by,
+        note="she knows the CESF there",
+    )
+
+
+class TestDirect:
+    def _cancelled(self, ledger: Ledger) -> tuple[dict, str]:
+        referral = a_referral(ledger)
+        claim_and_send(ledger)
+        run(ledger, usecases.cancel_referral, cancellation(ledger, referral["referral_id"]))
+        return referral, signal_of(ledger, referral)
+
+    def test_the_advisor_sends_the_need_to_the_partner_she_chose(self, ledger: Ledger) -> None:
+        """Not the directory's first choice: the referral goes to hers, the ranking given as advice in `why`, the audit names her."""
+        first, signal_id = self._cancelled(ledger)
+        candidates = match(ledger.directory, ARREARS, ROUBAIX, sender=SOURCE)
+        chosen = candidates[1]
+        assert chosen.partner_id != first["partner"]
+        assert run(ledger, usecases.direct_need, directed(ledger, signal_id, chosen.partner_id))
+        key, referral = sent(ledger, "referral")[-1]
+        assert key == referral["partner"] == chosen.partner_id
+        assert referral["attempt"] == 2
+        assert referral["why"][0] == "chosen by the advisor s.benali"
+        assert f"ranked it {chosen.rank} of {len(candidates)}" in referral["why"][1]
+        assert candidates[0].partner_id in referral["why"][1]
+        assert "CESF" not in str(referral)
+        audit = ledger.store.audit_trail(signal_id)
+        assert any(a.action == "need-directed" and a.actor == "s.benali" for a in audit)
+
+    def test_the_partner_may_be_chosen_again(self, ledger: Ledger) -> None:
+        """The same partner as the cancelled referral: a new attempt, a new referral id."""
+        first, signal_id = self._cancelled(ledger)
+        run(ledger, usecases.direct_need, directed(ledger, signal_id, first["partner"]))
+        referral = sent(ledger, "referral")[-1][1]
+        assert referral["partner"] == first["partner"]
+        assert referral["referral_id"] != first["referral_id"]
+
+    def test_a_need_with_an_open_referral_is_refused(self, ledger: Ledger) -> None:
+        referral = a_referral(ledger)
+        signal_id = signal_of(ledger, referral)
+        other = match(ledger.directory, ARREARS, ROUBAIX, sender=SOURCE)[1].partner_id
+        with pytest.raises(Refused, match=r"open referral .*cancel it first"):
+            run(ledger, usecases.direct_need, directed(ledger, signal_id, other))
+
+    def test_a_partner_without_an_agreement_for_the_need_is_refused(self, ledger: Ledger) -> None:
+        _, signal_id = self._cancelled(ledger)
+        with pytest.raises(Refused, match="no agreement covering"):
+            run(ledger, usecases.direct_need, directed(ledger, signal_id, "siao-nord"))
+        with pytest.raises(Refused, match="unknown partner"):
+            run(ledger, usecases.direct_need, directed(ledger, signal_id, "nobody-here"))
+
+    def test_a_partner_the_consent_does_not_cover_is_refused(self, ledger: Ledger) -> None:
+        """Consent still gates: a consent to CCAS only does not let the advisor send it to the CAF."""
+        run(ledger, usecases.grant_consent, a_consent(ledger, kinds=("ccas-cias",)))
+        run(ledger, usecases.receive_signal, a_signal(ledger))
+        referral = sent(ledger, "referral")[-1][1]
+        claim_and_send(ledger)
+        run(ledger, usecases.cancel_referral, cancellation(ledger, referral["referral_id"]))
+        candidates = match(ledger.directory, ARREARS, ROUBAIX, sender=SOURCE)
+        outside = next(c for c in candidates if c.partner.kind != "ccas-cias")
+        with pytest.raises(Refused, match="consent does not cover"):
+            run(
+                ledger,
+                usecases.direct_need,
+                directed(ledger, signal_of(ledger, referral), outside.partner_id),
+            )
+
+    def test_another_agency_may_not_direct(self, ledger: Ledger) -> None:
+        first, signal_id = self._cancelled(ledger)
+        with pytest.raises(Refused, match="not followed by"):
+            run(
+                ledger,
+                usecases.direct_need,
+                directed(ledger, signal_id, first["partner"], "lmh-agence-lille-sud", "a.martin"),
+            )
+
+    def test_an_unknown_signal_is_refused(self, ledger: Ledger) -> None:
+        with pytest.raises(Refused, match="unknown signal"):
+            run(ledger, usecases.direct_need, directed(ledger, "s-nowhere", "ccas-roubaix"))
