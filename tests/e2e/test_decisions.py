@@ -1,0 +1,128 @@
+"""The advisor's decisions through the real broker: published by her agency's own RabbitMQ
+user on the consents exchange, a cancellation reaches the partner and the closed loop, a
+need goes to the partner she chose; a decision from anyone else is dead-lettered with its
+reason (SQLite and PostgreSQL)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pytest
+
+from partnerbus.directory import match
+from partnerbus.testing import Inbox, wait_for_status
+from tests.conftest import as_partner
+
+from .helpers import ARREARS, ROUBAIX, new_id, publish, signal, status
+from .test_flow import KINDS, expected_partner, grant
+
+pytestmark = pytest.mark.rabbitmq
+
+SOURCE = "lmh-recouvrement"
+
+
+@pytest.fixture
+def database_url(engine_url: str) -> str:
+    return engine_url
+
+
+def cancellation(referral_id: str, agency: str, by: str) -> dict:
+    return {
+        "type": "referral-cancelled",
+        "message_id": new_id("cancel"),
+        "occurred_at": datetime.now(UTC).isoformat(),
+        "referral_id": referral_id,
+        "agency": agency,
+        "decided_by": by,
+        "reason": "the person moved to Lille",
+    }
+
+
+async def _accepted_referral(bus, channel) -> tuple[str, str, Inbox, str]:
+    """A referral sent under consent and accepted by its partner: (agency, the advisor,
+    the partner's inbox, the referral id)."""
+    t = bus.topology
+    person = new_id("T")
+    agency = bus.directory.agency_for(ROUBAIX).id
+    given = await grant(bus, channel, person, agency, kinds=KINDS)
+    target = expected_partner(bus)
+    inbox = await Inbox.open(channel, t.partner_queue_name(target))
+    await publish(channel, f"{t.prefix}.signals", signal(person=person), routing_key=SOURCE)
+    (referral,) = await inbox.expect(1)
+    rid = referral.body["referral_id"]
+    await publish(
+        channel,
+        f"{t.prefix}.statuses",
+        status(referral_id=rid, partner=target, value="accepted"),
+        routing_key=target,
+    )
+    assert await wait_for_status(bus.store, rid, "accepted") == "accepted"
+    return agency, given["collected_by"], inbox, rid
+
+
+async def test_the_advisor_cancels_then_sends_the_need_to_the_partner_she_chose(bus, channel):
+    """From the agency's own user: the partner receives ReferralWithdrawn (signal-cancelled), the source hears `cancelled`; then the need goes to the second candidate, its `why` saying who chose it and how the directory ranked it."""
+    t = bus.topology
+    agency, advisor, first_inbox, rid = await _accepted_referral(bus, channel)
+    source = await Inbox.open(channel, t.partner_queue_name(SOURCE))
+    async with as_partner(bus, agency) as (user, own):
+        await publish(
+            own,
+            f"{t.prefix}.consents",
+            cancellation(rid, agency, advisor),
+            routing_key=agency,
+            user_id=user,
+        )
+        withdrawn = await first_inbox.expect_kind("referral-withdrawn", referral_id=rid)
+        assert withdrawn.body["reason"] == "signal-cancelled"
+        told = await source.expect_kind("referral-status-changed", status="cancelled")
+        assert "Lille" not in str(told.body)
+        assert await wait_for_status(bus.store, rid, "cancelled") == "cancelled"
+
+        chosen = match(bus.directory, ARREARS, ROUBAIX, sender=SOURCE)[1].partner_id
+        chosen_inbox = await Inbox.open(channel, t.partner_queue_name(chosen))
+        row = bus.store.referral(rid)
+        decision = {
+            "type": "need-directed",
+            "message_id": new_id("direct"),
+            "occurred_at": datetime.now(UTC).isoformat(),
+            "signal_id": row.signal_id,
+            "need": ARREARS,
+            "partner": chosen,
+            "agency": agency,
+            "decided_by": advisor,
+        }
+        await publish(own, f"{t.prefix}.consents", decision, routing_key=agency, user_id=user)
+        referral = await chosen_inbox.expect_kind("referral")
+    assert referral.body["partner"] == chosen
+    assert referral.body["attempt"] == 2
+    assert referral.body["why"][0] == f"chosen by the advisor {advisor}"
+    assert "ranked it 2" in referral.body["why"][1]
+
+
+async def test_a_decision_from_another_agency_is_dead_lettered(bus, channel):
+    """Another agency, as itself: refused (it does not follow the signal); posing as the right agency: refused as a forged sender. Both dead-lettered with their reason; the referral stays accepted and its partner hears nothing."""
+    t = bus.topology
+    agency, advisor, _, rid = await _accepted_referral(bus, channel)
+    dead = await Inbox.open(channel, t.dlq_name(t.consent_queue.name))
+    other = "lmh-agence-lille-sud"
+    async with as_partner(bus, other) as (user, own):
+        await publish(
+            own,
+            f"{t.prefix}.consents",
+            cancellation(rid, other, "a.martin"),
+            routing_key=other,
+            user_id=user,
+        )
+        await publish(
+            own,
+            f"{t.prefix}.consents",
+            cancellation(rid, agency, advisor),
+            routing_key=other,
+            user_id=user,
+        )
+        letters = await dead.expect(2)
+    reasons = sorted(d.headers["partnerbus-error"] for d in letters)
+    assert any("not followed by 'lmh-agence-lille-sud'" in r for r in reasons), reasons
+    assert any("does not match" in r for r in reasons), reasons
+    assert bus.store.referral(rid).status == "accepted"
