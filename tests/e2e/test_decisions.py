@@ -5,6 +5,7 @@ reason (SQLite and PostgreSQL)."""
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime
 
 import pytest
@@ -126,3 +127,60 @@ async def test_a_decision_from_another_agency_is_dead_lettered(bus, channel):
     assert any("not followed by 'lmh-agence-lille-sud'" in r for r in reasons), reasons
     assert any("does not match" in r for r in reasons), reasons
     assert bus.store.referral(rid).status == "accepted"
+
+
+async def test_the_advisor_decides_from_the_command_line(cli_env, channel):
+    """`referrals cancel` then `referrals send`: published as the agency's decisions, the partner drops the first referral and the chosen one receives the need; the ranking is printed as advice; a referral of another agency is refused before anything is published."""
+    from typer.testing import CliRunner
+
+    from partnerbus.entrypoints.cli import _mount_optional, app
+
+    _mount_optional()
+    runner = CliRunner()
+
+    async def invoke(*args: str):
+        return await asyncio.to_thread(runner.invoke, app, list(args))
+
+    bus = cli_env
+    t = bus.topology
+    agency, advisor, first_inbox, rid = await _accepted_referral(bus, channel)
+    not_hers = await invoke(
+        "referrals",
+        "cancel",
+        rid,
+        "--agency",
+        "lmh-agence-lille-sud",
+        "--by",
+        "a.martin",
+        "--reason",
+        "not mine",
+    )
+    assert not_hers.exit_code == 2
+    assert "not followed by lmh-agence-lille-sud" in not_hers.output
+    cancelled = await invoke(
+        "referrals", "cancel", rid, "--agency", agency, "--by", advisor, "--reason", "moved away"
+    )
+    assert cancelled.exit_code == 0, cancelled.output
+    await first_inbox.expect_kind("referral-withdrawn", referral_id=rid)
+    assert await wait_for_status(bus.store, rid, "cancelled") == "cancelled"
+
+    chosen = match(bus.directory, ARREARS, ROUBAIX, sender=SOURCE)[1].partner_id
+    chosen_inbox = await Inbox.open(channel, t.partner_queue_name(chosen))
+    signal_id = bus.store.referral(rid).signal_id
+    sent = await invoke(
+        "referrals",
+        "send",
+        signal_id,
+        "--need",
+        ARREARS,
+        "--partner",
+        chosen,
+        "--agency",
+        agency,
+        "--by",
+        advisor,
+    )
+    assert sent.exit_code == 0, sent.output
+    assert "(chosen)" in sent.output
+    referral = await chosen_inbox.expect_kind("referral")
+    assert referral.body["why"][0] == f"chosen by the advisor {advisor}"
