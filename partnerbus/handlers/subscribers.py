@@ -38,8 +38,10 @@ from partnerbus.schemas import (
     ConsentRefused,
     ConsentRevoked,
     NeedDirected,
+    NeedReopened,
     ReferralCancelled,
     ReferralStatusChanged,
+    ReferralTransferred,
     Signal,
 )
 from partnerbus.schemas.messages import ConsentMessage, StatusMessage
@@ -138,6 +140,10 @@ def _consent_use_case(ledger: Ledger, tx: LedgerTx, message: Any, queue: str) ->
         return usecases.cancel_referral(ledger, tx, message, queue)
     if isinstance(message, NeedDirected):
         return usecases.direct_need(ledger, tx, message, queue)
+    if isinstance(message, ReferralTransferred):
+        return usecases.transfer_referral(ledger, tx, message, queue)
+    if isinstance(message, NeedReopened):
+        return usecases.reopen_need(ledger, tx, message, queue)
     assert isinstance(message, ConsentRefused)
     return usecases.refuse_consent(ledger, tx, message, queue)
 
@@ -263,7 +269,8 @@ def build_router(w: Wiring) -> RabbitRouter:
     )
     async def on_consent(consent: ConsentMessage) -> bool:
         """An agency's consent (granted, refused or revoked) or an advisor's decision
-        (a referral cancelled, a need sent to the partner she chose)."""
+        (a referral cancelled or transferred, a need sent to the partner she chose or
+        reopened)."""
         return await consents(consent)
 
     # Included once their subscribers are declared: one router per queue, its own intake.
@@ -278,7 +285,13 @@ def _signal_sender(signal: Signal) -> str:
 
 
 def _consent_sender(
-    consent: ConsentGranted | ConsentRefused | ConsentRevoked | ReferralCancelled | NeedDirected,
+    consent: ConsentGranted
+    | ConsentRefused
+    | ConsentRevoked
+    | ReferralCancelled
+    | NeedDirected
+    | ReferralTransferred
+    | NeedReopened,
 ) -> str:
     return consent.agency
 

@@ -54,6 +54,7 @@ from partnerbus.rules.lifecycle import (
     ANSWERED_OPEN,
     AWAITING_ANSWER,
     BUS_SETTABLE,
+    NEED_CLOSED,
     OPEN,
     PARTNER_SETTABLE,
     REROUTE_AFTER,
@@ -64,6 +65,7 @@ from partnerbus.rules.lifecycle import (
     Outcome,
     Transition,
     reroute_after_rejection,
+    transfer,
     transition,
 )
 
@@ -77,6 +79,7 @@ __all__ = [
     "DISCLOSURE",
     "DORA_DEADLINES",
     "DURATIONS",
+    "NEED_CLOSED",
     "OPEN",
     "PARKED_FOLLOW_UP",
     "PARTNER_SETTABLE",
@@ -121,6 +124,7 @@ __all__ = [
     "referral_id",
     "reroute_after_rejection",
     "signal_pseudonym",
+    "transfer",
     "transition",
     "valid_until_for",
 ]

@@ -2,7 +2,7 @@
 
 Inbound (partners → bus): Signal, ReferralStatusChanged, CapacityChanged,
 ConsentGranted, ConsentRevoked, ConsentRefused, and the advisor's decisions from her
-agency: ReferralCancelled, NeedDirected.
+agency: ReferralCancelled, NeedDirected, ReferralTransferred, NeedReopened.
 Outbound (bus → a partner's queue): Referral, ReferralWithdrawn, ReferralReminder,
 ReferralStalled, ConsentRequested, ConsentExpiring, NoPartnerFound, SignalClosed,
 ReferralStatusChanged forwarded to the signal's source and the advisor (the closed loop),
@@ -207,6 +207,37 @@ class NeedDirected(Message):
     decided_by: Annotated[str, Field(min_length=2, max_length=80)]
     note: ShortText | None = None
     """Why this partner, in the advisor's words (kept in the history, not sent on)."""
+
+
+class ReferralTransferred(Message):
+    """The advisor's decision, from her agency: this referral, accepted by its partner,
+    goes to another partner she chose (one with an agreement covering the need, that the
+    person's consent covers). The first partner is told to drop it (`ReferralWithdrawn`,
+    `signal-cancelled`), the referral closes as `cancelled`, a new referral goes to the
+    other partner; the source and the advisor hear both."""
+
+    type: Literal["referral-transferred"] = "referral-transferred"
+    referral_id: MessageId
+    partner: PartnerId
+    """The partner that takes the need over."""
+    agency: PartnerId
+    decided_by: Annotated[str, Field(min_length=2, max_length=80)]
+    reason: Annotated[str, Field(min_length=3, max_length=500)]
+    """Why, in the advisor's words: kept in the history, told to her agency only."""
+
+
+class NeedReopened(Message):
+    """The advisor's decision, from her agency: a need whose road ended (completed,
+    closed, no partner, refused, withdrawn) starts again, routed by the directory as a new
+    attempt (the person's consent still gates it: parked and asked for if missing)."""
+
+    type: Literal["need-reopened"] = "need-reopened"
+    signal_id: MessageId
+    need: NeedCode
+    agency: PartnerId
+    decided_by: Annotated[str, Field(min_length=2, max_length=80)]
+    note: Annotated[str, Field(min_length=3, max_length=500)]
+    """Why it reopens, in the advisor's words (kept in the need's state and history)."""
 
 
 ConsentEvent = Literal["consent-granted", "consent-revoked", "consent-refused"]
@@ -451,7 +482,13 @@ class ConsentExpiring(Message):
 
 StatusMessage = Annotated[ReferralStatusChanged | CapacityChanged, Field(discriminator="type")]
 ConsentMessage = Annotated[
-    ConsentGranted | ConsentRevoked | ConsentRefused | ReferralCancelled | NeedDirected,
+    ConsentGranted
+    | ConsentRevoked
+    | ConsentRefused
+    | ReferralCancelled
+    | NeedDirected
+    | ReferralTransferred
+    | NeedReopened,
     Field(discriminator="type"),
 ]
 """What an agency publishes on the consents exchange: its consent events and its

@@ -1,6 +1,6 @@
 """The use cases of the bus, one module per verb family: `signals` (receive a signal),
-`consents` (grant, refuse, revoke), `decisions` (the advisor's: cancel a referral, send a
-need to the partner she chose), `statuses` (a referral's status, a partner's capacity),
+`consents` (grant, refuse, revoke), `decisions` (the advisor's: cancel, send a need to the
+partner she chose, transfer, reopen), `statuses` (a referral's status, a partner's capacity),
 `delivery` (the outbox's last check, the broker's confirm, a dead letter sent again),
 `schedule` (deadlines, consents running out, retention).
 
@@ -26,7 +26,12 @@ from partnerbus.usecases.consents import (
     revoke_consent,
 )
 from partnerbus.usecases.context import BUS, DIRECTORY_UPDATES_KEY, Clock, Ledger, intake, use_case
-from partnerbus.usecases.decisions import cancel_referral, direct_need
+from partnerbus.usecases.decisions import (
+    cancel_referral,
+    direct_need,
+    reopen_need,
+    transfer_referral,
+)
 from partnerbus.usecases.delivery import (
     DEAD_LETTER_REFUSED,
     OUTBOUND,
@@ -84,10 +89,12 @@ __all__ = [
     "record_status",
     "refuse_consent",
     "release_parked",
+    "reopen_need",
     "replay_to_partner",
     "revoke_consent",
     "scheduled_item_failed",
     "send_or_withhold",
+    "transfer_referral",
     "use_case",
     "watch_deadlines",
 ]

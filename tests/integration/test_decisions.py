@@ -8,7 +8,13 @@ import pytest
 from partnerbus import usecases
 from partnerbus.directory import match
 from partnerbus.ledger.store import Store
-from partnerbus.schemas import NeedDirected, ReferralCancelled
+from partnerbus.schemas import (
+    ConsentRefused,
+    NeedDirected,
+    NeedReopened,
+    ReferralCancelled,
+    ReferralTransferred,
+)
 from partnerbus.usecases import Ledger, Refused
 from tests.conftest import make_ledger
 from tests.integration.test_usecases import (
@@ -232,3 +238,198 @@ class TestDirect:
     def test_an_unknown_signal_is_refused(self, ledger: Ledger) -> None:
         with pytest.raises(Refused, match="unknown signal"):
             run(ledger, usecases.direct_need, directed(ledger, "s-nowhere", "ccas-roubaix"))
+
+
+def transferral(ledger: Ledger, referral_id: str, partner: str, **extra) -> ReferralTransferred:
+    values = {
+        "message_id": mid("transfer"),
+        "occurred_at": ledger.clock(),
+        "referral_id": referral_id,
+        "partner": partner,
+        "agency": AGENCY,
+        "decided_by": "s.benali",
+        "reason": "the person prefers the CCAS near her work",
+    }
+    values.update(extra)
+    return ReferralTransferred(**values)
+
+
+def second_candidate(ledger: Ledger, first: dict) -> str:
+    return next(
+        c.partner_id
+        for c in match(ledger.directory, ARREARS, ROUBAIX, sender=SOURCE)
+        if c.partner_id != first["partner"]
+    )
+
+
+class TestTransfer:
+    def _accepted(self, ledger: Ledger) -> dict:
+        referral = a_referral(ledger)
+        claim_and_send(ledger)
+        answer(ledger, referral, "accepted")
+        return referral
+
+    def test_an_accepted_referral_moves_to_the_partner_she_chose(self, ledger: Ledger) -> None:
+        """The first partner drops it (ReferralWithdrawn), the referral closes as cancelled, a new referral goes to the other partner with the advisor's choice in `why`; both audited."""
+        first = self._accepted(ledger)
+        other = second_candidate(ledger, first)
+        assert run(
+            ledger, usecases.transfer_referral, transferral(ledger, first["referral_id"], other)
+        )
+        assert ledger.store.referral(first["referral_id"]).status == "cancelled"
+        ((key, withdrawn),) = sent(ledger, "referral-withdrawn")
+        assert key == first["partner"]
+        assert withdrawn["reason"] == "signal-cancelled"
+        key, second = sent(ledger, "referral")[-1]
+        assert key == other == second["partner"]
+        assert second["attempt"] == 2
+        assert second["why"][0] == "chosen by the advisor s.benali"
+        told = [b for k, b in sent(ledger, "referral-status-changed") if k == AGENCY]
+        assert any(b["status"] == "cancelled" and other in b["note"] for b in told)
+        actions = {a.action for a in ledger.store.audit_trail(first["referral_id"])}
+        assert "referral-transferred" in actions
+        with ledger.store.begin() as tx:
+            assert tx.signals.need_states(signal_of(ledger, first))[ARREARS] == "routed"
+
+    def test_a_referral_not_yet_accepted_is_not_transferred(self, ledger: Ledger) -> None:
+        """Still waiting for its answer: cancel it and send the need instead."""
+        first = a_referral(ledger)
+        other = second_candidate(ledger, first)
+        with pytest.raises(Refused, match="cancel it and send the need instead"):
+            run(
+                ledger,
+                usecases.transfer_referral,
+                transferral(ledger, first["referral_id"], other),
+            )
+        assert ledger.store.referral(first["referral_id"]).status == "requested"
+
+    def test_a_transfer_to_a_partner_without_agreement_changes_nothing(
+        self, ledger: Ledger
+    ) -> None:
+        """Refused as a whole: the first referral stays accepted, its partner hears nothing."""
+        first = self._accepted(ledger)
+        with pytest.raises(Refused, match="no agreement covering"):
+            run(
+                ledger,
+                usecases.transfer_referral,
+                transferral(ledger, first["referral_id"], "siao-nord"),
+            )
+        assert ledger.store.referral(first["referral_id"]).status == "accepted"
+        assert sent(ledger, "referral-withdrawn") == []
+
+    def test_a_transfer_to_the_same_partner_or_by_another_agency_is_refused(
+        self, ledger: Ledger
+    ) -> None:
+        first = self._accepted(ledger)
+        with pytest.raises(Refused, match="already with"):
+            run(
+                ledger,
+                usecases.transfer_referral,
+                transferral(ledger, first["referral_id"], first["partner"]),
+            )
+        with pytest.raises(Refused, match="not followed by"):
+            run(
+                ledger,
+                usecases.transfer_referral,
+                transferral(
+                    ledger,
+                    first["referral_id"],
+                    second_candidate(ledger, first),
+                    agency="lmh-agence-lille-sud",
+                    decided_by="a.martin",
+                ),
+            )
+
+
+def reopening(ledger: Ledger, signal_id: str, **extra) -> NeedReopened:
+    values = {
+        "message_id": mid("reopen"),
+        "occurred_at": ledger.clock(),
+        "signal_id": signal_id,
+        "need": ARREARS,
+        "agency": AGENCY,
+        "decided_by": "s.benali",
+        "note": "reached her by phone: she wants the help now",
+    }
+    values.update(extra)
+    return NeedReopened(**values)
+
+
+class TestReopen:
+    def test_a_need_closed_for_the_advisor_is_routed_again(self, ledger: Ledger) -> None:
+        """Rejected as unreachable, the need closed for the advisor; she reached the person and reopens it: a new attempt goes out (the partner that declined is a candidate again), the note kept in the need's detail, the decision audited."""
+        first = a_referral(ledger)
+        claim_and_send(ledger)
+        answer(ledger, first, "rejected", reason="unreachable")
+        signal_id = signal_of(ledger, first)
+        with ledger.store.begin() as tx:
+            assert tx.signals.need_state(signal_id, ARREARS) == "closed"
+        assert run(ledger, usecases.reopen_need, reopening(ledger, signal_id))
+        second = sent(ledger, "referral")[-1][1]
+        assert second["attempt"] == 2
+        assert second["partner"] == first["partner"]
+        with ledger.store.begin() as tx:
+            assert tx.signals.need_state(signal_id, ARREARS) == "routed"
+        actions = {a.action for a in ledger.store.audit_trail(signal_id)}
+        assert "need-reopened" in actions
+
+    def test_a_reopened_need_without_consent_waits_and_the_advisor_is_asked(
+        self, ledger: Ledger
+    ) -> None:
+        """Consent still gates: the person refused, the advisor reopens; without a consent the need parks and a ConsentRequested goes to the agency."""
+        run(ledger, usecases.receive_signal, a_signal(ledger, person="T-REOPEN"))
+        ((_, asked),) = sent(ledger, "consent-requested")
+        signal_id = asked["signal_id"]
+        run(
+            ledger,
+            usecases.refuse_consent,
+            ConsentRefused(
+                message_id=mid("ref"),
+                occurred_at=ledger.clock(),
+                signal_id=signal_id,
+                person_ref="T-REOPEN",
+                collected_by="s.benali",
+                agency=AGENCY,
+            ),
+        )
+        run(ledger, usecases.reopen_need, reopening(ledger, signal_id))
+        with ledger.store.begin() as tx:
+            assert tx.signals.need_state(signal_id, ARREARS) == "parked"
+        assert len(sent(ledger, "consent-requested")) == 2
+        assert sent(ledger, "referral") == []
+
+    def test_an_open_need_is_not_reopened(self, ledger: Ledger) -> None:
+        first = a_referral(ledger)
+        with pytest.raises(Refused, match="is routed, not closed"):
+            run(ledger, usecases.reopen_need, reopening(ledger, signal_of(ledger, first)))
+
+    def test_another_agency_may_not_reopen(self, ledger: Ledger) -> None:
+        first = a_referral(ledger)
+        claim_and_send(ledger)
+        answer(ledger, first, "rejected", reason="unreachable")
+        with pytest.raises(Refused, match="not followed by"):
+            run(
+                ledger,
+                usecases.reopen_need,
+                reopening(
+                    ledger,
+                    signal_of(ledger, first),
+                    agency="lmh-agence-lille-sud",
+                    decided_by="a.martin",
+                ),
+            )
+
+
+def test_a_need_reopened_then_closed_again_tells_the_loop_again(ledger: Ledger) -> None:
+    """Closed for the advisor, reopened, declined again as unreachable: a second SignalClosed (its own id), not a clash with the first."""
+    first = a_referral(ledger)
+    claim_and_send(ledger)
+    answer(ledger, first, "rejected", reason="unreachable")
+    signal_id = signal_of(ledger, first)
+    run(ledger, usecases.reopen_need, reopening(ledger, signal_id))
+    second = sent(ledger, "referral")[-1][1]
+    claim_and_send(ledger)
+    answer(ledger, second, "rejected", reason="unreachable")
+    closed = [b for k, b in sent(ledger, "signal-closed") if k == AGENCY]
+    assert [b["outcome"] for b in closed] == ["advisor-decides", "advisor-decides"]
+    assert len({b["message_id"] for b in closed}) == 2
