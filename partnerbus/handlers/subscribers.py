@@ -39,6 +39,7 @@ from partnerbus.schemas import (
     ConsentRevoked,
     NeedDirected,
     NeedReopened,
+    OrientationRecorded,
     ReferralCancelled,
     ReferralStatusChanged,
     ReferralTransferred,
@@ -144,6 +145,8 @@ def _consent_use_case(ledger: Ledger, tx: LedgerTx, message: Any, queue: str) ->
         return usecases.transfer_referral(ledger, tx, message, queue)
     if isinstance(message, NeedReopened):
         return usecases.reopen_need(ledger, tx, message, queue)
+    if isinstance(message, OrientationRecorded):
+        return usecases.record_orientation(ledger, tx, message, queue)
     assert isinstance(message, ConsentRefused)
     return usecases.refuse_consent(ledger, tx, message, queue)
 
@@ -270,7 +273,7 @@ def build_router(w: Wiring) -> RabbitRouter:
     async def on_consent(consent: ConsentMessage) -> bool:
         """An agency's consent (granted, refused or revoked) or an advisor's decision
         (a referral cancelled or transferred, a need sent to the partner she chose or
-        reopened)."""
+        reopened, an orientation made outside the bus)."""
         return await consents(consent)
 
     # Included once their subscribers are declared: one router per queue, its own intake.
@@ -291,7 +294,8 @@ def _consent_sender(
     | ReferralCancelled
     | NeedDirected
     | ReferralTransferred
-    | NeedReopened,
+    | NeedReopened
+    | OrientationRecorded,
 ) -> str:
     return consent.agency
 

@@ -2,7 +2,8 @@
 
 Inbound (partners → bus): Signal, ReferralStatusChanged, CapacityChanged,
 ConsentGranted, ConsentRevoked, ConsentRefused, and the advisor's decisions from her
-agency: ReferralCancelled, NeedDirected, ReferralTransferred, NeedReopened.
+agency: ReferralCancelled, NeedDirected, ReferralTransferred, NeedReopened,
+OrientationRecorded.
 Outbound (bus → a partner's queue): Referral, ReferralWithdrawn, ReferralReminder,
 ReferralStalled, ConsentRequested, ConsentExpiring, NoPartnerFound, SignalClosed,
 ReferralStatusChanged forwarded to the signal's source and the advisor (the closed loop),
@@ -238,6 +239,26 @@ class NeedReopened(Message):
     decided_by: Annotated[str, Field(min_length=2, max_length=80)]
     note: Annotated[str, Field(min_length=3, max_length=500)]
     """Why it reopens, in the advisor's words (kept in the need's state and history)."""
+
+
+class OrientationRecorded(Message):
+    """The advisor's record, from her agency: she oriented the person to this partner
+    outside the bus (by phone, in person...). The bus sends the partner nothing; it
+    records a referral closed as `completed` (under the person's consent, which must cover
+    that partner), so that the closed loop (the source and the agency hear it, the need
+    closes) and the figures include it."""
+
+    type: Literal["orientation-recorded"] = "orientation-recorded"
+    signal_id: MessageId
+    need: NeedCode
+    partner: PartnerId
+    """The partner she oriented the person to (one of the directory's)."""
+    agency: PartnerId
+    decided_by: Annotated[str, Field(min_length=2, max_length=80)]
+    channel: Literal["phone", "in-person", "email", "letter"] = "phone"
+    oriented_at: Instant
+    note: ShortText | None = None
+    """What was agreed, in the advisor's words: told to her agency only."""
 
 
 ConsentEvent = Literal["consent-granted", "consent-revoked", "consent-refused"]
@@ -488,7 +509,8 @@ ConsentMessage = Annotated[
     | ReferralCancelled
     | NeedDirected
     | ReferralTransferred
-    | NeedReopened,
+    | NeedReopened
+    | OrientationRecorded,
     Field(discriminator="type"),
 ]
 """What an agency publishes on the consents exchange: its consent events and its

@@ -1,6 +1,7 @@
 """The use cases of the bus, one module per verb family: `signals` (receive a signal),
 `consents` (grant, refuse, revoke), `decisions` (the advisor's: cancel, send a need to the
-partner she chose, transfer, reopen), `statuses` (a referral's status, a partner's capacity),
+partner she chose, transfer, reopen, record an
+orientation made outside the bus), `statuses` (a referral's status, a partner's capacity),
 `delivery` (the outbox's last check, the broker's confirm, a dead letter sent again),
 `schedule` (deadlines, consents running out, retention).
 
@@ -29,6 +30,7 @@ from partnerbus.usecases.context import BUS, DIRECTORY_UPDATES_KEY, Clock, Ledge
 from partnerbus.usecases.decisions import (
     cancel_referral,
     direct_need,
+    record_orientation,
     reopen_need,
     transfer_referral,
 )
@@ -85,6 +87,7 @@ __all__ = [
     "mark_delivered",
     "receive_signal",
     "record_capacity",
+    "record_orientation",
     "record_routing",
     "record_status",
     "refuse_consent",

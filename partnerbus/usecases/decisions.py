@@ -1,7 +1,8 @@
 """The advisor's decisions, sent by her agency on the consents exchange (the pivot's door):
 cancel a referral with a reason (`ReferralCancelled`), send a need to a partner she chose
 (`NeedDirected`), transfer an accepted referral to another partner (`ReferralTransferred`),
-reopen a need whose road ended (`NeedReopened`). Only the agency that follows the signal
+reopen a need whose road ended (`NeedReopened`), record an orientation she made outside the
+bus (`OrientationRecorded`). Only the agency that follows the signal
 decides on its referrals, through one of its own advisors; each decision runs through the
 state machine, is audited, and the closed loop hears of it as of any status change."""
 
@@ -12,19 +13,29 @@ from dataclasses import replace
 from partnerbus.directory import match
 from partnerbus.errors import Refused
 from partnerbus.ledger.store import LedgerTx, ReferralRow, SignalRow
-from partnerbus.rules import NEED_CLOSED, OPEN, Transition, evaluate_consent, transfer, transition
+from partnerbus.rules import (
+    NEED_CLOSED,
+    OPEN,
+    Transition,
+    evaluate_consent,
+    referral_id,
+    transfer,
+    transition,
+)
 from partnerbus.schemas import (
     NeedDirected,
     NeedReopened,
+    OrientationRecorded,
     Partner,
     ReferralCancelled,
+    ReferralStatusChanged,
     ReferralTransferred,
     ReferralWithdrawn,
 )
-from partnerbus.usecases.consents import _own_advisor, _pivot
+from partnerbus.usecases.consents import CLOCK_SKEW, _own_advisor, _pivot
 from partnerbus.usecases.context import Ledger, _derived_id, intake, send
 from partnerbus.usecases.lifecycle import _apply, _may_have_left
-from partnerbus.usecases.loop import _notify_status
+from partnerbus.usecases.loop import _close_need, _notify_status, _tell_source
 from partnerbus.usecases.routing import _request_consent, _route, _send_referral, _tried
 
 
@@ -74,14 +85,96 @@ def direct_need(ledger: Ledger, tx: LedgerTx, event: NeedDirected) -> None:
     candidates); the directory's ranking becomes advice, given in the referral's `why`.
     The person's consent must cover that partner; the need must have no open referral."""
     row = _signal_of(ledger, tx, event.signal_id, event.need, event.agency, event.decided_by)
-    for earlier in tx.referrals.for_signal(event.signal_id, event.need):
-        if earlier.status in OPEN:
-            raise Refused(
-                f"{event.need} of signal {event.signal_id} has an open referral "
-                f"{earlier.referral_id} ({earlier.status}, to {earlier.partner_id}): cancel it "
-                f"first"
-            )
+    _no_open_referral(tx, event.signal_id, event.need)
     _to_chosen(ledger, tx, row, event.need, event.partner, event.decided_by)
+
+
+@intake
+def record_orientation(ledger: Ledger, tx: LedgerTx, event: OrientationRecorded) -> None:
+    """The advisor oriented the person to a partner outside the bus: recorded as a
+    referral closed `completed` at once (nothing is sent to the partner, nothing follows it
+    up), under the person's consent, which must cover that partner; the source and the
+    agency hear it and the need closes, as for a referral the partner completed."""
+    now = ledger.clock()
+    row = _signal_of(ledger, tx, event.signal_id, event.need, event.agency, event.decided_by)
+    _no_open_referral(tx, event.signal_id, event.need)
+    if event.partner not in ledger.directory:
+        raise Refused(f"unknown partner {event.partner!r}: record an orientation to a partner")
+    if event.oriented_at > now + CLOCK_SKEW:
+        raise Refused(
+            f"oriented_at {event.oriented_at:%Y-%m-%d %H:%M} is in the future (the bus's "
+            f"clock says {now:%Y-%m-%d %H:%M} UTC): record an orientation once it is made"
+        )
+    partner = ledger.directory.partner(event.partner)
+    signal = row.signal()
+    consent = evaluate_consent(
+        tx.consents.of_person(signal.person_ref),
+        signal.person_ref,
+        event.need,
+        partner.id,
+        partner.kind,
+        now,
+    )
+    if not consent.allowed or consent.consent_id is None:
+        raise Refused(
+            f"the person's consent does not cover {partner.id} for {event.need} "
+            f"({consent.reason}): record her consent first"
+        )
+    _, attempt = _tried(tx, event.signal_id, event.need)
+    rid = referral_id(event.signal_id, event.need, attempt)
+    outcome = (
+        f"oriented outside the bus ({event.channel}) by {event.decided_by} on "
+        f"{event.oriented_at:%Y-%m-%d}"
+    )
+    tx.referrals.add(
+        referral_id=rid,
+        signal_id=event.signal_id,
+        need=event.need,
+        attempt=attempt,
+        partner_id=partner.id,
+        partner_kind=partner.kind,
+        consent_id=consent.consent_id,
+        status="completed",
+        outcome=outcome,
+        urgency=signal.urgency,
+        created_at=now,
+        updated_at=now,
+        closed_at=now,
+        reminded=False,
+    )
+    tx.referrals.record_transition(
+        rid, "requested", "completed", "applied", event.decided_by, outcome, now
+    )
+    referral = tx.referrals.get(rid)
+    assert referral is not None
+    _tell_source(
+        ledger,
+        tx,
+        row,
+        ReferralStatusChanged(
+            message_id=_derived_id("status", rid, "completed"),
+            occurred_at=now,
+            referral_id=rid,
+            partner=partner.id,
+            status="completed",
+            outcome=outcome,
+            note=event.note,
+            signal_id=event.signal_id,
+            need=event.need,
+        ),
+    )
+    _close_need(
+        ledger, tx, row, referral, "completed", f"oriented to {partner.id} ({event.channel})"
+    )
+    tx.audit.record(
+        event.decided_by,
+        "orientation-recorded",
+        rid,
+        now,
+        person_ref=signal.person_ref,
+        partner_id=partner.id,
+        why=f"{event.need}: outside the bus ({event.channel}); nothing sent to the partner",
+    )
 
 
 @intake
@@ -248,3 +341,12 @@ def _to_chosen(
         partner_id=partner,
         why=f"{need}: chosen by the advisor; {advice}",
     )
+
+
+def _no_open_referral(tx: LedgerTx, signal_id: str, need: str) -> None:
+    for earlier in tx.referrals.for_signal(signal_id, need):
+        if earlier.status in OPEN:
+            raise Refused(
+                f"{need} of signal {signal_id} has an open referral {earlier.referral_id} "
+                f"({earlier.status}, to {earlier.partner_id}): cancel it first"
+            )

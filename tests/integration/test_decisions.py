@@ -12,6 +12,7 @@ from partnerbus.schemas import (
     ConsentRefused,
     NeedDirected,
     NeedReopened,
+    OrientationRecorded,
     ReferralCancelled,
     ReferralTransferred,
 )
@@ -433,3 +434,98 @@ def test_a_need_reopened_then_closed_again_tells_the_loop_again(ledger: Ledger) 
     closed = [b for k, b in sent(ledger, "signal-closed") if k == AGENCY]
     assert [b["outcome"] for b in closed] == ["advisor-decides", "advisor-decides"]
     assert len({b["message_id"] for b in closed}) == 2
+
+
+def orientation(ledger: Ledger, signal_id: str, partner: str, **extra) -> OrientationRecorded:
+    values = {
+        "message_id": mid("orient"),
+        "occurred_at": ledger.clock(),
+        "signal_id": signal_id,
+        "need": ARREARS,
+        "partner": partner,
+        "agency": AGENCY,
+        "decided_by": "s.benali",
+        "channel": "phone",
+        "oriented_at": ledger.clock(),
+        "note": "appointment on Tuesday with the CESF",
+    }
+    values.update(extra)
+    return OrientationRecorded(**values)
+
+
+class TestOrientationOutsideTheBus:
+    def _closed_for_the_advisor(self, ledger: Ledger) -> tuple[dict, str]:
+        first = a_referral(ledger)
+        claim_and_send(ledger)
+        answer(ledger, first, "rejected", reason="unreachable")
+        return first, signal_of(ledger, first)
+
+    def test_an_orientation_by_phone_closes_the_loop_and_counts(self, ledger: Ledger) -> None:
+        """Recorded as a referral completed at once: nothing sent to the partner, the source and the agency hear `completed` (the note to the agency only), the need closes, the figures count it, the audit names the advisor."""
+        from partnerbus.ops.monitor import ledger_figures
+
+        _, signal_id = self._closed_for_the_advisor(ledger)
+        before = ledger_figures(ledger.store, ledger.clock()).referrals_by_status
+        referrals_before = len(sent(ledger, "referral"))
+        partner = match(ledger.directory, ARREARS, ROUBAIX, sender=SOURCE)[1].partner_id
+        assert run(ledger, usecases.record_orientation, orientation(ledger, signal_id, partner))
+        assert len(sent(ledger, "referral")) == referrals_before
+        after = ledger_figures(ledger.store, ledger.clock()).referrals_by_status
+        assert after.get("completed", 0) == before.get("completed", 0) + 1
+        told = {
+            key: body
+            for key, body in sent(ledger, "referral-status-changed")
+            if body["status"] == "completed"
+        }
+        assert set(told) == {SOURCE, AGENCY}
+        assert "Tuesday" in told[AGENCY]["note"]
+        assert "Tuesday" not in str(told[SOURCE])
+        assert told[AGENCY]["partner"] == partner
+        closed = [b for k, b in sent(ledger, "signal-closed") if k == AGENCY]
+        assert closed[-1]["outcome"] == "completed"
+        rid = told[AGENCY]["referral_id"]
+        row = ledger.store.referral(rid)
+        assert (row.status, row.partner_id, row.attempt) == ("completed", partner, 2)
+        assert row.due_at is None
+        audit = ledger.store.audit_trail(rid)
+        assert any(a.action == "orientation-recorded" and a.actor == "s.benali" for a in audit)
+
+    def test_an_orientation_the_consent_does_not_cover_is_refused(self, ledger: Ledger) -> None:
+        _, signal_id = self._closed_for_the_advisor(ledger)
+        with pytest.raises(Refused, match="consent does not cover"):
+            run(ledger, usecases.record_orientation, orientation(ledger, signal_id, "adil-nord"))
+
+    def test_an_orientation_while_a_referral_is_open_is_refused(self, ledger: Ledger) -> None:
+        first = a_referral(ledger)
+        with pytest.raises(Refused, match="cancel it first"):
+            run(
+                ledger,
+                usecases.record_orientation,
+                orientation(ledger, signal_of(ledger, first), first["partner"]),
+            )
+
+    def test_an_orientation_dated_in_the_future_or_by_another_agency_is_refused(
+        self, ledger: Ledger
+    ) -> None:
+        first, signal_id = self._closed_for_the_advisor(ledger)
+        from datetime import timedelta
+
+        later = ledger.clock() + timedelta(days=2)
+        with pytest.raises(Refused, match="in the future"):
+            run(
+                ledger,
+                usecases.record_orientation,
+                orientation(ledger, signal_id, first["partner"], oriented_at=later),
+            )
+        with pytest.raises(Refused, match="not followed by"):
+            run(
+                ledger,
+                usecases.record_orientation,
+                orientation(
+                    ledger,
+                    signal_id,
+                    first["partner"],
+                    agency="lmh-agence-lille-sud",
+                    decided_by="a.martin",
+                ),
+            )

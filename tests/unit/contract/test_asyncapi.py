@@ -125,6 +125,7 @@ def test_the_messages_are_those_of_the_catalogue_on_the_right_channels(document:
         "need-directed",
         "referral-transferred",
         "need-reopened",
+        "orientation-recorded",
     }
     assert _messages_of(document, "directory-updates") == {"capacity-changed"}
     assert set(document["components"]["messages"]) == {e.type for e in CATALOG} | {
