@@ -209,7 +209,8 @@ _INTAKE_DOORS: dict[str, str] = {
         "Only a pivot (a partner with social advisors), with its own id as the routing key: "
         "its consent events and its advisors' decisions (a referral cancelled or "
         "transferred, a need sent to the partner she chose or reopened, an orientation made "
-        "outside the bus) on the signals it follows; the use case also checks that the advisor is one of that agency's."
+        "outside the bus) on the signals it follows; the use case also checks that the "
+        "advisor is one of that agency's."
     ),
 }
 
