@@ -184,3 +184,55 @@ async def test_the_advisor_decides_from_the_command_line(cli_env, channel):
     assert "(chosen)" in sent.output
     referral = await chosen_inbox.expect_kind("referral")
     assert referral.body["why"][0] == f"chosen by the advisor {advisor}"
+
+
+async def test_transfer_reopen_and_an_orientation_outside_the_bus_through_the_client(bus, channel):
+    """PartnerClient as the agency: the accepted referral moves to the partner she chose (the first drops it); declined there as unreachable, she reopens the need and the directory routes it again; declined again, she records an orientation made by phone: the source hears `completed`, nothing reaches the partner, the ledger counts a completed referral."""
+    from partnerbus.client import PartnerClient
+
+    t = bus.topology
+    agency, advisor, first_inbox, rid = await _accepted_referral(bus, channel)
+    first = bus.store.referral(rid)
+    other = match(bus.directory, ARREARS, ROUBAIX, sender=SOURCE)[1].partner_id
+    other_inbox = await Inbox.open(channel, t.partner_queue_name(other))
+    source = await Inbox.open(channel, t.partner_queue_name(SOURCE))
+    url = bus.settings.amqp_url.get_secret_value()
+
+    async def decline(inbox: Inbox, partner: str) -> str:
+        referral = await inbox.expect_kind("referral")
+        await publish(
+            channel,
+            f"{t.prefix}.statuses",
+            status(
+                referral_id=referral.body["referral_id"],
+                partner=partner,
+                value="rejected",
+                reason="unreachable",
+            ),
+            routing_key=partner,
+        )
+        await source.expect_kind("signal-closed", outcome="advisor-decides")
+        return referral.body["referral_id"]
+
+    async with PartnerClient(url, agency, prefix=t.prefix) as client:
+        await client.transfer_referral(rid, other, decided_by=advisor, reason="closer to her")
+        await first_inbox.expect_kind("referral-withdrawn", referral_id=rid)
+        await decline(other_inbox, other)
+
+        await client.reopen_need(
+            first.signal_id, ARREARS, decided_by=advisor, note="reached her by phone"
+        )
+        third = await decline(first_inbox, first.partner_id)
+        assert bus.store.referral(third).attempt == 3
+
+        await client.record_orientation(
+            first.signal_id, ARREARS, other, decided_by=advisor, note="appointment Tuesday"
+        )
+        done = await source.expect_kind("referral-status-changed", status="completed")
+    assert done.body["partner"] == other
+    assert "Tuesday" not in str(done.body)
+    oriented = bus.store.referral(done.body["referral_id"])
+    assert (oriented.status, oriented.attempt) == ("completed", 4)
+    assert bus.store.referral_counts().get("completed") == 1
+    to_other = [1 for key, kind, _ in bus.store.outbox() if (key, kind) == (other, "referral")]
+    assert len(to_other) == 1, "the orientation sent the partner nothing"
