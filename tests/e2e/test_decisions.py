@@ -236,3 +236,68 @@ async def test_transfer_reopen_and_an_orientation_outside_the_bus_through_the_cl
     assert bus.store.referral_counts().get("completed") == 1
     to_other = [1 for key, kind, _ in bus.store.outbox() if (key, kind) == (other, "referral")]
     assert len(to_other) == 1, "the orientation sent the partner nothing"
+
+
+async def test_transfer_reopen_and_orientation_from_the_command_line(cli_env, channel):
+    """`referrals transfer`, `referrals reopen`, `referrals oriented`, each published as the agency's decision and each taking effect: a transferred referral completed, its need reopened and routed again, that referral cancelled and an orientation in person recorded in its place."""
+    from typer.testing import CliRunner
+
+    from partnerbus.entrypoints.cli import _mount_optional, app
+
+    _mount_optional()
+    runner = CliRunner()
+
+    async def invoke(*args: str):
+        result = await asyncio.to_thread(runner.invoke, app, list(args))
+        assert result.exit_code == 0, result.output
+        return result
+
+    bus = cli_env
+    t = bus.topology
+    agency, advisor, first_inbox, rid = await _accepted_referral(bus, channel)
+    signal_id = bus.store.referral(rid).signal_id
+    other = match(bus.directory, ARREARS, ROUBAIX, sender=SOURCE)[1].partner_id
+    other_inbox = await Inbox.open(channel, t.partner_queue_name(other))
+    who = ("--agency", agency, "--by", advisor)
+    await invoke("referrals", "transfer", rid, "--partner", other, *who, "--reason", "closer")
+    await first_inbox.expect_kind("referral-withdrawn", referral_id=rid)
+    moved = await other_inbox.expect_kind("referral")
+    await publish(
+        channel,
+        f"{t.prefix}.statuses",
+        status(
+            referral_id=moved.body["referral_id"],
+            partner=other,
+            value="completed",
+            outcome="plan signed",
+        ),
+        routing_key=other,
+    )
+    assert await wait_for_status(bus.store, moved.body["referral_id"], "completed")
+    await invoke("referrals", "reopen", signal_id, "--need", ARREARS, *who, "--note", "again")
+    again = await first_inbox.expect_kind("referral")
+    assert again.body["attempt"] == 3
+    await invoke(
+        "referrals", "cancel", again.body["referral_id"], *who, "--reason", "done by phone"
+    )
+    assert await wait_for_status(bus.store, again.body["referral_id"], "cancelled")
+    await invoke(
+        "referrals",
+        "oriented",
+        signal_id,
+        "--need",
+        ARREARS,
+        "--partner",
+        other,
+        *who,
+        "--channel",
+        "in-person",
+    )
+    oriented = referral_id_of_attempt(bus, signal_id, 4)
+    assert await wait_for_status(bus.store, oriented, "completed") == "completed"
+
+
+def referral_id_of_attempt(bus, signal_id: str, attempt: int) -> str:
+    from partnerbus.rules import referral_id
+
+    return referral_id(signal_id, ARREARS, attempt)
