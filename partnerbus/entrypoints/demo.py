@@ -213,8 +213,8 @@ async def run_day(bus: Bus, url: str, timeout: float) -> bool:
 
         await client.consume(handler)
     try:
-        roubaix = d.agency_for("59512")
-        lille = d.agency_for("59350")
+        roubaix = d.agency_for("59512", "lmh")
+        lille = d.agency_for("59350", "lmh")
         assert roubaix and lille, "the sample directory has agencies in Roubaix and Lille"
 
         console.rule("[bold]1. Rent arrears in Roubaix (consent on file)")
