@@ -160,7 +160,7 @@ def test_naming_neither_where_several_organisations_follow_people_closes_the_nee
     ((key, closed),) = sent(store, "signal-closed", signal_id=signal.message_id)
     assert key == "ccas-roubaix"
     assert closed["outcome"] == "consent-not-obtained"
-    assert "habitat-humanisme-nord, lmh, vilogia" in closed["detail"]
+    assert "amelio-mel, habitat-humanisme-nord, lmh, vilogia" in closed["detail"]
     assert "`agency`" in closed["detail"] and "`landlord`" in closed["detail"]
     assert state(store, signal.message_id) == "closed"
     with store.read() as tx:

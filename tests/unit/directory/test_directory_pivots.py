@@ -87,7 +87,12 @@ def test_the_sample_has_two_landlords_and_an_iml_association_in_roubaix(
 ) -> None:
     """Vilogia beside LMH in Roubaix, Habitat et Humanisme over the MEL: three organisations follow people there; the sample stays free of errors."""
     d = sample_static
-    assert d.pivot_organisations(ROUBAIX) == ("habitat-humanisme-nord", "lmh", "vilogia")
+    assert d.pivot_organisations(ROUBAIX) == (
+        "amelio-mel",
+        "habitat-humanisme-nord",
+        "lmh",
+        "vilogia",
+    )
     assert d.agency_for(ROUBAIX, "vilogia").id == "vilogia-agence-roubaix"  # type: ignore[union-attr]
     assert d.partner("hh-nord-iml").kind == "association"
     assert d.resolve_agency(ROUBAIX, source="vilogia-recouvrement").agency.id == (  # type: ignore[union-attr]
