@@ -11,6 +11,7 @@ from partnerbus.directory.match import NO_VISITS, VISITS
 from partnerbus.schemas import Agreement, Eligibility, Profile
 
 from .conftest import ARREARS, HOUSING, LILLE, MEL, make_directory, partner
+from .test_directory_match_reference import fast, reference
 
 HOME = ("en-presentiel", "local-a-domicile")
 
@@ -106,3 +107,39 @@ def test_the_wish_only_reorders_the_same_candidates(
     wanted = ids(match(d, ARREARS, LILLE, home_visit=True))
     visitors = {f"p{i}" for i, visits in enumerate(visiting) if visits}
     assert wanted == [p for p in plain if p in visitors] + [p for p in plain if p not in visitors]
+
+
+@st.composite
+def dense_tiers(draw: st.DrawFn) -> tuple[list, list[Agreement]]:
+    """Many partners sharing territories, needs, eligibility and agreement ranks: every
+    tier holds several, some visiting at home."""
+    ps = [partner("sender", organisation="lmh", needs=())]
+    rules = []
+    for i in range(draw(st.integers(2, 10))):
+        pid = f"p{i:02d}"
+        ps.append(
+            partner(
+                pid,
+                coverage=(draw(st.sampled_from((LILLE, MEL))),),
+                needs=(draw(st.sampled_from((ARREARS, HOUSING))),),
+                eligibility=draw(
+                    st.sampled_from((Eligibility(), Eligibility(age_bands=("75-plus",))))
+                ),
+                modes=HOME if draw(st.booleans()) else ("en-presentiel",),
+                capacity_status=draw(st.sampled_from(("capacity", "waitlist"))),
+            )
+        )
+        scope = draw(st.sampled_from(((), (HOUSING,))))
+        rules.append(Agreement(from_org="lmh", to_org=pid, needs=scope))
+    return ps, rules
+
+
+@settings(max_examples=150, deadline=None)
+@given(dense_tiers(), st.none() | st.integers(1, 4))
+def test_match_with_the_wish_is_the_reference_ranking(tiers: tuple, limit: int | None) -> None:
+    ps, rules = tiers
+    d = make_directory(ps, rules)
+    senior = Profile(age_band="75-plus")
+    args = (ARREARS, LILLE, senior, "sender", frozenset(), limit)
+    assert fast(d, *args, home_visit=True) == reference(d, *args, home_visit=True)
+    assert fast(d, *args) == reference(d, *args)
