@@ -30,6 +30,7 @@ from partnerbus.directory.territory import (
     own_departement,
 )
 from partnerbus.schemas import Advisor, Agreement, Partner
+from partnerbus.schemas.directory import HOME_VISIT
 
 BAILLEUR_SOCIAL = "bailleur-social"
 CAPACITY_STATUSES = ("capacity", "no-capacity", "waitlist", "additional-assessment-required")
@@ -95,6 +96,7 @@ class _EntryHot:
         "rate_reason",
         "score",
         "score_head",
+        "visits",
     )
 
 
@@ -139,6 +141,8 @@ class Entry(_EntryHot):
         """score_head + score_tail, built when the live state changes, not per match."""
         self.organisation = sys.intern(partner.organisation)
         self.bailleur = partner.kind == BAILLEUR_SOCIAL
+        self.visits = HOME_VISIT in partner.modes
+        """It visits people at home: first, within its tier, for a person who wants it."""
         elig = partner.eligibility
         publics = elig.publics if elig.publics and "tous-publics" not in elig.publics else ()
         self.open_to_all = not (elig.age_bands or elig.households or elig.qpv_only or publics)

@@ -89,6 +89,35 @@ class Facts(Record):
     """Free text: disclosed to few, deleted early by the retention job."""
 
 
+LanguageCode = Annotated[str, Field(pattern=r"^[a-z]{2,3}$")]
+"""An ISO 639 language code: two letters (639-1, `fr`, `ar`) or three (639-3, `kab`)."""
+
+
+class Preferences(Record):
+    """How the person wishes to be approached, as the advisor or the source heard it. Every
+    partner receiving a referral sees it (docs/DISCLOSURE.md): each wish changes what the
+    partner may do or how it meets her."""
+
+    through_advisor: bool = False
+    """Contact her through her advisor only: the referral carries no contact details, the
+    partner calls the advisor (named in the referral's `agency` and `advisor`)."""
+    do_not_contact: bool = False
+    """Nobody contacts her directly: the referral carries no contact details at all."""
+    home_visit: bool = False
+    """She wants a home visit: partners that visit at home (`local-a-domicile` in their
+    directory `modes`) rank first within their tier."""
+    languages: Annotated[
+        tuple[LanguageCode, ...],
+        Field(max_length=5, json_schema_extra={"uniqueItems": True}),
+    ] = ()
+    """Languages she speaks, best first (ISO 639 codes)."""
+
+    @property
+    def no_direct_contact(self) -> bool:
+        """The partner may not reach her directly: contact details are never disclosed."""
+        return self.do_not_contact or self.through_advisor
+
+
 class Signal(Message):
     """A partner saw a situation that needs help. One signal may carry several needs."""
 
@@ -116,6 +145,8 @@ class Signal(Message):
     profile: Profile = Profile()
     facts: Facts = Facts()
     contact: Contact | None = None
+    preferences: Preferences | None = None
+    """How she wishes to be approached (set by the source or the advisor); none: no wish."""
 
     @model_validator(mode="after")
     def _needs_unique(self) -> Signal:
@@ -269,8 +300,22 @@ class Referral(Message):
     profile: Profile | None = None
     facts: Facts | None = None
     contact: Contact | None = None
+    preferences: Preferences | None = None
+    """How she wishes to be approached: through the advisor, not at all, at home, in which
+    languages. With `do_not_contact` or `through_advisor`, `contact` is always empty."""
     why: tuple[str, ...] = ()
     """Why this partner was chosen (the directory's reasons)."""
+
+    @model_validator(mode="after")
+    def _no_contact_when_refused(self) -> Referral:
+        if (
+            self.preferences is not None
+            and self.preferences.no_direct_contact
+            and self.contact is not None
+        ):
+            msg = "a referral whose person asked not to be contacted directly carries no contact"
+            raise ValueError(msg)
+        return self
 
 
 class ReferralStatusChanged(Message):

@@ -17,6 +17,7 @@ from partnerbus.rules import (
     ConsentRecord,
     evaluate_consent,
     minimise,
+    minimise_preferences,
     pseudonym,
     referral_id,
     signal_pseudonym,
@@ -98,6 +99,7 @@ def decide_routing(
         profile=signal.profile,
         sender=signal.source,
         exclude=frozenset(tried),
+        home_visit=signal.preferences is not None and signal.preferences.home_visit,
     )
     if not candidates:
         reason = f"no partner for {need} in {signal.commune}" + (
@@ -268,7 +270,11 @@ def _send_referral(
     partner = candidate.partner
     rid = referral_id(row.signal_id, need, attempt)
     due_by = ledger.deadlines.due_by(signal.urgency, now)
-    profile, facts, contact = minimise(partner.kind, signal.profile, signal.facts, signal.contact)
+    wishes = signal.preferences
+    # do-not-contact and through-the-advisor take the contact details away, for every kind
+    profile, facts, contact = minimise(
+        partner.kind, signal.profile, signal.facts, signal.contact, wishes
+    )
     referral = Referral(
         message_id=rid,
         occurred_at=now,
@@ -286,6 +292,7 @@ def _send_referral(
         profile=profile,
         facts=facts,
         contact=contact,
+        preferences=minimise_preferences(partner.kind, wishes),
         why=candidate.reasons,
     )
     tx.referrals.add(
