@@ -297,10 +297,13 @@ def match(
             "\n".join(c.reasons),
         )
     console.print(table)
-    agency = d.agency_for(commune)
-    if agency is not None:
+    for org in d.pivot_organisations(commune):
+        agency = d.agency_for(commune, org)
+        assert agency is not None
         advisor = d.advisor_for(agency.id, commune)
-        console.print(f"agency: {agency.id}" + (f", advisor {advisor.id}" if advisor else ""))
+        console.print(
+            f"agency: {agency.id}" + (f", advisor {advisor.id}" if advisor else "") + f" ({org})"
+        )
 
 
 @app.command()

@@ -21,6 +21,7 @@ from .base import (
     Message,
     MessageId,
     NeedCode,
+    OrganisationId,
     PartnerId,
     PseudonymousRef,
     Record,
@@ -132,7 +133,15 @@ class Signal(Message):
     ]
     urgency: Urgency = "routine"
     agency: PartnerId | None = None
-    """The landlord's agency that follows the tenant; found from the commune when absent."""
+    """The agency that follows the person (a partner with advisors: a landlord's agency, an
+    association's team): asked for her consent and told of every outcome."""
+    landlord: OrganisationId | None = None
+    """Without `agency`: the organisation that houses the person (the social landlord, the
+    association renting her an IML flat) or follows her at home (a housing-improvement
+    scheme): the bus asks its agency covering the commune. With neither, the source's own
+    organisation's agency, else the only organisation's covering the commune; when several
+    organisations' agencies cover it, needs waiting for consent close at once
+    (`consent-not-obtained`), asking the source to name one."""
     profile: Profile = Profile()
     facts: Facts = Facts()
     contact: Contact | None = None

@@ -333,8 +333,12 @@ def _request_consent(
     """Ask the agency's advisor for the person's consent, once for all these needs."""
     now = ledger.clock()
     if row.agency is None:
-        # No landlord's agency covers the commune, so no advisor to ask: the needs stay
-        # parked, counted on the ops page, and the audit says why.
+        choice = ledger.directory.resolve_agency(signal.commune, source=signal.source)
+        if choice.ambiguous:
+            _close_unasked(ledger, tx, row, signal, parked, choice.refusal(signal.commune), attempt)
+            return
+        # No agency covers the commune, so no advisor to ask: the needs stay parked,
+        # counted on the ops page, and the audit says why.
         for waiting in parked:
             tx.signals.set_need_state(
                 row.signal_id, waiting.need, "parked", "no agency covers the commune", now
@@ -381,6 +385,47 @@ def _request_consent(
         person_ref=signal.person_ref,
         partner_id=row.agency,
         why=f"{', '.join(needs)}: {', '.join(reasons)}",
+    )
+
+
+def _close_unasked(
+    ledger: Ledger,
+    tx: LedgerTx,
+    row: SignalRow,
+    signal: Signal,
+    parked: Sequence[AwaitConsent],
+    reason: str,
+    attempt: int,
+) -> None:
+    """Several organisations' agencies cover the commune and the signal named none: the
+    bus does not pick whose advisor asks the person, so the needs waiting for consent
+    close at once (`consent-not-obtained`), and the source hears why: to send the signal
+    again naming its agency or landlord."""
+    now = ledger.clock()
+    for waiting in parked:
+        tx.signals.set_need_state(row.signal_id, waiting.need, "closed", reason, now)
+        _tell_source(
+            ledger,
+            tx,
+            row,
+            SignalClosed(
+                message_id=_derived_id(
+                    "closed", row.signal_id, waiting.need, "no-agency", str(attempt)
+                ),
+                occurred_at=now,
+                signal_id=row.signal_id,
+                need=waiting.need,
+                outcome="consent-not-obtained",
+                detail=reason,
+            ),
+        )
+    tx.audit.record(
+        BUS,
+        "consent-not-requested",
+        row.signal_id,
+        now,
+        person_ref=signal.person_ref,
+        why=f"{', '.join(w.need for w in parked)}: {reason}",
     )
 
 

@@ -458,7 +458,7 @@ def test_a_creditor_with_advisors_is_no_agency_and_the_directory_check_says_so()
     """Marked a creditor, an agency's record is skipped by `agency_for` (nobody would ask
     a creditor for consent) and `check` reports the mistake as an error."""
     sample = load_sample()
-    agency = sample.agency_for("59512")
+    agency = sample.agency_for("59512", "lmh")
     assert agency is not None and not sample.is_creditor(agency.id)
     assert sample.is_creditor("lmh-recouvrement") and not sample.is_creditor("lmh-proximite")
     assert not [p for p in find_problems(sample) if "creditor" in p.message]
@@ -474,7 +474,7 @@ def test_a_creditor_with_advisors_is_no_agency_and_the_directory_check_says_so()
         organisations=sample.organisations,
     )
     assert marked.is_creditor(agency.id)
-    found = marked.agency_for("59512")
+    found = marked.agency_for("59512", "lmh")
     assert found is None or found.id != agency.id
     (problem,) = [p for p in find_problems(marked) if "creditor" in p.message]
     assert (problem.severity, problem.subject) == ("error", agency.id)
