@@ -85,7 +85,7 @@ def find_problems(d: Directory) -> list[Problem]:
                         f"organisation {org!r} has no partner in the directory",
                     )
                 )
-    agencies = [p for p in d.partners() if p.kind == "bailleur-social" and p.advisors]
+    agencies = [p for p in d.partners() if p.advisors and not p.is_creditor]
     for p in d.partners():
         if p.is_creditor and p.advisors:
             out.append(
@@ -129,14 +129,14 @@ def find_problems(d: Directory) -> list[Problem]:
                         )
                     )
     if agencies:
-        orphans = [c for c in d.communes() if d.agency_for(c) is None]
+        orphans = [c for c in d.communes() if not d.pivots_covering(c)]
         if orphans:
             shown = ", ".join(orphans[:10]) + (" …" if len(orphans) > 10 else "")
             out.append(
                 Problem(
                     "warning",
                     "agencies",
-                    f"{len(orphans)} communes have no landlord agency: {shown}",
+                    f"{len(orphans)} communes have no agency (no partner with advisors): {shown}",
                 )
             )
     out.extend(_unknown_kinds(d))

@@ -10,10 +10,12 @@ key, in order:
    the directory knows it in the person's commune, any other is ignored and said so);
 4. agreement: a need-scoped agreement before a general one (no agreement, no referral;
    partners of the sender's own organisation need none);
-5. capacity: `capacity`, then `additional-assessment-required`, then `waitlist`
+5. a home visit, when the person wants one: a partner that visits at home (`local-a-domicile`
+   in its `modes`) before one that does not (only then: it never outranks 1-4);
+6. capacity: `capacity`, then `additional-assessment-required`, then `waitlist`
    (`no-capacity` and zero remaining are never returned); more places left first;
-6. recent acceptance rate: higher first (a smoothed rate over the last answers);
-7. partner id: the deterministic tie-break.
+7. recent acceptance rate: higher first (a smoothed rate over the last answers);
+8. partner id: the deterministic tie-break.
 """
 
 from __future__ import annotations
@@ -37,7 +39,8 @@ class Candidate:
     rank: int
     """1-based position in the list."""
     score: tuple[object, ...]
-    """The sort key: smaller ranks first."""
+    """The sort key: smaller ranks first. With a home visit wanted, it holds one more item
+    after the agreement rank: 0 for a partner that visits at home, 1 for one that does not."""
     reasons: tuple[str, ...]
 
     @property
@@ -119,6 +122,8 @@ def eligible(
 
 
 NO_SENDER = "no sender: agreement not checked"
+VISITS = "visits at home (home visit wanted)"
+NO_VISITS = "no home visits (home visit wanted)"
 _new = object.__new__
 
 
@@ -130,13 +135,16 @@ def match(
     sender: str | None = None,
     exclude: frozenset[str] = frozenset(),
     limit: int | None = None,
+    home_visit: bool = False,
 ) -> list[Candidate]:
     """The partners that can take this need for a person of this commune, best first.
 
     `sender` is the partner raising the signal: a referral leaves its organisation only
     along an agreement, and never goes back to the sender itself. `exclude` holds the
-    partners already tried (rerouting asks again with them excluded). Unknown need or
-    commune: no candidate. Unknown sender: no agreement, so no candidate either.
+    partners already tried (rerouting asks again with them excluded). `home_visit`: the
+    person wants one, so within the same territory, need, eligibility and agreement rank,
+    partners that visit at home come first (and the reasons say whether each does). Unknown
+    need or commune: no candidate. Unknown sender: no agreement, so no candidate either.
     """
     # Everything static is precomputed at load (see MatchIndex): the commune's chain of
     # territory levels, each holding its need → entries dict, every tuple of entries kept
@@ -190,6 +198,7 @@ def match(
             start = len(out)
             group_k = -1
             mixed = False
+            visitors = 0
             # `found` is sorted on (live key, id): within this territory and need level,
             # candidates only need grouping by eligibility and agreement rank (k)
             for e in found:
@@ -246,6 +255,21 @@ def match(
                 fields["partner"] = e.partner
                 fields["rank"] = len(out) + 1
                 head = heads[base + k]
+                if home_visit:
+                    # the wish's own path: one more item in the score, one more reason
+                    visitors += e.visits
+                    fields["score"] = (*head, 0 if e.visits else 1, *e.score_tail)
+                    fields["reasons"] = (
+                        where,
+                        need_reason,
+                        elig_reason,
+                        agr_reason,
+                        e.capacity_reason,
+                        e.rate_reason,
+                        VISITS if e.visits else NO_VISITS,
+                    )
+                    add(c)
+                    continue
                 # most entries get their usual head: their score is already built
                 fields["score"] = e.score if e.score_head is head else head + e.score_tail
                 fields["reasons"] = (
@@ -257,7 +281,11 @@ def match(
                     e.rate_reason,
                 )
                 add(c)
-            if mixed:
+            if visitors and visitors < len(out) - start:
+                # a stable sort on (eligibility, agreement, visits) keeps the live order within
+                out[start:] = sorted(out[start:], key=_elig_agr_visit)
+                _renumber(out, start)
+            elif mixed:
                 # a stable sort on (eligibility, agreement) keeps the live order within
                 out[start:] = sorted(out[start:], key=_elig_agr)
                 _renumber(out, start)
@@ -303,6 +331,10 @@ def _eligible(
 
 def _elig_agr(c: Candidate) -> tuple[object, ...]:
     return c.score[2:4]
+
+
+def _elig_agr_visit(c: Candidate) -> tuple[object, ...]:
+    return c.score[2:5]
 
 
 def _score(c: Candidate) -> tuple[object, ...]:

@@ -20,6 +20,7 @@ import networkx as nx
 from partnerbus.directory.errors import DirectoryError
 from partnerbus.directory.kinds import LOCAL_KINDS
 from partnerbus.directory.needs import Need, need_chain
+from partnerbus.directory.rights import is_pivot
 from partnerbus.directory.territory import (
     FRANCE,
     FRANCE_ALIASES,
@@ -29,6 +30,7 @@ from partnerbus.directory.territory import (
     own_departement,
 )
 from partnerbus.schemas import Advisor, Agreement, Partner
+from partnerbus.schemas.directory import HOME_VISIT
 
 BAILLEUR_SOCIAL = "bailleur-social"
 CAPACITY_STATUSES = ("capacity", "no-capacity", "waitlist", "additional-assessment-required")
@@ -38,6 +40,29 @@ REMAINING_CAP = (1 << 19) - 1
 """Places left beyond this all rank alike (the packed sort key has 20 bits for them)."""
 CAPACITY_RANK = {"capacity": 0, "additional-assessment-required": 1, "waitlist": 2}
 """Order among partners that can still take a referral; no-capacity never matches."""
+
+
+@dataclass(frozen=True, slots=True)
+class AgencyChoice:
+    """Who follows the person a signal is about (`Directory.resolve_agency`)."""
+
+    agency: Partner | None
+    """The pivot: asked for consent, told of every outcome; None: nobody found."""
+    why: str
+    """How it was found ('named by the signal', 'the source's organisation lmh'…)."""
+    ambiguous: tuple[str, ...] = ()
+    """With no agency: the organisations whose agencies all cover the commune (the
+    signal must name its agency or landlord); empty when none covers it."""
+
+    def refusal(self, commune: str) -> str:
+        """Why nobody was picked, as the source hears it."""
+        if self.ambiguous:
+            return (
+                f"several organisations follow people in {commune} "
+                f"({', '.join(self.ambiguous)}): the bus does not pick one; send the signal "
+                "again naming the agency (`agency`) or the landlord (`landlord`)"
+            )
+        return f"no agency covers {commune}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +96,7 @@ class _EntryHot:
         "rate_reason",
         "score",
         "score_head",
+        "visits",
     )
 
 
@@ -115,6 +141,8 @@ class Entry(_EntryHot):
         """score_head + score_tail, built when the live state changes, not per match."""
         self.organisation = sys.intern(partner.organisation)
         self.bailleur = partner.kind == BAILLEUR_SOCIAL
+        self.visits = HOME_VISIT in partner.modes
+        """It visits people at home: first, within its tier, for a person who wants it."""
         elig = partner.eligibility
         publics = elig.publics if elig.publics and "tous-publics" not in elig.publics else ()
         self.open_to_all = not (elig.age_bands or elig.households or elig.qpv_only or publics)
@@ -384,7 +412,7 @@ class Directory:
                     msg = f"partner {pid!r}: need {need!r} is not in the taxonomy"
                     raise DirectoryError(msg)
             coverages[pid] = coverage
-            if partner.kind == BAILLEUR_SOCIAL and partner.advisors and not partner.is_creditor:
+            if is_pivot(partner) and not partner.is_creditor:
                 for code in coverage:
                     agencies[code].append(pid)
         ordinals = {pid: i for i, pid in enumerate(ids)}
@@ -631,14 +659,66 @@ class Directory:
         """What may travel from one organisation to another; None: nothing."""
         return self._agreements.get((from_org, to_org))
 
-    def agency_for(self, commune: str) -> Partner | None:
-        """The landlord's agency (a `bailleur-social` partner with advisors) covering the
-        commune: the most specific coverage wins, then the smallest id."""
+    def pivots_covering(self, commune: str) -> tuple[Partner, ...]:
+        """Every pivot (`is_pivot`: a partner with advisors, never a creditor) covering the
+        commune, whatever its organisation: the most specific coverage first, then by id."""
+        found: list[Partner] = []
         for code, _ in self._chain.get(commune, ()):
-            ids = self._agencies.get(code)
-            if ids:
-                return self._partners[ids[0]]
+            found.extend(self._partners[pid] for pid in self._agencies.get(code, ()))
+        return tuple(dict.fromkeys(found))
+
+    def pivot_organisations(self, commune: str) -> tuple[str, ...]:
+        """The organisations (landlords, associations) with a pivot covering the commune,
+        sorted: more than one, and the commune alone cannot say who follows a person."""
+        return tuple(sorted({p.organisation for p in self.pivots_covering(commune)}))
+
+    def agency_for(self, commune: str, organisation: str | None = None) -> Partner | None:
+        """An agency following people in the commune: a pivot (a partner with advisors, of
+        any kind, never a creditor) covering it, the most specific coverage first, then the
+        smallest id; with `organisation`, only that organisation's.
+
+        Without `organisation` this is a directory look-up (`show`, tests), not who follows
+        a given person: where several organisations' agencies cover the commune it returns
+        the first of them, and the bus never relies on that: a signal's agency is found by
+        `resolve_agency`, which refuses to pick among organisations."""
+        for partner in self.pivots_covering(commune):
+            if organisation is None or partner.organisation == organisation:
+                return partner
         return None
+
+    def resolve_agency(
+        self,
+        commune: str,
+        *,
+        agency: str | None = None,
+        landlord: str | None = None,
+        source: str | None = None,
+    ) -> AgencyChoice:
+        """Who follows the person a signal is about (the pivot asked for consent and told
+        of every outcome), in this order: the agency the signal names; the agency of the
+        organisation it names as `landlord` covering the commune; the source itself when it
+        is a pivot covering the commune, else its own organisation's agency there (a
+        landlord's recovery service signals the landlord's tenants); else the only
+        organisation's agency covering the commune. When several organisations' agencies
+        cover it, none is picked: `ambiguous` names them. Unknown ids are the caller's to
+        refuse (`partnerbus.usecases.signals.check_signal`)."""
+        if agency is not None:
+            return AgencyChoice(self._partners.get(agency), "named by the signal")
+        if landlord is not None:
+            found = self.agency_for(commune, landlord)
+            return AgencyChoice(found, f"the agency of {landlord} covering {commune}")
+        pivots = self.pivots_covering(commune)
+        if source is not None and source in self._partners:
+            own = self._partners[source]
+            if own in pivots:
+                return AgencyChoice(own, "the source itself")
+            mine = next((p for p in pivots if p.organisation == own.organisation), None)
+            if mine is not None:
+                return AgencyChoice(mine, f"the source's organisation {own.organisation}")
+        orgs = tuple(sorted({p.organisation for p in pivots}))
+        if len(orgs) == 1:
+            return AgencyChoice(pivots[0], f"the only organisation following {commune}")
+        return AgencyChoice(None, "", ambiguous=orgs if len(orgs) > 1 else ())
 
     def advisor_for(self, agency_id: str, commune: str) -> Advisor | None:
         """The advisor of the agency who follows the commune: one naming the commune,

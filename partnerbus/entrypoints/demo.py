@@ -1,13 +1,16 @@
 """`partnerbus demo`: the service and a scripted day from the field, on the real broker.
 
-Three situations of a day in the Métropole Européenne de Lille:
+Four situations of a day in the Métropole Européenne de Lille:
 1. the landlord's recovery service signals rent arrears in Roubaix; the tenant consented
    last week; a partner takes it and closes it;
 2. the proximity team reports a hoarded flat in Tourcoing; no consent yet: the advisor of
    the Tourcoing agency is asked, visits, records a paper consent; the first partner is
    full and declines, the bus reroutes to the next best, which accepts;
 3. the CCAS of Lille alerts about a tenant's rights; consent was given by SMS; the partner
-   accepts.
+   accepts;
+4. the CCAS of Roubaix asks for the Fonds de solidarité logement for a tenant of Vilogia,
+   the second landlord in Roubaix: it names the landlord, so Vilogia's advisor (not LMH's)
+   is asked, collects the consent, and the Département's FSL service accepts.
 Every partner is simulated by a consumer of its own queue; every message is printed.
 """
 
@@ -39,6 +42,11 @@ from partnerbus.settings import Settings, amqp_user, pseudonym_key_of
 ARREARS = "logement-hebergement--reduire-les-impayes-de-loyer"
 KEEP_HOME = "logement-hebergement--se-maintenir-dans-le-logement"
 RIGHTS = "difficultes-administratives-ou-juridiques--accompagnement-pour-lacces-aux-droits"
+FSL = "local-logement--fsl"
+CONSENTED_KINDS = {FSL: ("departements",)}
+"""What the person consents to, by need, when an advisor is asked (otherwise
+`DEFAULT_KINDS`): for the FSL, the Département's fund itself."""
+DEFAULT_KINDS = ("association", "ccas-cias", "maisons-des-solidarites")
 
 console = Console()
 
@@ -68,7 +76,9 @@ class Day:
     told: dict[tuple[str, str, str], asyncio.Event] = field(default_factory=dict)
     """(partner told, referral, status) → set when that loop notice arrived."""
     done: dict[str, asyncio.Event] = field(
-        default_factory=lambda: {k: asyncio.Event() for k in ("arrears", "hoarding", "rights")}
+        default_factory=lambda: {
+            k: asyncio.Event() for k in ("arrears", "hoarding", "rights", "fsl")
+        }
     )
 
     def say(self, who: str, text: str, style: str = "") -> None:
@@ -130,6 +140,8 @@ class Day:
             self.done["hoarding"].set()
         elif need == RIGHTS:
             self.done["rights"].set()
+        elif need == FSL:
+            self.done["fsl"].set()
 
     async def advisor_collects_consent(self, client: PartnerClient, request: Any) -> None:
         self.say(
@@ -144,7 +156,7 @@ class Day:
                 person_ref=request.person_ref,
                 scope=ConsentScope(
                     needs=request.needs,
-                    partner_kinds=("association", "ccas-cias", "maisons-des-solidarites"),
+                    partner_kinds=CONSENTED_KINDS.get(request.needs[0], DEFAULT_KINDS),
                 ),
                 collected_by=request.advisor or _first_advisor(self.bus, request.agency),
                 agency=request.agency,
@@ -213,8 +225,8 @@ async def run_day(bus: Bus, url: str, timeout: float) -> bool:
 
         await client.consume(handler)
     try:
-        roubaix = d.agency_for("59512")
-        lille = d.agency_for("59350")
+        roubaix = d.agency_for("59512", "lmh")
+        lille = d.agency_for("59350", "lmh")
         assert roubaix and lille, "the sample directory has agencies in Roubaix and Lille"
 
         console.rule("[bold]1. Rent arrears in Roubaix (consent on file)")
@@ -274,6 +286,20 @@ async def run_day(bus: Bus, url: str, timeout: float) -> bool:
             _signal("ccas-lille", "T-59350-1290", "59350", RIGHTS, agency=lille.id)
         )
         await asyncio.wait_for(day.done["rights"].wait(), timeout)
+
+        console.rule("[bold]4. FSL for a tenant of Vilogia in Roubaix (the landlord named)")
+        day.say("ccas-roubaix", "→ signal: FSL aid for a Vilogia tenant (landlord: vilogia)")
+        await day.clients["ccas-roubaix"].send_signal(
+            _signal(
+                "ccas-roubaix",
+                "T-59512-0733",
+                "59512",
+                FSL,
+                landlord="vilogia",
+                facts=Facts(arrears_eur=960.0, arrears_months=2, household_size=2),
+            )
+        )
+        await asyncio.wait_for(day.done["fsl"].wait(), timeout)
         await bus.relay.flush()
     finally:
         for client in day.clients.values():

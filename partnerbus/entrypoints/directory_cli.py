@@ -251,6 +251,9 @@ def match(
         list[str] | None, typer.Option(help="Partner id already tried (repeatable).")
     ] = None,
     limit: Annotated[int | None, typer.Option(help="At most this many candidates.")] = None,
+    home_visit: Annotated[
+        bool, typer.Option(help="The person wants a home visit: partners that visit first.")
+    ] = False,
 ) -> None:
     """Print the ranked candidates for a need in a commune, with their reasons."""
     try:
@@ -268,7 +271,9 @@ def match(
     if sender is not None and sender not in d:
         console.print(f"[red]unknown sender {sender!r}[/red]")
         raise typer.Exit(2)
-    candidates = run_match(d, need, commune, person, sender, frozenset(exclude or ()), limit)
+    candidates = run_match(
+        d, need, commune, person, sender, frozenset(exclude or ()), limit, home_visit=home_visit
+    )
     where = d.territories[commune].name
     console.print(
         f"[bold]{need}[/bold] in {commune} {where}" + (f" from {sender}" if sender else "")
@@ -292,10 +297,13 @@ def match(
             "\n".join(c.reasons),
         )
     console.print(table)
-    agency = d.agency_for(commune)
-    if agency is not None:
+    for org in d.pivot_organisations(commune):
+        agency = d.agency_for(commune, org)
+        assert agency is not None
         advisor = d.advisor_for(agency.id, commune)
-        console.print(f"agency: {agency.id}" + (f", advisor {advisor.id}" if advisor else ""))
+        console.print(
+            f"agency: {agency.id}" + (f", advisor {advisor.id}" if advisor else "") + f" ({org})"
+        )
 
 
 @app.command()

@@ -23,23 +23,37 @@ from typing import Generic, Literal, TypeVar, get_args
 from pydantic import BaseModel
 
 from partnerbus.errors import ConfigError
-from partnerbus.schemas import Contact, Facts, Message, Profile
+from partnerbus.schemas import Contact, Facts, Message, Preferences, Profile
 
-PARTS: frozenset[str] = frozenset(
+WISHES: frozenset[str] = frozenset(
     {
-        "profile",
-        "contact",
-        "facts.arrears_eur",
-        "facts.arrears_months",
-        "facts.household_size",
-        "facts.housing_condition",
-        "facts.note",
+        "preferences.through_advisor",
+        "preferences.do_not_contact",
+        "preferences.home_visit",
+        "preferences.languages",
     }
+)
+"""How the person wishes to be approached: every kind sees all of it. Contact through the
+advisor and do-not-contact change what a partner may do (and take `contact` away), a home
+visit and her languages how it meets her; none of it says anything about her situation."""
+PARTS: frozenset[str] = (
+    frozenset(
+        {
+            "profile",
+            "contact",
+            "facts.arrears_eur",
+            "facts.arrears_months",
+            "facts.household_size",
+            "facts.housing_condition",
+            "facts.note",
+        }
+    )
+    | WISHES
 )
 
 _ARREARS = frozenset({"facts.arrears_eur", "facts.arrears_months"})
 _HOUSING = frozenset({"facts.household_size", "facts.housing_condition"})
-_CONTACT = frozenset({"contact"})
+_CONTACT = frozenset({"contact"}) | WISHES
 
 DEFAULT_DISCLOSURE: frozenset[str] = _CONTACT
 """Kinds not listed below: enough to reach the person, who tells the rest herself."""
@@ -56,15 +70,15 @@ DISCLOSURE: Mapping[str, frozenset[str]] = MappingProxyType(
         "ccas-cias": _CONTACT | _ARREARS,
         # Benefits (APL, rights review) depend on the household and the arrears procedure is
         # the CAF's own; never the note.
-        "caf": frozenset({"profile", "contact", "facts.household_size"}) | _ARREARS,
-        "mutualite-sociale-agricole": frozenset({"profile", "contact", "facts.household_size"})
+        "caf": (frozenset({"profile", "facts.household_size"}) | _CONTACT) | _ARREARS,
+        "mutualite-sociale-agricole": (frozenset({"profile", "facts.household_size"}) | _CONTACT)
         | _ARREARS,
         # Emergency housing: placement depends on household, its make-up and the housing.
-        "siao": frozenset({"profile", "contact"}) | _HOUSING,
-        "chrs": frozenset({"profile", "contact"}) | _HOUSING,
-        "chu": frozenset({"profile", "contact"}) | _HOUSING,
+        "siao": (frozenset({"profile"}) | _CONTACT) | _HOUSING,
+        "chrs": (frozenset({"profile"}) | _CONTACT) | _HOUSING,
+        "chu": (frozenset({"profile"}) | _CONTACT) | _HOUSING,
         # Rehousing (1% logement): the household and why the current home does not fit.
-        "action-logement": frozenset({"profile", "contact"}) | _HOUSING,
+        "action-logement": (frozenset({"profile"}) | _CONTACT) | _HOUSING,
         # Budget and debt advice: the arrears are the subject.
         "points-conseil-budget": _CONTACT | _ARREARS,
         "cresus": _CONTACT | _ARREARS,
@@ -74,12 +88,12 @@ DISCLOSURE: Mapping[str, frozenset[str]] = MappingProxyType(
         # Legal help against an eviction procedure: the arrears are the case.
         "points-justice": _CONTACT | _ARREARS,
         # Centres sociaux: activities by public (seniors, families), nothing about money.
-        "fcsf": frozenset({"profile", "contact"}),
+        "fcsf": (frozenset({"profile"}) | _CONTACT),
         # Young workers' residences take by age band.
-        "residences-fjt": frozenset({"profile", "contact"}),
+        "residences-fjt": (frozenset({"profile"}) | _CONTACT),
         # Disability and autonomy files: age band and publics, nothing about money.
-        "mdph": frozenset({"profile", "contact"}),
-        "maison-departementale-de-lautonomie": frozenset({"profile", "contact"}),
+        "mdph": (frozenset({"profile"}) | _CONTACT),
+        "maison-departementale-de-lautonomie": (frozenset({"profile"}) | _CONTACT),
         # Food aid: how many mouths.
         "croix-rouge": _CONTACT | {"facts.household_size"},
         "secours-populaire": _CONTACT | {"facts.household_size"},
@@ -106,12 +120,20 @@ def disclosed_parts(kind: str) -> frozenset[str]:
 
 
 def minimise(
-    kind: str, profile: Profile, facts: Facts, contact: Contact | None
+    kind: str,
+    profile: Profile,
+    facts: Facts,
+    contact: Contact | None,
+    preferences: Preferences | None = None,
 ) -> tuple[Profile | None, Facts | None, Contact | None]:
-    """Only what `kind` may see; None for a part it may not see or that holds nothing."""
+    """Only what `kind` may see; None for a part it may not see or that holds nothing.
+    A person who asked not to be contacted directly (`do_not_contact`, or through her
+    advisor only) has no contact details disclosed, whatever the kind."""
     parts = disclosed_parts(kind)
     shown_profile = profile if "profile" in parts and profile != Profile() else None
     shown_contact = contact if "contact" in parts and contact != Contact() else None
+    if preferences is not None and preferences.no_direct_contact:
+        shown_contact = None
     kept = {
         name: value
         for name, value in facts.model_dump(exclude_none=True).items()
@@ -119,6 +141,20 @@ def minimise(
     }
     shown_facts = Facts(**kept) if kept else None
     return shown_profile, shown_facts, shown_contact
+
+
+def minimise_preferences(kind: str, preferences: Preferences | None) -> Preferences | None:
+    """The person's wishes `kind` may see (`WISHES`: all of them, for every kind today);
+    None when she expressed none."""
+    if preferences is None:
+        return None
+    parts = disclosed_parts(kind)
+    wishes = {
+        name: value
+        for name, value in preferences.model_dump(exclude_defaults=True).items()
+        if f"preferences.{name}" in parts
+    }
+    return Preferences(**wishes) if wishes else None
 
 
 # ---- disclosure by recipient role -------------------------------------------------------
@@ -178,6 +214,9 @@ ROLE_DISCLOSURE: Mapping[str, Mapping[str, frozenset[Role]]] = MappingProxyType(
             profile=(_P,),
             facts=(_P,),
             contact=(_P,),
+            # How she wishes to be approached (do not contact, through her advisor, a home
+            # visit, her languages) limits what any recipient may do: a creditor included.
+            preferences=_TO_PARTNER,
         ),
         "referral-withdrawn": _fields(
             _TO_PARTNER, referral_id=_TO_PARTNER, partner=_TO_PARTNER, reason=_TO_PARTNER

@@ -37,6 +37,8 @@ MESSAGE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
 NeedCode = Annotated[str, StringConstraints(pattern=NEED_PATTERN, max_length=160)]
 CommuneCode = Annotated[str, StringConstraints(pattern=COMMUNE_PATTERN)]
 PartnerId = Annotated[str, StringConstraints(pattern=PARTNER_ID_PATTERN)]
+OrganisationId = Annotated[str, StringConstraints(pattern=PARTNER_ID_PATTERN)]
+"""An organisation of the directory (`Partner.organisation`): a landlord, an association…"""
 MessageId = Annotated[str, StringConstraints(pattern=MESSAGE_ID_PATTERN)]
 ShortText = Annotated[str, StringConstraints(max_length=2000)]
 

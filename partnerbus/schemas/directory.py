@@ -9,7 +9,11 @@ from pydantic import Field
 from .base import NeedCode, PartnerId, Record
 from .messages import AgeBand, CapacityStatus, Household
 
-ReceptionMode = Literal["en-presentiel", "a-distance"]
+ReceptionMode = Literal["en-presentiel", "a-distance", "local-a-domicile"]
+"""How a service receives people: data·inclusion `modes_accueil` (`en-presentiel`: on site,
+`a-distance`: remote) and the local `local-a-domicile` (it visits people at home), which
+data·inclusion has no code for."""
+HOME_VISIT: ReceptionMode = "local-a-domicile"
 
 
 class Advisor(Record):
@@ -45,6 +49,8 @@ class Partner(Record):
     """`zone_eligibilite`-style codes: commune (5), EPCI SIREN (9), département (2-3), `france`."""
     eligibility: Eligibility = Eligibility()
     modes: tuple[ReceptionMode, ...] = ("en-presentiel",)
+    """How it receives people (`ReceptionMode`); with `local-a-domicile` it ranks first
+    for a person who wants a home visit, within its tier (docs/DIRECTORY.md)."""
     capacity: Annotated[int, Field(ge=0)] | None = None
     """Referrals it can take at once; None: not declared."""
     capacity_status: CapacityStatus = "capacity"

@@ -23,6 +23,7 @@ from .base import (
     Message,
     MessageId,
     NeedCode,
+    OrganisationId,
     PartnerId,
     PseudonymousRef,
     Record,
@@ -90,6 +91,35 @@ class Facts(Record):
     """Free text: disclosed to few, deleted early by the retention job."""
 
 
+LanguageCode = Annotated[str, Field(pattern=r"^[a-z]{2,3}$")]
+"""An ISO 639 language code: two letters (639-1, `fr`, `ar`) or three (639-3, `kab`)."""
+
+
+class Preferences(Record):
+    """How the person wishes to be approached, as the advisor or the source heard it. Every
+    partner receiving a referral sees it (docs/DISCLOSURE.md): each wish changes what the
+    partner may do or how it meets her."""
+
+    through_advisor: bool = False
+    """Contact her through her advisor only: the referral carries no contact details, the
+    partner calls the advisor (named in the referral's `agency` and `advisor`)."""
+    do_not_contact: bool = False
+    """Nobody contacts her directly: the referral carries no contact details at all."""
+    home_visit: bool = False
+    """She wants a home visit: partners that visit at home (`local-a-domicile` in their
+    directory `modes`) rank first within their tier."""
+    languages: Annotated[
+        tuple[LanguageCode, ...],
+        Field(max_length=5, json_schema_extra={"uniqueItems": True}),
+    ] = ()
+    """Languages she speaks, best first (ISO 639 codes)."""
+
+    @property
+    def no_direct_contact(self) -> bool:
+        """The partner may not reach her directly: contact details are never disclosed."""
+        return self.do_not_contact or self.through_advisor
+
+
 class Signal(Message):
     """A partner saw a situation that needs help. One signal may carry several needs."""
 
@@ -105,10 +135,20 @@ class Signal(Message):
     ]
     urgency: Urgency = "routine"
     agency: PartnerId | None = None
-    """The landlord's agency that follows the tenant; found from the commune when absent."""
+    """The agency that follows the person (a partner with advisors: a landlord's agency, an
+    association's team): asked for her consent and told of every outcome."""
+    landlord: OrganisationId | None = None
+    """Without `agency`: the organisation that houses the person (the social landlord, the
+    association renting her an IML flat) or follows her at home (a housing-improvement
+    scheme): the bus asks its agency covering the commune. With neither, the source's own
+    organisation's agency, else the only organisation's covering the commune; when several
+    organisations' agencies cover it, needs waiting for consent close at once
+    (`consent-not-obtained`), asking the source to name one."""
     profile: Profile = Profile()
     facts: Facts = Facts()
     contact: Contact | None = None
+    preferences: Preferences | None = None
+    """How she wishes to be approached (set by the source or the advisor); none: no wish."""
 
     @model_validator(mode="after")
     def _needs_unique(self) -> Signal:
@@ -347,8 +387,22 @@ class Referral(Message):
     profile: Profile | None = None
     facts: Facts | None = None
     contact: Contact | None = None
+    preferences: Preferences | None = None
+    """How she wishes to be approached: through the advisor, not at all, at home, in which
+    languages. With `do_not_contact` or `through_advisor`, `contact` is always empty."""
     why: tuple[str, ...] = ()
     """Why this partner was chosen (the directory's reasons)."""
+
+    @model_validator(mode="after")
+    def _no_contact_when_refused(self) -> Referral:
+        if (
+            self.preferences is not None
+            and self.preferences.no_direct_contact
+            and self.contact is not None
+        ):
+            msg = "a referral whose person asked not to be contacted directly carries no contact"
+            raise ValueError(msg)
+        return self
 
 
 class ReferralStatusChanged(Message):

@@ -7,7 +7,7 @@ from __future__ import annotations
 from pydantic import TypeAdapter, ValidationError
 
 from partnerbus.ledger.store import LedgerTx
-from partnerbus.rules import AWAITING_ANSWER, evaluate_consent, minimise
+from partnerbus.rules import AWAITING_ANSWER, evaluate_consent, minimise, minimise_preferences
 from partnerbus.rules.disclosure import (
     Role,
     disclose,
@@ -173,8 +173,11 @@ def mark_delivered(ledger: Ledger, tx: LedgerTx, referral_id: str) -> None:
 def _shared(ledger: Ledger, partner_id: str, kind: str, signal: Signal) -> str:
     """What of the person this partner receives, for the audit: its kind's share, and
     nothing if it is a creditor (docs/DISCLOSURE.md)."""
-    profile, facts, contact = minimise(kind, signal.profile, signal.facts, signal.contact)
-    parts = (("profile", profile), ("facts", facts), ("contact", contact))
+    profile, facts, contact = minimise(
+        kind, signal.profile, signal.facts, signal.contact, signal.preferences
+    )
+    wishes = minimise_preferences(kind, signal.preferences)
+    parts = (("profile", profile), ("facts", facts), ("contact", contact), ("preferences", wishes))
     roles = recipient_roles_of_partner(ledger.directory.is_creditor(partner_id))
     shown = visible_fields("referral", roles)
     return ", ".join(name for name, part in parts if part and name in shown) or "ids only"

@@ -17,6 +17,7 @@ from partnerbus.rules import (
     ConsentRecord,
     evaluate_consent,
     minimise,
+    minimise_preferences,
     pseudonym,
     referral_id,
     signal_pseudonym,
@@ -98,6 +99,7 @@ def decide_routing(
         profile=signal.profile,
         sender=signal.source,
         exclude=frozenset(tried),
+        home_visit=signal.preferences is not None and signal.preferences.home_visit,
     )
     if not candidates:
         reason = f"no partner for {need} in {signal.commune}" + (
@@ -277,7 +279,11 @@ def _send_referral(
     partner = candidate.partner
     rid = referral_id(row.signal_id, need, attempt)
     due_by = ledger.deadlines.due_by(signal.urgency, now)
-    profile, facts, contact = minimise(partner.kind, signal.profile, signal.facts, signal.contact)
+    wishes = signal.preferences
+    # do-not-contact and through-the-advisor take the contact details away, for every kind
+    profile, facts, contact = minimise(
+        partner.kind, signal.profile, signal.facts, signal.contact, wishes
+    )
     referral = Referral(
         message_id=rid,
         occurred_at=now,
@@ -295,6 +301,7 @@ def _send_referral(
         profile=profile,
         facts=facts,
         contact=contact,
+        preferences=minimise_preferences(partner.kind, wishes),
         why=candidate.reasons,
     )
     tx.referrals.add(
@@ -337,8 +344,12 @@ def _request_consent(
     """Ask the agency's advisor for the person's consent, once for all these needs."""
     now = ledger.clock()
     if row.agency is None:
-        # No landlord's agency covers the commune, so no advisor to ask: the needs stay
-        # parked, counted on the ops page, and the audit says why.
+        choice = ledger.directory.resolve_agency(signal.commune, source=signal.source)
+        if choice.ambiguous:
+            _close_unasked(ledger, tx, row, signal, parked, choice.refusal(signal.commune), attempt)
+            return
+        # No agency covers the commune, so no advisor to ask: the needs stay parked,
+        # counted on the ops page, and the audit says why.
         for waiting in parked:
             tx.signals.set_need_state(
                 row.signal_id, waiting.need, "parked", "no agency covers the commune", now
@@ -387,6 +398,47 @@ def _request_consent(
         person_ref=signal.person_ref,
         partner_id=row.agency,
         why=f"{', '.join(needs)}: {', '.join(reasons)}",
+    )
+
+
+def _close_unasked(
+    ledger: Ledger,
+    tx: LedgerTx,
+    row: SignalRow,
+    signal: Signal,
+    parked: Sequence[AwaitConsent],
+    reason: str,
+    attempt: int,
+) -> None:
+    """Several organisations' agencies cover the commune and the signal named none: the
+    bus does not pick whose advisor asks the person, so the needs waiting for consent
+    close at once (`consent-not-obtained`), and the source hears why: to send the signal
+    again naming its agency or landlord."""
+    now = ledger.clock()
+    for waiting in parked:
+        tx.signals.set_need_state(row.signal_id, waiting.need, "closed", reason, now)
+        _tell_source(
+            ledger,
+            tx,
+            row,
+            SignalClosed(
+                message_id=_derived_id(
+                    "closed", row.signal_id, waiting.need, "no-agency", str(attempt)
+                ),
+                occurred_at=now,
+                signal_id=row.signal_id,
+                need=waiting.need,
+                outcome="consent-not-obtained",
+                detail=reason,
+            ),
+        )
+    tx.audit.record(
+        BUS,
+        "consent-not-requested",
+        row.signal_id,
+        now,
+        person_ref=signal.person_ref,
+        why=f"{', '.join(w.need for w in parked)}: {reason}",
     )
 
 

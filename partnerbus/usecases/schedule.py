@@ -525,7 +525,7 @@ def apply_retention(
     that could not be delivered for that long (deleted unsent, audited by type and
     partner), old dedupe marks. Then, once every referral of a signal has been closed for
     `keep`, the person's reference is replaced by a random token in the signal, its
-    referrals and the audit trail, and the facts, contact and profile are dropped; a
+    referrals and the audit trail, and the facts, contact, profile and wishes are dropped; a
     consent that ended `keep` ago keeps its scope and dates under a token. Last, a person
     with no signal and no consent left under her reference loses her remaining traces
     older than `keep`: refusals in the consent journal, reads of her consents and
@@ -576,7 +576,15 @@ def apply_retention(
         with _retained_item(tx, "signal-anonymisation", counts):
             token = _token()
             body = json.loads(row.body)
-            body.update({"person_ref": token, "facts": {}, "contact": None, "profile": {}})
+            body.update(
+                {
+                    "person_ref": token,
+                    "facts": {},
+                    "contact": None,
+                    "profile": {},
+                    "preferences": None,
+                }
+            )
             tx.signals.rewrite(
                 row.signal_id, body=json.dumps(body), person_ref=token, anonymised_at=now
             )

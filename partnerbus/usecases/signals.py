@@ -3,6 +3,8 @@ needs routed."""
 
 from __future__ import annotations
 
+from partnerbus.directory.model import AgencyChoice
+from partnerbus.directory.rights import is_pivot
 from partnerbus.errors import Refused
 from partnerbus.ledger.store import LedgerTx
 from partnerbus.schemas import Signal
@@ -24,13 +26,39 @@ def check_signal(ledger: Ledger, signal: Signal) -> None:
         if signal.agency not in directory:
             raise Refused(f"unknown agency {signal.agency!r}")
         agency = directory.partner(signal.agency)
-        if agency.kind != "bailleur-social":
-            raise Refused(f"{signal.agency!r} is not a landlord's agency")
         if agency.is_creditor:
             raise Refused(
                 f"{signal.agency!r} is a creditor (the landlord's recovery service), not the "
                 "agency that follows the person: it does not hold her consent"
             )
+        if not is_pivot(agency):
+            raise Refused(
+                f"{signal.agency!r} has no social advisors: not an agency that follows people"
+            )
+        if signal.landlord is not None and agency.organisation != signal.landlord:
+            raise Refused(
+                f"agency {signal.agency!r} belongs to {agency.organisation!r}, "
+                f"not to the landlord named, {signal.landlord!r}"
+            )
+    elif (
+        signal.landlord is not None
+        and directory.agency_for(signal.commune, signal.landlord) is None
+    ):
+        if not any(p.organisation == signal.landlord for p in directory.partners()):
+            raise Refused(f"unknown landlord {signal.landlord!r}: no such organisation")
+        raise Refused(
+            f"{signal.landlord!r} has no agency covering {signal.commune}: name the "
+            "agency (`agency`) that follows the person"
+        )
+
+
+def resolve_agency(ledger: Ledger, signal: Signal) -> AgencyChoice:
+    """Who follows the person (`Directory.resolve_agency`): the agency named, else the
+    landlord's covering the commune, else the source's own organisation's, else the only
+    organisation's covering the commune; none when several could."""
+    return ledger.directory.resolve_agency(
+        signal.commune, agency=signal.agency, landlord=signal.landlord, source=signal.source
+    )
 
 
 @intake
@@ -38,11 +66,7 @@ def receive_signal(ledger: Ledger, tx: LedgerTx, signal: Signal) -> None:
     """Record a signal and route each of its needs; the consent of the person is asked
     once for all the needs that wait for it. False for a duplicate (`intake`)."""
     now = ledger.clock()
-    agency = (
-        ledger.directory.partner(signal.agency)
-        if signal.agency
-        else ledger.directory.agency_for(signal.commune)
-    )
+    agency = resolve_agency(ledger, signal).agency
     advisor = ledger.directory.advisor_for(agency.id, signal.commune) if agency else None
     row = tx.signals.add(
         signal, agency.id if agency else None, advisor.id if advisor else None, now

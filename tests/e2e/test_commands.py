@@ -194,6 +194,7 @@ async def test_the_demo_command_plays_the_day_prints_the_summary_and_leaves_noth
         "1. Rent arrears in Roubaix (consent on file)",
         "2. A hoarded flat in Tourcoing (no consent yet)",
         "3. The CCAS of Lille alerts about a tenant's rights (SMS consent)",
+        "4. FSL for a tenant of Vilogia in Roubaix (the landlord named)",
     ):
         assert step in out
     arrears_partner = match(directory, ARREARS, ROUBAIX, sender="lmh-recouvrement")[0].partner_id
@@ -204,7 +205,8 @@ async def test_the_demo_command_plays_the_day_prints_the_summary_and_leaves_noth
     assert "→ completed: FSL file filed; repayment plan signed" in out
     assert "The day's referrals" in out
     rows = [line for line in out.splitlines() if line.startswith("│")]
-    assert len(rows) == 4, out  # arrears, hoarding twice (declined, then rerouted), rights
+    # arrears, hoarding twice (declined, then rerouted), rights, FSL
+    assert len(rows) == 5, out
     assert any(
         "reduire-les-impayes-de-loyer" in r and arrears_partner in r and "completed" in r
         for r in rows
@@ -215,6 +217,9 @@ async def test_the_demo_command_plays_the_day_prints_the_summary_and_leaves_noth
     assert any(
         "se-maintenir-dans-le-logement" in r and "│ 2 " in r and "accepted" in r for r in rows
     )
+    assert any("fsl" in r and "fsl-nord" in r and "accepted" in r for r in rows), rows
+    assert f"{'vilogia-agence-roubaix':<22} ← consent requested for T-59512-0733" in out
+    assert "lmh-agence-roubaix     ← consent requested for T-59512-0733" not in out
     assert re.search(r"outbox sent \d+, pending 0; audit records \d+", out), out
     assert "What the audit trail says about T-59599-0077" in out
     assert "consent-granted by" in out

@@ -24,11 +24,11 @@ pytestmark = pytest.mark.rabbitmq
 class PoisonDirectory(Directory):
     """A directory that crashes on one commune: a bug the bus must survive."""
 
-    def agency_for(self, commune: str):  # type: ignore[no-untyped-def]
+    def resolve_agency(self, commune: str, **named):  # type: ignore[no-untyped-def]
         if commune == "59009":
             msg = "simulated bug"
             raise RuntimeError(msg)
-        return super().agency_for(commune)
+        return super().resolve_agency(commune, **named)
 
 
 class FlakyStore(Store):

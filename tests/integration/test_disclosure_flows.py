@@ -25,6 +25,7 @@ from partnerbus.schemas import (
     ConsentScope,
     Contact,
     Facts,
+    Preferences,
     ReferralStatusChanged,
     Signal,
 )
@@ -59,6 +60,14 @@ signal = st.tuples(
     st.sampled_from(PERSONS),
     st.sampled_from(SOURCES),
     st.lists(st.sampled_from(NEEDS), min_size=1, max_size=2, unique=True),
+    st.sampled_from(
+        (
+            None,
+            Preferences(do_not_contact=True),
+            Preferences(through_advisor=True, languages=("ar",)),
+            Preferences(home_visit=True),
+        )
+    ),
 )
 answer = st.tuples(
     st.just("answer"),
@@ -125,6 +134,9 @@ def check_outbox(store: Store) -> Counter[str]:
         for name, value in body.items():
             if not may_see(table[name], roles):
                 assert value in (None, []), f"{kind}.{name} reached {key} ({sorted(roles)})"
+        wishes = body.get("preferences") or {} if kind == "referral" else {}
+        if wishes.get("do_not_contact") or wishes.get("through_advisor"):
+            assert body["contact"] is None, f"{key} got the contact of a person who refused it"
         if key in CREDITORS:
             seen[kind] += 1
             if kind == "referral-status-changed":
@@ -188,7 +200,7 @@ def run_flow(ops: list[tuple[Any, ...]]) -> Counter[str]:
                             "q",
                         )
                 elif op[0] == "signal":
-                    _, person, source, needs = op
+                    _, person, source, needs, *wish = op
                     usecases.receive_signal(
                         ledger,
                         tx,
@@ -201,6 +213,7 @@ def run_flow(ops: list[tuple[Any, ...]]) -> Counter[str]:
                             needs=tuple(needs),
                             facts=Facts(arrears_eur=1840.0, arrears_months=4, note="advisor's"),
                             contact=Contact(phone="0612345678"),
+                            preferences=wish[0] if wish else None,
                         ),
                         "q",
                     )

@@ -14,7 +14,7 @@ from partnerbus import usecases
 from partnerbus.ledger import tables as t
 from partnerbus.ledger.store import Store
 from partnerbus.rules import disclose
-from partnerbus.schemas import ConsentRefused, ConsentRevoked, ReferralReminder
+from partnerbus.schemas import ConsentRefused, ConsentRevoked, Preferences, ReferralReminder
 from partnerbus.testing import FakeClock
 from partnerbus.usecases import Ledger
 from tests.integration.test_usecases import Q, a_consent, a_signal, ledger, mid, run
@@ -110,6 +110,21 @@ class TestForgetThePerson:
         clock_of(ledger).advance(timedelta(days=730))
         assert retain(ledger)["persons-forgotten"] == 1
         assert person not in dump_database(ledger.store)
+
+    def test_an_anonymised_signal_keeps_none_of_her_wishes(self, ledger: Ledger) -> None:
+        """Her languages and how she wished to be approached go with her facts and contact."""
+        wishes = Preferences(through_advisor=True, home_visit=True, languages=("kab",))
+        sid = refused_signal(ledger, "T-WISH-0001", preferences=wishes)
+
+        clock_of(ledger).advance(timedelta(days=731))
+        counts = retain(ledger)
+
+        assert counts["anonymised"] == 1
+        with ledger.store.begin() as tx:
+            row = tx.signals.get(sid)
+            assert row is not None
+            assert row.signal().preferences is None
+        assert "kab" not in dump_database(ledger.store)
 
 
 class TestUndeliverable:

@@ -42,6 +42,10 @@ def decide(ledger: Ledger, first: int, count: int, urgency: str = "routine") -> 
     signals = []
 
     def work(tx: LedgerTx) -> None:
+        # Every referral goes to ccas-roubaix (the reminders below are its): capacity is
+        # enforced and the sample gives it a few places, so the ledger gives it room
+        # without a figure, as its own `CapacityChanged` would.
+        tx.capacity.set("ccas-roubaix", "capacity", None, now)
         for n in range(first, first + count):
             person = f"T-WIN-{n}"
             usecases.grant_consent(

@@ -10,6 +10,7 @@ import pytest
 
 from partnerbus import usecases
 from partnerbus.directory import match
+from partnerbus.directory.match import NO_VISITS, VISITS
 from partnerbus.ledger.store import Store
 from partnerbus.schemas import (
     ConsentGranted,
@@ -18,6 +19,7 @@ from partnerbus.schemas import (
     ConsentScope,
     Contact,
     Facts,
+    Preferences,
     ReferralStatusChanged,
     Signal,
 )
@@ -132,6 +134,50 @@ class TestReceiveSignal:
         """A commune outside the territory is bad input, refused with the reason."""
         with pytest.raises(Refused, match="unknown commune"):
             usecases.check_signal(ledger, a_signal(ledger, commune="75056"))
+
+
+class TestPreferences:
+    """The person's wishes (Signal.preferences) travel with her referrals, and a refusal of
+    direct contact takes the contact details off every one of them, reroutes included."""
+
+    def test_through_the_advisor_only_the_referral_names_no_contact(self, ledger: Ledger) -> None:
+        run(ledger, usecases.grant_consent, a_consent(ledger))
+        wishes = Preferences(through_advisor=True, languages=("fr",))
+        run(ledger, usecases.receive_signal, a_signal(ledger, preferences=wishes))
+        ((_, body),) = sent(ledger, "referral")
+        assert body["contact"] is None
+        assert body["preferences"]["through_advisor"] is True
+        assert body["preferences"]["languages"] == ["fr"]
+        assert body["agency"] == "lmh-agence-roubaix"  # whom the partner calls instead
+
+    def test_no_wish_keeps_the_contact_and_sends_no_preferences(self, ledger: Ledger) -> None:
+        run(ledger, usecases.grant_consent, a_consent(ledger))
+        run(ledger, usecases.receive_signal, a_signal(ledger))
+        ((_, body),) = sent(ledger, "referral")
+        assert body["contact"] == {"phone": "0612345678", "preferred_time": None}
+        assert body["preferences"] is None
+
+    def test_a_home_visit_goes_to_the_partner_that_visits_and_a_reroute_keeps_the_wishes(
+        self, ledger: Ledger
+    ) -> None:
+        run(ledger, usecases.grant_consent, a_consent(ledger))
+        wishes = Preferences(do_not_contact=True, home_visit=True)
+        run(ledger, usecases.receive_signal, a_signal(ledger, preferences=wishes))
+        ((key, first),) = sent(ledger, "referral")
+        plain = match(ledger.directory, ARREARS, ROUBAIX, sender="lmh-recouvrement")
+        assert plain[0].partner_id != key == "mds-roubaix"
+        assert VISITS in first["why"]
+        assert first["contact"] is None and first["preferences"]["home_visit"] is True
+        claim_and_send(ledger)
+        trail = [a.why for a in ledger.store.audit_trail(first["referral_id"])]
+        assert any("shared: facts, preferences" in (why or "") for why in trail), trail
+
+        answer(ledger, first, "rejected", reason="full")
+        second = [body for _, body in sent(ledger, "referral") if body["partner"] != key]
+        assert second, "the need went to the next partner"
+        assert second[0]["contact"] is None
+        assert second[0]["preferences"]["do_not_contact"] is True
+        assert NO_VISITS in second[0]["why"] or VISITS in second[0]["why"]
 
 
 class TestConsentAnswers:

@@ -173,6 +173,18 @@ def test_cli_match_prints_ranked_candidates_and_reasons() -> None:
     assert "agency: lmh-agence-roubaix, advisor s.benali" in result.output
 
 
+def test_cli_match_ranks_home_visits_first_when_asked() -> None:
+    """`--home-visit`: the Roubaix MDS, which visits at home, before the CCAS, and says why."""
+    args = ["match", "--need", ARREARS, "--commune", "59512", "--sender", "lmh-recouvrement"]
+    result = runner.invoke(app, [*args, "--home-visit"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert result.output.index("mds-roubaix") < result.output.index("ccas-roubaix")
+    assert "visits at home (home visit wanted)" in result.output
+    plain = runner.invoke(app, args, env={"COLUMNS": "200"}).output
+    assert plain.index("ccas-roubaix") < plain.index("mds-roubaix")
+    assert "home visit" not in plain
+
+
 def test_cli_match_takes_a_profile_and_rejects_unknown_codes() -> None:
     """A JSON profile reaches eligibility; an unknown commune exits with code 2."""
     senior = runner.invoke(

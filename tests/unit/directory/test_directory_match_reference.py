@@ -40,6 +40,7 @@ def reference(
     sender: str | None = None,
     exclude: frozenset[str] = frozenset(),
     limit: int | None = None,
+    home_visit: bool = False,
 ) -> list[tuple[str, int, tuple[object, ...], tuple[str, ...]]]:
     """(partner id, rank, score, reasons) of every candidate, the slow and obvious way."""
     if not d.has_commune(commune) or not d.has_need(need):
@@ -107,6 +108,9 @@ def reference(
             rate,
             p.id,
         )
+        visits = "local-a-domicile" in p.modes
+        if home_visit:
+            score = (*score[:4], 0 if visits else 1, *score[4:])
         if status == "capacity":
             capacity = f"capacity {remaining} left" if remaining is not None else "capacity open"
         else:
@@ -119,6 +123,9 @@ def reference(
             capacity,
             f"accepted {accepted}/{answered} recently" if answered else "no recent answers",
         )
+        if home_visit:
+            wish = "visits at home" if visits else "no home visits"
+            reasons = (*reasons, f"{wish} (home visit wanted)")
         rows.append((score, reasons))
     rows.sort()
     out = [(s[-1], rank, s, r) for rank, (s, r) in enumerate(rows, start=1)]
@@ -141,9 +148,19 @@ events = st.lists(
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(scenarios(), events, st.none() | st.integers(1, 4))
-def test_match_is_the_reference_ranking(scenario: tuple, live: list, limit: int | None) -> None:
+@given(
+    scenarios(),
+    events,
+    st.none() | st.integers(1, 4),
+    st.booleans(),
+    st.sets(st.integers(0, 11)),
+)
+def test_match_is_the_reference_ranking(
+    scenario: tuple, live: list, limit: int | None, home_visit: bool, visiting: set[int]
+) -> None:
     ps, rules, need, commune, profile, sender, exclude = scenario
+    home = ("en-presentiel", "local-a-domicile")
+    ps = [p.model_copy(update={"modes": home}) if i in visiting else p for i, p in enumerate(ps)]
     d = make_directory(ps, rules)
     for i, what, remaining in live:
         pid = ps[i % len(ps)].id
@@ -152,10 +169,11 @@ def test_match_is_the_reference_ranking(scenario: tuple, live: list, limit: int 
         else:
             d.apply_capacity(pid, what, remaining)
     sender_id = sender.id if sender else None
-    expected = reference(d, need, commune, profile, sender_id, exclude, limit)
-    assert fast(d, need, commune, profile, sender_id, exclude, limit) == expected
+    args = (need, commune, profile, sender_id, exclude, limit)
+    expected = reference(d, *args, home_visit=home_visit)
+    assert fast(d, *args, home_visit=home_visit) == expected
     # and again: nothing a match reads is left changed by the previous one
-    assert fast(d, need, commune, profile, sender_id, exclude, limit) == expected
+    assert fast(d, *args, home_visit=home_visit) == expected
 
 
 def test_a_partner_met_twice_ranks_at_its_best_place() -> None:

@@ -58,8 +58,8 @@ def test_partners_are_sorted_and_looked_up_by_id(sample_static: Directory) -> No
 def test_each_commune_has_its_landlord_agency(
     sample_static: Directory, commune: str, agency: str
 ) -> None:
-    """agency_for returns the agency covering the commune."""
-    found = sample_static.agency_for(commune)
+    """agency_for returns the landlord's agency covering the commune."""
+    found = sample_static.agency_for(commune, "lmh")
     assert found is not None
     assert found.id == agency
 
@@ -67,8 +67,8 @@ def test_each_commune_has_its_landlord_agency(
 def test_every_mel_commune_has_exactly_one_agency(sample_static: Directory) -> None:
     """The four agencies partition the MEL: no commune is left without an agency."""
     for commune in sample_static.communes():
-        assert sample_static.agency_for(commune) is not None, commune
-    assert sample_static.agency_for("62041") is None
+        assert sample_static.agency_for(commune, "lmh") is not None, commune
+    assert sample_static.agency_for("62041", "lmh") is None
 
 
 def test_the_advisor_naming_the_commune_wins_over_the_whole_agency(

@@ -16,6 +16,7 @@ from partnerbus.rules import (
     referral_id,
     signal_pseudonym,
 )
+from partnerbus.rules.disclosure import WISHES
 from partnerbus.schemas import Contact, Facts, Profile
 
 PROFILE = Profile(age_band="25-59", household="single-parent", publics=("familles",))
@@ -34,7 +35,7 @@ def test_every_kind_discloses_only_known_parts() -> None:
     """No kind's entry names a part that does not exist."""
     for kind, parts in DISCLOSURE.items():
         assert parts <= PARTS, kind
-    assert {"contact"} == DEFAULT_DISCLOSURE
+    assert {"contact"} | WISHES == DEFAULT_DISCLOSURE
 
 
 def test_the_disclosure_table_cannot_be_changed_at_run_time() -> None:
@@ -66,8 +67,9 @@ def test_the_disclosure_table_cannot_be_changed_at_run_time() -> None:
     ],
 )
 def test_each_kind_receives_its_documented_share(kind: str, parts: set[str]) -> None:
-    """The parts disclosed per kind are the ones the table documents; unknown kinds get contact."""
-    assert disclosed_parts(kind) == parts
+    """The parts disclosed per kind are the ones the table documents, and the person's
+    wishes (every kind); unknown kinds get contact (and the wishes)."""
+    assert disclosed_parts(kind) == parts | WISHES
 
 
 def test_the_free_text_note_goes_to_few() -> None:

@@ -29,7 +29,15 @@ from partnerbus.rules import (
     internal,
     recipient_roles,
 )
-from partnerbus.rules.disclosure import ENVELOPE, receives
+from partnerbus.rules.disclosure import (
+    DISCLOSURE,
+    ENVELOPE,
+    WISHES,
+    disclosed_parts,
+    minimise,
+    minimise_preferences,
+    receives,
+)
 from partnerbus.schemas import (
     CapacityChanged,
     ConsentExpiring,
@@ -40,6 +48,7 @@ from partnerbus.schemas import (
     Facts,
     NoPartnerFound,
     Partner,
+    Preferences,
     Profile,
     Referral,
     ReferralReminder,
@@ -113,6 +122,15 @@ ids = st.from_regex(r"\A[a-z][a-z0-9-]{2,12}\Z")
 partner_ids = st.sampled_from(("ccas-roubaix", "lmh-recouvrement", "lmh-agence-roubaix", "mds"))
 
 
+preferences = st.builds(
+    Preferences,
+    through_advisor=st.booleans(),
+    do_not_contact=st.booleans(),
+    home_visit=st.booleans(),
+    languages=st.sampled_from(((), ("fr",), ("ar", "fr"), ("kab",))),
+)
+
+
 @st.composite
 def outbound_messages(draw: st.DrawFn) -> BaseModel:
     """Any message the bus sends, with every optional field filled in (or not)."""
@@ -120,6 +138,8 @@ def outbound_messages(draw: st.DrawFn) -> BaseModel:
     maybe = lambda strategy: draw(st.one_of(st.none(), strategy))  # noqa: E731
     kind = draw(st.sampled_from([c.type for c in OUTBOUND]))
     if kind == "referral":
+        wishes = maybe(preferences)
+        contact = maybe(st.just(Contact(phone="0612345678")))
         return Referral(
             **envelope,
             referral_id=draw(ids),
@@ -142,7 +162,8 @@ def outbound_messages(draw: st.DrawFn) -> BaseModel:
                     note=text,
                 )
             ),
-            contact=maybe(st.just(Contact(phone="0612345678"))),
+            contact=None if wishes and wishes.no_direct_contact else contact,
+            preferences=wishes,
             why=draw(st.lists(text, max_size=3).map(tuple)),
         )
     if kind == "referral-withdrawn":
@@ -437,7 +458,7 @@ def test_a_creditor_with_advisors_is_no_agency_and_the_directory_check_says_so()
     """Marked a creditor, an agency's record is skipped by `agency_for` (nobody would ask
     a creditor for consent) and `check` reports the mistake as an error."""
     sample = load_sample()
-    agency = sample.agency_for("59512")
+    agency = sample.agency_for("59512", "lmh")
     assert agency is not None and not sample.is_creditor(agency.id)
     assert sample.is_creditor("lmh-recouvrement") and not sample.is_creditor("lmh-proximite")
     assert not [p for p in find_problems(sample) if "creditor" in p.message]
@@ -453,7 +474,74 @@ def test_a_creditor_with_advisors_is_no_agency_and_the_directory_check_says_so()
         organisations=sample.organisations,
     )
     assert marked.is_creditor(agency.id)
-    found = marked.agency_for("59512")
+    found = marked.agency_for("59512", "lmh")
     assert found is None or found.id != agency.id
     (problem,) = [p for p in find_problems(marked) if "creditor" in p.message]
     assert (problem.severity, problem.subject) == ("error", agency.id)
+
+
+# ---- the person's wishes -----------------------------------------------------------------
+
+KINDS = [*DISCLOSURE, "nouveau-reseau"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_kind_sees_every_wish_of_the_person(kind: str) -> None:
+    """Do-not-contact and through-the-advisor change what any partner may do: no kind may
+    miss them (and a kind the table does not know gets them by default)."""
+    assert disclosed_parts(kind) >= WISHES
+
+
+@settings(max_examples=200, deadline=None)
+@given(kind=st.sampled_from(KINDS), wishes=preferences)
+def test_no_kind_gets_contact_details_when_the_person_refused_direct_contact(
+    kind: str, wishes: Preferences
+) -> None:
+    contact = Contact(phone="0612345678", preferred_time="le matin")
+    _, _, shown = minimise(kind, Profile(), Facts(), contact, wishes)
+    assert (shown is None) == (wishes.no_direct_contact or "contact" not in disclosed_parts(kind))
+    assert minimise_preferences(kind, wishes) == (wishes if wishes != Preferences() else None)
+
+
+def test_a_referral_never_carries_contact_details_the_person_refused() -> None:
+    fields = {
+        "message_id": "r-1",
+        "occurred_at": NOW,
+        "referral_id": "r-1",
+        "signal_ref": "s-x",
+        "attempt": 1,
+        "partner": "ccas-roubaix",
+        "need": NEED,
+        "person": "p-x",
+        "commune": "59512",
+        "urgency": "routine",
+        "due_by": NOW,
+        "agency": "lmh-agence-roubaix",
+        "contact": Contact(phone="0612345678"),
+    }
+    for wish in ({"do_not_contact": True}, {"through_advisor": True}):
+        with pytest.raises(ValueError, match="no contact"):
+            Referral(**fields, preferences=Preferences(**wish))
+    assert Referral(**fields, preferences=Preferences(home_visit=True)).contact is not None
+
+
+def test_a_creditor_partner_still_hears_how_the_person_wishes_to_be_approached() -> None:
+    wishes = Preferences(do_not_contact=True, languages=("ar", "fr"))
+    referral = Referral(
+        message_id="r-1",
+        occurred_at=NOW,
+        referral_id="r-1",
+        signal_ref="s-x",
+        attempt=1,
+        partner="lmh-recouvrement",
+        need=NEED,
+        person="p-x",
+        commune="59512",
+        urgency="routine",
+        due_by=NOW,
+        agency="lmh-agence-roubaix",
+        facts=Facts(arrears_eur=1200.0),
+        preferences=wishes,
+    )
+    out = disclose(referral, recipient_roles(referral, "lmh-recouvrement", creditor=True)).message
+    assert (out.facts, out.preferences) == (None, wishes)
