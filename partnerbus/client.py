@@ -27,7 +27,15 @@ from pydantic import TypeAdapter
 
 from partnerbus.broker.topology import Topology
 from partnerbus.client_store import ClientStore
-from partnerbus.schemas import Message, ReferralStatusChanged
+from partnerbus.schemas import (
+    Message,
+    NeedDirected,
+    NeedReopened,
+    OrientationRecorded,
+    ReferralCancelled,
+    ReferralStatusChanged,
+    ReferralTransferred,
+)
 from partnerbus.schemas.messages import OutboundMessage
 
 log = logging.getLogger("partnerbus.client")
@@ -129,6 +137,115 @@ class PartnerClient:
 
     async def send_consent(self, event: Message) -> None:
         await self._publish(self.topology.consents.name, event)
+
+    async def send_decision(
+        self,
+        decision: ReferralCancelled
+        | NeedDirected
+        | ReferralTransferred
+        | NeedReopened
+        | OrientationRecorded,
+    ) -> None:
+        """An advisor's decision, published by her agency on the consents exchange (the
+        agency's door): only the agency that follows the signal may decide on it."""
+        await self._publish(self.topology.consents.name, decision)
+
+    async def cancel_referral(self, referral_id: str, *, decided_by: str, reason: str) -> str:
+        """The advisor cancels this referral, with her reason (told to her agency, never to
+        the partner, who is told to drop it). Returns the decision's message id."""
+        decision = ReferralCancelled(
+            message_id=str(uuid.uuid4()),
+            occurred_at=datetime.now(UTC),
+            referral_id=referral_id,
+            agency=self.partner_id,
+            decided_by=decided_by,
+            reason=reason,
+        )
+        await self.send_decision(decision)
+        return decision.message_id
+
+    async def direct_need(
+        self,
+        signal_id: str,
+        need: str,
+        partner: str,
+        *,
+        decided_by: str,
+        note: str | None = None,
+    ) -> str:
+        """The advisor sends this need of the signal to the partner she chose (one with an
+        agreement covering it, that the person's consent covers). Returns the message id."""
+        decision = NeedDirected(
+            message_id=str(uuid.uuid4()),
+            occurred_at=datetime.now(UTC),
+            signal_id=signal_id,
+            need=need,
+            partner=partner,
+            agency=self.partner_id,
+            decided_by=decided_by,
+            note=note,
+        )
+        await self.send_decision(decision)
+        return decision.message_id
+
+    async def transfer_referral(
+        self, referral_id: str, partner: str, *, decided_by: str, reason: str
+    ) -> str:
+        """The advisor moves this accepted referral to another partner she chose."""
+        decision = ReferralTransferred(
+            message_id=str(uuid.uuid4()),
+            occurred_at=datetime.now(UTC),
+            referral_id=referral_id,
+            partner=partner,
+            agency=self.partner_id,
+            decided_by=decided_by,
+            reason=reason,
+        )
+        await self.send_decision(decision)
+        return decision.message_id
+
+    async def reopen_need(self, signal_id: str, need: str, *, decided_by: str, note: str) -> str:
+        """The advisor reopens a need whose road ended; the directory routes it again."""
+        decision = NeedReopened(
+            message_id=str(uuid.uuid4()),
+            occurred_at=datetime.now(UTC),
+            signal_id=signal_id,
+            need=need,
+            agency=self.partner_id,
+            decided_by=decided_by,
+            note=note,
+        )
+        await self.send_decision(decision)
+        return decision.message_id
+
+    async def record_orientation(
+        self,
+        signal_id: str,
+        need: str,
+        partner: str,
+        *,
+        decided_by: str,
+        channel: Literal["phone", "in-person", "email", "letter"] = "phone",
+        oriented_at: datetime | None = None,
+        note: str | None = None,
+    ) -> str:
+        """The advisor records an orientation she made outside the bus (nothing is sent to
+        the partner; the closed loop and the figures include it)."""
+        now = datetime.now(UTC)
+        decision = OrientationRecorded(
+            message_id=str(uuid.uuid4()),
+            occurred_at=now,
+            signal_id=signal_id,
+            need=need,
+            partner=partner,
+            agency=self.partner_id,
+            decided_by=decided_by,
+            channel=channel,
+            oriented_at=oriented_at or now,
+            note=note,
+        )
+        await self.send_decision(decision)
+        return decision.message_id
 
     async def send_status(self, referral_id: str, status: str, **fields: Any) -> None:
         await self._publish(

@@ -206,8 +206,11 @@ _INTAKE_DOORS: dict[str, str] = {
     ),
     "statuses": "Every partner, with its own id as the routing key.",
     "consents": (
-        "Only a pivot (a partner with social advisors), with its own id as the routing key; "
-        "the use case also checks that the advisor is one of that agency's."
+        "Only a pivot (a partner with social advisors), with its own id as the routing key: "
+        "its consent events and its advisors' decisions (a referral cancelled or "
+        "transferred, a need sent to the partner she chose or reopened, an orientation made "
+        "outside the bus) on the signals it follows; the use case also checks that the "
+        "advisor is one of that agency's."
     ),
 }
 

@@ -15,12 +15,23 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
-from partnerbus.schemas import ConsentGranted, ConsentRevoked, ConsentScope
+from partnerbus.schemas import (
+    ConsentGranted,
+    ConsentRevoked,
+    ConsentScope,
+    NeedDirected,
+    NeedReopened,
+    OrientationRecorded,
+    ReferralCancelled,
+    ReferralTransferred,
+)
 from partnerbus.settings import BUNDLED_SAMPLE, Settings, open_directory
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from partnerbus.directory import Directory
-    from partnerbus.ledger.store import Store
+    from partnerbus.ledger.store import ReferralRow, SignalRow, Store
 
 app = typer.Typer(
     help="partnerbus: consented referrals between the organisations around social housing.",
@@ -38,6 +49,17 @@ app.add_typer(db_app, name="db")
 
 console = Console()
 err = Console(stderr=True)
+
+AgencyMessage = (
+    ConsentGranted
+    | ConsentRevoked
+    | ReferralCancelled
+    | NeedDirected
+    | ReferralTransferred
+    | NeedReopened
+    | OrientationRecorded
+)
+"""What the CLI publishes in an agency's name, on the consents exchange."""
 
 
 def _mount_optional() -> None:
@@ -108,7 +130,7 @@ def _fail(message: str) -> None:
     raise typer.Exit(2)
 
 
-async def _send_consent(settings: Settings, message: ConsentGranted | ConsentRevoked) -> None:
+async def _send_consent(settings: Settings, message: AgencyMessage) -> None:
     from partnerbus.client import PartnerClient
 
     async with PartnerClient(
@@ -117,7 +139,7 @@ async def _send_consent(settings: Settings, message: ConsentGranted | ConsentRev
         await client.send_consent(message)
 
 
-def _publish_consent(settings: Settings, message: ConsentGranted | ConsentRevoked) -> None:
+def _publish_consent(settings: Settings, message: AgencyMessage) -> None:
     """Publish with confirms; a broker that cannot be reached is a clear error, not a trace."""
     import aio_pika
 
@@ -142,13 +164,14 @@ def _directory(settings: Settings) -> Directory:
         raise  # unreachable: _fail exits
 
 
-def _check_pivot(directory: Directory, agency: str, by: str) -> None:
-    """Say at once what the bus would refuse: only a pivot's own advisor records consent."""
+def _check_pivot(directory: Directory, agency: str, by: str, what: str = "records consent") -> None:
+    """Say at once what the bus would refuse: only a pivot's own advisor records consent
+    (or decides on a referral)."""
     from partnerbus.directory.rights import advisor_ids
 
     own = advisor_ids(directory.partner(agency))
     if not own:
-        _fail(f"{agency!r} has no social advisors: only a pivot records consent")
+        _fail(f"{agency!r} has no social advisors: only a pivot {what}")
     if by not in own:
         _fail(f"{by!r} is not an advisor of {agency}; its advisors: {', '.join(sorted(own))}")
 
@@ -323,6 +346,212 @@ def referrals_timeline(
             f"[dim]{r.subject}[/dim]  {r.why or ''}",
             soft_wrap=True,
         )
+
+
+@referrals_app.command("cancel")
+def referrals_cancel(
+    referral_id: Annotated[str, typer.Argument(help="The referral to cancel.")],
+    agency: Annotated[str, typer.Option(help="The agency that follows the signal.")],
+    by: Annotated[str, typer.Option(help="The advisor who decides (one of the agency's).")],
+    reason: Annotated[str, typer.Option(help="Why (kept in the history, told to the agency).")],
+) -> None:
+    """Cancel a referral: its partner is told to drop it, the source and the agency hear
+    `cancelled`, the need closes (published as the agency's decision)."""
+    settings = Settings()
+    referral = _followed_referral(settings, agency, by, referral_id)
+    _decide(
+        settings,
+        lambda now: ReferralCancelled(
+            message_id=str(uuid.uuid4()),
+            occurred_at=now,
+            referral_id=referral_id,
+            agency=agency,
+            decided_by=by,
+            reason=reason,
+        ),
+    )
+    console.print(
+        f"cancellation of [bold]{referral_id}[/bold] ({referral.status}, to "
+        f"{referral.partner_id}) sent"
+    )
+
+
+@referrals_app.command("send")
+def referrals_send(
+    signal_id: Annotated[str, typer.Argument(help="The signal whose need is sent.")],
+    need: Annotated[str, typer.Option(help="The need code.")],
+    partner: Annotated[str, typer.Option(help="The partner the advisor chose.")],
+    agency: Annotated[str, typer.Option(help="The agency that follows the signal.")],
+    by: Annotated[str, typer.Option(help="The advisor who decides (one of the agency's).")],
+    note: Annotated[str, typer.Option(help="Why this partner (kept in the history).")] = "",
+) -> None:
+    """Send a need of the signal to the partner the advisor chose, among those with an
+    agreement covering it; the directory's ranking is shown as advice, with its reasons."""
+    from partnerbus.directory import match
+
+    settings = Settings()
+    row = _followed_signal(settings, agency, by, signal_id)
+    signal = row.signal()
+    candidates = match(
+        _directory(settings), need, signal.commune, profile=signal.profile, sender=row.source
+    )
+    table = Table(title=f"the directory's advice for {need} in {signal.commune}")
+    for column in ("rank", "partner", "why"):
+        table.add_column(column)
+    for c in candidates:
+        mark = " [bold](chosen)[/bold]" if c.partner_id == partner else ""
+        table.add_row(str(c.rank), c.partner_id + mark, "; ".join(c.reasons))
+    console.print(table)
+    if partner not in {c.partner_id for c in candidates}:
+        _fail(f"{partner!r} has no agreement covering {need} in {signal.commune}")
+    _decide(
+        settings,
+        lambda now: NeedDirected(
+            message_id=str(uuid.uuid4()),
+            occurred_at=now,
+            signal_id=signal_id,
+            need=need,
+            partner=partner,
+            agency=agency,
+            decided_by=by,
+            note=note or None,
+        ),
+    )
+    console.print(f"{need} of [bold]{signal_id}[/bold] sent to [bold]{partner}[/bold]")
+
+
+def _followed_signal(settings: Settings, agency: str, by: str, signal_id: str) -> SignalRow:
+    """The signal, read from the ledger, and a check that `agency` (one of whose advisors
+    is `by`) follows it: what the bus would refuse is said at once."""
+    directory = _directory(settings)
+    if agency not in directory:
+        _fail(f"unknown agency {agency!r}: not a partner of the directory")
+    _check_pivot(directory, agency, by, "decides")
+    store = _store()
+    try:
+        with store.read() as tx:
+            row = tx.signals.get(signal_id)
+    finally:
+        store.dispose()
+    if row is None:
+        _fail(f"no signal {signal_id} in the ledger ({settings.database_url})")
+        raise AssertionError  # unreachable: _fail exits
+    if row.agency != agency:
+        _fail(f"signal {signal_id} is not followed by {agency}: only its agency decides")
+    return row
+
+
+def _followed_referral(settings: Settings, agency: str, by: str, referral_id: str) -> ReferralRow:
+    store = _store()
+    try:
+        with store.read() as tx:
+            referral = tx.referrals.get(referral_id)
+    finally:
+        store.dispose()
+    if referral is None:
+        _fail(f"no referral {referral_id} in the ledger ({settings.database_url})")
+        raise AssertionError  # unreachable: _fail exits
+    _followed_signal(settings, agency, by, referral.signal_id)
+    return referral
+
+
+@referrals_app.command("transfer")
+def referrals_transfer(
+    referral_id: Annotated[str, typer.Argument(help="The accepted referral to move.")],
+    partner: Annotated[str, typer.Option(help="The partner that takes it over.")],
+    agency: Annotated[str, typer.Option(help="The agency that follows the signal.")],
+    by: Annotated[str, typer.Option(help="The advisor who decides (one of the agency's).")],
+    reason: Annotated[str, typer.Option(help="Why (kept in the history, told to the agency).")],
+) -> None:
+    """Transfer an accepted referral to another partner: the first drops it, the other
+    receives a new referral (published as the agency's decision)."""
+    settings = Settings()
+    referral = _followed_referral(settings, agency, by, referral_id)
+    _decide(
+        settings,
+        lambda now: ReferralTransferred(
+            message_id=str(uuid.uuid4()),
+            occurred_at=now,
+            referral_id=referral_id,
+            partner=partner,
+            agency=agency,
+            decided_by=by,
+            reason=reason,
+        ),
+    )
+    console.print(
+        f"transfer of [bold]{referral_id}[/bold] from {referral.partner_id} to "
+        f"[bold]{partner}[/bold] sent"
+    )
+
+
+@referrals_app.command("reopen")
+def referrals_reopen(
+    signal_id: Annotated[str, typer.Argument(help="The signal whose need reopens.")],
+    need: Annotated[str, typer.Option(help="The need code.")],
+    agency: Annotated[str, typer.Option(help="The agency that follows the signal.")],
+    by: Annotated[str, typer.Option(help="The advisor who decides (one of the agency's).")],
+    note: Annotated[str, typer.Option(help="Why it reopens (kept with the need).")],
+) -> None:
+    """Reopen a need whose road ended: the directory routes it again (consent still gates
+    it), published as the agency's decision."""
+    settings = Settings()
+    _followed_signal(settings, agency, by, signal_id)
+    _decide(
+        settings,
+        lambda now: NeedReopened(
+            message_id=str(uuid.uuid4()),
+            occurred_at=now,
+            signal_id=signal_id,
+            need=need,
+            agency=agency,
+            decided_by=by,
+            note=note,
+        ),
+    )
+    console.print(f"reopening of {need} of [bold]{signal_id}[/bold] sent")
+
+
+@referrals_app.command("oriented")
+def referrals_oriented(
+    signal_id: Annotated[str, typer.Argument(help="The signal whose need was oriented.")],
+    need: Annotated[str, typer.Option(help="The need code.")],
+    partner: Annotated[str, typer.Option(help="The partner the person was oriented to.")],
+    agency: Annotated[str, typer.Option(help="The agency that follows the signal.")],
+    by: Annotated[str, typer.Option(help="The advisor who made the orientation.")],
+    channel: Annotated[str, typer.Option(help="phone, in-person, email or letter.")] = "phone",
+    note: Annotated[str, typer.Option(help="What was agreed (told to the agency).")] = "",
+) -> None:
+    """Record an orientation made outside the bus: nothing is sent to the partner; the
+    closed loop and the figures include it (published as the agency's record)."""
+    settings = Settings()
+    _followed_signal(settings, agency, by, signal_id)
+    _decide(
+        settings,
+        lambda now: OrientationRecorded(
+            message_id=str(uuid.uuid4()),
+            occurred_at=now,
+            signal_id=signal_id,
+            need=need,
+            partner=partner,
+            agency=agency,
+            decided_by=by,
+            channel=channel,  # validated by the model
+            oriented_at=now,
+            note=note or None,
+        ),
+    )
+    console.print(f"orientation of {need} of [bold]{signal_id}[/bold] to {partner} recorded")
+
+
+def _decide(settings: Settings, build: Callable[[datetime], AgencyMessage]) -> None:
+    """Build the decision (a bad field is a clear error) and publish it as the agency's."""
+    try:
+        message = build(datetime.now(UTC))
+    except ValidationError as exc:
+        _fail(str(exc))
+        return
+    _publish_consent(settings, message)
 
 
 def _ops_context() -> tuple[Settings, Directory, Store]:

@@ -420,9 +420,15 @@ async def statuses(request: Request, who: Who) -> Accepted:
 
 @router.post(
     "/consents",
-    summary="Record a consent granted, refused or revoked (partners with advisors only)",
+    summary=(
+        "Record a consent granted, refused or revoked, or an advisor's decision on a "
+        "referral (partners with advisors only)"
+    ),
     openapi_extra=_message_body(
-        "ConsentMessage", "A consent event; `agency` is the token's partner."
+        "ConsentMessage",
+        "A consent event or an advisor's decision (a referral cancelled or transferred, a "
+        "need sent to the partner she chose or reopened, an orientation made outside the "
+        "bus); `agency` is the token's partner.",
     ),
     **ROUTE,
 )

@@ -37,7 +37,12 @@ from partnerbus.schemas import (
     ConsentGranted,
     ConsentRefused,
     ConsentRevoked,
+    NeedDirected,
+    NeedReopened,
+    OrientationRecorded,
+    ReferralCancelled,
     ReferralStatusChanged,
+    ReferralTransferred,
     Signal,
 )
 from partnerbus.schemas.messages import ConsentMessage, StatusMessage
@@ -47,6 +52,7 @@ SIGNAL = TypeAdapter(Signal)
 STATUS: TypeAdapter[Any] = TypeAdapter(StatusMessage)
 CONSENT: TypeAdapter[Any] = TypeAdapter(ConsentMessage)
 CAPACITY = TypeAdapter(CapacityChanged)
+CONSENT_EVENTS = (ConsentGranted, ConsentRevoked, ConsentRefused)
 
 
 async def raw_body(message: StreamMessage[Any]) -> bytes:
@@ -131,6 +137,16 @@ def _consent_use_case(ledger: Ledger, tx: LedgerTx, message: Any, queue: str) ->
         return usecases.grant_consent(ledger, tx, message, queue)
     if isinstance(message, ConsentRevoked):
         return usecases.revoke_consent(ledger, tx, message, queue)
+    if isinstance(message, ReferralCancelled):
+        return usecases.cancel_referral(ledger, tx, message, queue)
+    if isinstance(message, NeedDirected):
+        return usecases.direct_need(ledger, tx, message, queue)
+    if isinstance(message, ReferralTransferred):
+        return usecases.transfer_referral(ledger, tx, message, queue)
+    if isinstance(message, NeedReopened):
+        return usecases.reopen_need(ledger, tx, message, queue)
+    if isinstance(message, OrientationRecorded):
+        return usecases.record_orientation(ledger, tx, message, queue)
     assert isinstance(message, ConsentRefused)
     return usecases.refuse_consent(ledger, tx, message, queue)
 
@@ -255,7 +271,9 @@ def build_router(w: Wiring) -> RabbitRouter:
         t.consent_queue, t.consents, **options
     )
     async def on_consent(consent: ConsentMessage) -> bool:
-        """An agency's consent: granted, refused or revoked."""
+        """An agency's consent (granted, refused or revoked) or an advisor's decision
+        (a referral cancelled or transferred, a need sent to the partner she chose or
+        reopened, an orientation made outside the bus)."""
         return await consents(consent)
 
     # Included once their subscribers are declared: one router per queue, its own intake.
@@ -269,7 +287,16 @@ def _signal_sender(signal: Signal) -> str:
     return signal.source
 
 
-def _consent_sender(consent: ConsentGranted | ConsentRefused | ConsentRevoked) -> str:
+def _consent_sender(
+    consent: ConsentGranted
+    | ConsentRefused
+    | ConsentRevoked
+    | ReferralCancelled
+    | NeedDirected
+    | ReferralTransferred
+    | NeedReopened
+    | OrientationRecorded,
+) -> str:
     return consent.agency
 
 
@@ -291,7 +318,9 @@ class ConsentRecorder:
         """Record `message` (a consent event) sent by the AMQP user `sender`, as the intake
         vouches for it; raises the use case's refusal after the answer is committed."""
         ledger, queue = self.ledger, self.queue
-        answer = _sent_by_agency(ledger, message, sender)
+        # Consent events are answered (`ConsentRejected`); a refused decision is only
+        # dead-lettered with its reason.
+        answer = isinstance(message, CONSENT_EVENTS) and _sent_by_agency(ledger, message, sender)
         refused: list[Refused] = []
 
         def work(tx: LedgerTx) -> bool:

@@ -55,6 +55,7 @@ from partnerbus.rules.lifecycle import (
     ANSWERED_OPEN,
     AWAITING_ANSWER,
     BUS_SETTABLE,
+    NEED_CLOSED,
     OPEN,
     PARTNER_SETTABLE,
     REROUTE_AFTER,
@@ -65,6 +66,7 @@ from partnerbus.rules.lifecycle import (
     Outcome,
     Transition,
     reroute_after_rejection,
+    transfer,
     transition,
 )
 
@@ -78,6 +80,7 @@ __all__ = [
     "DISCLOSURE",
     "DORA_DEADLINES",
     "DURATIONS",
+    "NEED_CLOSED",
     "OPEN",
     "PARKED_FOLLOW_UP",
     "PARTNER_SETTABLE",
@@ -123,6 +126,7 @@ __all__ = [
     "referral_id",
     "reroute_after_rejection",
     "signal_pseudonym",
+    "transfer",
     "transition",
     "valid_until_for",
 ]

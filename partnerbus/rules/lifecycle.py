@@ -161,6 +161,27 @@ def _verb(status: str) -> str:
     )
 
 
+def transfer(current: str) -> Transition:
+    """The advisor moves a referral to another partner: only one its partner answered and
+    holds (accepted, in progress, on hold); it closes as `cancelled` and a new referral
+    goes to the other partner. One still awaiting its answer is cancelled and the need
+    sent anew instead (the partner has not taken it on)."""
+    if current not in STATUSES:
+        msg = f"unknown referral status {current!r}"
+        raise ValueError(msg)
+    if current not in ANSWERED_OPEN:
+        why = f"only a referral its partner accepted is transferred (it is {current})" + (
+            ": cancel it and send the need instead" if current in AWAITING_ANSWER else ""
+        )
+        return Transition("refused", current, "cancelled", why)
+    return transition(current, "cancelled", "advisor")
+
+
+NEED_CLOSED: frozenset[str] = frozenset({"closed", "no-partner", "refused", "withdrawn"})
+"""A need's states once its road ended (completed, closed for the advisor, no partner, the
+person refused, consent withdrawn): only such a need is reopened by the advisor."""
+
+
 REROUTE_AFTER: dict[str, bool] = {
     "not-eligible": True,  # the person may fit another partner's rules
     "full": True,  # another partner may have room

@@ -1,7 +1,9 @@
 """The message contracts of the bus.
 
 Inbound (partners → bus): Signal, ReferralStatusChanged, CapacityChanged,
-ConsentGranted, ConsentRevoked, ConsentRefused.
+ConsentGranted, ConsentRevoked, ConsentRefused, and the advisor's decisions from her
+agency: ReferralCancelled, NeedDirected, ReferralTransferred, NeedReopened,
+OrientationRecorded.
 Outbound (bus → a partner's queue): Referral, ReferralWithdrawn, ReferralReminder,
 ReferralStalled, ConsentRequested, ConsentExpiring, NoPartnerFound, SignalClosed,
 ReferralStatusChanged forwarded to the signal's source and the advisor (the closed loop),
@@ -212,6 +214,91 @@ class ConsentRefused(Message):
     """Needs refused; empty means all needs of the signal."""
     collected_by: Annotated[str, Field(min_length=2, max_length=80)]
     agency: PartnerId
+
+
+class ReferralCancelled(Message):
+    """The advisor's decision, from her agency: cancel this referral (the person moved, the
+    need is met elsewhere...). The partner is told to drop it (`ReferralWithdrawn`, reason
+    `signal-cancelled`) if it may have received it; the source and the advisor hear the
+    status `cancelled`; the need closes. Only the agency that follows the signal decides."""
+
+    type: Literal["referral-cancelled"] = "referral-cancelled"
+    referral_id: MessageId
+    agency: PartnerId
+    decided_by: Annotated[str, Field(min_length=2, max_length=80)]
+    """The advisor who decided (one of the agency's advisors)."""
+    reason: Annotated[str, Field(min_length=3, max_length=500)]
+    """Why, in the advisor's words: kept in the referral's history and told to her agency,
+    never to the partner."""
+
+
+class NeedDirected(Message):
+    """The advisor's decision, from her agency: send this need of the signal to the partner
+    she chose, among those the directory has an agreement with that cover the need in the
+    person's commune (the directory's ranking is advice: the referral's `why` gives it).
+    Refused while the need has an open referral (cancel it first) and when the person's
+    consent does not cover the partner (record her consent first)."""
+
+    type: Literal["need-directed"] = "need-directed"
+    signal_id: MessageId
+    need: NeedCode
+    partner: PartnerId
+    """The partner the advisor chose."""
+    agency: PartnerId
+    decided_by: Annotated[str, Field(min_length=2, max_length=80)]
+    note: ShortText | None = None
+    """Why this partner, in the advisor's words (kept in the history, not sent on)."""
+
+
+class ReferralTransferred(Message):
+    """The advisor's decision, from her agency: this referral, accepted by its partner,
+    goes to another partner she chose (one with an agreement covering the need, that the
+    person's consent covers). The first partner is told to drop it (`ReferralWithdrawn`,
+    `signal-cancelled`), the referral closes as `cancelled`, a new referral goes to the
+    other partner; the source and the advisor hear both."""
+
+    type: Literal["referral-transferred"] = "referral-transferred"
+    referral_id: MessageId
+    partner: PartnerId
+    """The partner that takes the need over."""
+    agency: PartnerId
+    decided_by: Annotated[str, Field(min_length=2, max_length=80)]
+    reason: Annotated[str, Field(min_length=3, max_length=500)]
+    """Why, in the advisor's words: kept in the history, told to her agency only."""
+
+
+class NeedReopened(Message):
+    """The advisor's decision, from her agency: a need whose road ended (completed,
+    closed, no partner, refused, withdrawn) starts again, routed by the directory as a new
+    attempt (the person's consent still gates it: parked and asked for if missing)."""
+
+    type: Literal["need-reopened"] = "need-reopened"
+    signal_id: MessageId
+    need: NeedCode
+    agency: PartnerId
+    decided_by: Annotated[str, Field(min_length=2, max_length=80)]
+    note: Annotated[str, Field(min_length=3, max_length=500)]
+    """Why it reopens, in the advisor's words (kept in the need's state and history)."""
+
+
+class OrientationRecorded(Message):
+    """The advisor's record, from her agency: she oriented the person to this partner
+    outside the bus (by phone, in person...). The bus sends the partner nothing; it
+    records a referral closed as `completed` (under the person's consent, which must cover
+    that partner), so that the closed loop (the source and the agency hear it, the need
+    closes) and the figures include it."""
+
+    type: Literal["orientation-recorded"] = "orientation-recorded"
+    signal_id: MessageId
+    need: NeedCode
+    partner: PartnerId
+    """The partner she oriented the person to (one of the directory's)."""
+    agency: PartnerId
+    decided_by: Annotated[str, Field(min_length=2, max_length=80)]
+    channel: Literal["phone", "in-person", "email", "letter"] = "phone"
+    oriented_at: Instant
+    note: ShortText | None = None
+    """What was agreed, in the advisor's words: told to her agency only."""
 
 
 ConsentEvent = Literal["consent-granted", "consent-revoked", "consent-refused"]
@@ -470,8 +557,18 @@ class ConsentExpiring(Message):
 
 StatusMessage = Annotated[ReferralStatusChanged | CapacityChanged, Field(discriminator="type")]
 ConsentMessage = Annotated[
-    ConsentGranted | ConsentRevoked | ConsentRefused, Field(discriminator="type")
+    ConsentGranted
+    | ConsentRevoked
+    | ConsentRefused
+    | ReferralCancelled
+    | NeedDirected
+    | ReferralTransferred
+    | NeedReopened
+    | OrientationRecorded,
+    Field(discriminator="type"),
 ]
+"""What an agency publishes on the consents exchange: its consent events and its
+advisors' decisions on the referrals of the signals it follows."""
 OutboundMessage = Annotated[
     Referral
     | ReferralWithdrawn

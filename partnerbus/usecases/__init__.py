@@ -1,7 +1,9 @@
 """The use cases of the bus, one module per verb family: `signals` (receive a signal),
-`consents` (grant, refuse, revoke), `statuses` (a referral's status, a partner's
-capacity), `delivery` (the outbox's last check, the broker's confirm, a dead letter sent
-again), `schedule` (deadlines, consents running out, retention).
+`consents` (grant, refuse, revoke), `decisions` (the advisor's: cancel, send a need to the
+partner she chose, transfer, reopen, record an
+orientation made outside the bus), `statuses` (a referral's status, a partner's capacity),
+`delivery` (the outbox's last check, the broker's confirm, a dead letter sent again),
+`schedule` (deadlines, consents running out, retention).
 
 Each runs inside one ledger transaction, through the wrappers of `context`: the clock
 read once (one `now` per transaction) and, for a message from a queue, the dedupe mark.
@@ -25,6 +27,13 @@ from partnerbus.usecases.consents import (
     revoke_consent,
 )
 from partnerbus.usecases.context import BUS, DIRECTORY_UPDATES_KEY, Clock, Ledger, intake, use_case
+from partnerbus.usecases.decisions import (
+    cancel_referral,
+    direct_need,
+    record_orientation,
+    reopen_need,
+    transfer_referral,
+)
 from partnerbus.usecases.delivery import (
     DEAD_LETTER_REFUSED,
     OUTBOUND,
@@ -66,24 +75,29 @@ __all__ = [
     "SendReferral",
     "answer_refusal",
     "apply_retention",
+    "cancel_referral",
     "check_consent",
     "check_signal",
     "clear_to_send",
     "count_refused_dead_letter",
     "decide_routing",
+    "direct_need",
     "grant_consent",
     "intake",
     "mark_delivered",
     "receive_signal",
     "record_capacity",
+    "record_orientation",
     "record_routing",
     "record_status",
     "refuse_consent",
     "release_parked",
+    "reopen_need",
     "replay_to_partner",
     "revoke_consent",
     "scheduled_item_failed",
     "send_or_withhold",
+    "transfer_referral",
     "use_case",
     "watch_deadlines",
 ]

@@ -62,7 +62,15 @@ def _close_need(
         tx,
         row,
         SignalClosed(
-            message_id=_derived_id("closed", referral.signal_id, referral.need, outcome),
+            # Past the first attempt the referral's id keeps a need closed again after
+            # the advisor reopened it apart from its first closing.
+            message_id=_derived_id(
+                "closed",
+                referral.signal_id,
+                referral.need,
+                outcome,
+                *((referral.referral_id,) if referral.attempt > 1 else ()),
+            ),
             occurred_at=now,
             signal_id=referral.signal_id,
             need=referral.need,

@@ -143,10 +143,13 @@ def record_routing(
     signal: Signal,
     attempt: int,
     decision: RoutingDecision,
+    *,
+    salt: str = "",
 ) -> AwaitConsent | None:
     """Record what `decide_routing` decided: a referral in the outbox; or the need parked,
     returned so that the caller asks for consent (once for all of a signal's needs); or
-    no partner, told to the agency and the source."""
+    no partner, told to the agency and the source. `salt` (a reopening's id) keeps the ids
+    of what it sends apart from an earlier routing of the same attempt."""
     now = ledger.clock()
     need = decision.need
     if isinstance(decision, SendReferral):
@@ -170,7 +173,9 @@ def record_routing(
             ledger,
             tx,
             NoPartnerFound(
-                message_id=_derived_id("no-partner", row.signal_id, need, str(attempt)),
+                message_id=_derived_id(
+                    "no-partner", row.signal_id, need, str(attempt), *_salted(salt)
+                ),
                 occurred_at=now,
                 signal_id=row.signal_id,
                 need=need,
@@ -196,7 +201,9 @@ def record_routing(
         tx,
         row,
         SignalClosed(
-            message_id=_derived_id("closed", row.signal_id, need, "no-partner", str(attempt)),
+            message_id=_derived_id(
+                "closed", row.signal_id, need, "no-partner", str(attempt), *_salted(salt)
+            ),
             occurred_at=now,
             signal_id=row.signal_id,
             need=need,
@@ -215,6 +222,8 @@ def _route(
     need: str,
     attempt: int,
     tried: tuple[str, ...],
+    *,
+    salt: str = "",
 ) -> AwaitConsent | None:
     """Send this need to the best partner the person consented to: read, decide (pure),
     record. Returns the decision when the need must wait for consent (parked)."""
@@ -231,7 +240,7 @@ def _route(
         tried,
         room=lambda candidate: _room(tx, candidate),
     )
-    return record_routing(ledger, tx, row, signal, attempt, decision)
+    return record_routing(ledger, tx, row, signal, attempt, decision, salt=salt)
 
 
 def _room(tx: LedgerTx, candidate: Candidate) -> Room | None:
@@ -329,6 +338,8 @@ def _request_consent(
     signal: Signal,
     parked: Sequence[AwaitConsent],
     attempt: int = 1,
+    *,
+    salt: str = "",
 ) -> None:
     """Ask the agency's advisor for the person's consent, once for all these needs."""
     now = ledger.clock()
@@ -363,7 +374,9 @@ def _request_consent(
         ledger,
         tx,
         ConsentRequested(
-            message_id=_derived_id("consent-requested", row.signal_id, str(attempt), *needs),
+            message_id=_derived_id(
+                "consent-requested", row.signal_id, str(attempt), *needs, *_salted(salt)
+            ),
             occurred_at=now,
             signal_id=row.signal_id,
             source=signal.source,
@@ -444,3 +457,8 @@ def _reroute(ledger: Ledger, tx: LedgerTx, referral: ReferralRow, row: SignalRow
     parked = _route(ledger, tx, row, row.signal(), referral.need, attempt, tried)
     if parked is not None:
         _request_consent(ledger, tx, row, row.signal(), [parked], attempt)
+
+
+def _salted(salt: str) -> tuple[str, ...]:
+    """The extra part of a derived id, none when unsalted (ids as they always were)."""
+    return (salt,) if salt else ()

@@ -35,7 +35,7 @@ def _payload_refs(document: dict[str, Any], channel: str) -> set[str]:
 
 
 def test_every_intake_queue_is_a_channel_whose_payload_is_its_message_kinds(tmp_path: Path) -> None:
-    """The AsyncAPI document lists each intake queue with the pydantic models its handler takes: signals (routine and urgent), statuses and capacity, consents."""
+    """The AsyncAPI document lists each intake queue with the pydantic models its handler takes: signals (routine and urgent), statuses and capacity, consents and the advisor's decisions."""
     document = _document(tmp_path)
     channels = set(document["channels"])
     for queue in (
@@ -55,5 +55,10 @@ def test_every_intake_queue_is_a_channel_whose_payload_is_its_message_kinds(tmp_
         "ConsentGranted",
         "ConsentRefused",
         "ConsentRevoked",
+        "ReferralCancelled",
+        "NeedDirected",
+        "ReferralTransferred",
+        "NeedReopened",
+        "OrientationRecorded",
     }
     assert "person_ref" in document["components"]["schemas"]["Signal"]["properties"]

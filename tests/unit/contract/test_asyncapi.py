@@ -121,6 +121,11 @@ def test_the_messages_are_those_of_the_catalogue_on_the_right_channels(document:
         "consent-granted",
         "consent-refused",
         "consent-revoked",
+        "referral-cancelled",
+        "need-directed",
+        "referral-transferred",
+        "need-reopened",
+        "orientation-recorded",
     }
     assert _messages_of(document, "directory-updates") == {"capacity-changed"}
     assert set(document["components"]["messages"]) == {e.type for e in CATALOG} | {

@@ -282,3 +282,32 @@ def test_any_stream_of_reports_never_reopens_or_steps_back(
         if status == "on-hold":
             assert new != "accepted"
         status = new
+
+
+TRANSFER = {
+    "requested": "R",
+    "delivered": "R",
+    "received": "R",
+    "accepted": "A",
+    "rejected": "R",
+    "in-progress": "A",
+    "on-hold": "A",
+    "failed": "R",
+    "completed": "R",
+    "cancelled": "R",
+    "withdrawn": "R",
+    "expired": "R",
+}
+"""The advisor transfers only a referral its partner accepted and holds (written by hand)."""
+
+
+@pytest.mark.parametrize("current", sorted(TRANSFER))
+def test_the_advisor_transfers_only_an_accepted_open_referral(current: str) -> None:
+    """A transfer closes the referral as `cancelled`: applied from accepted, in progress, on hold; refused otherwise, telling a waiting referral's advisor to cancel and send instead."""
+    from partnerbus.rules import transfer
+
+    result = transfer(current)
+    assert result.outcome == {"A": "applied", "R": "refused"}[TRANSFER[current]]
+    assert result.to_status == "cancelled"
+    if current in AWAITING_ANSWER:
+        assert "cancel it and send the need instead" in result.reason
