@@ -107,6 +107,8 @@ class Day:
     )
     """Scene → (partner, referral id) of each referral accepted in it."""
     clients: dict[str, PartnerClient] = field(default_factory=dict)
+    closed_for: set[str] = field(default_factory=set)
+    """Partners told that a need closed `consent-not-obtained`."""
     declined: set[str] = field(default_factory=set)
     told: dict[tuple[str, str, str], asyncio.Event] = field(default_factory=dict)
     """(partner told, referral, status) → set when that loop notice arrived."""
@@ -196,8 +198,11 @@ class Day:
                 f"← need closed: signal {message.signal_id[:8]} {message.need} is "
                 f"[bold]{message.outcome}[/bold]",
             )
-            if message.outcome == "consent-not-obtained" and partner_id == "lmh-proximite":
-                self.done["closed"].set()
+            if message.outcome == "consent-not-obtained":
+                # the source and the advisor's agency each hear it
+                self.closed_for.add(partner_id)
+                if {"lmh-proximite", "lmh-agence-roubaix"} <= self.closed_for:
+                    self.done["closed"].set()
         else:
             self.say(partner_id, f"← {kind}")
 
@@ -319,6 +324,8 @@ async def iml_and_redirect(day: Day, timeout: float) -> None:
     signal = _signal(iml, IML_PERSON, "59512", RIGHTS)
     await day.clients[iml].send_signal(signal)
     first, rid = await asyncio.wait_for(day.accepted["iml"].get(), timeout)
+    # only a referral its partner accepted is transferred: the advisor acts once she heard it
+    await asyncio.wait_for(day.heard(iml, rid, "accepted").wait(), timeout)
     # the advisor knows the person: a social worker of another partner already follows her
     chosen = next(
         c.partner_id
