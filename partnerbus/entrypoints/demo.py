@@ -371,7 +371,8 @@ async def parked_need(day: Day, timeout: float) -> None:
     parked = bus.settings.parked
     steps = (
         (parked.asap_remind_hours, "reminded"),
-        (parked.asap_close_hours - parked.asap_remind_hours, "closed"),
+        # (settings may close as soon as it reminds: the demo still jumps an hour)
+        (max(parked.asap_close_hours - parked.asap_remind_hours, 1.0), "closed"),
     )
     for hours, event in steps:
         now = day.clock.jump(timedelta(hours=hours))
