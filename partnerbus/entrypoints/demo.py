@@ -1,6 +1,6 @@
 """`partnerbus demo`: the service and a scripted day from the field, on the real broker.
 
-Four situations of a day in the Métropole Européenne de Lille:
+Six situations of a day in the Métropole Européenne de Lille:
 1. the landlord's recovery service signals rent arrears in Roubaix; the tenant consented
    last week; a partner takes it and closes it;
 2. the proximity team reports a hoarded flat in Tourcoing; no consent yet: the advisor of
@@ -10,7 +10,15 @@ Four situations of a day in the Métropole Européenne de Lille:
    accepts;
 4. the CCAS of Roubaix asks for the Fonds de solidarité logement for a tenant of Vilogia,
    the second landlord in Roubaix: it names the landlord, so Vilogia's advisor (not LMH's)
-   is asked, collects the consent, and the Département's FSL service accepts.
+   is asked, collects the consent, and the Département's FSL service accepts;
+5. Habitat et Humanisme's advisor, who follows a person housed in one of its IML flats in
+   Roubaix, records her consent; the association signals her lost benefits; the first
+   partner accepts, then the advisor transfers the referral to the partner she chooses:
+   the first is told to drop it, the other receives it and accepts;
+6. LMH's proximity team in Roubaix signals a need, but the tenant cannot be reached for
+   her consent: LMH's Roubaix advisor is asked; the demo jumps forward in time (the bus's
+   clock, then its scheduler pass): she is reminded, then the need closes
+   `consent-not-obtained` and the source hears it.
 Every partner is simulated by a consumer of its own queue; every message is printed.
 """
 
@@ -35,6 +43,7 @@ from rich.table import Table
 from partnerbus.broker.dlq import dead_letter_queues, peek
 from partnerbus.client import PartnerClient
 from partnerbus.client_store import ClientStore
+from partnerbus.directory import match
 from partnerbus.entrypoints.bootstrap import Bus, create_app
 from partnerbus.schemas import ConsentGranted, ConsentScope, Facts, Profile, Signal
 from partnerbus.settings import Settings, amqp_user, pseudonym_key_of
@@ -49,6 +58,25 @@ CONSENTED_KINDS = {FSL: ("departements",)}
 DEFAULT_KINDS = ("association", "ccas-cias", "maisons-des-solidarites")
 
 console = Console()
+
+IML_PERSON = "T-59512-0951"
+UNREACHABLE = "T-59512-0588"
+"""The tenant of situation 6, whom the advisor cannot reach for her consent."""
+
+
+class DemoClock:
+    """The bus's clock in the demo: the real time, plus the jumps the script makes (the
+    follow-ups of parked needs take days; the demo does not wait them)."""
+
+    def __init__(self) -> None:
+        self.offset = timedelta()
+
+    def __call__(self) -> datetime:
+        return datetime.now(UTC) + self.offset
+
+    def jump(self, delta: timedelta) -> datetime:
+        self.offset += delta
+        return self()
 
 
 def _port(url: str) -> int:
@@ -71,13 +99,34 @@ class Day:
 
     bus: Bus
     url: str
+    clock: DemoClock = field(default_factory=DemoClock)
+    scene: str = ""
+    """The situation being played: what partners answer may depend on it."""
+    accepted: dict[str, asyncio.Queue[tuple[str, str]]] = field(
+        default_factory=lambda: {"iml": asyncio.Queue()}
+    )
+    """Scene → (partner, referral id) of each referral accepted in it."""
     clients: dict[str, PartnerClient] = field(default_factory=dict)
+    closed_for: set[str] = field(default_factory=set)
+    """Partners told that a need closed `consent-not-obtained`."""
     declined: set[str] = field(default_factory=set)
     told: dict[tuple[str, str, str], asyncio.Event] = field(default_factory=dict)
     """(partner told, referral, status) → set when that loop notice arrived."""
     done: dict[str, asyncio.Event] = field(
         default_factory=lambda: {
-            k: asyncio.Event() for k in ("arrears", "hoarding", "rights", "fsl")
+            k: asyncio.Event()
+            for k in (
+                "arrears",
+                "hoarding",
+                "rights",
+                "fsl",
+                "iml",
+                "redirected",
+                "dropped",
+                "asked",
+                "reminded",
+                "closed",
+            )
         }
     )
 
@@ -95,11 +144,34 @@ class Day:
                 f"(attempt {message.attempt}, person {message.person[:10]}…)",
             )
             await self.answer(client, message)
+        elif kind == "consent-requested" and message.reminder:
+            self.say(
+                partner_id,
+                f"← reminder: consent still awaited for {message.person_ref} "
+                f"({', '.join(message.needs)})"
+                + (
+                    f"; the need closes on {message.closes_at:%a %d %b}"
+                    if message.closes_at
+                    else ""
+                ),
+                style="yellow",
+            )
+            self.say(partner_id, "→ calls again: still no answer", style="yellow")
+            self.done["reminded"].set()
+        elif kind == "consent-requested" and message.person_ref == UNREACHABLE:
+            self.say(
+                partner_id,
+                f"← consent requested for {message.person_ref} ({', '.join(message.needs)}): "
+                f"{message.reason}" + (f"; advisor {message.advisor}" if message.advisor else ""),
+                style="yellow",
+            )
+            self.say(partner_id, "→ calls, knocks, leaves a note: the tenant cannot be reached")
+            self.done["asked"].set()
         elif kind == "consent-requested":
             self.say(
                 partner_id,
                 f"← consent requested for {message.person_ref} ({', '.join(message.needs)}): "
-                f"{message.reason}",
+                f"{message.reason}" + (f"; advisor {message.advisor}" if message.advisor else ""),
                 style="yellow",
             )
             await self.advisor_collects_consent(client, message)
@@ -113,6 +185,24 @@ class Day:
                 + (f" — {message.outcome}" if message.outcome else ""),
                 style="green" if message.status in ("accepted", "completed") else "",
             )
+        elif kind == "referral-withdrawn":
+            self.say(
+                partner_id,
+                f"← referral {message.referral_id[:8]} withdrawn ({message.reason}): drops it",
+                style="red",
+            )
+            self.done["dropped"].set()
+        elif kind == "signal-closed":
+            self.say(
+                partner_id,
+                f"← need closed: signal {message.signal_id[:8]} {message.need} is "
+                f"[bold]{message.outcome}[/bold]",
+            )
+            if message.outcome == "consent-not-obtained":
+                # the source and the advisor's agency each hear it
+                self.closed_for.add(partner_id)
+                if {"lmh-proximite", "lmh-agence-roubaix"} <= self.closed_for:
+                    self.done["closed"].set()
         else:
             self.say(partner_id, f"← {kind}")
 
@@ -128,7 +218,9 @@ class Day:
             return
         self.say(partner, "→ accepted")
         await client.send_status(referral.referral_id, "accepted")
-        if need == ARREARS:
+        if self.scene == "iml":
+            await self.accepted["iml"].put((partner, referral.referral_id))
+        elif need == ARREARS:
             # Days later in real life: here, once the recovery service has heard `accepted`.
             await self.heard("lmh-recouvrement", referral.referral_id, "accepted").wait()
             await client.send_status(
@@ -209,8 +301,91 @@ def _signal(source: str, person: str, commune: str, need: str, **extra: Any) -> 
     )
 
 
-async def run_day(bus: Bus, url: str, timeout: float) -> bool:
-    day = Day(bus, url)
+async def iml_and_redirect(day: Day, timeout: float) -> None:
+    """Situation 5: the IML association as pivot; its advisor transfers the accepted
+    referral to the partner she chooses."""
+    bus, iml = day.bus, "hh-nord-iml"
+    advisor = _first_advisor(bus, iml)
+    console.rule("[bold]5. A tenant of Habitat et Humanisme (IML flat in Roubaix); a redirect")
+    day.scene = "iml"
+    day.say(iml, f"→ {advisor} records {IML_PERSON}'s oral consent (she follows her flat)")
+    await day.clients[iml].send_consent(
+        _consent(
+            IML_PERSON,
+            iml,
+            ("difficultes-administratives-ou-juridiques",),
+            ("ccas-cias", "maisons-des-solidarites", "caf"),
+            "oral",
+            by=advisor,
+        )
+    )
+    await bus.wait_verdicts(5, queue="consents", timeout=timeout)
+    day.say(iml, "→ signal: her housing benefit stopped after she moved in")
+    signal = _signal(iml, IML_PERSON, "59512", RIGHTS)
+    await day.clients[iml].send_signal(signal)
+    first, rid = await asyncio.wait_for(day.accepted["iml"].get(), timeout)
+    # only a referral its partner accepted is transferred: the advisor acts once she heard it
+    await asyncio.wait_for(day.heard(iml, rid, "accepted").wait(), timeout)
+    # the advisor knows the person: a social worker of another partner already follows her
+    chosen = next(
+        c.partner_id
+        for c in match(bus.directory, RIGHTS, "59512", sender=iml)
+        if c.partner_id != first
+    )
+    day.say(
+        iml,
+        f"→ {advisor} transfers referral {rid[:8]} from {first} to [bold]{chosen}[/bold]: "
+        "its social worker already follows her",
+        style="cyan",
+    )
+    await day.clients[iml].transfer_referral(
+        rid, chosen, decided_by=advisor, reason="a social worker there already follows her"
+    )
+    second, _ = await asyncio.wait_for(day.accepted["iml"].get(), timeout)
+    assert second == chosen, f"the transfer reached {second}, not {chosen}"
+    await asyncio.wait_for(day.done["dropped"].wait(), timeout)
+    day.done["iml"].set()
+    day.done["redirected"].set()
+    day.scene = ""
+
+
+async def parked_need(day: Day, timeout: float) -> None:
+    """Situation 6: a need parked for the person's consent, reminded then closed; the
+    demo jumps the bus's clock forward and runs its scheduler pass, as the service would
+    days later."""
+    bus, source = day.bus, "lmh-proximite"
+    console.rule("[bold]6. A need parked in Roubaix: the tenant cannot be reached")
+    day.say(source, "→ signal: damp and mould in an LMH flat; the tenant does not open")
+    await day.clients[source].send_signal(
+        _signal(
+            source,
+            UNREACHABLE,
+            "59512",
+            KEEP_HOME,
+            urgency="asap",
+            facts=Facts(housing_condition="substandard", note="a neighbour's ceiling leaks"),
+        )
+    )
+    # the need is parked once the advisor has been asked
+    await asyncio.wait_for(day.done["asked"].wait(), timeout)
+    parked = bus.settings.parked
+    steps = (
+        (parked.asap_remind_hours, "reminded"),
+        # (settings may close as soon as it reminds: the demo still jumps an hour)
+        (max(parked.asap_close_hours - parked.asap_remind_hours, 1.0), "closed"),
+    )
+    for hours, event in steps:
+        now = day.clock.jump(timedelta(hours=hours))
+        console.print(
+            f"[magenta]⏩ the demo jumps {hours:g} hours forward in time: the bus's clock says "
+            f"{now:%a %d %b %H:%M}; its scheduler pass runs[/magenta]"
+        )
+        await bus.tick()
+        await asyncio.wait_for(day.done[event].wait(), timeout)
+
+
+async def run_day(bus: Bus, url: str, timeout: float, clock: DemoClock | None = None) -> bool:
+    day = Day(bus, url, clock or DemoClock())
     d = bus.directory
     for partner in d.partners():
         # the day is replayed from nothing each time: a memory that dies with it is right
@@ -300,6 +475,8 @@ async def run_day(bus: Bus, url: str, timeout: float) -> bool:
             )
         )
         await asyncio.wait_for(day.done["fsl"].wait(), timeout)
+        await iml_and_redirect(day, timeout)
+        await parked_need(day, timeout)
         await bus.relay.flush()
     finally:
         for client in day.clients.values():
@@ -326,14 +503,14 @@ def summary(bus: Bus) -> None:
         f"outbox sent {bus.relay.sent}, pending {bus.store.pending_count()}; "
         f"audit records {bus.store.count('audit')}"
     )
-    person = "T-59599-0077"
-    console.rule(f"[bold]What the audit trail says about {person}")
-    for record in bus.store.audit_trail(person):
-        partner = f" → {record.partner_id}" if record.partner_id else ""
-        console.print(
-            f"{record.at:%H:%M:%S}  [bold]{record.action}[/bold] by {record.actor}{partner}  "
-            f"{record.why or ''}"
-        )
+    for person in ("T-59599-0077", IML_PERSON):
+        console.rule(f"[bold]What the audit trail says about {person}")
+        for record in bus.store.audit_trail(person):
+            partner = f" → {record.partner_id}" if record.partner_id else ""
+            console.print(
+                f"{record.at:%H:%M:%S}  [bold]{record.action}[/bold] by {record.actor}{partner}"
+                f"  {record.why or ''}"
+            )
 
 
 async def no_dead_letters(bus: Bus, url: str) -> bool:
@@ -402,19 +579,25 @@ async def main(settings: Settings, timeout: float = 60.0) -> int:
                 "prefix": f"demo-{uuid.uuid4().hex[:6]}",
                 "database_url": f"sqlite:///{Path(tmp) / 'demo.db'}",
                 "relay_interval_s": 0.5,
+                # the demo drives the scheduler's passes itself (with its jumps in time)
+                "scheduler_interval_s": 3600.0,
             }
         )
-        bus = create_app(demo)
+        clock = DemoClock()
+        bus = create_app(demo, clock=clock)
         console.print(
             f"partnerbus demo on {urlsplit(url).hostname}, prefix [bold]{demo.prefix}[/bold], "
             f"{len(bus.directory.partners())} partners in the directory"
         )
         await bus.start()
         try:
-            ok = await run_day(bus, url, timeout)
+            ok = await run_day(bus, url, timeout, clock)
         except TimeoutError:
             console.print("[red]the day did not complete in time[/red]")
             summary(bus)
+            ok = False
+        except Exception as exc:  # the queues are still deleted, the failure said plainly
+            console.print(f"[red]the day failed: {type(exc).__name__}: {exc}[/red]")
             ok = False
         try:
             ok = await no_dead_letters(bus, url) and ok

@@ -151,7 +151,7 @@ async def wait_recorded(store: Store, table: str, count: int, timeout: float) ->
 async def test_the_demo_command_plays_the_day_prints_the_summary_and_leaves_nothing_behind(
     amqp_url: str, prefix: str, tmp_path: Path
 ) -> None:
-    """`partnerbus demo` exits 0 after printing each situation, the referrals table and the audit trail, and deletes its queues and exchanges."""
+    """`partnerbus demo` exits 0 after printing each situation (the two landlords' agencies of Roubaix, the IML association's advisor redirecting a referral, a parked need reminded then closed after a jump in time), the referrals table and the audit trail, and deletes its queues and exchanges."""
     settings = command_settings(amqp_url, prefix, tmp_path)
     done = await asyncio.to_thread(
         subprocess.run,
@@ -195,6 +195,8 @@ async def test_the_demo_command_plays_the_day_prints_the_summary_and_leaves_noth
         "2. A hoarded flat in Tourcoing (no consent yet)",
         "3. The CCAS of Lille alerts about a tenant's rights (SMS consent)",
         "4. FSL for a tenant of Vilogia in Roubaix (the landlord named)",
+        "5. A tenant of Habitat et Humanisme (IML flat in Roubaix); a redirect",
+        "6. A need parked in Roubaix: the tenant cannot be reached",
     ):
         assert step in out
     arrears_partner = match(directory, ARREARS, ROUBAIX, sender="lmh-recouvrement")[0].partner_id
@@ -205,8 +207,8 @@ async def test_the_demo_command_plays_the_day_prints_the_summary_and_leaves_noth
     assert "→ completed: FSL file filed; repayment plan signed" in out
     assert "The day's referrals" in out
     rows = [line for line in out.splitlines() if line.startswith("│")]
-    # arrears, hoarding twice (declined, then rerouted), rights, FSL
-    assert len(rows) == 5, out
+    # arrears, hoarding twice (declined, then rerouted), rights, FSL, IML twice (transferred)
+    assert len(rows) == 7, out
     assert any(
         "reduire-les-impayes-de-loyer" in r and arrears_partner in r and "completed" in r
         for r in rows
@@ -220,6 +222,42 @@ async def test_the_demo_command_plays_the_day_prints_the_summary_and_leaves_noth
     assert any("fsl" in r and "fsl-nord" in r and "accepted" in r for r in rows), rows
     assert f"{'vilogia-agence-roubaix':<22} ← consent requested for T-59512-0733" in out
     assert "lmh-agence-roubaix     ← consent requested for T-59512-0733" not in out
+    # 5. the IML association's advisor transfers the accepted referral to another partner:
+    # the first is told to drop it, the other receives it (attempt 2) and accepts
+    moved = re.search(
+        r"hh-nord-iml +→ e\.vandamme transfers referral ([0-9a-f]{8}) from (\S+) to (\S+):", out
+    )
+    assert moved, out
+    rid, first, chosen = moved.groups()
+    assert first != chosen
+    assert f"{first:<22} ← referral {rid}" in out
+    assert f"{first:<22} ← referral {rid} withdrawn (signal-cancelled): drops it" in out
+    assert re.search(rf"{re.escape(chosen)} +← referral [0-9a-f]{{8}} for \S+ \(attempt 2", out)
+    assert any(
+        "accompagnement-pour-lacces-aux-droits" in r and first in r and "cancelled" in r
+        for r in rows
+    ), rows
+    assert any(
+        "accompagnement-pour-lacces-aux-droits" in r
+        and chosen in r
+        and "│ 2 " in r
+        and "accepted" in r
+        for r in rows
+    ), rows
+    assert "What the audit trail says about T-59512-0951" in out
+    assert f"referral-transferred by e.vandamme → {first}" in out
+    assert f"need-directed by e.vandamme → {chosen}" in out
+    # 6. LMH's own Roubaix advisor is asked (not Vilogia's); the demo jumps in time: she is
+    # reminded, then the need closes for the source and for her
+    assert f"{'lmh-agence-roubaix':<22} ← consent requested for T-59512-0588" in out
+    assert "vilogia-agence-roubaix ← consent requested for T-59512-0588" not in out
+    assert "the tenant cannot be reached" in out
+    assert "the demo jumps 24 hours forward in time" in out
+    assert f"{'lmh-agence-roubaix':<22} ← reminder: consent still awaited for T-59512-0588" in out
+    assert "the demo jumps 144 hours forward in time" in out
+    for told in ("lmh-proximite", "lmh-agence-roubaix"):
+        assert re.search(rf"{told} +← need closed: .* is consent-not-obtained", out), out
+    assert out.index("← reminder: consent still awaited") < out.index("consent-not-obtained")
     assert re.search(r"outbox sent \d+, pending 0; audit records \d+", out), out
     assert "What the audit trail says about T-59599-0077" in out
     assert "consent-granted by" in out
