@@ -28,8 +28,11 @@ The tables are created when missing; they have no migrations (two tables, no for
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -98,6 +101,12 @@ class ClientStore:
         self.clock = clock
         self.engine = _engine(url)
         self.in_memory = url in ("sqlite://", "sqlite:///:memory:")
+        # In memory, the client's threads share one connection (`_engine`): one at a time,
+        # or two transactions interleave on it ("cannot start a transaction within a
+        # transaction", even a crash of the driver).
+        self._serial: AbstractContextManager[Any] = (
+            threading.Lock() if self.in_memory else contextlib.nullcontext()
+        )
         self._pruned_at: datetime | None = None
 
     @classmethod
@@ -112,7 +121,8 @@ class ClientStore:
 
     def open(self) -> None:
         """Create the tables when missing and prune what is past retention."""
-        metadata.create_all(self.engine)
+        with self._serial:
+            metadata.create_all(self.engine)
         self.prune()
 
     def close(self) -> None:
@@ -120,14 +130,14 @@ class ClientStore:
 
     # reads -----------------------------------------------------------------------------
     def was_handled(self, message_id: str) -> bool:
-        with self.engine.connect() as conn:
+        with self._serial, self.engine.connect() as conn:
             row = conn.execute(
                 select(handled.c.message_id).where(handled.c.message_id == message_id)
             ).first()
         return row is not None
 
     def was_withdrawn(self, referral_id: str) -> bool:
-        with self.engine.connect() as conn:
+        with self._serial, self.engine.connect() as conn:
             row = conn.execute(
                 select(withdrawn.c.referral_id).where(withdrawn.c.referral_id == referral_id)
             ).first()
@@ -148,7 +158,7 @@ class ClientStore:
         """Forget handled messages older than `keep_handled` and withdrawals older than
         `keep_withdrawn`: (handled rows removed, withdrawn rows removed)."""
         now = self._now()
-        with self.engine.begin() as conn:
+        with self._serial, self.engine.begin() as conn:
             gone_handled = conn.execute(
                 delete(handled).where(handled.c.handled_at < now - self.keep_handled)
             ).rowcount
@@ -160,7 +170,7 @@ class ClientStore:
 
     def counts(self) -> tuple[int, int]:
         """(handled messages remembered, withdrawn referrals remembered)."""
-        with self.engine.connect() as conn:
+        with self._serial, self.engine.connect() as conn:
             return (
                 conn.execute(select(func.count()).select_from(handled)).scalar_one(),
                 conn.execute(select(func.count()).select_from(withdrawn)).scalar_one(),
@@ -172,7 +182,7 @@ class ClientStore:
 
     def _insert_once(self, table: Table, **row: Any) -> None:
         try:
-            with self.engine.begin() as conn:
+            with self._serial, self.engine.begin() as conn:
                 conn.execute(insert(table).values(**row))
         except IntegrityError:
             pass  # already there: a repeat, which is the point of remembering

@@ -4,6 +4,8 @@ restarts, pruned after its horizon."""
 from __future__ import annotations
 
 import sqlite3
+import threading
+import uuid
 from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
 
@@ -79,6 +81,35 @@ def test_a_memory_store_forgets_when_closed_and_a_new_one_starts_empty():
     fresh.open()
     assert not fresh.was_handled("m-1")
     fresh.close()
+
+
+def test_a_memory_store_takes_the_clients_threads_one_at_a_time():
+    """The client asks its store from several threads at once (a message each): in memory
+    they share one connection, and interleaved transactions on it failed (the demo printed
+    a "not handled" traceback) or crashed the driver. Eight threads, no error, every id kept."""
+    store = ClientStore.memory()
+    store.open()
+    errors: list[BaseException] = []
+    ids = [[str(uuid.uuid4()) for _ in range(100)] for _ in range(8)]
+
+    def work(mine: list[str]) -> None:
+        try:
+            for message_id in mine:
+                assert not store.was_handled(message_id)
+                store.mark_handled(message_id)
+                store.record_withdrawn(message_id)
+                assert store.was_withdrawn(message_id)
+        except BaseException as exc:  # reported below, with the others
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(mine,)) for mine in ids]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert errors == []
+    assert store.counts() == (800, 800)
+    store.close()
 
 
 def test_handled_ids_older_than_the_horizon_are_pruned_and_newer_ones_kept(engine_url):
