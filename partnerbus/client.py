@@ -44,6 +44,11 @@ OUTBOUND: TypeAdapter[Any] = TypeAdapter(OutboundMessage)
 Handler = Callable[[Any], Awaitable[None]]
 Outcome = Literal["handled", "repeat", "after-withdrawal"]
 
+Decision = (
+    ReferralCancelled | NeedDirected | ReferralTransferred | NeedReopened | OrientationRecorded
+)
+"""An advisor's decision, sent by her agency."""
+
 WITHDRAWABLE = frozenset({"referral", "referral-reminder"})
 """Kinds not handed on once their referral was withdrawn."""
 
@@ -138,31 +143,32 @@ class PartnerClient:
     async def send_consent(self, event: Message) -> None:
         await self._publish(self.topology.consents.name, event)
 
-    async def send_decision(
-        self,
-        decision: ReferralCancelled
-        | NeedDirected
-        | ReferralTransferred
-        | NeedReopened
-        | OrientationRecorded,
-    ) -> None:
+    async def send_decision(self, decision: Decision) -> None:
         """An advisor's decision, published by her agency on the consents exchange (the
         agency's door): only the agency that follows the signal may decide on it."""
         await self._publish(self.topology.consents.name, decision)
 
-    async def cancel_referral(self, referral_id: str, *, decided_by: str, reason: str) -> str:
-        """The advisor cancels this referral, with her reason (told to her agency, never to
-        the partner, who is told to drop it). Returns the decision's message id."""
-        decision = ReferralCancelled(
+    async def _decide(self, kind: type[Decision], **fields: Any) -> str:
+        """Build the decision with its envelope (a fresh id, now, this agency), publish it,
+        return its message id."""
+        decision = kind(
             message_id=str(uuid.uuid4()),
             occurred_at=datetime.now(UTC),
-            referral_id=referral_id,
             agency=self.partner_id,
-            decided_by=decided_by,
-            reason=reason,
+            **fields,
         )
         await self.send_decision(decision)
         return decision.message_id
+
+    async def cancel_referral(self, referral_id: str, *, decided_by: str, reason: str) -> str:
+        """The advisor cancels this referral, with her reason (told to her agency, never to
+        the partner, who is told to drop it). Returns the decision's message id."""
+        return await self._decide(
+            ReferralCancelled,
+            referral_id=referral_id,
+            decided_by=decided_by,
+            reason=reason,
+        )
 
     async def direct_need(
         self,
@@ -175,48 +181,36 @@ class PartnerClient:
     ) -> str:
         """The advisor sends this need of the signal to the partner she chose (one with an
         agreement covering it, that the person's consent covers). Returns the message id."""
-        decision = NeedDirected(
-            message_id=str(uuid.uuid4()),
-            occurred_at=datetime.now(UTC),
+        return await self._decide(
+            NeedDirected,
             signal_id=signal_id,
             need=need,
             partner=partner,
-            agency=self.partner_id,
             decided_by=decided_by,
             note=note,
         )
-        await self.send_decision(decision)
-        return decision.message_id
 
     async def transfer_referral(
         self, referral_id: str, partner: str, *, decided_by: str, reason: str
     ) -> str:
         """The advisor moves this accepted referral to another partner she chose."""
-        decision = ReferralTransferred(
-            message_id=str(uuid.uuid4()),
-            occurred_at=datetime.now(UTC),
+        return await self._decide(
+            ReferralTransferred,
             referral_id=referral_id,
             partner=partner,
-            agency=self.partner_id,
             decided_by=decided_by,
             reason=reason,
         )
-        await self.send_decision(decision)
-        return decision.message_id
 
     async def reopen_need(self, signal_id: str, need: str, *, decided_by: str, note: str) -> str:
         """The advisor reopens a need whose road ended; the directory routes it again."""
-        decision = NeedReopened(
-            message_id=str(uuid.uuid4()),
-            occurred_at=datetime.now(UTC),
+        return await self._decide(
+            NeedReopened,
             signal_id=signal_id,
             need=need,
-            agency=self.partner_id,
             decided_by=decided_by,
             note=note,
         )
-        await self.send_decision(decision)
-        return decision.message_id
 
     async def record_orientation(
         self,
@@ -231,21 +225,18 @@ class PartnerClient:
     ) -> str:
         """The advisor records an orientation she made outside the bus (nothing is sent to
         the partner; the closed loop and the figures include it)."""
-        now = datetime.now(UTC)
-        decision = OrientationRecorded(
-            message_id=str(uuid.uuid4()),
-            occurred_at=now,
+        # before the decision's own instant: an orientation is never dated after it
+        oriented_at = oriented_at or datetime.now(UTC)
+        return await self._decide(
+            OrientationRecorded,
             signal_id=signal_id,
             need=need,
             partner=partner,
-            agency=self.partner_id,
             decided_by=decided_by,
             channel=channel,
-            oriented_at=oriented_at or now,
+            oriented_at=oriented_at,
             note=note,
         )
-        await self.send_decision(decision)
-        return decision.message_id
 
     async def send_status(self, referral_id: str, status: str, **fields: Any) -> None:
         await self._publish(
