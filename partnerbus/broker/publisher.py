@@ -46,8 +46,6 @@ class RelayChannel:
         self._on: AbstractConnection | None = None
         self._exchanges: dict[str, AbstractExchange] = {}
         self._lock = asyncio.Lock()
-        self.renewals = 0
-        """Channels replaced by `renew` (ops read it in the logs; the tests, here)."""
 
     async def _open(self) -> AbstractChannel:
         connection = self._connection()
@@ -116,7 +114,6 @@ class RelayChannel:
             # already broken, maybe: a new one is opened anyway
             with contextlib.suppress(Exception):
                 await channel.close()
-        self.renewals += 1
 
     async def close(self) -> None:
         async with self._lock:

@@ -88,6 +88,8 @@ class Relay:
         # Replaces the publishing channel after a window the broker refused whole: a
         # channel can keep nacking a quorum queue whose leader died (`partnerbus.broker.publisher`).
         self.renew = renew
+        self.renewals = 0
+        """Channels replaced after a window refused whole."""
         self.sent = 0
         self.failed = 0
         self.withheld = 0
@@ -147,6 +149,7 @@ class Relay:
                 len(result.refused),
             )
             await self.renew()
+            self.renewals += 1
         self.sent += result.sent
         self.withheld += result.withheld
         if result.withheld:

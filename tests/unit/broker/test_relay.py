@@ -130,6 +130,7 @@ async def test_a_window_the_broker_refuses_whole_makes_the_relay_renew_its_chann
 
     relay, renewed = await flush_renewing(ledger, publish)
     assert renewed == [1]
+    assert relay.renewals == 1
     assert relay.sent == 0
     assert ledger.store.pending_count() == 3
 
