@@ -271,6 +271,9 @@ class Phase:
     sent_at: dict[str, float] = field(default_factory=dict)
     arrived: dict[str, float] = field(default_factory=dict)
     """Signal id → monotonic time of its first referral."""
+    recorded: dict[str, float] = field(default_factory=dict)
+    """Signal id → monotonic time the bus recorded it (its referral's `occurred_at`, the
+    bus's clock when the intake routed it, read back onto this process's monotonic clock)."""
     message_ids: set[str] = field(default_factory=set)
     referral_ids: set[str] = field(default_factory=set)
     deliveries: int = 0
@@ -285,9 +288,29 @@ class Phase:
         """Referral deliveries a partner deduplicating on `message_id` drops."""
         return self.deliveries - len(self.message_ids)
 
+    def split_ms(self, only: Iterable[str] | None = None) -> tuple[list[float], list[float]]:
+        """Each latency cut in two at the moment the bus recorded the signal: publish →
+        recorded (the intake), recorded → in the partner's queue (outbox and relay)."""
+        ids = [s for s in (only or self.sent_at) if s in self.arrived and s in self.recorded]
+        intake = sorted((self.recorded[s] - self.sent_at[s]) * 1000 for s in ids)
+        relay = sorted((self.arrived[s] - self.recorded[s]) * 1000 for s in ids)
+        return intake, relay
+
     def latencies_ms(self, ids: Iterable[str] | None = None) -> list[float]:
         ids = self.sent_at.keys() if ids is None else ids
         return sorted((self.arrived[s] - self.sent_at[s]) * 1000 for s in ids if s in self.arrived)
+
+
+def _wall_to_monotonic(value: object, now_mono: float) -> float | None:
+    """An ISO instant of the bus (the same machine's wall clock) on this process's
+    monotonic clock, or None when the body carries none."""
+    if not isinstance(value, str):
+        return None
+    try:
+        wall = datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
+    return now_mono - (time.time() - wall)
 
 
 class Counter:
@@ -360,6 +383,9 @@ class Counter:
                 if sid not in phase.arrived:
                     phase.arrived[sid] = now
                     phase.last_arrival = now
+                    occurred = _wall_to_monotonic(body.get("occurred_at"), now)
+                    if occurred is not None:
+                        phase.recorded[sid] = occurred
         await message.ack()
         self.changed.set()
 
@@ -759,6 +785,7 @@ async def latency(scene: Scene, n: int, rate: float) -> dict[str, Any]:
     await asyncio.gather(*sends)
     await wait_arrivals(scene, phase, None, "latency")
     lat = phase.latencies_ms()
+    intake, relay = phase.split_ms()
     await scene.counter.quiet(3.0, limit=max(30.0, run.stall_s))
     return {
         "phase": phase,
@@ -766,6 +793,10 @@ async def latency(scene: Scene, n: int, rate: float) -> dict[str, Any]:
         "rate_per_s": round(rate, 2),
         "latency_p50_ms": percentile(lat, 0.5),
         "latency_p99_ms": percentile(lat, 0.99),
+        "intake_p50_ms": percentile(intake, 0.5),
+        "intake_p99_ms": percentile(intake, 0.99),
+        "relay_p50_ms": percentile(relay, 0.5),
+        "relay_p99_ms": percentile(relay, 0.99),
         "latency_max_ms": round(lat[-1], 1) if lat else None,
     }
 
@@ -807,6 +838,7 @@ async def urgent(scene: Scene, burst: int, count: int) -> dict[str, Any]:
     await wait_arrivals(scene, phase, None, "urgent burst")
     seconds = max(phase.arrived[s] for s in routine_ids) - t0
     lat = phase.latencies_ms(urgent_ids)
+    intake, relay = phase.split_ms(urgent_ids)
     await scene.counter.quiet(3.0, limit=max(30.0, run.stall_s))
     return {
         "phase": phase,
@@ -815,6 +847,8 @@ async def urgent(scene: Scene, burst: int, count: int) -> dict[str, Any]:
         "burst_per_s": round(burst / seconds, 2),
         "urgent_p50_ms": percentile(lat, 0.5),
         "urgent_p99_ms": percentile(lat, 0.99),
+        "urgent_intake_p99_ms": percentile(intake, 0.99),
+        "urgent_relay_p99_ms": percentile(relay, 0.99),
         "urgent_max_ms": round(lat[-1], 1) if lat else None,
     }
 
@@ -1054,6 +1088,7 @@ async def bench(
     skip_rss: bool,
     fanout: int,
     postgres_url: str,
+    latency_rate: float | None = None,
 ) -> dict[str, Any]:
     sample_body = signal_for("T-0000000000000000").model_dump_json().encode()
     result: dict[str, Any] = {"scenarios": {}}
@@ -1076,17 +1111,23 @@ async def bench(
             result["scenarios"][name] = figures
             if name != headline:
                 continue
-            rate = figures["pipeline_per_s"] / 2
+            rate = latency_rate or figures["pipeline_per_s"] / 2
             lat = await latency(s, counts["latency_signals"], rate)
             phases.append(lat.pop("phase"))
             run.say(
                 f"  latency at {lat['rate_per_s']}/s: p50 {lat['latency_p50_ms']} ms, "
-                f"p99 {lat['latency_p99_ms']} ms"
+                f"p99 {lat['latency_p99_ms']} ms (intake p50/p99 {lat['intake_p50_ms']}/"
+                f"{lat['intake_p99_ms']}, outbox and relay {lat['relay_p50_ms']}/"
+                f"{lat['relay_p99_ms']})"
             )
             result["latency"] = lat
             urg = await urgent(s, counts["burst"], counts["urgent"])
             phases.append(urg.pop("phase"))
-            run.say(f"  urgent during a {urg['burst']}-signal burst: p99 {urg['urgent_p99_ms']} ms")
+            run.say(
+                f"  urgent during a {urg['burst']}-signal burst: p99 {urg['urgent_p99_ms']} ms "
+                f"(intake {urg['urgent_intake_p99_ms']}, outbox and relay "
+                f"{urg['urgent_relay_p99_ms']})"
+            )
             result["urgent"] = urg
             if not skip_rss:
                 mem = await rss(s, counts["rss_burst"])
@@ -1197,6 +1238,10 @@ def main(
         ),
     ] = ",".join(SCENARIOS),
     skip_rss: Annotated[bool, typer.Option(help="Skip the RSS burst.")] = False,
+    latency_rate: Annotated[
+        float | None,
+        typer.Option(min=0.1, help="Pace of the latency phase, signals/s [half the rate]."),
+    ] = None,
     quick: Annotated[bool, typer.Option(help="Small counts, for development.")] = False,
     fanout: Annotated[
         int, typer.Option(min=0, help="Copies per input of the fan-out forwarder; 0: measured.")
@@ -1274,6 +1319,7 @@ def main(
                         skip_rss=skip_rss,
                         fanout=fanout,
                         postgres_url=postgres_url,
+                        latency_rate=latency_rate,
                     )
                 )
         except BenchError as exc:

@@ -71,6 +71,11 @@ def test_the_quick_benchmark_writes_every_figure_with_nothing_lost_or_duplicated
     assert 0 < figures["ratio"] == figures["scenarios"]["sqlite-1"]["ratio"]
     assert figures["cpu_ms_per_signal"] > 0
     assert 0 < figures["latency_p50_ms"] <= figures["latency_p99_ms"]
+    lat = figures["latency"]
+    # the split at the moment the bus recorded each signal: both parts measured, and
+    # neither longer than the whole (the two clocks are the same machine's)
+    assert 0 < lat["intake_p50_ms"] < lat["latency_p99_ms"] + 1
+    assert 0 < lat["relay_p50_ms"] < lat["latency_p99_ms"] + 1
     assert figures["urgent_p99_ms"] > 0
     assert figures["rss_mb"] > 10
     assert figures["fanout_k"] >= 2, "a referral and its notices"
