@@ -774,6 +774,7 @@ async def latency(scene: Scene, n: int, rate: float) -> dict[str, Any]:
     signals = [signal_for(p) for p in persons]
     phase = Phase("latency")
     scene.counter.register(phase, (s.message_id for s in signals))
+    cpu0 = scene.bus.usage()
     t0 = time.monotonic()
     sends = []
     for i, s in enumerate(signals):
@@ -787,10 +788,12 @@ async def latency(scene: Scene, n: int, rate: float) -> dict[str, Any]:
     lat = phase.latencies_ms()
     intake, relay = phase.split_ms()
     await scene.counter.quiet(3.0, limit=max(30.0, run.stall_s))
+    cpu1 = scene.bus.usage()
     return {
         "phase": phase,
         "signals": n,
         "rate_per_s": round(rate, 2),
+        "cpu_ms_per_signal": round((cpu1.cpu_s - cpu0.cpu_s) * 1000 / n, 2),
         "latency_p50_ms": percentile(lat, 0.5),
         "latency_p99_ms": percentile(lat, 0.99),
         "intake_p50_ms": percentile(intake, 0.5),
