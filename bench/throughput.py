@@ -201,6 +201,8 @@ class Run:
     stall_s: float
     window: int
     progress: Progress
+    bus_settings: dict[str, str] = field(default_factory=dict)
+    """`PARTNERBUS_*` settings given to every `partnerbus run` (`--bus-setting`)."""
 
     @property
     def source(self) -> str:
@@ -571,6 +573,7 @@ class BusProcess:
             "PARTNERBUS_DATABASE_URL": ledger.url,
             "PARTNERBUS_DIRECTORY_PATH": str(run.directory_path),
             "PARTNERBUS_PSEUDONYM_KEY": run.pseudonym_key,
+            **run.bus_settings,
         }
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -1203,6 +1206,18 @@ def table(figures: dict[str, Any]) -> Table:
 app = typer.Typer(add_completion=False, pretty_exceptions_show_locals=False)
 
 
+def parse_bus_settings(items: list[str]) -> dict[str, str]:
+    """`NAME=VALUE` items as `PARTNERBUS_NAME` variables; a malformed one ends the run."""
+    settings: dict[str, str] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        name = name.strip().upper().removeprefix("PARTNERBUS_")
+        if not sep or not name.replace("_", "").isalnum():
+            raise typer.BadParameter(f"{item!r}: expected NAME=VALUE", param_hint="--bus-setting")
+        settings[f"PARTNERBUS_{name}"] = value
+    return settings
+
+
 def _count(value: int | None, name: str, quick: bool) -> int:
     if value is not None:
         return value
@@ -1244,6 +1259,13 @@ def main(
     latency_rate: Annotated[
         float | None,
         typer.Option(min=0.1, help="Pace of the latency phase, signals/s [half the rate]."),
+    ] = None,
+    bus_setting: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="NAME=VALUE given to every `partnerbus run` as PARTNERBUS_NAME (repeatable), "
+            "e.g. BATCH_BUDGET_MS=0 for an A/B run."
+        ),
     ] = None,
     quick: Annotated[bool, typer.Option(help="Small counts, for development.")] = False,
     fanout: Annotated[
@@ -1310,6 +1332,7 @@ def main(
             stall_s=stall_timeout,
             window=WINDOW,
             progress=progress,
+            bus_settings=parse_bus_settings(bus_setting or []),
         )
         machine = facts(postgres_url)
         try:
@@ -1347,6 +1370,8 @@ def main(
         "scenarios": [c[0] for c in chosen],
         "skip_rss": skip_rss,
         "window": WINDOW,
+        "latency_rate": latency_rate,
+        "bus_settings": parse_bus_settings(bus_setting or []),
     }
     figures["started_at"] = started.isoformat(timespec="seconds")
     figures["seconds"] = round(time.monotonic() - began, 1)

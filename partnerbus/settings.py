@@ -107,6 +107,11 @@ class Settings(BaseSettings):
     intake_batch_wait_ms: float = Field(default=0.0, ge=0, le=100)
     """Extra wait for more messages before a batch is recorded; 0: record as soon as no
     handler is ready to join (no fixed delay)."""
+    batch_budget_ms: float = Field(default=100.0, ge=0, le=10_000)
+    """Time one intake transaction or one relay window should take, about: batches and
+    windows are sized from what the last ones took (`partnerbus.handlers.sizing`), so an
+    urgent signal waits at most about this long behind the routine batch under way, on a
+    fast host or a slow one. 0: always `intake_batch_size` messages, 256 outbox rows."""
     urgent_prefetch: int = Field(default=32, ge=1, le=1000)
     """Prefetch of the urgent signals' consumer (its own channel)."""
     publish_timeout_s: float = Field(default=10.0, gt=0)

@@ -484,6 +484,7 @@ def create_app(
         ThreadPoolExecutor(max_workers=1, thread_name_prefix="partnerbus-relay-db"),
         timeout_s=settings.publish_timeout_s,
         lease=timedelta(seconds=settings.outbox_lease_s),
+        window_budget_s=settings.batch_budget_ms / 1000,
         renew=relay_channel.renew,
     )
     app = FastStream(broker, logger=log)
@@ -510,6 +511,7 @@ def create_app(
         on_verdict=bus.record_verdict,
         batch_size=settings.intake_batch_size,
         batch_wait_s=settings.intake_batch_wait_ms / 1000,
+        batch_budget_s=settings.batch_budget_ms / 1000,
         urgent_prefetch=settings.urgent_prefetch,
     )
     broker.include_router(build_router(wiring))

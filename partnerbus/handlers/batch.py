@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
 from partnerbus.handlers.delivery import is_transient
+from partnerbus.handlers.sizing import Sizer
 from partnerbus.ledger.store import LedgerTx, Store, is_conflict
 
 log = logging.getLogger("partnerbus.batch")
@@ -57,12 +59,18 @@ class Batcher:
     max_size: int = 128
     max_wait_s: float = 0.0
     """Extra wait for stragglers once the loop has nothing ready (0: none)."""
+    budget_s: float = 0.0
+    """Time a batch's transaction should take at most, about (`Sizer`); 0: `max_size`."""
     on_commit: Callable[[list[bool]], None] = lambda _done: None
     """Told after each committed batch (the relay is kicked when something was recorded)."""
     _waiting: list[_Waiting] = field(default_factory=list)
     _flusher: asyncio.Task[None] | None = None
     batches: int = 0
     """Transactions committed (the tests and the benchmark read it)."""
+    sizer: Sizer = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.sizer = Sizer(self.max_size, self.budget_s)
 
     async def record(self, work: Work) -> bool:
         """Run `work` in the next batch's transaction; True/False as `work` returned, once
@@ -76,21 +84,23 @@ class Batcher:
     async def _gather(self) -> None:
         """Let every handler that is ready hand its message in: yield to the loop until the
         list stops growing (or is full); then, when set, a short wait for stragglers."""
+        size = self.sizer.size
         seen = -1
-        while seen != len(self._waiting) and len(self._waiting) < self.max_size:
+        while seen != len(self._waiting) and len(self._waiting) < size:
             seen = len(self._waiting)
             await asyncio.sleep(0)
-        if self.max_wait_s > 0 and len(self._waiting) < self.max_size:
+        if self.max_wait_s > 0 and len(self._waiting) < size:
             await asyncio.sleep(self.max_wait_s)
 
     async def _flush(self) -> None:
         loop = asyncio.get_running_loop()
         while self._waiting:
             await self._gather()
-            batch = self._waiting[: self.max_size]
-            del self._waiting[: self.max_size]
+            size = self.sizer.size
+            batch = self._waiting[:size]
+            del self._waiting[:size]
             try:
-                outcomes = await loop.run_in_executor(self.executor, self._run, batch)
+                outcomes = await loop.run_in_executor(self.executor, self._timed, batch)
             except asyncio.CancelledError:  # the loop is stopping: nothing is acked
                 for item in batch:
                     item.future.cancel()
@@ -112,6 +122,13 @@ class Batcher:
                 self.on_commit([o.done for o in outcomes if o.error is None])
             except Exception:
                 log.exception("after-commit hook failed")
+
+    def _timed(self, batch: list[_Waiting]) -> list[_Outcome]:
+        """`_run`, its time (in the database thread: not the wait for it) told to the sizer."""
+        began = time.perf_counter()
+        outcomes = self._run(batch)
+        self.sizer.observe(len(batch), time.perf_counter() - began)
+        return outcomes
 
     def _run(self, batch: list[_Waiting]) -> list[_Outcome]:
         """One transaction for the batch, each message in its own savepoint."""

@@ -38,6 +38,7 @@ from aio_pika.exceptions import DeliveryError
 
 from partnerbus.broker.topology import Topology
 from partnerbus.errors import describe_error
+from partnerbus.handlers.sizing import Sizer
 from partnerbus.ledger.store import LedgerTx, OutboxRow, backoff, is_conflict
 from partnerbus.usecases import Ledger, mark_delivered, send_or_withhold
 
@@ -74,6 +75,7 @@ class Relay:
         timeout_s: float,
         lease: timedelta = timedelta(seconds=60),
         window: int = WINDOW,
+        window_budget_s: float = 0.0,
         renew: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.ledger = ledger
@@ -85,6 +87,9 @@ class Relay:
         self.timeout_s = timeout_s
         self.lease = lease
         self.window = window
+        # Each window sized to take about `window_budget_s` (`Sizer`): an urgent row waits
+        # for the window under way, at most about that long. 0: always `window` rows.
+        self.sizer = Sizer(window, window_budget_s)
         # Replaces the publishing channel after a window the broker refused whole: a
         # channel can keep nacking a quorum queue whose leader died (`partnerbus.broker.publisher`).
         self.renew = renew
@@ -132,8 +137,9 @@ class Relay:
 
     async def _flush_once(self, refused: Collection[int] = ()) -> _Round:
         store = self.ledger.store
+        began = time.monotonic()
         rows: list[OutboxRow] = await self._db(
-            store.claim_pending, self.ledger.clock(), self.lease, self.window, exclude=refused
+            store.claim_pending, self.ledger.clock(), self.lease, self.sizer.size, exclude=refused
         )
         if not rows:
             return _Round()
@@ -143,6 +149,8 @@ class Relay:
         else:
             result = await self._send_plain(rows, claimed_at)
         result.claimed = len(rows)
+        if not result.unreachable:
+            self.sizer.observe(len(rows), time.monotonic() - began)
         if result.refused and not result.sent and self.renew is not None:
             log.warning(
                 "the broker refused a whole window (%d rows): the relay opens a new channel",

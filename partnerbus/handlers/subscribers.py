@@ -80,6 +80,8 @@ class Wiring:
     batch_wait_s: float = 0.0
     """Extra wait for stragglers before a batch is recorded (0: flush when nothing more
     is ready)."""
+    batch_budget_s: float = 0.0
+    """Time a batch's transaction should take, about (`Sizer`); 0: always `batch_size`."""
     urgent_prefetch: int = 32
     """Prefetch of the urgent signals' consumer, on a channel of its own."""
     batchers: dict[str, Batcher] = field(default_factory=dict)
@@ -105,6 +107,7 @@ class Wiring:
             self.executor,
             max_size=self.batch_size,
             max_wait_s=self.batch_wait_s,
+            budget_s=self.batch_budget_s,
             on_commit=self.then_send,
         )
         self.batchers[queue.name] = batcher
