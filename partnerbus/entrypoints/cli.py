@@ -348,6 +348,61 @@ def referrals_timeline(
         )
 
 
+@referrals_app.command("receipt")
+def referrals_receipt(
+    person: Annotated[str, typer.Argument(help="The person reference, as the ledger stores it.")],
+    by: Annotated[str, typer.Option(help="The advisor who reads (one of the person's agency's).")],
+    html: Annotated[
+        Path | None, typer.Option(help="Write a printable HTML page to this file.")
+    ] = None,
+    pdf: Annotated[Path | None, typer.Option(help="Write the same page as a PDF file.")] = None,
+) -> None:
+    """The tenant's receipt (GDPR art. 15), in French: what was shared about her, with
+    whom, when, under which consent, what each partner answered. Only an advisor of her
+    agency reads it; every reading, and every refused one, is audited."""
+    from partnerbus.receipt import (
+        PdfUnavailableError,
+        ReceiptRefused,
+        Retention,
+        read_receipt,
+        render_text,
+        write_html,
+        write_pdf,
+    )
+
+    settings = Settings()
+    directory = _directory(settings)
+    output = "+".join(f for f, path in (("html", html), ("pdf", pdf)) if path) or "text"
+    store = _store()
+    try:
+        receipt = read_receipt(
+            store,
+            directory,
+            person,
+            by,
+            output=output,
+            now=datetime.now(UTC),
+            retention=Retention(settings.retention_days, settings.free_text_retention_days),
+        )
+    except ReceiptRefused as exc:
+        _fail(f"receipt refused: {exc} (this attempt is recorded in the audit)")
+        return
+    finally:
+        store.dispose()
+    if html is None and pdf is None:
+        render_text(receipt, console)
+        return
+    if html is not None:
+        write_html(receipt, html)
+        console.print(f"receipt written to {html}")
+    if pdf is not None:
+        try:
+            write_pdf(receipt, pdf)
+        except PdfUnavailableError as exc:
+            _fail(str(exc))
+        console.print(f"receipt written to {pdf}")
+
+
 @referrals_app.command("cancel")
 def referrals_cancel(
     referral_id: Annotated[str, typer.Argument(help="The referral to cancel.")],
