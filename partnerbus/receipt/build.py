@@ -172,6 +172,15 @@ READ_WORDS: Mapping[str, str] = {
 """The audit's reads of a person's file, in words."""
 
 
+def _loads(text: str | None) -> dict[str, Any]:
+    """A stored JSON body as a dict; what retention emptied or anything unreadable: {}."""
+    try:
+        value = json.loads(text or "{}")
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
 @dataclass(frozen=True)
 class JournalEntry:
     """A consent journal row (`consent_journal`)."""
@@ -211,9 +220,13 @@ class PersonRecord:
         return not (self.signals or self.consents or self.journal)
 
     def agencies(self) -> frozenset[str]:
-        """The agencies that follow her: of her signals and of her consents."""
+        """The agencies that follow her: of her signals, her consents, her consent journal."""
         found = {s.agency for s in self.signals if s.agency}
         found |= {c.agency for c in self.consents}
+        for entry in self.journal:  # a refusal outlives its signal (until she is forgotten)
+            agency = _loads(entry.body).get("agency")
+            if isinstance(agency, str):
+                found.add(agency)
         return frozenset(found)
 
 
@@ -416,10 +429,7 @@ def _consent_state(c: ConsentRecord, now: datetime, names: _Names) -> str:
 
 
 def _journal_text(entry: JournalEntry, names: _Names, numbers: Mapping[str, int]) -> str:
-    try:
-        body = json.loads(entry.body or "{}")
-    except ValueError:
-        body = {}
+    body = _loads(entry.body)
     by = names.advisor(entry.by) or entry.by
     number = numbers.get(entry.consent_id or "")
     which = f"le consentement n° {number}" if number else "un consentement"
@@ -472,10 +482,7 @@ def build_receipt(
     recipients: dict[str, None] = {}
     signal_views = []
     for row in sorted(record.signals, key=lambda s: (s.received_at, s.signal_id)):
-        try:
-            body = json.loads(row.body)
-        except ValueError:
-            body = {}
+        body = _loads(row.body)
         parts = _signal_parts(body)
         note = parts[1].note
         note_erased = row.note_deleted_at is not None
