@@ -392,15 +392,17 @@ def referrals_receipt(
     if html is None and pdf is None:
         render_text(receipt, console)
         return
-    if html is not None:
-        write_html(receipt, html)
-        console.print(f"receipt written to {html}")
-    if pdf is not None:
-        try:
+    try:
+        if html is not None:
+            write_html(receipt, html)
+            console.print(f"receipt written to {html}")
+        if pdf is not None:
             write_pdf(receipt, pdf)
-        except PdfUnavailableError as exc:
-            _fail(str(exc))
-        console.print(f"receipt written to {pdf}")
+            console.print(f"receipt written to {pdf}")
+    except PdfUnavailableError as exc:
+        _fail(str(exc))
+    except OSError as exc:
+        _fail(f"could not write the receipt ({type(exc).__name__}: {exc.strerror or exc})")
 
 
 @referrals_app.command("cancel")

@@ -36,6 +36,8 @@ READS = ("consents-read", "timeline-read", READ)
 """The audit's actions that are reads of a person's file (shown in her receipt)."""
 FORMATS = frozenset({"text", "html", "pdf"})
 INVALID_SUBJECT = "(invalid person reference)"
+ANONYMISED = "anon-"
+"""The tokens retention puts in place of a person's reference (`usecases.schedule`)."""
 NOT_FOLLOWED = (
     "no record of this person is followed by your agency: only an advisor of the agency "
     "that follows her reads her receipt (if her data was erased after the retention "
@@ -167,6 +169,7 @@ def read_receipt(
         raise ValueError(msg)
     refusal: tuple[str, str] | None = None  # (what the reader hears, what the audit keeps)
     valid_ref = re.fullmatch(PERSON_REF_PATTERN, person_ref) is not None
+    anonymised = person_ref.startswith(ANONYMISED)
     own = agencies_of(directory, advisor) if advisor.strip() else frozenset()
     if not own:
         refusal = (
@@ -180,6 +183,11 @@ def read_receipt(
             "starting with a letter or digit): a receipt is asked for by the reference the "
             "ledger stores, never by a name",
             f"invalid person reference ({len(person_ref)} characters, not recorded)",
+        )
+    elif anonymised:
+        refusal = (
+            "an anonymised token stands for nobody: a receipt is for a person, by her reference",
+            "anonymised token",
         )
     receipt: Receipt | None = None
     with store.begin() as tx:

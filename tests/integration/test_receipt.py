@@ -314,6 +314,34 @@ class TestWhoMayRead:
         assert audit_rows(ledger.store, READ) == []
         assert ledger.store.count("audit", action="referral-disclosed") > 0, "nothing dropped"
 
+    def test_an_anonymised_token_is_no_person(self, ledger: Ledger) -> None:
+        """After anonymisation a signal keeps its agency under a random token: reading the token as a person is refused, although the agency matches."""
+        history(ledger)
+        clock_of(ledger).advance(timedelta(days=731))
+        with ledger.store.begin() as tx:
+            usecases.apply_retention(ledger, tx, **KEEP)
+        with ledger.store.engine.connect() as conn:
+            token = conn.execute(
+                select(t.signals.c.person_ref).where(t.signals.c.person_ref.startswith("anon-"))
+            ).scalar_one()
+        with pytest.raises(ReceiptRefused, match="anonymised token"):
+            receipt_of(ledger, person=token)
+        (row,) = audit_rows(ledger.store, REFUSED)
+        assert row.why.endswith("anonymised token")
+
+    def test_no_audit_no_receipt(self, ledger: Ledger, monkeypatch: pytest.MonkeyPatch) -> None:
+        """The audit row is written in the reading's transaction: if it cannot be written, the reading fails and nothing is returned."""
+        history(ledger)
+        from partnerbus.ledger.repos.audit import AuditRepository
+
+        def broken(self, actor, action, *args, **kwargs):
+            if action == READ:
+                raise RuntimeError("audit unavailable")
+
+        monkeypatch.setattr(AuditRepository, "record", broken)
+        with pytest.raises(RuntimeError, match="audit unavailable"):
+            receipt_of(ledger)
+
 
 class TestErasedData:
     def test_erased_text_is_said_erased_then_a_forgotten_person_is_refused_cleanly(
