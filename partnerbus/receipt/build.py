@@ -164,6 +164,12 @@ HOUSEHOLD_WORDS: Mapping[str, str] = {
     "other": "autre",
 }
 
+WITHHELD = "la demande a été retenue avant son envoi : l'organisme n'a rien reçu"
+OUTSIDE_THE_BUS = (
+    "orientation faite directement par votre conseillère, hors du réseau : le réseau n'a "
+    "rien transmis à cet organisme"
+)
+
 READ_WORDS: Mapping[str, str] = {
     "consents-read": "a consulté la liste de vos consentements",
     "timeline-read": "a consulté l'historique de votre dossier",
@@ -497,15 +503,31 @@ def build_receipt(
             (r for r in record.referrals if r.signal_id == row.signal_id),
             key=lambda r: (r.created_at, r.need, r.attempt),
         ):
-            text_erased = r.outcome is None and (now - r.updated_at).days >= free_text_cutoff_days
-            withheld = r.referral_id in record.withheld
+            steps = record.history.get(r.referral_id, ())
+            outside = r.sent_at is None and any(
+                h.get("from_status") == "requested" and h.get("to_status") == "completed"
+                for h in steps
+            )
+            not_sent = (
+                WITHHELD
+                if r.referral_id in record.withheld
+                else OUTSIDE_THE_BUS
+                if outside
+                else None
+            )
+            partner_text = None if outside else r.outcome
+            text_erased = (
+                not outside
+                and r.outcome is None
+                and (now - r.updated_at).days >= free_text_cutoff_days
+            )
             number = numbers.get(r.consent_id)
             consent = (
                 f"consentement n° {number}, donné le {when(consents[number - 1].granted_at)}"
                 if number
                 else "un consentement anonymisé depuis (sa durée de conservation est passée)"
             )
-            if not withheld:
+            if not_sent is None:
                 recipients[names.partner_with_kind(r.partner_id, r.partner_kind)] = None
             referrals.append(
                 ReferralView(
@@ -515,15 +537,15 @@ def build_receipt(
                     created_at=r.created_at,
                     sent_at=r.sent_at,
                     shared=()
-                    if withheld
+                    if not_sent
                     else _shared(directory, r, parts, note_erased, row.advisor is not None),
-                    never_received=withheld,
+                    not_sent=not_sent,
                     status=STATUS_WORDS.get(r.status, r.status),
                     reason=REASON_WORDS.get(r.reason, r.reason) if r.reason else None,
-                    partner_text=r.outcome,
+                    partner_text=partner_text,
                     text_erased=text_erased,
                     consent=consent,
-                    history=_history(names, record.history.get(r.referral_id, ())),
+                    history=_history(names, steps),
                 )
             )
         if any(r.text_erased for r in referrals):

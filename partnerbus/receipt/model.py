@@ -36,8 +36,9 @@ class ReferralView:
     sent_at: datetime | None
     shared: tuple[str, ...]
     """The categories of data the partner received (nothing internal: no ids)."""
-    never_received: bool
-    """Withheld before it left: the partner received nothing."""
+    not_sent: str | None
+    """Why the partner received nothing through the bus (withheld before it left, or an
+    orientation the advisor made outside the bus), in words; None: it was sent."""
     status: str
     """The current status, in words."""
     reason: str | None

@@ -111,8 +111,8 @@ def render_text(receipt: Receipt, console: Console) -> None:
             line(f"  → {o.partner} ({o.partner_kind}) — {o.need}", "bold")
             sent = f", transmise le {when(o.sent_at)}" if o.sent_at else ""
             line(f"     créée le {when(o.created_at)}{sent} ; sous {o.consent}")
-            if o.never_received:
-                line("     informations reçues : aucune (retenue avant son envoi)")
+            if o.not_sent:
+                line(f"     informations reçues : aucune ({o.not_sent})")
             else:
                 line(f"     informations reçues : {' ; '.join(o.shared)}")
             line(f"     réponse : {o.status}" + (f" — motif : {o.reason}" if o.reason else ""))

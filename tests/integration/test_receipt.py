@@ -35,7 +35,7 @@ from partnerbus.receipt import (
     render_text,
 )
 from partnerbus.receipt.access import INVALID_SUBJECT
-from partnerbus.schemas import ConsentRevoked, Contact, Facts, Preferences
+from partnerbus.schemas import ConsentRevoked, Contact, Facts, OrientationRecorded, Preferences
 from partnerbus.usecases import Ledger
 from tests.conftest import make_ledger
 from tests.integration.test_erasure import KEEP, clock_of, dump_database
@@ -219,6 +219,62 @@ class TestWhatTheReceiptSays:
         assert "[red]rouge[/red]" in text
         assert "[link=http://evil]ici[/link]" in text
         assert "<script>alert('x')</script>" in text
+
+    def test_what_never_left_and_what_the_advisor_did_outside_the_bus(self, ledger: Ledger) -> None:
+        """A referral withheld before it left (consent revoked first) says the partner received nothing and does not count it as a recipient; an orientation recorded by the advisor says the bus sent nothing, in French, without the bus's English note."""
+        grant = a_consent(ledger, person="T-RCPT-C01", days=90)
+        run(ledger, usecases.grant_consent, grant)
+        run(ledger, usecases.receive_signal, a_signal(ledger, person="T-RCPT-C01"))
+        revocation = ConsentRevoked(
+            message_id=mid("rev"),
+            occurred_at=ledger.clock(),
+            consent_id=grant.consent_id,
+            revoked_by="la locataire, par téléphone",
+            agency=grant.agency,
+            revoked_at=ledger.clock(),
+        )
+        run(ledger, usecases.revoke_consent, revocation)
+        withheld = receipt_of(ledger, person="T-RCPT-C01")
+        (referral,) = withheld.signals[0].referrals
+        assert referral.not_sent is not None
+        assert "n'a rien reçu" in referral.not_sent
+        assert referral.shared == ()
+        assert not any("CCAS de Roubaix" in x for x in withheld.recipients)
+        assert "la locataire, par téléphone" in withheld.consents[0].state
+
+        run(ledger, usecases.grant_consent, a_consent(ledger, person="T-RCPT-D01", days=90))
+        signal = a_signal(ledger, person="T-RCPT-D01")
+        run(ledger, usecases.receive_signal, signal)
+        claim_and_send(ledger)
+        with ledger.store.engine.connect() as conn:
+            own = conn.execute(
+                select(t.referrals).where(t.referrals.c.signal_id == signal.message_id)
+            ).one()
+        assert own.partner_id == "ccas-roubaix"
+        first = {"referral_id": own.referral_id, "partner": own.partner_id}
+        answer(ledger, first, "rejected", reason="unreachable")
+        run(
+            ledger,
+            usecases.record_orientation,
+            OrientationRecorded(
+                message_id=mid("orient"),
+                occurred_at=ledger.clock(),
+                signal_id=signal.message_id,
+                need=ARREARS,
+                partner="mds-roubaix",
+                agency="lmh-agence-roubaix",
+                decided_by="s.benali",
+                oriented_at=ledger.clock(),
+            ),
+        )
+        oriented = receipt_of(ledger, person="T-RCPT-D01")
+        rejected, outside = oriented.signals[0].referrals
+        assert rejected.reason == "le partenaire n'a pas réussi à vous joindre"
+        assert outside.partner == "Maison Nord Solidarités de Roubaix"
+        assert outside.not_sent is not None
+        assert "hors du réseau" in outside.not_sent
+        assert outside.partner_text is None
+        assert "oriented outside the bus" not in render_html(oriented)
 
     def test_the_pdf_is_a_pdf(self, ledger: Ledger) -> None:
         """The same page through WeasyPrint: a PDF header, several kilobytes, an EOF."""
