@@ -144,8 +144,11 @@ def load_person(tx: LedgerTx, person_ref: str) -> PersonRecord:
 
 
 def _actor(advisor: str) -> str:
-    """The audit's actor for what was typed as the advisor (the column holds 80)."""
-    return advisor[:80] if advisor.strip() else "(empty)"
+    """The audit's actor for what was typed as the advisor: 80 characters at most (the
+    column's size), control characters as `?` (PostgreSQL refuses a NUL in text)."""
+    if not advisor.strip():
+        return "(empty)"
+    return "".join(c if c.isprintable() else "?" for c in advisor[:80])
 
 
 def read_receipt(

@@ -323,6 +323,8 @@ class TestWhoMayRead:
             "s.benali' OR '1'='1",
             "x" * 300,
             "lmh-agence-roubaix",
+            "s.benali\x00",
+            "s.benali\nl.petit",
         ],
     )
     def test_a_forged_or_empty_advisor_is_refused_and_audited(
@@ -333,7 +335,8 @@ class TestWhoMayRead:
         with pytest.raises(ReceiptRefused, match="not an advisor"):
             receipt_of(ledger, by=advisor)
         (row,) = audit_rows(ledger.store, REFUSED)
-        assert row.actor == (advisor[:80] if advisor.strip() else "(empty)")
+        expected = advisor[:80].replace("\x00", "?").replace("\n", "?")
+        assert row.actor == (expected if advisor.strip() else "(empty)")
         assert row.person_ref == A
         assert "unknown advisor" in row.why
         assert audit_rows(ledger.store, READ) == []
@@ -351,6 +354,8 @@ class TestWhoMayRead:
             "x" * 500,
             "",
             "T-RCPT-A01\n",
+            "T-RCPT-A01\x00",
+            "T-RCPT-Aé01",
         ],
     )
     def test_an_odd_person_reference_is_refused_and_never_written(
