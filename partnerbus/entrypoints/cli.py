@@ -364,12 +364,21 @@ def referrals_receipt(
         PdfUnavailableError,
         ReceiptRefused,
         Retention,
+        check_pdf,
         read_receipt,
         render_text,
         write_html,
         write_pdf,
     )
 
+    for path in (html, pdf):  # what cannot be written is said before anything is read
+        if path is not None and not path.parent.is_dir():
+            _fail(f"cannot write {path}: {path.parent} is not a directory")
+    if pdf is not None:
+        try:
+            check_pdf()
+        except PdfUnavailableError as exc:
+            _fail(str(exc))
     settings = Settings()
     directory = _directory(settings)
     output = "+".join(f for f, path in (("html", html), ("pdf", pdf)) if path) or "text"

@@ -15,6 +15,7 @@ from partnerbus.receipt.build import PersonRecord, build_receipt
 from partnerbus.receipt.model import Receipt, Retention
 from partnerbus.receipt.render import (
     PdfUnavailableError,
+    check_pdf,
     render_html,
     render_pdf,
     render_text,
@@ -32,6 +33,7 @@ __all__ = [
     "Retention",
     "agencies_of",
     "build_receipt",
+    "check_pdf",
     "load_person",
     "read_receipt",
     "render_html",

@@ -41,10 +41,11 @@ def render_html(receipt: Receipt) -> str:
     return _environment().get_template("receipt.html.j2").render(r=receipt)
 
 
-def render_pdf(receipt: Receipt) -> bytes:
-    """The HTML page as a PDF (A4, page numbers)."""
+def check_pdf() -> None:
+    """Raise `PdfUnavailableError` now if a PDF cannot be made here (WeasyPrint or Pango
+    missing): the command says so before it reads (and audits) anything."""
     try:
-        from weasyprint import HTML
+        import weasyprint  # noqa: F401
     except (ImportError, OSError) as exc:  # OSError: Pango missing
         msg = (
             f"PDF output needs WeasyPrint and Pango ({type(exc).__name__}: {exc}); on Debian: "
@@ -52,6 +53,13 @@ def render_pdf(receipt: Receipt) -> bytes:
             "The HTML output (--html) needs neither."
         )
         raise PdfUnavailableError(msg) from exc
+
+
+def render_pdf(receipt: Receipt) -> bytes:
+    """The HTML page as a PDF (A4, page numbers)."""
+    check_pdf()
+    from weasyprint import HTML
+
     pdf = HTML(string=render_html(receipt)).write_pdf()
     assert isinstance(pdf, bytes)
     return pdf

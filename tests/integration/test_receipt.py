@@ -438,7 +438,7 @@ class TestCommandLine:
     def test_the_command_prints_writes_html_and_pdf_and_refuses_with_a_nonzero_code(
         self, store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     ) -> None:
-        """`partnerbus referrals receipt PERSON --by ADVISOR`: text by default, `--html`/`--pdf` files; a refusal exits 2 with the reason; each audited with its format."""
+        """`partnerbus referrals receipt PERSON --by ADVISOR`: text by default, `--html`/`--pdf` files; a file that cannot be written is said before anything is read (nothing audited); a refusal exits 2 with the reason; each reading audited with its format."""
         ledger = make_ledger(store)
         history(ledger)
         url = store.engine.url.render_as_string(hide_password=False)
@@ -460,6 +460,11 @@ class TestCommandLine:
         assert written.exit_code == 0, written.output
         assert "CCAS de Roubaix" in html.read_text(encoding="utf-8")
         assert pdf.read_bytes().startswith(b"%PDF-")
+        nowhere = runner.invoke(
+            app, ["referrals", "receipt", A, "--by", "l.petit", "--pdf", str(tmp_path / "no/x.pdf")]
+        )
+        assert nowhere.exit_code == 2
+        assert "is not a directory" in " ".join(nowhere.output.split())
         refused = runner.invoke(app, ["referrals", "receipt", A, "--by", "k.mercier"])
         assert refused.exit_code == 2
         assert "receipt refused" in refused.output
