@@ -391,7 +391,7 @@ def referrals_receipt(
             by,
             output=output,
             now=datetime.now(UTC),
-            retention=Retention(settings.retention_days, settings.free_text_retention_days),
+            retention=Retention.of(settings),
         )
     except ReceiptRefused as exc:
         _fail(f"receipt refused: {exc} (this attempt is recorded in the audit)")

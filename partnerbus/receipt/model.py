@@ -5,6 +5,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from partnerbus.settings import Settings
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +100,11 @@ class Retention:
 
     days: int = 730
     free_text_days: int = 90
+
+    @classmethod
+    def of(cls, settings: Settings) -> Retention:
+        """The periods the bus's settings give its retention pass."""
+        return cls(settings.retention_days, settings.free_text_retention_days)
 
 
 @dataclass(frozen=True, slots=True)
