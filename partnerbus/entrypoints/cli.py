@@ -348,6 +348,72 @@ def referrals_timeline(
         )
 
 
+@referrals_app.command("receipt")
+def referrals_receipt(
+    person: Annotated[str, typer.Argument(help="The person reference, as the ledger stores it.")],
+    by: Annotated[str, typer.Option(help="The advisor who reads (one of the person's agency's).")],
+    html: Annotated[
+        Path | None, typer.Option(help="Write a printable HTML page to this file.")
+    ] = None,
+    pdf: Annotated[Path | None, typer.Option(help="Write the same page as a PDF file.")] = None,
+) -> None:
+    """The tenant's receipt (GDPR art. 15), in French: what was shared about her, with
+    whom, when, under which consent, what each partner answered. Only an advisor of her
+    agency reads it; every reading, and every refused one, is audited."""
+    from partnerbus.receipt import (
+        PdfUnavailableError,
+        ReceiptRefused,
+        Retention,
+        check_pdf,
+        read_receipt,
+        render_text,
+        write_html,
+        write_pdf,
+    )
+
+    for path in (html, pdf):  # what cannot be written is said before anything is read
+        if path is not None and not path.parent.is_dir():
+            _fail(f"cannot write {path}: {path.parent} is not a directory")
+    if pdf is not None:
+        try:
+            check_pdf()
+        except PdfUnavailableError as exc:
+            _fail(str(exc))
+    settings = Settings()
+    directory = _directory(settings)
+    output = "+".join(f for f, path in (("html", html), ("pdf", pdf)) if path) or "text"
+    store = _store()
+    try:
+        receipt = read_receipt(
+            store,
+            directory,
+            person,
+            by,
+            output=output,
+            now=datetime.now(UTC),
+            retention=Retention.of(settings),
+        )
+    except ReceiptRefused as exc:
+        _fail(f"receipt refused: {exc} (this attempt is recorded in the audit)")
+        return
+    finally:
+        store.dispose()
+    if html is None and pdf is None:
+        render_text(receipt, console)
+        return
+    try:
+        if html is not None:
+            write_html(receipt, html)
+            console.print(f"receipt written to {html}")
+        if pdf is not None:
+            write_pdf(receipt, pdf)
+            console.print(f"receipt written to {pdf}")
+    except PdfUnavailableError as exc:
+        _fail(str(exc))
+    except OSError as exc:
+        _fail(f"could not write the receipt ({type(exc).__name__}: {exc.strerror or exc})")
+
+
 @referrals_app.command("cancel")
 def referrals_cancel(
     referral_id: Annotated[str, typer.Argument(help="The referral to cancel.")],
