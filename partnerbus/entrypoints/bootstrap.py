@@ -384,6 +384,26 @@ class Bus:
             )
         return report.counts()
 
+    async def _record_failed_pass(self, error: str) -> None:
+        """A failed pass leaves an audit record that the ops page's alert reads (when the
+        ledger itself is what failed, only the log keeps it)."""
+        from partnerbus.ops.monitor import SCHEDULER_PASS_FAILED
+
+        def work() -> None:
+            with self.store.begin() as tx:
+                tx.audit.record(
+                    usecases.BUS,
+                    SCHEDULER_PASS_FAILED,
+                    "scheduler",
+                    self.ledger.clock(),
+                    why=error[:300],
+                )
+
+        try:
+            await asyncio.get_running_loop().run_in_executor(self.executor, work)
+        except Exception as exc:
+            log.error("the failed scheduler pass could not be recorded: %s", describe_error(exc))
+
     async def _scheduler(self) -> None:
         while not self._stop.is_set():
             try:
@@ -391,6 +411,7 @@ class Bus:
             except Exception as exc:
                 # no traceback: a database error's text would carry the values it was given
                 log.error("scheduler pass failed: %s", describe_error(exc))
+                await self._record_failed_pass(describe_error(exc))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), self.settings.scheduler_interval_s)
 
