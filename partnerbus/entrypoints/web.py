@@ -273,7 +273,7 @@ def create_ops_app(
     # sign-in ---------------------------------------------------------------------------
     @app.get("/login", response_class=HTMLResponse)
     async def login_page() -> HTMLResponse:
-        return render("login.html", user=settings.ops_user)
+        return render("login.html", prefix="sign in", user=settings.ops_user)
 
     def signed_in(session: Session) -> Response:
         response = RedirectResponse("/", status_code=status.HTTP_303_SEE_OTHER)
@@ -319,7 +319,11 @@ def create_ops_app(
                     )
                 )
         return render(
-            "login.html", 401, user=fields.get("user", "")[:80], error="wrong credentials"
+            "login.html",
+            401,
+            prefix="sign in",
+            user=fields.get("user", "")[:80],
+            error="wrong credentials",
         )
 
     @app.post("/logout")

@@ -9,12 +9,13 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
+import aio_pika
 import uvicorn
 from sqlalchemy import text
 
 from partnerbus.testing import Inbox, wait_for_status, wait_until
 
-from .helpers import ROUBAIX, new_id, publish, queue_depth, signal, status
+from .helpers import ROUBAIX, new_id, publish, signal, status
 from .test_flow import KINDS, expected_partner, grant
 
 
@@ -34,6 +35,23 @@ async def serving(web) -> AsyncIterator[str]:  # type: ignore[no-untyped-def]
         server.should_exit = True
         await task
         sock.close()
+
+
+async def broker_figures(bus, name: str) -> tuple[int, int]:  # type: ignore[no-untyped-def]
+    """(ready messages, consumers) of a queue, by a passive declare on a plain connection
+    of its own (a robust channel answers a passive declare from its cache: stale)."""
+    connection = await aio_pika.connect(bus.settings.amqp_url.get_secret_value())
+    try:
+        channel = await connection.channel()
+        declared = await channel.declare_queue(name, passive=True)
+        result = declared.declaration_result
+        return int(result.message_count or 0), int(result.consumer_count or 0)
+    finally:
+        await connection.close()
+
+
+async def depth(bus, name: str) -> int:  # type: ignore[no-untyped-def]
+    return (await broker_figures(bus, name))[0]
 
 
 @dataclass
@@ -84,7 +102,7 @@ async def scripted_run(bus, channel) -> Run:  # type: ignore[no-untyped-def]
     await publish(
         channel,
         f"{t.prefix}.statuses",
-        status(referral_id=rejected, partner=target, value="rejected", reason="no-capacity"),
+        status(referral_id=rejected, partner=target, value="rejected", reason="full"),
         routing_key=target,
     )
     await wait_for_status(bus.store, accepted, "accepted")
@@ -94,7 +112,7 @@ async def scripted_run(bus, channel) -> Run:  # type: ignore[no-untyped-def]
     dlq = t.dlq_name(t.signal_queue.name)
 
     async def dead_lettered() -> bool:
-        return await queue_depth(channel, dlq) == 1
+        return await depth(bus, dlq) == 1
 
     await wait_until(dead_lettered, timeout=20, what="the broken message dead-lettered")
     return Run(target, agency, accepted, rejected, bad, agency_inbox)
@@ -114,8 +132,7 @@ class Count:
 
 
 async def independent_count(bus, channel, partner: str) -> Count:  # type: ignore[no-untyped-def]
-    t = bus.topology
-    declared = await channel.declare_queue(t.partner_queue_name(partner), passive=True)
+    queued, consumers = await broker_figures(bus, bus.topology.partner_queue_name(partner))
     with bus.store.engine.connect() as conn:
 
         def one(sql: str) -> int:
@@ -136,8 +153,8 @@ async def independent_count(bus, channel, partner: str) -> Count:  # type: ignor
         sent = one("SELECT count(*) FROM referrals WHERE partner_id = :p AND sent_at IS NOT NULL")
     return Count(
         received,
-        int(declared.declaration_result.message_count or 0),
-        int(declared.declaration_result.consumer_count or 0),
+        queued,
+        consumers,
         accepted,
         rejected,
         awaiting,
