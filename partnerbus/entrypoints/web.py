@@ -230,15 +230,17 @@ def create_ops_app(
         rows = seen.partners
         hidden = 0
         if who.role == "ops" and not show_all:
-            # a partner with nothing to show (no traffic, no queue, no letter) is left out
+            # a partner with nothing to show (no traffic, no consumer, nothing queued, no
+            # letter) is left out, and counted
             shown = [
                 r
                 for r in rows
-                if r.queue_depth is not None
-                or r.received
+                if r.received
                 or r.sent
                 or r.dead_lettered
                 or r.awaiting
+                or r.queue_depth
+                or r.consumers
             ]
             hidden = len(rows) - len(shown)
             rows = shown

@@ -98,30 +98,34 @@ def _single(title: str, days: list[str], values: list[int], colour: str) -> Char
 
 
 def acceptance_per_partner(snap: Snapshot) -> Chart:
-    """Median hours from sent to accepted, one bar per partner that accepted any."""
-    rows = [(r.partner_id, r.median_accept_s) for r in snap.partners if r.median_accept_s]
-    hours = [(pid, (s or 0) / 3600) for pid, s in rows]
-    top_h = max((h for _, h in hours), default=0.0)
-    top = max(1, int(top_h + 0.999))
+    """Median time from sent to accepted, one bar per partner that accepted any; in
+    seconds, minutes or hours, whichever fits the longest."""
+    rows = [
+        (r.partner_id, r.median_accept_s or 0.0)
+        for r in snap.partners
+        if r.median_accept_s is not None
+    ]
+    longest = max((s for _, s in rows), default=0.0)
+    unit, per = ("s", 1.0) if longest < 120 else ("min", 60.0) if longest < 7200 else ("h", 3600.0)
+    values = [(pid, s / per) for pid, s in rows]
+    top = max(1, int(max((v for _, v in values), default=0.0) + 0.999))
     k = _scale(top)
-    step = (WIDTH - LEFT) / max(len(hours), 1)
+    step = (WIDTH - LEFT) / max(len(values), 1)
+    width = min(step - 4, 60)
     bars = [
         Bar(
             LEFT + i * step + 2,
-            HEIGHT - BOTTOM - h * k,
-            min(step - 4, 60),
-            max(h * k, 1),
+            HEIGHT - BOTTOM - max(v * k, 1),
+            width,
+            max(v * k, 1),
             "#3e9b5b",
-            f"{pid}: median {h:.2f} h to acceptance",
+            f"{pid}: median {v:.1f} {unit} to acceptance",
         )
-        for i, (pid, h) in enumerate(hours)
+        for i, (pid, v) in enumerate(values)
     ]
-    labels = [
-        (LEFT + i * step + min(step - 4, 60) / 2, pid[:14]) for i, (pid, _) in enumerate(hours)
-    ]
-    return Chart(
-        "Time to acceptance per partner (median, hours)", bars, labels, top, [], empty=not hours
-    )
+    labels = [(LEFT + i * step + 2 + width / 2, pid[:14]) for i, (pid, _) in enumerate(values)]
+    title = f"Time to acceptance per partner (median, {unit})"
+    return Chart(title, bars, labels, top, [], empty=not values)
 
 
 def charts(snap: Snapshot) -> list[Chart]:

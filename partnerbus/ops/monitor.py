@@ -152,6 +152,8 @@ class Alert:
     dead-letters-refused"""
     text: str
     partner: str | None = None
+    waiting: int = 0
+    """Messages waiting (a queue without a consumer)."""
 
 
 @dataclass(frozen=True)
@@ -568,7 +570,12 @@ def assemble(
         if queue is not None and queue.consumers == 0:
             waiting = f" ({queue.messages} message(s) waiting)" if queue.messages else ""
             alerts.append(
-                Alert("no-consumer", f"no consumer on {info.id}'s queue{waiting}", info.id)
+                Alert(
+                    "no-consumer",
+                    f"no consumer on {info.id}'s queue{waiting}",
+                    info.id,
+                    queue.messages,
+                )
             )
         if oldest is not None and oldest > thresholds.oldest_message_s:
             alerts.append(

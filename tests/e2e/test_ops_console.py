@@ -334,3 +334,56 @@ def test_a_session_lasts_its_max_age():
         cookie, key, now=timedelta(minutes=2).total_seconds() + __import__("time").time()
     )
     assert later is None
+
+
+async def test_ops_status_shows_the_same_rows_and_alerts_at_the_terminal(
+    bus, channel, cli_env, monkeypatch
+):
+    """`partnerbus ops status` prints the partner rows and the alerts; `--watch` keeps
+    them on screen over one AMQP connection, refreshed every `--interval`, until Ctrl-C."""
+    import asyncio
+
+    from typer.testing import CliRunner
+
+    from partnerbus.entrypoints import cli
+    from partnerbus.ops import monitor, terminal
+
+    run = await scripted_run(bus, channel)
+    runner = CliRunner()
+    monkeypatch.setenv("COLUMNS", "250")
+    once = await asyncio.to_thread(runner.invoke, cli.app, ["ops", "status"])
+    assert once.exit_code == 0, once.output
+    assert "no consumer on" in once.output and run.target in once.output
+    line = next(x for x in once.output.splitlines() if f"│ {run.target} " in x)
+    cells = [c.strip() for c in line.split("│")[1:-1]]
+    count = await independent_count(bus, channel, run.target)
+    assert cells[3] == str(count.queued) and cells[5] == "0"  # queued, consumers
+    assert cells[8] == "1" and cells[9].startswith("1 (full 1)")  # accepted, rejected
+
+    frames: list[int] = []
+    real_probe = monitor.BrokerProbe
+    probes: list[monitor.BrokerProbe] = []
+
+    class CountingProbe(real_probe):  # type: ignore[misc, valid-type]
+        def __init__(self, url: str) -> None:
+            super().__init__(url)
+            probes.append(self)
+
+    async def two_frames(seconds: float) -> None:
+        frames.append(int(seconds))
+        if len(frames) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(monitor, "BrokerProbe", CountingProbe)
+    monkeypatch.setattr(terminal, "pause", two_frames)
+    try:
+        watched = await asyncio.to_thread(
+            runner.invoke, cli.app, ["ops", "status", "--watch", "--interval", "7"]
+        )
+    finally:
+        monkeypatch.undo()
+    assert watched.exit_code == 0, watched.output
+    assert frames == [7, 7]
+    assert len(probes) == 1 and probes[0].connections == 1
+    assert watched.output.count("partners") >= 2 and run.target in watched.output
+    await run.agency_inbox.close()
