@@ -578,8 +578,8 @@ def ops_status(
     from rich.live import Live
 
     from partnerbus.broker.topology import Topology
-    from partnerbus.ops.monitor import BrokerProbe, PartnerInfo, Snapshot, Thresholds, snapshot
     from partnerbus.ops import terminal
+    from partnerbus.ops.monitor import BrokerProbe, PartnerInfo, Snapshot, Thresholds, snapshot
     from partnerbus.ops.terminal import status_view
 
     settings, directory, store = _ops_context()
