@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import logging
 from collections.abc import Callable
@@ -34,6 +35,7 @@ from partnerbus.handlers.outbox import Relay
 from partnerbus.handlers.subscribers import CAPACITY, Wiring, build_router, raw_body
 from partnerbus.ledger.migrate import open_ledger
 from partnerbus.ledger.store import Store
+from partnerbus.ops.counters import INTAKE_VERDICTS
 from partnerbus.rules import DeadlinePolicy, FollowUpPolicy, FollowUpSteps
 from partnerbus.schemas import utcnow
 from partnerbus.settings import Settings, amqp_user, open_directory, pseudonym_key_of
@@ -119,6 +121,9 @@ class Bus:
         return self.ledger.directory
 
     def record_verdict(self, queue: str, verdict: Verdict) -> None:
+        INTAKE_VERDICTS.labels(
+            queue.removeprefix(self.settings.prefix + "."), verdict.outcome
+        ).inc()
         self.verdicts.append((queue, verdict))
         self._verdict_seen.set()
 
@@ -416,6 +421,14 @@ class Bus:
                 await asyncio.wait_for(self._stop.wait(), self.settings.scheduler_interval_s)
 
 
+@functools.cache
+def _prometheus_middleware() -> Any:
+    from faststream.rabbit.prometheus import RabbitPrometheusMiddleware
+    from prometheus_client import REGISTRY
+
+    return RabbitPrometheusMiddleware(registry=REGISTRY, app_name="partnerbus")
+
+
 async def _declare_bounded(connection: Any, queue: RabbitQueue, exchange: str) -> None:
     """Declare a dead-letter or delay queue with its bounds and bind it. One that exists
     from before the bounds (or with other ones) is kept as it is, with a warning: RabbitMQ
@@ -473,6 +486,10 @@ def create_app(
         ),
         graceful_timeout=15.0,
         log_level=log_level,  # the level FastStream logs each message at
+        # FastStream's own metrics (received, processed and their duration per handler,
+        # published), in this process's registry: served on `metrics_port` beside ours
+        # (docs/OPERATIONS.md lists the names). Made once per process, shared by brokers.
+        middlewares=[_prometheus_middleware()],
     )
     ledger = Ledger(
         store=store,

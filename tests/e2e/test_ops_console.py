@@ -387,3 +387,20 @@ async def test_ops_status_shows_the_same_rows_and_alerts_at_the_terminal(
     assert len(probes) == 1 and probes[0].connections == 1
     assert watched.output.count("partners") >= 2 and run.target in watched.output
     await run.agency_inbox.close()
+
+
+async def test_the_service_process_counts_handler_latencies_and_verdicts(bus, channel):
+    """The service's own registry (served on `metrics_port`): FastStream's Prometheus
+    middleware times each handler (labelled by exchange and routing key, i.e. the
+    sender), and the intake counts its verdicts per queue."""
+    from prometheus_client import REGISTRY, generate_latest
+
+    t = bus.topology
+    await publish(channel, t.signals.name, b"{nope", routing_key="x", message_id="m-lat")
+    await bus.wait_verdicts(1)
+    text = generate_latest(REGISTRY).decode()
+    assert "faststream_received_processed_messages_duration_seconds_bucket{" in text
+    # FastStream names the handler by exchange and routing key: the sender's partner id
+    assert f'handler="{t.signals.name}.x"' in text
+    assert 'app_name="partnerbus"' in text
+    assert 'partnerbus_intake_verdicts_total{outcome="refused",queue="intake.signals"}' in text
