@@ -274,7 +274,10 @@ class BrokerProbe:
                 assert self._connection is not None
                 letters = await peek(self._connection, q.name, own_user, limit)
                 self.letter_reads += 1
-            seen[q.name] = (q.messages, letters)
+            if len(letters) >= min(q.messages, limit):
+                seen[q.name] = (q.messages, letters)
+            # else: some were held unacked elsewhere meanwhile (a retention pass, a
+            # `dlq list`): read again at the next snapshot
             found.extend(letters)
         self._letters = seen
         return found

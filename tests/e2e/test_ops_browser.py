@@ -152,11 +152,18 @@ async def test_the_console_in_headless_chromium(bus, channel, tmp_path):
             before = len(bus.verdicts)
 
             def replay() -> str:
-                browser.get(url + "/letters")
-                row = browser.find_element(
-                    By.CSS_SELECTOR, f'tr[data-message-id="{run.bad_message_id}"]'
-                )
-                row.find_element(By.CSS_SELECTOR, "button.replay").click()
+                selector = f'tr[data-message-id="{run.bad_message_id}"]'
+                for _ in range(100):  # a retention pass may hold it a moment: next snapshot
+                    browser.get(url + "/letters")
+                    rows = browser.find_elements(By.CSS_SELECTOR, selector)
+                    if rows:
+                        break
+                    browser.execute_async_script(
+                        "const done = arguments[arguments.length - 1]; setTimeout(done, 200)"
+                    )
+                else:
+                    raise AssertionError("the dead letter is not listed")
+                rows[0].find_element(By.CSS_SELECTOR, "button.replay").click()
                 return browser.find_element(By.ID, "notice").text
 
             notice = await asyncio.to_thread(replay)
