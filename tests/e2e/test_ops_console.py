@@ -413,3 +413,71 @@ async def test_the_service_process_counts_handler_latencies_and_verdicts(bus, ch
     assert f'handler="{t.signals.name}.x"' in text
     assert 'app_name="partnerbus"' in text
     assert 'partnerbus_intake_verdicts_total{outcome="refused",queue="intake.signals"}' in text
+
+
+async def test_a_letter_that_died_in_a_partners_queue_is_its_own_and_goes_back_by_the_outbox(
+    bus, channel, connection, console
+):
+    """The partner's system refuses its referral (reject, no requeue): the letter is in its
+    row and its staff's letter list, not in another partner's; ops replay it from the page,
+    through the outbox (the referral still awaits that partner), and it is back in the
+    partner's queue."""
+    url, settings = console
+    run = await scripted_run(bus, channel)
+    t = bus.topology
+    queue_name = t.partner_queue_name(run.target)
+    plain = await connection.channel()
+    queue = await plain.declare_queue(queue_name, passive=True)
+    waiting = next(
+        r for r in bus.store.referrals() if r.partner_id == run.target and r.status == "delivered"
+    )
+    refused_id = None
+    for _ in range(10):  # the others stay unacked, back in the queue when the channel closes
+        message = await queue.get(no_ack=False, fail=False)
+        assert message is not None
+        if message.type == "referral" and waiting.referral_id in message.body.decode():
+            refused_id = message.message_id
+            await message.reject(requeue=False)
+            break
+    await plain.close()
+    assert refused_id is not None
+    partner_dlq = t.dlq_name(queue_name)
+
+    async def dead() -> bool:
+        return await depth(bus, partner_dlq) == 1
+
+    await wait_until(dead, timeout=20)
+    token = issue_token(settings.gateway_tokens_path, run.target)
+    other_token = issue_token(settings.gateway_tokens_path, run.agency)
+    async with (
+        httpx.AsyncClient(base_url=url, timeout=30) as staff,
+        httpx.AsyncClient(base_url=url, timeout=30) as other,
+        httpx.AsyncClient(base_url=url, timeout=30) as ops,
+    ):
+        await sign_in_partner(staff, token)
+        await sign_in_partner(other, other_token)
+        shown: list[str] = []
+
+        async def listed() -> bool:
+            shown[:] = [(await staff.get("/letters")).text]
+            return f'data-message-id="{refused_id}"' in shown[0]
+
+        await wait_until(listed, timeout=20)
+        assert "button" not in shown[0].split('<table id="letters">')[1]  # no replay for staff
+        assert cell((await staff.get("/figures")).text, run.target, "dead-lettered") == "1"
+        assert f'data-message-id="{refused_id}"' not in (await other.get("/letters")).text
+        await sign_in_ops(ops)
+        page = (await ops.get("/letters")).text
+        replayed = await ops.post(
+            "/letters/replay",
+            data={"queue": partner_dlq, "message_id": refused_id, "csrf": csrf_of(page)},
+        )
+        assert replayed.status_code == 303
+        assert "replayed" in replayed.headers["location"], replayed.headers["location"]
+
+    async def gone() -> bool:
+        return await depth(bus, partner_dlq) == 0
+
+    await wait_until(gone, timeout=20)
+    assert bus.store.count("audit", action="dead-letter-replayed", subject=refused_id) == 1
+    await run.agency_inbox.close()
