@@ -37,7 +37,7 @@ def test_a_signed_session_comes_back_and_nothing_else_does() -> None:
     assert verify(sign(staff, KEY), KEY) == staff
     assert verify(sign(ops, session_key("another-password-entirely")), KEY) is None
     assert verify(sign(ops, KEY), KEY, now=time.time() + 61) is None
-    payload, _, mac = sign(ops, KEY).partition(".")
+    _payload, _, mac = sign(ops, KEY).partition(".")
     other = sign(new_session("ops", None, 3600), KEY).split(".")[0]
     assert verify(f"{other}.{mac}", KEY) is None
     # a partner session without its token's digest is no session
