@@ -35,6 +35,9 @@ from fastapi import Depends, FastAPI, HTTPException, Request, status
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.security import HTTPBasic, HTTPBasicCredentials
 from jinja2 import Environment, FileSystemLoader, select_autoescape
+from limits import parse
+from limits.storage import MemoryStorage
+from limits.strategies import MovingWindowRateLimiter
 from prometheus_client import CONTENT_TYPE_LATEST
 from sqlalchemy import text
 
@@ -72,6 +75,10 @@ MIN_PASSWORD_CHARS = 16
 REALM = "partnerbus ops"
 BASIC = HTTPBasic(realm=REALM, auto_error=False)
 MAX_FORM_BYTES = 4096
+LOGIN_ATTEMPTS = parse("10/minute")
+"""Sign-in attempts per client address (and for the ops user, from anywhere: 30/minute),
+right or wrong: guessing is slow, the real user hardly notices."""
+OPS_LOGIN_ATTEMPTS = parse("30/minute")
 CSP = (
     "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
     "img-src 'self' data:; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
@@ -125,6 +132,7 @@ def create_ops_app(
     tokens = TokenFile(settings.gateway_tokens_path) if settings.gateway_tokens_path else None
     env = _templates()
     last: list[Snapshot] = []
+    attempts = MovingWindowRateLimiter(MemoryStorage())
 
     async def take() -> Snapshot:
         snap = await snapshot(
@@ -295,6 +303,14 @@ def create_ops_app(
         same_origin(request)
         fields = await form(request)
         role: Role = "partner" if fields.get("role") == "partner" else "ops"
+        client = request.client.host if request.client else "-"
+        if not attempts.hit(LOGIN_ATTEMPTS, "ops-login", client) or (
+            role == "ops" and not attempts.hit(OPS_LOGIN_ATTEMPTS, "ops-login", "ops-user")
+        ):
+            log.warning("ops page: too many sign-in attempts (%s)", role)
+            return render(
+                "login.html", 429, prefix="sign in", user="", error="too many attempts: wait"
+            )
         if role == "ops":
             given = HTTPBasicCredentials(
                 username=fields.get("user", ""), password=fields.get("password", "")

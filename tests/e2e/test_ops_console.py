@@ -481,3 +481,21 @@ async def test_a_letter_that_died_in_a_partners_queue_is_its_own_and_goes_back_b
     await wait_until(gone, timeout=20)
     assert bus.store.count("audit", action="dead-letter-replayed", subject=refused_id) == 1
     await run.agency_inbox.close()
+
+
+async def test_guessing_at_the_login_form_is_slowed_down(bus, console):
+    """Ten attempts a minute per client address, right or wrong: the eleventh gets 429
+    and no session, even with the right password."""
+    url, _ = console
+    async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+        for i in range(10):
+            wrong = await client.post(
+                "/login", data={"role": "ops", "user": OPS_USER, "password": f"guess-{i:020d}"}
+            )
+            assert wrong.status_code == 401
+        right = await client.post(
+            "/login", data={"role": "ops", "user": OPS_USER, "password": OPS_PASSWORD}
+        )
+        assert right.status_code == 429 and COOKIE not in right.cookies
+        partner = await client.post("/login", data={"role": "partner", "token": "x" * 43})
+        assert partner.status_code == 429
