@@ -83,10 +83,25 @@ class PartnerLedger:
 
 
 @dataclass(frozen=True)
+class ParkedNeed:
+    """One need waiting for consent (no person reference: the signal's id and the need)."""
+
+    signal_id: str
+    need: str
+    since: datetime | None
+    reminded_at: datetime | None
+
+
+@dataclass(frozen=True)
 class ParkedLine:
     agency: str
     needs: int
     oldest_since: datetime | None
+    items: list[ParkedNeed] = field(default_factory=list)
+    """The oldest `PARKED_LISTED` of them, oldest first."""
+
+
+PARKED_LISTED = 50
 
 
 @dataclass(frozen=True)
@@ -397,22 +412,39 @@ def partner_ledger(store: Store, now: datetime) -> dict[str, PartnerLedger]:
 
 
 def parked_by_agency(store: Store) -> list[ParkedLine]:
-    """Needs waiting for consent, per agency (the agency that asks the person)."""
+    """Needs waiting for consent, per agency (the agency that asks the person): how many,
+    since when, and the oldest ones, one line each."""
     n, sg = t.signal_needs, t.signals
+    joined = n.join(sg, sg.c.signal_id == n.c.signal_id)
+    aware = t.UTCDateTime().process_result_value
     with store.engine.connect() as conn:
-        rows = conn.execute(
+        totals = conn.execute(
             select(sg.c.agency, func.count(), func.min(n.c.parked_since))
-            .select_from(n.join(sg, sg.c.signal_id == n.c.signal_id))
+            .select_from(joined)
             .where(n.c.state == "parked")
             .group_by(sg.c.agency)
             .order_by(sg.c.agency)
-        )
-        return [
-            ParkedLine(
-                agency or "-", int(count), t.UTCDateTime().process_result_value(oldest, None)
+        ).all()
+        lines = []
+        for agency, count, oldest in totals:
+            rows = conn.execute(
+                select(n.c.signal_id, n.c.need, n.c.parked_since, n.c.reminded_at)
+                .select_from(joined)
+                .where(
+                    n.c.state == "parked",
+                    sg.c.agency.is_(None) if agency is None else sg.c.agency == agency,
+                )
+                .order_by(n.c.parked_since, n.c.signal_id)
+                .limit(PARKED_LISTED)
             )
-            for agency, count, oldest in rows
-        ]
+            items = [
+                ParkedNeed(
+                    r.signal_id, r.need, aware(r.parked_since, None), aware(r.reminded_at, None)
+                )
+                for r in rows
+            ]
+            lines.append(ParkedLine(agency or "-", int(count), aware(oldest, None), items))
+        return lines
 
 
 def referrals_per_day(store: Store, days: list[str]) -> dict[str, list[int]]:

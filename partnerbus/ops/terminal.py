@@ -90,11 +90,14 @@ def status_view(snap: Snapshot, prefix: str, all_partners: bool = False) -> list
             Text(f"{hidden} partner(s) with nothing to show not listed (--all)", style="dim")
         )
     parked = Table(title="needs waiting for consent, per agency")
-    for column in ("agency", "needs", "waiting since"):
+    for column in ("agency · signal", "needs · need", "waiting since"):
         parked.add_column(column)
     for p in snap.parked:
         since = f"{p.oldest_since:%Y-%m-%d %H:%M}" if p.oldest_since else "–"
-        parked.add_row(p.agency, str(p.needs), since)
+        parked.add_row(p.agency, str(p.needs), since, style="bold")
+        for item in p.items:
+            when = f"{item.since:%Y-%m-%d %H:%M}" if item.since else "–"
+            parked.add_row(f"  {item.signal_id}", item.need, when, style="dim")
     parts.append(parked if snap.parked else Text("no need waits for consent"))
     queues = Table(title=f"queues under {prefix}")
     for column in ("queue", "role", "ready", "consumers"):

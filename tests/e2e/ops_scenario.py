@@ -64,6 +64,8 @@ class Run:
     rejected: str
     bad_message_id: str
     agency_inbox: Inbox
+    parked_signal: str
+    """The signal whose need waits for consent."""
 
 
 async def scripted_run(bus, channel) -> Run:  # type: ignore[no-untyped-def]
@@ -82,7 +84,8 @@ async def scripted_run(bus, channel) -> Run:  # type: ignore[no-untyped-def]
         body = signal(person=person)
         signal_ids.append(body["message_id"])
         await publish(channel, f"{t.prefix}.signals", body, routing_key="lmh-recouvrement")
-    await publish(channel, f"{t.prefix}.signals", signal(), routing_key="lmh-recouvrement")
+    parked = signal()
+    await publish(channel, f"{t.prefix}.signals", parked, routing_key="lmh-recouvrement")
     await agency_inbox.expect_kind("consent-requested")
 
     def referral_ids() -> list[str]:
@@ -115,7 +118,7 @@ async def scripted_run(bus, channel) -> Run:  # type: ignore[no-untyped-def]
         return await depth(bus, dlq) == 1
 
     await wait_until(dead_lettered, timeout=20, what="the broken message dead-lettered")
-    return Run(target, agency, accepted, rejected, bad, agency_inbox)
+    return Run(target, agency, accepted, rejected, bad, agency_inbox, parked["message_id"])
 
 
 @dataclass(frozen=True)

@@ -249,6 +249,7 @@ async def test_the_partner_rows_match_an_independent_count_and_name_the_idle_que
     assert f'data-kind="no-consumer" data-partner="{run.agency}"' not in page
     assert cell(page, run.agency, "consumers") == "1"
     assert f'<tr data-agency="{run.agency}"><td>{run.agency}</td><td>1</td>' in page
+    assert f'<tr class="parked-need" data-signal="{run.parked_signal}">' in page
     assert f'partnerbus_partner_queue_consumers{{partner="{run.target}"}} 0.0' in metrics
     assert (
         f'partnerbus_partner_referrals{{partner="{run.target}",status="accepted"}} 1.0' in metrics
