@@ -281,7 +281,20 @@ async def test_alerts_dead_letters_rising_an_old_message_and_a_failed_scheduler_
             return await depth(bus, dlq) == 2
 
         await wait_until(two, timeout=20)
-        await bus._record_failed_pass("OperationalError: the database is away")
+        # one pass of the service's own scheduler loop, failing
+        import asyncio
+
+        stop = asyncio.Event()
+
+        async def failing_tick() -> dict[str, int]:
+            stop.set()  # this pass is the last of the loop
+            raise RuntimeError("the database is away")
+
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(bus, "tick", failing_tick)
+            patch.setattr(bus, "_stop", stop)
+            await asyncio.wait_for(bus._scheduler(), 10)
+        assert bus.store.count("audit", action="scheduler-pass-failed") == 1
         second = (await client.get("/figures")).text
         assert 'data-kind="dead-letters-rising"' in second
         assert "dead letters rising: 1 → 2" in second
