@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: all demo test test-faults lint types check contract-check asyncapi-validate bench bench-throughput run clean
+.PHONY: all demo test test-faults lint types check contract-check asyncapi-validate bench bench-throughput run screenshot clean
 
 all: check test
 
@@ -60,6 +60,10 @@ bench: $(STAMP)
 # loopback, rabbitmqctl on PATH); `ARGS=--quick` for small counts.
 bench-throughput: $(STAMP)
 	$(BIN)/python -m bench.throughput --json bench/throughput.json $(ARGS)
+
+# The README's picture of the ops console, retaken by its browser test (Chromium needed).
+screenshot: $(STAMP)
+	PARTNERBUS_SCREENSHOT=1 $(BIN)/pytest -q tests/e2e/test_ops_browser.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache partnerbus.db

@@ -168,6 +168,13 @@ class Settings(BaseSettings):
     start without one."""
     ops_refresh_s: float = Field(default=5.0, gt=0)
     """The ops page and /metrics share one snapshot, taken at most this often."""
+    ops_oldest_message_alert_s: float = Field(default=3600.0, gt=0)
+    """The ops page's alert: a partner's oldest referral sent and not yet read by its
+    system (`requested` or `delivered`) waits longer than this."""
+    ops_scheduler_alert_s: float = Field(default=3600.0, gt=0)
+    """The ops page's alert: a scheduler pass failed less than this long ago."""
+    ops_session_max_age_s: int = Field(default=8 * 3600, gt=0)
+    """How long a sign-in to the ops page lasts (its signed session cookie)."""
 
 
 BUNDLED_SAMPLE = "bundled Lille/Nord sample"

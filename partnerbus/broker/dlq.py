@@ -75,6 +75,8 @@ class DeadLetter:
     body: bytes
     refusal: str | None = None
     """`authentication` when the bus refused it for its sender: never replayable."""
+    died_at: datetime | None = None
+    """When it died, by the bus's copy or RabbitMQ's `x-death` (retention's reading)."""
 
 
 def describe(queue: str, message: AbstractIncomingMessage, own_user: str) -> DeadLetter:
@@ -129,7 +131,14 @@ def describe(queue: str, message: AbstractIncomingMessage, own_user: str) -> Dea
         headers=headers,
         body=message.body,
         refusal=refusal,
+        died_at=_died_at(message, own_user),
     )
+
+
+def _died_at(message: AbstractIncomingMessage, own_user: str) -> datetime | None:
+    from partnerbus.broker.retention import died_at  # retention reads dead letters too
+
+    return died_at(message, own_user)
 
 
 def why_not_replayable(letter: DeadLetter) -> str | None:
@@ -289,6 +298,80 @@ async def replay(
 
     outcome.replayed.extend(await take(connection, queue_name, wanted, handle, own_user))
     return outcome
+
+
+async def replay_letters(
+    connection: aio_pika.abc.AbstractConnection,
+    settings: Settings,
+    topology: Topology,
+    partners: Iterable[str],
+    store: Store,
+    by: str,
+    wanted: set[str] | None,
+    *,
+    include_partners: bool = False,
+    queues: Iterable[str] | None = None,
+) -> ReplayOutcome:
+    """`partnerbus dlq replay` and the ops page's replay button: the wanted dead letters
+    (every one with None; then the partners' only with `include_partners`) of `queues`
+    (every dead-letter queue of the prefix with None) sent back through `replay`, each
+    replay and each refusal audited."""
+    to_partner = _to_partner(settings, store)
+    total = ReplayOutcome()
+    names = (
+        list(queues)
+        if queues is not None
+        else await dead_letter_queues(connection, topology, partners)
+    )
+    for name in names:
+        work = name.removesuffix(".dlq")
+        if wanted is None and not include_partners and topology.partner_of(work):
+            continue
+        outcome = await replay(
+            connection,
+            name,
+            wanted,
+            _own_user(settings),
+            by,
+            topology=topology,
+            to_partner=to_partner,
+        )
+        _audit(store, by, "dead-letter-replayed", outcome.replayed)
+        _audit_refused(store, by, outcome.refused)
+        total.replayed.extend(outcome.replayed)
+        total.refused.extend(outcome.refused)
+    return total
+
+
+async def purge_letters(
+    connection: aio_pika.abc.AbstractConnection,
+    settings: Settings,
+    topology: Topology,
+    partners: Iterable[str],
+    store: Store,
+    by: str,
+    wanted: set[str] | None,
+    *,
+    queues: Iterable[str] | None = None,
+) -> list[DeadLetter]:
+    """`partnerbus dlq purge` and the ops page's purge button: delete the wanted dead
+    letters (every one with None) of `queues` (all of the prefix with None), one audit
+    record per message."""
+    names = (
+        list(queues)
+        if queues is not None
+        else await dead_letter_queues(connection, topology, partners)
+    )
+    purged: list[DeadLetter] = []
+    for name in names:
+
+        async def remove(*_: Any) -> bool:
+            return True
+
+        letters = await take(connection, name, wanted, remove, _own_user(settings))
+        _audit(store, by, "dead-letter-purged", letters)
+        purged.extend(letters)
+    return purged
 
 
 # the command line ----------------------------------------------------------------------
@@ -490,32 +573,23 @@ def replay_command(
     async def main() -> int:
         settings, topology, partners, store = _context()
         wanted = None if all_ else set(message_ids or [])
-        to_partner = _to_partner(settings, store)
-        total, refused = 0, 0
         async with await _connect(settings) as connection:
-            for name in await dead_letter_queues(connection, topology, partners):
-                work = name.removesuffix(".dlq")
-                if all_ and not include_partners and topology.partner_of(work):
-                    continue
-                outcome = await replay(
-                    connection,
-                    name,
-                    wanted,
-                    _own_user(settings),
-                    by,
-                    topology=topology,
-                    to_partner=to_partner,
-                )
-                _audit(store, by, "dead-letter-replayed", outcome.replayed)
-                _audit_refused(store, by, outcome.refused)
-                for letter, why in outcome.refused:
-                    console.print(f"[red]{letter.message_id or '-'} not replayed:[/red] {why}")
-                total += len(outcome.replayed)
-                refused += len(outcome.refused)
-        console.print(f"replayed {total} message(s)")
-        if refused:
-            console.print(f"[red]{refused} refused, left in the dead letters[/red]")
-        return refused
+            outcome = await replay_letters(
+                connection,
+                settings,
+                topology,
+                partners,
+                store,
+                by,
+                wanted,
+                include_partners=include_partners,
+            )
+        for letter, why in outcome.refused:
+            console.print(f"[red]{letter.message_id or '-'} not replayed:[/red] {why}")
+        console.print(f"replayed {len(outcome.replayed)} message(s)")
+        if outcome.refused:
+            console.print(f"[red]{len(outcome.refused)} refused, left in the dead letters[/red]")
+        return len(outcome.refused)
 
     if asyncio.run(main()):
         raise typer.Exit(1)
@@ -536,15 +610,7 @@ def purge(
     async def main() -> None:
         settings, topology, partners, store = _context()
         async with await _connect(settings) as connection:
-            total = 0
-            for name in await dead_letter_queues(connection, topology, partners):
-
-                async def remove(*_: Any) -> bool:
-                    return True
-
-                letters = await take(connection, name, None, remove, _own_user(settings))
-                total += len(letters)
-                _audit(store, by, "dead-letter-purged", letters)
-        console.print(f"purged {total} message(s)")
+            purged = await purge_letters(connection, settings, topology, partners, store, by, None)
+        console.print(f"purged {len(purged)} message(s)")
 
     asyncio.run(main())

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import logging
 from collections.abc import Callable
@@ -34,6 +35,7 @@ from partnerbus.handlers.outbox import Relay
 from partnerbus.handlers.subscribers import CAPACITY, Wiring, build_router, raw_body
 from partnerbus.ledger.migrate import open_ledger
 from partnerbus.ledger.store import Store
+from partnerbus.ops.counters import INTAKE_VERDICTS
 from partnerbus.rules import DeadlinePolicy, FollowUpPolicy, FollowUpSteps
 from partnerbus.schemas import utcnow
 from partnerbus.settings import Settings, amqp_user, open_directory, pseudonym_key_of
@@ -119,6 +121,9 @@ class Bus:
         return self.ledger.directory
 
     def record_verdict(self, queue: str, verdict: Verdict) -> None:
+        INTAKE_VERDICTS.labels(
+            queue.removeprefix(self.settings.prefix + "."), verdict.outcome
+        ).inc()
         self.verdicts.append((queue, verdict))
         self._verdict_seen.set()
 
@@ -384,6 +389,26 @@ class Bus:
             )
         return report.counts()
 
+    async def _record_failed_pass(self, error: str) -> None:
+        """A failed pass leaves an audit record that the ops page's alert reads (when the
+        ledger itself is what failed, only the log keeps it)."""
+        from partnerbus.ops.monitor import SCHEDULER_PASS_FAILED
+
+        def work() -> None:
+            with self.store.begin() as tx:
+                tx.audit.record(
+                    usecases.BUS,
+                    SCHEDULER_PASS_FAILED,
+                    "scheduler",
+                    self.ledger.clock(),
+                    why=error[:300],
+                )
+
+        try:
+            await asyncio.get_running_loop().run_in_executor(self.executor, work)
+        except Exception as exc:
+            log.error("the failed scheduler pass could not be recorded: %s", describe_error(exc))
+
     async def _scheduler(self) -> None:
         while not self._stop.is_set():
             try:
@@ -391,8 +416,17 @@ class Bus:
             except Exception as exc:
                 # no traceback: a database error's text would carry the values it was given
                 log.error("scheduler pass failed: %s", describe_error(exc))
+                await self._record_failed_pass(describe_error(exc))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), self.settings.scheduler_interval_s)
+
+
+@functools.cache
+def _prometheus_middleware() -> Any:
+    from faststream.rabbit.prometheus import RabbitPrometheusMiddleware
+    from prometheus_client import REGISTRY
+
+    return RabbitPrometheusMiddleware(registry=REGISTRY, app_name="partnerbus")
 
 
 async def _declare_bounded(connection: Any, queue: RabbitQueue, exchange: str) -> None:
@@ -452,6 +486,10 @@ def create_app(
         ),
         graceful_timeout=15.0,
         log_level=log_level,  # the level FastStream logs each message at
+        # FastStream's own metrics (received, processed and their duration per handler,
+        # published), in this process's registry: served on `metrics_port` beside ours
+        # (docs/OPERATIONS.md lists the names). Made once per process, shared by brokers.
+        middlewares=[_prometheus_middleware()],
     )
     ledger = Ledger(
         store=store,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import sys
 import uuid
@@ -25,7 +26,7 @@ from partnerbus.schemas import (
     ReferralCancelled,
     ReferralTransferred,
 )
-from partnerbus.settings import BUNDLED_SAMPLE, Settings, open_directory
+from partnerbus.settings import BUNDLED_SAMPLE, Settings, amqp_user, open_directory
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -626,38 +627,76 @@ def _ops_context() -> tuple[Settings, Directory, Store]:
 
 
 @ops_app.command("status")
-def ops_status() -> None:
-    """Queues, dead letters, referrals by status, overdue and parked work, now."""
+def ops_status(
+    watch: Annotated[
+        bool, typer.Option("--watch", help="Keep the figures on screen, refreshed (Ctrl-C stops).")
+    ] = False,
+    interval: Annotated[
+        float, typer.Option(min=0.5, help="Seconds between two snapshots with --watch.")
+    ] = 5.0,
+    all_partners: Annotated[
+        bool, typer.Option("--all", help="Every partner, even those with nothing to show.")
+    ] = False,
+) -> None:
+    """Alerts, a row per partner, needs waiting for consent, queues and the ledger's
+    totals, now (or, with --watch, kept on screen: the same figures as the ops page)."""
+    from rich.console import Group
+    from rich.live import Live
+
     from partnerbus.broker.topology import Topology
-    from partnerbus.ops.monitor import snapshot
+    from partnerbus.ops import terminal
+    from partnerbus.ops.monitor import BrokerProbe, PartnerInfo, Snapshot, Thresholds, snapshot
+    from partnerbus.ops.terminal import status_view
 
     settings, directory, store = _ops_context()
-    snap = asyncio.run(
-        snapshot(
-            settings.amqp_url.get_secret_value(),
-            Topology(settings.prefix),
-            [p.id for p in directory.partners()],
+    topology = Topology(settings.prefix)
+    infos = [PartnerInfo(p.id, p.name, p.kind, p.username) for p in directory.partners()]
+    url = settings.amqp_url.get_secret_value()
+    thresholds = Thresholds(settings.ops_oldest_message_alert_s, settings.ops_scheduler_alert_s)
+
+    async def take(probe: BrokerProbe, previous: Snapshot | None) -> Snapshot:
+        return await snapshot(
+            probe,
+            topology,
+            infos,
             store,
             datetime.now(UTC),
+            own_user=amqp_user(url),
+            previous=previous,
+            thresholds=thresholds,
         )
-    )
-    if snap.broker_error:
-        err.print(f"[red]broker unreachable:[/red] {snap.broker_error}")
-    queues = Table(title=f"queues under {settings.prefix}")
-    for column in ("queue", "role", "ready", "consumers"):
-        queues.add_column(column)
-    for q in snap.queues:
-        if q.role != "dead-letter" or q.messages:
-            style = "red" if q.role == "dead-letter" else ""
-            queues.add_row(q.name, q.role, str(q.messages), str(q.consumers), style=style)
-    console.print(queues)
-    statuses = ", ".join(f"{s} {n}" for s, n in sorted(snap.ledger.referrals_by_status.items()))
-    console.print(f"referrals: {statuses or 'none'}")
-    console.print(
-        f"overdue {len(snap.ledger.overdue)} · parked needs {snap.ledger.parked_needs} · "
-        f"outbox pending {snap.ledger.outbox_pending} (failing {snap.ledger.outbox_failing}) · "
-        f"dead letters {snap.dead_letters}"
-    )
+
+    async def once() -> Snapshot:
+        probe = BrokerProbe(url)
+        try:
+            return await take(probe, None)
+        finally:
+            await probe.close()
+
+    if not watch:
+        snap = asyncio.run(once())
+        if snap.broker_error:
+            err.print(f"[red]broker unreachable:[/red] {snap.broker_error}")
+        console.print(Group(*status_view(snap, settings.prefix, all_partners)))
+        return
+
+    async def follow() -> None:
+        probe = BrokerProbe(url)  # one connection for the whole watch
+        previous: Snapshot | None = None
+        try:
+            with Live(console=console, auto_refresh=False, screen=False) as live:
+                while True:
+                    previous = await take(probe, previous)
+                    live.update(
+                        Group(*status_view(previous, settings.prefix, all_partners)),
+                        refresh=True,
+                    )
+                    await terminal.pause(interval)
+        finally:
+            await probe.close()
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(follow())
 
 
 @app.command()

@@ -137,12 +137,17 @@ class TokenFile:
     def partner_id(self, token: str) -> str | None:
         """The partner whose token this is. Looked up by digest: what a lookup's timing
         could tell is about SHA-256 outputs, of no use for finding a token."""
+        return self.partner_of_digest(token_digest(token))
+
+    def partner_of_digest(self, digest: str) -> str | None:
+        """The partner whose token has this digest, while it is not revoked (the ops
+        page's partner sessions keep the digest and ask again at each request)."""
         st = self.path.stat()
         stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
         if stamp != self._stamp:
             self._by_digest = {d: p for p, d in load_token_hashes(self.path).items()}
             self._stamp = stamp
-        return self._by_digest.get(token_digest(token))
+        return self._by_digest.get(digest)
 
 
 def bearer_token(authorization: str | None) -> str | None:

@@ -12,4 +12,11 @@ SCHEDULED_ITEM_FAILURES = Counter(
     ["task"],
 )
 
-__all__ = ["SCHEDULED_ITEM_FAILURES"]
+INTAKE_VERDICTS = Counter(
+    "partnerbus_intake_verdicts",
+    "Messages the intake decided, by queue (without the prefix) and outcome (processed, "
+    "duplicate, refused: dead-lettered, retried, held)",
+    ["queue", "outcome"],
+)
+
+__all__ = ["INTAKE_VERDICTS", "SCHEDULED_ITEM_FAILURES"]

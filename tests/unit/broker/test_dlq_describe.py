@@ -10,7 +10,12 @@ from partnerbus.broker.dlq import describe
 
 def message(user_id: str | None, headers: dict[str, Any]) -> Any:
     return SimpleNamespace(
-        user_id=user_id, headers=headers, message_id="m-1", type="signal", body=b"{}"
+        user_id=user_id,
+        headers=headers,
+        message_id="m-1",
+        type="signal",
+        body=b"{}",
+        timestamp=None,  # when the bus made its copy (the letter's `died_at`)
     )
 
 
