@@ -20,7 +20,8 @@ D = timedelta(days=1)
 class History:
     """Collects rows, then writes them in one transaction."""
 
-    def __init__(self) -> None:
+    def __init__(self, prefix: str = "") -> None:
+        self.prefix = prefix
         self.signals: list[dict[str, Any]] = []
         self.needs: list[dict[str, Any]] = []
         self.referrals: list[dict[str, Any]] = []
@@ -28,7 +29,7 @@ class History:
         self._ids = itertools.count(1)
 
     def signal(self, person: str, commune: str, source: str, at: datetime) -> str:
-        signal_id = f"sig-{next(self._ids)}"
+        signal_id = f"sig-{self.prefix}{next(self._ids)}"
         self.signals.append(
             {
                 "signal_id": signal_id,
@@ -78,7 +79,7 @@ class History:
     ) -> str:
         """`steps`: (to_status, after creation, outcome) in order; the referral ends in
         the last applied status. `confirmed`: the broker's confirm recorded (sent_at)."""
-        referral_id = f"ref-{next(self._ids)}"
+        referral_id = f"ref-{self.prefix}{next(self._ids)}"
         status = "requested"
         closed_at = None
         for to_status, after, outcome in steps:
@@ -190,12 +191,12 @@ N2 = "sante--sante-mentale"
 
 def unmet_history() -> History:
     """Unmet needs in four communes of the MEL (the figures in the tests)."""
-    h = History()
+    h = History("u")
     person = itertools.count(1)
     at = SINCE + 20 * D
 
     def signal(commune: str, when: datetime = at) -> str:
-        return h.signal(f"person-{next(person)}", commune, "src-a", when)
+        return h.signal(f"person-u{next(person)}", commune, "src-a", when)
 
     # Lille, N1: five persons with no partner, two refused for `full`
     for _ in range(5):
