@@ -328,7 +328,9 @@ def _fresh(url: str | None) -> Iterator[Store]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--referrals", type=int, default=200_000)
-    parser.add_argument("--db", default=None, help="a SQLite or PostgreSQL URL (default: a fresh SQLite file)")
+    parser.add_argument(
+        "--db", default=None, help="a SQLite or PostgreSQL URL (default: a fresh SQLite file)"
+    )
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--seed", type=int, default=12)
     parser.add_argument("--keep", action="store_true", help="keep the PostgreSQL schema")

@@ -885,10 +885,15 @@ UntilOption = Annotated[
     str | None, typer.Option(help="End of the period, excluded (default: now).")
 ]
 PeriodOption = Annotated[
-    str | None, typer.Option(help="Length of the period before --until: 30d, 12w, 48h (default 90d).")
+    str | None,
+    typer.Option(help="Length of the period before --until: 30d, 12w, 48h (default 90d)."),
 ]
-JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON (docs/INSIGHTS.md) instead of tables.")]
-PngOption = Annotated[Path | None, typer.Option("--png", help="Also draw the chart to this PNG file.")]
+JsonOption = Annotated[
+    bool, typer.Option("--json", help="Print JSON (docs/INSIGHTS.md) instead of tables.")
+]
+PngOption = Annotated[
+    Path | None, typer.Option("--png", help="Also draw the chart to this PNG file.")
+]
 
 
 def _insight_period(since: str | None, until: str | None, period: str | None) -> Period:

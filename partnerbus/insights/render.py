@@ -108,7 +108,10 @@ def unmet_tables(result: Unmet) -> list[Table]:
             cell.need,
             cell.name if cell.rolled_up else f"{cell.name} ({cell.territory})",
             str(cell.units),
-            *(HIDDEN if cell.categories[c] is None else str(cell.categories[c]) for c in CATEGORIES),
+            *(
+                HIDDEN if cell.categories[c] is None else str(cell.categories[c])
+                for c in CATEGORIES
+            ),
             supply,
         )
     gaps = Table(title=f"supply gaps the directory shows (by {result.by})")
@@ -126,7 +129,10 @@ def unmet_tables(result: Unmet) -> list[Table]:
     for category in CATEGORIES:
         totals.add_column(category, justify="right")
     totals.add_row(
-        *(HIDDEN if result.totals.get(c, 0) is None else str(result.totals.get(c, 0)) for c in CATEGORIES)
+        *(
+            HIDDEN if result.totals.get(c, 0) is None else str(result.totals.get(c, 0))
+            for c in CATEGORIES
+        )
     )
     return [totals, table, gaps]
 

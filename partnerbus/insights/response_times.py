@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Engine, case, distinct, func, literal, select, union_all
+from sqlalchemy import Engine, and_, case, distinct, func, literal, select, union_all
 from sqlalchemy.sql import Select
 
 from partnerbus.insights.common import (
@@ -32,6 +32,7 @@ from partnerbus.insights.common import (
     Period,
     interpolated,
     rank_of,
+    reading,
     rounded,
     seconds_between,
 )
@@ -50,9 +51,6 @@ ANSWER_STATUSES: tuple[str, ...] = (
 ACCEPT_STATUSES: tuple[str, ...] = ("accepted", "in-progress", "on-hold", "completed")
 """Taken on: accepted, or a status only an accepted referral reaches (skipped forward)."""
 METRICS: tuple[str, ...] = ("answer", "accept", "complete")
-
-PARTNER_KEYS: tuple[str, ...] = ("partner_id",)
-AGREEMENT_KEYS: tuple[str, ...] = ("source", "partner_id")
 
 
 @dataclass(frozen=True)
@@ -185,16 +183,23 @@ def response_times(
     if use_native and dialect != "postgresql":
         msg = f"{dialect} has no percentile_cont: use the portable query"
         raise ValueError(msg)
-    with engine.connect() as conn:
-        rows: dict[str, list[TimesRow]] = {}
-        for name, keys in (("partners", PARTNER_KEYS), ("agreements", AGREEMENT_KEYS)):
-            counts = conn.execute(_counts_query(period, keys)).mappings().all()
-            figures = conn.execute(_figures_query(period, keys, dialect, use_native)).mappings()
-            rows[name] = _rows(keys, counts, list(figures), min_persons)
+    with reading(engine) as conn:
+        counts = conn.execute(_counts_query(period, dialect)).mappings().all()
+        figures = conn.execute(_figures_query(period, dialect, use_native)).mappings().all()
+    partners = _rows(
+        [r for r in counts if r["source"] == ALL],
+        [f for f in figures if f["source"] == ALL],
+        min_persons,
+    )
+    agreements = _rows(
+        [r for r in counts if r["source"] != ALL],
+        [f for f in figures if f["source"] != ALL],
+        min_persons,
+    )
     return ResponseTimes(
         period,
-        rows["partners"],
-        rows["agreements"],
+        partners,
+        agreements,
         dialect,
         "percentile_cont" if use_native else "window",
         min_persons,
@@ -202,76 +207,98 @@ def response_times(
 
 
 # the queries -----------------------------------------------------------------------------
+#
+# Both levels in one statement: a partner's rows carry the source ALL, an agreement's its
+# source. Each referral of the two periods is read once (`timed`, materialised), its first
+# answer, acceptance and completion looked up in its history by the referral's index.
+
+ALL = "*"
+"""The `source` of a partner's own rows (every source)."""
 
 
-def _sent(period: Period) -> Any:
-    """The referrals created in either period, with their source, person and clock start."""
-    r, s = t.referrals.c, t.signals.c
+def _timed(period: Period, dialect: str, *, history: bool = True) -> Any:
+    """The referrals created in either period: partner, source, person, status; with
+    `history`, the whole seconds from its clock start to its first answer, acceptance and
+    completion (one probe of the history's covering index per referral,
+    `ix_referral_history_first`)."""
+    r, s, h = t.referrals.c, t.signals.c, t.referral_history.c
     which = case((r.created_at >= period.since, literal("current")), else_=literal("previous"))
-    return (
-        select(
-            r.referral_id,
-            r.partner_id,
-            s.source,
-            s.person_ref,
-            r.status,
-            func.coalesce(r.sent_at, r.created_at).label("started_at"),
-            which.label("period"),
+    columns = [r.partner_id, s.source, s.person_ref, r.status, which.label("period")]
+    query = select(*columns).join_from(t.referrals, t.signals, s.signal_id == r.signal_id)
+    if history:
+        started = func.coalesce(r.sent_at, r.created_at)
+        firsts = {
+            "answer": func.min(h.at),
+            "accept": func.min(case((h.to_status.in_(ACCEPT_STATUSES), h.at))),
+            "complete": func.min(case((h.to_status == "completed", h.at))),
+        }
+        query = (
+            select(
+                *columns,
+                *(seconds_between(started, at, dialect).label(m) for m, at in firsts.items()),
+            )
+            .join_from(t.referrals, t.signals, s.signal_id == r.signal_id)
+            .outerjoin(
+                t.referral_history,
+                and_(
+                    h.referral_id == r.referral_id,
+                    h.outcome == "applied",
+                    h.to_status.in_(ANSWER_STATUSES),
+                ),
+            )
+            .group_by(r.referral_id, r.sent_at, r.created_at, *columns)
         )
-        .join_from(t.referrals, t.signals, s.signal_id == r.signal_id)
-        .where(r.created_at >= period.previous.since, r.created_at < period.until)
-        .cte("sent")
-    )
+    query = query.where(r.created_at >= period.previous.since, r.created_at < period.until)
+    return query.cte("timed").prefix_with("MATERIALIZED")
 
 
-def _counts_query(period: Period, keys: Sequence[str]) -> Select[Any]:
-    sent = _sent(period)
-    group = [sent.c[k] for k in keys] + [sent.c.period]
-    return select(
-        *group,
-        func.count().label("sent"),
-        func.count(distinct(sent.c.person_ref)).label("persons"),
-        func.sum(case((sent.c.status.in_(sorted(AWAITING_ANSWER)), 1), else_=0)).label("waiting"),
-        func.sum(case((sent.c.status == "expired", 1), else_=0)).label("expired"),
-    ).group_by(*group)
+def _levels(timed: Any) -> list[Any]:
+    """The source column of each level: ALL (per partner), the signal's (per agreement)."""
+    return [literal(ALL), timed.c.source]
 
 
-def _durations(period: Period, keys: Sequence[str], dialect: str) -> Any:
-    """One row per referral and metric it reached: its duration in whole seconds."""
-    sent = _sent(period)
-    h = t.referral_history.c
-    firsts = (
-        select(
-            h.referral_id,
-            func.min(h.at).label("answer"),
-            func.min(case((h.to_status.in_(ACCEPT_STATUSES), h.at))).label("accept"),
-            func.min(case((h.to_status == "completed", h.at))).label("complete"),
+def _counts_query(period: Period, dialect: str) -> Any:
+    timed = _timed(period, dialect, history=False)
+    parts = []
+    for source in _levels(timed):
+        group = [timed.c.partner_id, source, timed.c.period]
+        parts.append(
+            select(
+                timed.c.partner_id,
+                source.label("source"),
+                timed.c.period,
+                func.count().label("sent"),
+                func.count(distinct(timed.c.person_ref)).label("persons"),
+                func.sum(case((timed.c.status.in_(sorted(AWAITING_ANSWER)), 1), else_=0)).label(
+                    "waiting"
+                ),
+                func.sum(case((timed.c.status == "expired", 1), else_=0)).label("expired"),
+            ).group_by(*group)
         )
-        .join_from(t.referral_history, sent, sent.c.referral_id == h.referral_id)
-        .where(h.outcome == "applied", h.to_status.in_(ANSWER_STATUSES))
-        .group_by(h.referral_id)
-        .cte("firsts")
-    )
+    return union_all(*parts)
+
+
+def _durations(period: Period, dialect: str) -> Any:
+    """One row per referral, level and metric it reached: its duration in whole seconds."""
+    timed = _timed(period, dialect)
     parts = [
         select(
-            *[sent.c[k] for k in keys],
-            sent.c.period,
+            timed.c.partner_id,
+            source.label("source"),
+            timed.c.period,
             literal(metric).label("metric"),
-            seconds_between(sent.c.started_at, firsts.c[metric], dialect).label("seconds"),
-            sent.c.person_ref,
-        )
-        .join_from(sent, firsts, firsts.c.referral_id == sent.c.referral_id)
-        .where(firsts.c[metric].is_not(None))
+            timed.c[metric].label("seconds"),
+            timed.c.person_ref,
+        ).where(timed.c[metric].is_not(None))
+        for source in _levels(timed)
         for metric in METRICS
     ]
-    return union_all(*parts).cte("durations")
+    return union_all(*parts).subquery("durations")
 
 
-def _figures_query(
-    period: Period, keys: Sequence[str], dialect: str, use_native: bool
-) -> Select[Any]:
-    d = _durations(period, keys, dialect).c
-    group = [d[k] for k in keys] + [d.period, d.metric]
+def _figures_query(period: Period, dialect: str, use_native: bool) -> Select[Any]:
+    d = _durations(period, dialect).c
+    group = [d.partner_id, d.source, d.period, d.metric]
     if use_native:
         return select(
             *group,
@@ -288,7 +315,7 @@ def _figures_query(
         func.count().over(partition_by=group).label("n"),
     ).subquery("ranked")
     k = ranked.c
-    kgroup = [k[name] for name in keys] + [k.period, k.metric]
+    kgroup = [k.partner_id, k.source, k.period, k.metric]
     bounds = (
         select(
             *kgroup,
@@ -305,9 +332,7 @@ def _figures_query(
     )
     b = bounds.c
     return select(
-        *[b[name] for name in keys],
-        b.period,
-        b.metric,
+        *kgroup_of(b),
         b.n,
         b.persons,
         interpolated(b.lo50, b.hi50, b.n, 50).label("median"),
@@ -315,17 +340,16 @@ def _figures_query(
     )
 
 
+def kgroup_of(columns: Any) -> list[Any]:
+    return [columns.partner_id, columns.source, columns.period, columns.metric]
+
+
 # the rows --------------------------------------------------------------------------------
 
 
-def _rows(
-    keys: Sequence[str],
-    counts: Sequence[Any],
-    figures: Sequence[Any],
-    min_persons: int,
-) -> list[TimesRow]:
+def _rows(counts: Sequence[Any], figures: Sequence[Any], min_persons: int) -> list[TimesRow]:
     def key_of(row: Any) -> tuple[str, str | None]:
-        return (row["partner_id"], row["source"] if "source" in keys else None)
+        return (row["partner_id"], None if row["source"] == ALL else row["source"])
 
     by_key: dict[tuple[str, str | None], dict[str, Any]] = {}
 

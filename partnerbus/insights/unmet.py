@@ -34,7 +34,7 @@ from sqlalchemy.sql.elements import ColumnElement
 from partnerbus.directory.check import WATCHED_NEEDS, find_gaps
 from partnerbus.directory.model import Directory
 from partnerbus.directory.territory import departement_of
-from partnerbus.insights.common import MIN_PERSONS, Period
+from partnerbus.insights.common import MIN_PERSONS, Period, reading
 from partnerbus.ledger import tables as t
 
 By = Literal["commune", "epci", "departement"]
@@ -299,7 +299,7 @@ Counted = dict[tuple[str, str], dict[str, tuple[int, int]]]
 
 def _fetch(engine: Engine, period: Period, territories: Territories, levels: Iterable[str]) -> Any:
     out: dict[str, Counted] = {}
-    with engine.connect() as conn:
+    with reading(engine) as conn:
         for level in levels:
             counted: Counted = defaultdict(dict)
             for row in conn.execute(_level_query(period, territories, level)).mappings():
@@ -339,14 +339,14 @@ def unmet(
     parent = PARENT[by]
     levels = [by] + ([parent] if parent else [])
     counted, totals = _fetch(engine, period, territories, levels)
-    cells, hidden = _privacy(counted[by], counted.get(parent or "", {}), by, territories, min_persons)
+    cells, hidden = _privacy(
+        counted[by], counted.get(parent or "", {}), by, territories, min_persons
+    )
     observed = {need for need, _ in counted[by]}
     watched = list(needs) if needs is not None else list(WATCHED_NEEDS)
     checked = [n for n in dict.fromkeys([*watched, *sorted(observed)]) if directory.has_need(n)]
     supply = _supply(directory, territories, by, checked)
-    cells = [
-        _with_supply(cell, supply.get((cell.need, cell.territory))) for cell in cells
-    ]
+    cells = [_with_supply(cell, supply.get((cell.need, cell.territory))) for cell in cells]
     gaps = [
         SupplyGap(need, code, territories.name(code), s)
         for (need, code), s in sorted(supply.items())
@@ -390,9 +390,7 @@ def _privacy(
     parent_level = PARENT[level]
     for (need, code), counts in sorted(cells.items()):
         units, persons = counts["*"]
-        parent_code = (
-            _parent_code(territories, level, code) if parent_level is not None else None
-        )
+        parent_code = _parent_code(territories, level, code) if parent_level is not None else None
         if persons >= min_persons:
             shown.append(
                 UnmetCell(

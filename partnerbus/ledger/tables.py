@@ -164,6 +164,9 @@ referral_history = Table(
     # The workers' acceptance-rate refresh: who answered lately, then their last answers.
     Index("ix_referral_history_at", "at"),
     Index("ix_referral_history_actor", "actor", "id"),
+    # The response-times insight: a referral's first answer, acceptance, completion read
+    # from the index alone (0005).
+    Index("ix_referral_history_first", "referral_id", "outcome", "to_status", "at"),
 )
 
 outbox = Table(

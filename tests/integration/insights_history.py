@@ -156,7 +156,12 @@ def response_history() -> History:
         sent("p-slow", "src-a", day + i * D, steps)
     sent("p-slow", "src-b", day + 5 * D, answered("rejected", 5), reason="full")
     sent("p-slow", "src-b", day + 6 * D, answered("rejected", 10), reason="not-eligible")
-    sent("p-slow", "src-a", day + 7 * D, [("delivered", 0 * H, "applied"), ("expired", 72 * H, "applied")])
+    sent(
+        "p-slow",
+        "src-a",
+        day + 7 * D,
+        [("delivered", 0 * H, "applied"), ("expired", 72 * H, "applied")],
+    )
     sent("p-slow", "src-a", day + 8 * D, [("delivered", 0 * H, "applied")])
     # p-slow, the previous period: 1, 1, 2, 2, 3 h
     for i, hours in enumerate((1, 1, 2, 2, 3)):

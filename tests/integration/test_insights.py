@@ -164,7 +164,10 @@ def test_unmet_by_commune_rolls_small_communes_into_the_epci(unmet_store: Store)
 
 def test_unmet_by_epci_and_departement(unmet_store: Store) -> None:
     d = load_sample()
-    for by, code, name in (("epci", MEL, "Métropole Européenne de Lille"), ("departement", "59", "Nord")):
+    for by, code, name in (
+        ("epci", MEL, "Métropole Européenne de Lille"),
+        ("departement", "59", "Nord"),
+    ):
         result = unmet(unmet_store.engine, d, PERIOD, by=by)
         assert [(c.need, c.territory, c.name, c.units, c.persons) for c in result.cells] == [
             (N1, code, name, 12, 12)
@@ -181,9 +184,7 @@ def test_unmet_shows_the_directory_supply_gaps(unmet_store: Store) -> None:
 
     d = load_sample()
     result = unmet(unmet_store.engine, d, PERIOD, by="commune")
-    expected = {
-        (g.need, c) for g in find_gaps(d, [*WATCHED_NEEDS, N1, N2]) for c in g.communes
-    }
+    expected = {(g.need, c) for g in find_gaps(d, [*WATCHED_NEEDS, N1, N2]) for c in g.communes}
     assert {(g.need, g.territory) for g in result.supply_gaps} == expected
     assert all(g.supply.without_partner == 1 == g.supply.communes for g in result.supply_gaps)
 
@@ -192,7 +193,10 @@ def test_insights_never_name_a_person_or_a_signal(responses: Store) -> None:
     unmet_history().write(responses)  # both histories in one ledger (distinct ids)
     documents = [
         response_times(responses.engine, PERIOD).as_json(),
-        *(unmet(responses.engine, load_sample(), PERIOD, by=by).as_json() for by in ("commune", "epci", "departement")),
+        *(
+            unmet(responses.engine, load_sample(), PERIOD, by=by).as_json()
+            for by in ("commune", "epci", "departement")
+        ),
     ]
     text = json.dumps(documents)
     assert "person-" not in text and "sig-" not in text and "ref-" not in text
@@ -256,7 +260,9 @@ def test_cli_prints_tables_json_and_writes_charts(engine_url: str, tmp_path, mon
     assert document["hidden_cells"] == 1
 
     png = tmp_path / "unmet.png"
-    result = runner.invoke(cli, ["insights", "unmet", "--period", "90d", "--until", "2026-04-01", "--png", str(png)])
+    result = runner.invoke(
+        cli, ["insights", "unmet", "--period", "90d", "--until", "2026-04-01", "--png", str(png)]
+    )
     assert result.exit_code == 0, result.output
     # the table (wrapped at the runner's 80 columns): Lille, then the other communes' row
     assert "Lille" in result.stdout and "other" in result.stdout and "59350" in result.stdout

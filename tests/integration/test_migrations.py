@@ -45,6 +45,7 @@ INDEXES_SINCE_BASELINE = {
     "ix_referrals_created_at",
     "ix_referrals_status_closed",
     "ix_signal_needs_state_updated",
+    "ix_referral_history_first",
 }
 """Indexes over older columns that later revisions added (0003: a partner's referrals by
 status, for capacity; 0005: the insights' periods); a ledger from before migrations never
