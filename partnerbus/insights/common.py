@@ -112,11 +112,25 @@ SQLITE_CACHE_KIB = 65_536
 year of referrals is read across a few hundred megabytes of pages."""
 
 
+POSTGRES_WORK_MEM = "64MB"
+"""PostgreSQL's memory for each sort while an insight reads (its default is 4 MB)."""
+
+
 @contextmanager
 def reading(engine: Engine) -> Iterator[Connection]:
-    """A connection for an insight's reads; on SQLite with a larger page cache for the
-    time of the reads, given back as it was."""
+    """A connection for an insight's reads: on SQLite with a larger page cache for the
+    time of the reads, given back as it was; on PostgreSQL in one transaction with more
+    sort memory and no JIT (`SET LOCAL`: gone when it ends)."""
     with engine.connect() as conn:
+        if engine.dialect.name == "postgresql":
+            with conn.begin():
+                # For this transaction only: sorts of a few hundred thousand durations in
+                # memory rather than on disk, and no JIT (its compilation took longer
+                # than the query on a year of referrals).
+                conn.exec_driver_sql(f"SET LOCAL work_mem = '{POSTGRES_WORK_MEM}'")
+                conn.exec_driver_sql("SET LOCAL jit = off")
+                yield conn
+            return
         if engine.dialect.name != "sqlite":
             yield conn
             return
