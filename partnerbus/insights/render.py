@@ -224,7 +224,10 @@ def unmet_png(result: Unmet, path: Path | str, *, limit: int = 30) -> Path:
     fig, ax = plt.subplots(figsize=(width, height))
     try:
         if needs and places:
-            image = ax.imshow(np.ma.masked_invalid(grid), cmap="OrRd", aspect="auto")
+            top = float(np.nanmax(grid))
+            image = ax.imshow(
+                np.ma.masked_invalid(grid), cmap="OrRd", aspect="auto", vmin=0, vmax=top
+            )
             ax.set_xticks(range(len(places)))
             ax.set_xticklabels(
                 [_short(names[p], 32) for p in places], rotation=60, ha="right", fontsize=7
@@ -234,7 +237,16 @@ def unmet_png(result: Unmet, path: Path | str, *, limit: int = 30) -> Path:
             for i in range(len(needs)):
                 for j in range(len(places)):
                     if not np.isnan(grid[i, j]):
-                        ax.text(j, i, f"{int(grid[i, j])}", ha="center", va="center", fontsize=6)
+                        ink = "white" if grid[i, j] > top * 0.6 else "black"
+                        ax.text(
+                            j,
+                            i,
+                            f"{int(grid[i, j])}",
+                            ha="center",
+                            va="center",
+                            fontsize=6,
+                            color=ink,
+                        )
             for i, j in marks:
                 ax.text(j + 0.3, i - 0.25, "∅", ha="center", va="center", fontsize=6)
             fig.colorbar(image, ax=ax, label="unmet needs")

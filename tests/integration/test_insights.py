@@ -272,3 +272,50 @@ def test_cli_prints_tables_json_and_writes_charts(engine_url: str, tmp_path, mon
     assert result.exit_code == 2 and "--by is one of" in result.output
     result = runner.invoke(cli, ["insights", "response-times", "--period", "soon"])
     assert result.exit_code == 2
+
+
+@pytest.mark.parametrize("n", [5, 7, 11, 37])
+def test_the_percentiles_are_numpys_linear_ones(store: Store, n: int) -> None:
+    """The documented definition, on awkward counts: numpy's default (linear) percentile of
+    the same whole-second durations."""
+    import random
+
+    import numpy as np
+
+    from tests.integration.insights_history import D, History, answered
+
+    rng = random.Random(n)
+    hours = [rng.uniform(0.01, 300) for _ in range(n)]
+    h = History()
+    for i, value in enumerate(hours):
+        signal_id = h.signal(f"person-{i}", LILLE, "src-a", SINCE + D)
+        h.referral(signal_id, N1, "p-one", SINCE + D, answered("accepted", value))
+    h.write(store)
+    figure = _row(response_times(store.engine, PERIOD).partners, "p-one").figures["answer"]
+    seconds = [int(v * 3600) for v in hours]  # both timestamps hold whole microseconds
+    assert figure.count == n
+    assert figure.median_s == round(float(np.percentile(seconds, 50)), 2)
+    assert figure.p90_s == round(float(np.percentile(seconds, 90)), 2)
+
+
+def test_a_period_is_read_from_the_options() -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from partnerbus.insights import resolve_period
+
+    now = datetime(2026, 6, 1, tzinfo=UTC)
+    assert resolve_period(now=now) == Period(now - timedelta(days=90), now)
+    assert resolve_period(period="30d", until="2026-04-01") == Period(
+        datetime(2026, 3, 2, tzinfo=UTC), UNTIL
+    )
+    assert resolve_period(since="2026-01-01", until="2026-04-01") == PERIOD
+    assert resolve_period(period="2w", now=now).length == timedelta(weeks=2)
+    assert PERIOD.previous == Period(datetime(2025, 10, 3, tzinfo=UTC), SINCE)
+    for bad in (
+        {"period": "soon"},
+        {"period": "0d"},
+        {"since": "2026-05-01", "until": "2026-04-01"},
+        {"since": "2026-01-01", "period": "30d"},
+    ):
+        with pytest.raises(ValueError):
+            resolve_period(**bad, now=now)  # type: ignore[arg-type]
