@@ -317,5 +317,5 @@ def test_a_period_is_read_from_the_options() -> None:
         {"since": "2026-05-01", "until": "2026-04-01"},
         {"since": "2026-01-01", "period": "30d"},
     ):
-        with pytest.raises(ValueError, match="period|--since"):
+        with pytest.raises(ValueError, match=r"period|--since"):
             resolve_period(**bad, now=now)  # type: ignore[arg-type]
