@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Engine, and_, case, distinct, func, literal, select, union_all
+from sqlalchemy import Engine, and_, case, distinct, func, literal, or_, select, union_all
 from sqlalchemy.sql import Select
 
 from partnerbus.insights.common import (
@@ -184,8 +184,11 @@ def response_times(
         msg = f"{dialect} has no percentile_cont: use the portable query"
         raise ValueError(msg)
     with reading(engine) as conn:
-        counts = conn.execute(_counts_query(period, dialect)).mappings().all()
-        figures = conn.execute(_figures_query(period, dialect, use_native)).mappings().all()
+        found = conn.execute(_query(period, dialect, use_native)).mappings().all()
+    counts = list({(r["partner_id"], r["source"], r["period"]): r for r in found}.values())
+    figures = [
+        {**r, "persons": r[f"{r['metric']}_persons"]} for r in found if r["metric"] is not None
+    ]
     partners = _rows(
         [r for r in counts if r["source"] == ALL],
         [f for f in figures if f["source"] == ALL],
@@ -208,48 +211,48 @@ def response_times(
 
 # the queries -----------------------------------------------------------------------------
 #
-# Both levels in one statement: a partner's rows carry the source ALL, an agreement's its
-# source. Each referral of the two periods is read once (`timed`, materialised), its first
-# answer, acceptance and completion looked up in its history by the referral's index.
+# One statement for both levels and both periods: a partner's rows carry the source ALL,
+# an agreement's its source. Each referral of the two periods is read once (`timed`,
+# materialised), its first answer, acceptance and completion looked up in its history by
+# the referral's index; its counts (`stats`) and the percentiles (`figures`) are taken
+# from it and joined.
 
 ALL = "*"
 """The `source` of a partner's own rows (every source)."""
 
 
-def _timed(period: Period, dialect: str, *, history: bool = True) -> Any:
-    """The referrals created in either period: partner, source, person, status; with
-    `history`, the whole seconds from its clock start to its first answer, acceptance and
-    completion (one probe of the history's covering index per referral,
-    `ix_referral_history_first`)."""
+def _timed(period: Period, dialect: str) -> Any:
+    """The referrals created in either period: partner, source, person, status, and the
+    whole seconds from its clock start to its first answer, acceptance and completion (one
+    probe of the history's covering index per referral, `ix_referral_history_first`)."""
     r, s, h = t.referrals.c, t.signals.c, t.referral_history.c
     which = case((r.created_at >= period.since, literal("current")), else_=literal("previous"))
     columns = [r.partner_id, s.source, s.person_ref, r.status, which.label("period")]
-    query = select(*columns).join_from(t.referrals, t.signals, s.signal_id == r.signal_id)
-    if history:
-        started = func.coalesce(r.sent_at, r.created_at)
-        firsts = {
-            "answer": func.min(h.at),
-            "accept": func.min(case((h.to_status.in_(ACCEPT_STATUSES), h.at))),
-            "complete": func.min(case((h.to_status == "completed", h.at))),
-        }
-        query = (
-            select(
-                *columns,
-                *(seconds_between(started, at, dialect).label(m) for m, at in firsts.items()),
-            )
-            .join_from(t.referrals, t.signals, s.signal_id == r.signal_id)
-            .outerjoin(
-                t.referral_history,
-                and_(
-                    h.referral_id == r.referral_id,
-                    h.outcome == "applied",
-                    h.to_status.in_(ANSWER_STATUSES),
-                ),
-            )
-            .group_by(r.referral_id, r.sent_at, r.created_at, *columns)
+    started = func.coalesce(r.sent_at, r.created_at)
+    firsts = {
+        "answer": func.min(h.at),
+        "accept": func.min(case((h.to_status.in_(ACCEPT_STATUSES), h.at))),
+        "complete": func.min(case((h.to_status == "completed", h.at))),
+    }
+    return (
+        select(
+            *columns,
+            *(seconds_between(started, at, dialect).label(m) for m, at in firsts.items()),
         )
-    query = query.where(r.created_at >= period.previous.since, r.created_at < period.until)
-    return query.cte("timed").prefix_with("MATERIALIZED")
+        .join_from(t.referrals, t.signals, s.signal_id == r.signal_id)
+        .outerjoin(
+            t.referral_history,
+            and_(
+                h.referral_id == r.referral_id,
+                h.outcome == "applied",
+                h.to_status.in_(ANSWER_STATUSES),
+            ),
+        )
+        .where(r.created_at >= period.previous.since, r.created_at < period.until)
+        .group_by(r.referral_id, r.sent_at, r.created_at, *columns)
+        .cte("timed")
+        .prefix_with("MATERIALIZED")
+    )
 
 
 def _levels(timed: Any) -> list[Any]:
@@ -257,72 +260,87 @@ def _levels(timed: Any) -> list[Any]:
     return [literal(ALL), timed.c.source]
 
 
-def _counts_query(period: Period, dialect: str) -> Any:
-    timed = _timed(period, dialect, history=False)
+def _stats(timed: Any) -> Any:
+    """Per row and period: referrals sent, their persons, waiting, expired, and the
+    persons behind each figure (those whose referral reached it)."""
+    c = timed.c
     parts = []
     for source in _levels(timed):
-        group = [timed.c.partner_id, source, timed.c.period]
         parts.append(
             select(
-                timed.c.partner_id,
+                c.partner_id,
                 source.label("source"),
-                timed.c.period,
+                c.period,
                 func.count().label("sent"),
-                func.count(distinct(timed.c.person_ref)).label("persons"),
-                func.sum(case((timed.c.status.in_(sorted(AWAITING_ANSWER)), 1), else_=0)).label(
+                func.count(distinct(c.person_ref)).label("persons"),
+                func.sum(case((c.status.in_(sorted(AWAITING_ANSWER)), 1), else_=0)).label(
                     "waiting"
                 ),
-                func.sum(case((timed.c.status == "expired", 1), else_=0)).label("expired"),
-            ).group_by(*group)
+                func.sum(case((c.status == "expired", 1), else_=0)).label("expired"),
+                *(
+                    func.count(distinct(case((c[m].is_not(None), c.person_ref)))).label(
+                        f"{m}_persons"
+                    )
+                    for m in METRICS
+                ),
+            ).group_by(c.partner_id, source, c.period)
         )
-    return union_all(*parts)
+    return union_all(*parts).cte("stats")
 
 
-def _durations(period: Period, dialect: str) -> Any:
+def _durations(timed: Any) -> Any:
     """One row per referral, level and metric it reached: its duration in whole seconds."""
-    timed = _timed(period, dialect)
+    c = timed.c
     parts = [
         select(
-            timed.c.partner_id,
+            c.partner_id,
             source.label("source"),
-            timed.c.period,
+            c.period,
             literal(metric).label("metric"),
-            timed.c[metric].label("seconds"),
-            timed.c.person_ref,
-        ).where(timed.c[metric].is_not(None))
+            c[metric].label("seconds"),
+        ).where(c[metric].is_not(None))
         for source in _levels(timed)
         for metric in METRICS
     ]
     return union_all(*parts).subquery("durations")
 
 
-def _figures_query(period: Period, dialect: str, use_native: bool) -> Select[Any]:
-    d = _durations(period, dialect).c
+def _percentiles(durations: Any, use_native: bool) -> Any:
+    """Per row, period and metric: n, median, 90th percentile."""
+    d = durations.c
     group = [d.partner_id, d.source, d.period, d.metric]
     if use_native:
-        return select(
-            *group,
-            func.count().label("n"),
-            func.count(distinct(d.person_ref)).label("persons"),
-            func.percentile_cont(0.5).within_group(d.seconds).label("median"),
-            func.percentile_cont(0.9).within_group(d.seconds).label("p90"),
-        ).group_by(*group)
+        return (
+            select(
+                *group,
+                func.count().label("n"),
+                func.percentile_cont(0.5).within_group(d.seconds).label("median"),
+                func.percentile_cont(0.9).within_group(d.seconds).label("p90"),
+            )
+            .group_by(*group)
+            .subquery("figures")
+        )
+    # One window (one sort): every row's rank and its group's size; then only the rows at
+    # the ranks a percentile needs (i and i+1 of each) are grouped.
     ranked = select(
         *group,
         d.seconds,
-        d.person_ref,
-        (func.row_number().over(partition_by=group, order_by=d.seconds) - 1).label("rn"),
-        func.count().over(partition_by=group).label("n"),
+        (
+            func.row_number().over(partition_by=group, order_by=d.seconds, rows=(None, None)) - 1
+        ).label("rn"),
+        func.count().over(partition_by=group, order_by=d.seconds, rows=(None, None)).label("n"),
     ).subquery("ranked")
     k = ranked.c
-    kgroup = [k.partner_id, k.source, k.period, k.metric]
+    ranks = [rank_of(k.n, p) + step for p in (50, 90) for step in (0, 1)]
+    picked = select(ranked).where(or_(*(k.rn == r for r in ranks))).subquery("picked")
+    q = picked.c
+    kgroup = [q.partner_id, q.source, q.period, q.metric]
     bounds = (
         select(
             *kgroup,
-            func.max(k.n).label("n"),
-            func.count(distinct(k.person_ref)).label("persons"),
+            func.max(q.n).label("n"),
             *[
-                func.max(case((k.rn == rank_of(k.n, p) + step, k.seconds))).label(f"{side}{p}")
+                func.max(case((q.rn == rank_of(q.n, p) + step, q.seconds))).label(f"{side}{p}")
                 for p in (50, 90)
                 for side, step in (("lo", 0), ("hi", 1))
             ],
@@ -332,16 +350,29 @@ def _figures_query(period: Period, dialect: str, use_native: bool) -> Select[Any
     )
     b = bounds.c
     return select(
-        *kgroup_of(b),
+        b.partner_id,
+        b.source,
+        b.period,
+        b.metric,
         b.n,
-        b.persons,
         interpolated(b.lo50, b.hi50, b.n, 50).label("median"),
         interpolated(b.lo90, b.hi90, b.n, 90).label("p90"),
+    ).subquery("figures")
+
+
+def _query(period: Period, dialect: str, use_native: bool) -> Select[Any]:
+    """One statement: each row's counts, beside its figures (one result row per metric
+    reached, or one with no metric)."""
+    timed = _timed(period, dialect)
+    stats = _stats(timed)
+    figures = _percentiles(_durations(timed), use_native)
+    s, f = stats.c, figures.c
+    return select(stats, f.metric, f.n, f.median, f.p90).select_from(
+        stats.outerjoin(
+            figures,
+            and_(f.partner_id == s.partner_id, f.source == s.source, f.period == s.period),
+        )
     )
-
-
-def kgroup_of(columns: Any) -> list[Any]:
-    return [columns.partner_id, columns.source, columns.period, columns.metric]
 
 
 # the rows --------------------------------------------------------------------------------
