@@ -319,3 +319,33 @@ def test_a_period_is_read_from_the_options() -> None:
     ):
         with pytest.raises(ValueError, match=r"period|--since"):
             resolve_period(**bad, now=now)  # type: ignore[arg-type]
+
+
+def test_communes_outside_the_directory_roll_into_their_own_row(store: Store) -> None:
+    """Six persons in two communes the directory does not know (another département):
+    each commune too small, rolled together; by département, its own row."""
+    from tests.integration.insights_history import D, History
+
+    h = History("x")
+    for i in range(6):
+        commune = "62041" if i < 3 else "62042"
+        h.need(h.signal(f"person-x{i}", commune, "src-a", SINCE + D), N1, "no-partner", SINCE + D)
+    h.write(store)
+    d = load_sample()
+    by_commune = unmet(store.engine, d, PERIOD, by="commune")
+    assert [(c.territory, c.name, c.units) for c in by_commune.cells] == [
+        ("other:?", "other communes of communes outside the directory", 6)
+    ]
+    by_departement = unmet(store.engine, d, PERIOD, by="departement")
+    assert [(c.territory, c.units, c.supply) for c in by_departement.cells] == [("62", 6, None)]
+
+
+def test_an_insight_leaves_the_connection_settings_as_they_were(responses: Store) -> None:
+    """The larger SQLite page cache, PostgreSQL's work_mem and jit: for the insight only."""
+    queries = ["PRAGMA cache_size"] if responses.is_sqlite else ["SHOW work_mem", "SHOW jit"]
+    with responses.engine.connect() as conn:
+        before = [conn.exec_driver_sql(q).scalar() for q in queries]
+    response_times(responses.engine, PERIOD)
+    unmet(responses.engine, load_sample(), PERIOD)
+    with responses.engine.connect() as conn:
+        assert [conn.exec_driver_sql(q).scalar() for q in queries] == before
