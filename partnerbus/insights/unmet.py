@@ -155,6 +155,8 @@ class Territories:
     epci: dict[str, str]
     epci_departement: dict[str, str]
     names: dict[str, str]
+    departement_of_epci: dict[str, str] = field(default_factory=dict)
+    """Each EPCI key → the département it is filed under."""
 
     @classmethod
     def of(cls, d: Directory) -> Territories:
@@ -178,7 +180,8 @@ class Territories:
             found = d.territories.get(code)
             if found is not None:
                 names.setdefault(code, found.name)
-        return cls(epci, epci_dep, names)
+        seats = {code: epci_dep[commune] for commune, code in epci.items()}
+        return cls(epci, epci_dep, names, seats)
 
     def name(self, code: str) -> str:
         if code == UNKNOWN:
@@ -443,10 +446,7 @@ def _parent_code(territories: Territories, level: str, code: str) -> str | None:
     if level == "commune":
         return territories.of_commune("epci", code)
     if level == "epci":
-        for commune, epci in territories.epci.items():
-            if epci == code:
-                return territories.epci_departement[commune]
-        return UNKNOWN
+        return territories.departement_of_epci.get(code, UNKNOWN)
     return None
 
 
