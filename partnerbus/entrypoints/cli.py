@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
     from partnerbus.directory import Directory
+    from partnerbus.insights import Period
     from partnerbus.ledger.store import ReferralRow, SignalRow, Store
 
 app = typer.Typer(
@@ -43,10 +44,15 @@ consent_app = typer.Typer(help="Record, revoke and list consents (for the social
 ops_app = typer.Typer(help="Watch queues, dead letters, overdue and parked work.")
 referrals_app = typer.Typer(help="Follow referrals and their audit trail.")
 db_app = typer.Typer(help="The ledger's schema: its migrations (Alembic), applied and checked.")
+insights_app = typer.Typer(
+    help="What the network learns from its ledger: response times, unmet demand "
+    "(organisations and territories, never persons)."
+)
 app.add_typer(consent_app, name="consent")
 app.add_typer(referrals_app, name="referrals")
 app.add_typer(ops_app, name="ops")
 app.add_typer(db_app, name="db")
+app.add_typer(insights_app, name="insights")
 
 console = Console()
 err = Console(stderr=True)
@@ -975,6 +981,106 @@ def db_revision(
 
     path = new_revision(message, autogenerate=not empty, url=against)
     console.print(f"wrote {path}", markup=False)
+
+
+SinceOption = Annotated[
+    str | None, typer.Option(help="Start of the period (ISO date or date-time, UTC).")
+]
+UntilOption = Annotated[
+    str | None, typer.Option(help="End of the period, excluded (default: now).")
+]
+PeriodOption = Annotated[
+    str | None,
+    typer.Option(help="Length of the period before --until: 30d, 12w, 48h (default 90d)."),
+]
+JsonOption = Annotated[
+    bool, typer.Option("--json", help="Print JSON (docs/INSIGHTS.md) instead of tables.")
+]
+PngOption = Annotated[
+    Path | None, typer.Option("--png", help="Also draw the chart to this PNG file.")
+]
+
+
+def _insight_period(since: str | None, until: str | None, period: str | None) -> Period:
+    from partnerbus.insights import resolve_period
+
+    try:
+        return resolve_period(since, until, period)
+    except ValueError as exc:
+        _fail(str(exc))
+        raise  # unreachable: _fail exits
+
+
+def _print_json(document: object) -> None:
+    import json
+
+    sys.stdout.write(json.dumps(document, ensure_ascii=False, indent=2) + "\n")
+
+
+@insights_app.command("response-times")
+def insights_response_times(
+    since: SinceOption = None,
+    until: UntilOption = None,
+    period: PeriodOption = None,
+    as_json: JsonOption = False,
+    png: PngOption = None,
+) -> None:
+    """Per partner and per agreement (source → partner): time to answer, to accept, to
+    complete (median / 90th percentile, with their counts); partners whose times grew
+    against the previous period of the same length first."""
+    from partnerbus.insights import (
+        print_tables,
+        response_times,
+        response_times_png,
+        response_times_tables,
+    )
+
+    window = _insight_period(since, until, period)
+    store = _store()
+    try:
+        result = response_times(store.engine, window)
+    finally:
+        store.dispose()
+    if as_json:
+        _print_json(result.as_json())
+    else:
+        print_tables(response_times_tables(result), console)
+    if png is not None:
+        response_times_png(result, png)
+        err.print(f"chart written to {png}")
+
+
+@insights_app.command("unmet")
+def insights_unmet(
+    by: Annotated[str, typer.Option(help="commune, epci or departement.")] = "commune",
+    since: SinceOption = None,
+    until: UntilOption = None,
+    period: PeriodOption = None,
+    as_json: JsonOption = False,
+    png: PngOption = None,
+) -> None:
+    """Observed unmet demand, need × territory: no partner found, expired unanswered,
+    refused as full, closed without consent; beside the directory's supply gaps."""
+    from partnerbus.insights import print_tables, unmet, unmet_png, unmet_tables
+    from partnerbus.insights.unmet import BY
+
+    if by not in BY:
+        _fail(f"--by is one of {', '.join(BY)}, not {by!r}")
+    window = _insight_period(since, until, period)
+    settings = Settings()
+    directory = _directory(settings)
+    store = _store()
+    try:
+        result = unmet(store.engine, directory, window, by=by)
+    finally:
+        store.dispose()
+    if as_json:
+        _print_json(result.as_json())
+    else:
+        print_tables(unmet_tables(result), console)
+    if png is not None:
+        unmet_png(result, png)
+        err.print(f"chart written to {png}")
 
 
 def main() -> None:

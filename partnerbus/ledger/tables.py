@@ -85,6 +85,8 @@ signal_needs = Table(
     Column("parked_since", UTCDateTime),
     Column("reminded_at", UTCDateTime),
     Index("ix_signal_needs_state", "state"),
+    # the unmet-demand insight: needs ending in a state within a period (0005)
+    Index("ix_signal_needs_state_updated", "state", "updated_at"),
 )
 
 consents = Table(
@@ -143,6 +145,9 @@ referrals = Table(
     UniqueConstraint("signal_id", "need", "attempt", name="uq_referral_attempt"),
     # the places a partner's open referrals take, counted on each routing (capacity)
     Index("ix_referrals_partner_status", "partner_id", "status"),
+    # the insights (0005): the referrals of a period, and those closed in it by status
+    Index("ix_referrals_created_at", "created_at"),
+    Index("ix_referrals_status_closed", "status", "closed_at"),
 )
 
 referral_history = Table(
@@ -159,6 +164,9 @@ referral_history = Table(
     # The workers' acceptance-rate refresh: who answered lately, then their last answers.
     Index("ix_referral_history_at", "at"),
     Index("ix_referral_history_actor", "actor", "id"),
+    # The response-times insight: a referral's first answer, acceptance, completion read
+    # from the index alone (0005).
+    Index("ix_referral_history_first", "referral_id", "outcome", "to_status", "at"),
 )
 
 outbox = Table(

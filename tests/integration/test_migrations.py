@@ -40,9 +40,16 @@ SINCE_BASELINE = {
 parked needs and stalled referrals); a ledger from before
 migrations never had them, nor the indexes over them."""
 
-INDEXES_SINCE_BASELINE = {"ix_referrals_partner_status"}
+INDEXES_SINCE_BASELINE = {
+    "ix_referrals_partner_status",
+    "ix_referrals_created_at",
+    "ix_referrals_status_closed",
+    "ix_signal_needs_state_updated",
+    "ix_referral_history_first",
+}
 """Indexes over older columns that later revisions added (0003: a partner's referrals by
-status, for capacity); a ledger from before migrations never had them."""
+status, for capacity; 0005: the insights' periods); a ledger from before migrations never
+had them."""
 
 
 @pytest.fixture
