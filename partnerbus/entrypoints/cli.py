@@ -91,6 +91,9 @@ def _mount_optional() -> None:
 @app.command()
 def demo(
     timeout: Annotated[float, typer.Option(help="Seconds each step may take.")] = 60.0,
+    out: Annotated[Path, typer.Option(help="Where the receipt and the charts are written.")] = Path(
+        "demo-output"
+    ),
 ) -> None:
     """Run the service and a scripted day from the field against the real broker."""
     from partnerbus.entrypoints.demo import main as demo_main
@@ -104,7 +107,7 @@ def demo(
         )
     settings = settings.model_copy(update={"directory_path": None})
     open_directory(settings)
-    raise typer.Exit(asyncio.run(demo_main(settings, timeout)))
+    raise typer.Exit(asyncio.run(demo_main(settings, timeout, out)))
 
 
 @app.command()

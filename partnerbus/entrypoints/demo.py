@@ -20,6 +20,12 @@ Six situations of a day in the Métropole Européenne de Lille:
    clock, then its scheduler pass): she is reminded, then the need closes
    `consent-not-obtained` and the source hears it.
 Every partner is simulated by a consumer of its own queue; every message is printed.
+
+Then what the network learns (issue 12): the tenant of situation 2 gets her receipt (her
+right of access), read by her agency's advisor, as text and as HTML and PDF files; and the
+insights — response times per partner and unmet demand — on the day's own ledger (too few
+persons: every figure hidden) and on a synthetic year of the network's referrals, with
+their charts. The files go to `--out` (default `demo-output/`).
 """
 
 from __future__ import annotations
@@ -554,7 +560,86 @@ def demo_key(settings: Settings) -> Settings | None:
     return settings
 
 
-async def main(settings: Settings, timeout: float = 60.0) -> int:
+SYNTHETIC_REFERRALS = 20_000
+"""Referrals of the synthetic year the insights are shown on (a few seconds to write)."""
+
+
+def what_the_network_learns(bus: Bus, settings: Settings, out: Path, scratch: Path) -> bool:
+    """The tenant's receipt and the two insights, at the terminal and as files in `out`."""
+    from partnerbus.insights import (
+        Period,
+        print_tables,
+        response_times,
+        response_times_png,
+        response_times_tables,
+        unmet,
+        unmet_png,
+        unmet_tables,
+    )
+    from partnerbus.ledger.store import Store
+    from partnerbus.receipt import (
+        PdfUnavailableError,
+        Retention,
+        read_receipt,
+        render_text,
+        write_html,
+        write_pdf,
+    )
+    from partnerbus.testing.history import END, generate
+
+    out.mkdir(parents=True, exist_ok=True)
+    agency = bus.directory.agency_for("59599")
+    assert agency is not None, "the sample directory has an agency in Tourcoing"
+    advisor = _first_advisor(bus, agency.id)
+    console.rule(f"[bold]Her receipt: what was shared about T-59599-0077 (read by {advisor})")
+    receipt = read_receipt(
+        bus.store,
+        bus.directory,
+        "T-59599-0077",
+        advisor,
+        output="text+html+pdf",
+        now=bus.ledger.clock(),
+        retention=Retention.of(settings),
+    )
+    render_text(receipt, console)
+    write_html(receipt, out / "receipt.html")
+    written = [out / "receipt.html"]
+    try:
+        write_pdf(receipt, out / "receipt.pdf")
+        written.append(out / "receipt.pdf")
+    except PdfUnavailableError as exc:
+        console.print(f"[yellow]no PDF of the receipt here: {exc}[/yellow]")
+
+    day = Period(bus.ledger.clock() - timedelta(days=30), bus.ledger.clock() + timedelta(days=1))
+    console.rule("[bold]Response times on the day's own ledger")
+    print_tables(response_times_tables(response_times(bus.store.engine, day))[:1], console)
+    console.print(
+        "Every figure above is hidden: fewer than 5 persons stand behind it, and a person "
+        "must not be recognisable from the figures of a small commune."
+    )
+
+    console.rule(
+        f"[bold]The network's insights, on a synthetic year ({SYNTHETIC_REFERRALS:,} referrals)"
+    )
+    history = Store(f"sqlite:///{scratch / 'synthetic-year.db'}")
+    try:
+        history.create_all()
+        generate(history, SYNTHETIC_REFERRALS, seed=12)
+        quarter = Period(END - timedelta(days=90), END)
+        times = response_times(history.engine, quarter)
+        print_tables(response_times_tables(times)[:1], console)
+        demand = unmet(history.engine, bus.directory, quarter, by="epci")
+        print_tables(unmet_tables(demand), console)
+        written.append(response_times_png(times, out / "response-times.png"))
+        by_commune = unmet(history.engine, bus.directory, quarter, by="commune")
+        written.append(unmet_png(by_commune, out / "unmet.png"))
+    finally:
+        history.dispose()
+    console.print("written: " + ", ".join(str(path) for path in written))
+    return True
+
+
+async def main(settings: Settings, timeout: float = 60.0, out: Path | None = None) -> int:
     keyed = demo_key(settings)
     if keyed is None:
         return 2
@@ -599,6 +684,14 @@ async def main(settings: Settings, timeout: float = 60.0) -> int:
         except Exception as exc:  # the queues are still deleted, the failure said plainly
             console.print(f"[red]the day failed: {type(exc).__name__}: {exc}[/red]")
             ok = False
+        if ok:
+            try:
+                ok = (
+                    what_the_network_learns(bus, demo, out or Path("demo-output"), Path(tmp)) and ok
+                )
+            except Exception as exc:  # said in one line, like a failure during the day
+                console.print(f"[red]the insights failed: {type(exc).__name__}: {exc}[/red]")
+                ok = False
         try:
             ok = await no_dead_letters(bus, url) and ok
         finally:

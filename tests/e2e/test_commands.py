@@ -206,7 +206,8 @@ async def test_the_demo_command_plays_the_day_prints_the_summary_and_leaves_noth
     assert "→ declined: no room this month (full)" in out
     assert "→ completed: FSL file filed; repayment plan signed" in out
     assert "The day's referrals" in out
-    rows = [line for line in out.splitlines() if line.startswith("│")]
+    day_table = out[out.index("The day's referrals") : out.index("outbox sent")]
+    rows = [line for line in day_table.splitlines() if line.startswith("│")]
     # arrears, hoarding twice (declined, then rerouted), rights, FSL, IML twice (transferred)
     assert len(rows) == 7, out
     assert any(
@@ -264,8 +265,23 @@ async def test_the_demo_command_plays_the_day_prints_the_summary_and_leaves_noth
     assert "dead letters: none" in out, out
     assert out.rstrip().endswith("demo complete"), out
     assert left == [], f"the demo left {left} on the broker"
-    written = await asyncio.to_thread(lambda: list(tmp_path.iterdir()))
-    assert written == [], f"the demo wrote {written} in its working directory"
+    # What the network learns: her receipt read by her agency's advisor, the insights on
+    # the day's ledger (hidden: too few persons) and on a synthetic year, with the charts
+    assert "Her receipt: what was shared about T-59599-0077" in out
+    assert "Droit d'accès (article 15 du RGPD)" in out
+    assert "CNIL" in out
+    assert "Every figure above is hidden" in out
+    assert "The network's insights, on a synthetic year" in out
+    assert "unmet demand by need × epci" in out
+    # the demo writes nothing in its working directory but `demo-output/`
+    written = await asyncio.to_thread(lambda: sorted(p.name for p in tmp_path.iterdir()))
+    assert written == ["demo-output"], f"the demo wrote {written} in its working directory"
+    files = {p.name: p.read_bytes() for p in (tmp_path / "demo-output").iterdir()}
+    assert sorted(files) == ["receipt.html", "receipt.pdf", "response-times.png", "unmet.png"]
+    assert files["receipt.pdf"].startswith(b"%PDF-")
+    assert b"T-59599-0077" in files["receipt.html"]
+    for chart in ("response-times.png", "unmet.png"):
+        assert files[chart].startswith(b"\x89PNG\r\n\x1a\n")
 
 
 async def test_the_run_command_with_two_workers_routes_a_referral_and_stops_on_sigterm(
