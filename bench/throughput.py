@@ -1304,6 +1304,7 @@ def main(
         "rss_burst": _count(rss_burst, "rss_burst", quick),
     }
     chosen = parse_scenarios(scenarios)
+    bus_settings = parse_bus_settings(bus_setting or [])
     BROKER.update(address=broker, rabbitmqctl=ctl, node=node)
     if shutil.which(ctl) is None:
         console.print("[red]rabbitmqctl is needed (partner users, clean-up)[/red]")
@@ -1332,7 +1333,7 @@ def main(
             stall_s=stall_timeout,
             window=WINDOW,
             progress=progress,
-            bus_settings=parse_bus_settings(bus_setting or []),
+            bus_settings=bus_settings,
         )
         machine = facts(postgres_url)
         try:
@@ -1371,7 +1372,7 @@ def main(
         "skip_rss": skip_rss,
         "window": WINDOW,
         "latency_rate": latency_rate,
-        "bus_settings": parse_bus_settings(bus_setting or []),
+        "bus_settings": bus_settings,
     }
     figures["started_at"] = started.isoformat(timespec="seconds")
     figures["seconds"] = round(time.monotonic() - began, 1)

@@ -24,7 +24,7 @@ Every partner is simulated by a consumer of its own queue; every message is prin
 Then what the network learns (issue 12): the tenant of situation 2 gets her receipt (her
 right of access), read by her agency's advisor, as text and as HTML and PDF files; and the
 insights — response times per partner and unmet demand — on the day's own ledger (too few
-persons: every figure hidden) and on a synthetic year of the network's referrals, with
+persons: its figures hidden) and on a synthetic year of the network's referrals, with
 their charts. The files go to `--out` (default `demo-output/`).
 """
 
@@ -580,6 +580,7 @@ def what_the_network_learns(bus: Bus, settings: Settings, out: Path, scratch: Pa
     from partnerbus.receipt import (
         PdfUnavailableError,
         Retention,
+        check_pdf,
         read_receipt,
         render_text,
         write_html,
@@ -592,30 +593,37 @@ def what_the_network_learns(bus: Bus, settings: Settings, out: Path, scratch: Pa
     assert agency is not None, "the sample directory has an agency in Tourcoing"
     advisor = _first_advisor(bus, agency.id)
     console.rule(f"[bold]Her receipt: what was shared about T-59599-0077 (read by {advisor})")
+    try:  # asked before the reading, so that its audit record names what was produced
+        check_pdf()
+        pdf = True
+    except PdfUnavailableError as exc:
+        console.print(f"[yellow]no PDF of the receipt here: {exc}[/yellow]")
+        pdf = False
     receipt = read_receipt(
         bus.store,
         bus.directory,
         "T-59599-0077",
         advisor,
-        output="text+html+pdf",
+        output="text+html+pdf" if pdf else "text+html",
         now=bus.ledger.clock(),
         retention=Retention.of(settings),
     )
     render_text(receipt, console)
     write_html(receipt, out / "receipt.html")
     written = [out / "receipt.html"]
-    try:
+    if pdf:
         write_pdf(receipt, out / "receipt.pdf")
         written.append(out / "receipt.pdf")
-    except PdfUnavailableError as exc:
-        console.print(f"[yellow]no PDF of the receipt here: {exc}[/yellow]")
 
     day = Period(bus.ledger.clock() - timedelta(days=30), bus.ledger.clock() + timedelta(days=1))
     console.rule("[bold]Response times on the day's own ledger")
-    print_tables(response_times_tables(response_times(bus.store.engine, day))[:1], console)
+    own = response_times(bus.store.engine, day)
+    print_tables(response_times_tables(own)[:1], console)
+    figures = [f for row in own.partners for f in row.figures.values()]
+    hidden = sum(f.hidden for f in figures)
     console.print(
-        "Every figure above is hidden: fewer than 5 persons stand behind it, and a person "
-        "must not be recognisable from the figures of a small commune."
+        f"{hidden} of {len(figures)} figures hidden: fewer than {own.min_persons} persons stand "
+        "behind each, and a person must not be recognisable from the figures of a small commune."
     )
 
     console.rule(

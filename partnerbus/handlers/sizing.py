@@ -6,8 +6,8 @@ An urgent signal waits, at worst, for the routine batch or window under way: a f
 one. `Sizer` keeps the count that fills the budget instead, from what the last ones took.
 With a batch costing a fixed `F` plus `r` per item, the count settles at `(budget − F) / r`,
 so each batch still spreads its fixed cost (the commit, the confirms' round trip) over as
-many items as the budget allows; a batch that was small because little was waiting says
-the host is fast and lets the count grow back to `largest`.
+many items as the budget allows. A full batch done within the budget lets the count grow
+back towards `largest`; a batch that was small because little was waiting says nothing.
 """
 
 from __future__ import annotations

@@ -270,7 +270,9 @@ async def test_the_demo_command_plays_the_day_prints_the_summary_and_leaves_noth
     assert "Her receipt: what was shared about T-59599-0077" in out
     assert "Droit d'accès (article 15 du RGPD)" in out
     assert "CNIL" in out
-    assert "Every figure above is hidden" in out
+    shown = re.search(r"(\d+) of (\d+) figures hidden: fewer than 5 persons", out)
+    assert shown, out
+    assert shown.group(1) == shown.group(2) != "0", "the day's few persons: every figure hidden"
     assert "The network's insights, on a synthetic year" in out
     assert "unmet demand by need × epci" in out
     # the demo writes nothing in its working directory but `demo-output/`
