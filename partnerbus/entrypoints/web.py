@@ -446,8 +446,8 @@ def create_ops_app(
         return JSONResponse({"status": "up"})
 
     def ledger_answers() -> None:
-        with store.engine.connect() as conn:
-            conn.execute(text("SELECT 1"))
+        with store.read() as tx:  # no write lock (SQLite's BEGIN IMMEDIATE otherwise)
+            tx.conn.execute(text("SELECT 1"))
 
     @app.get("/ready")
     async def ready() -> JSONResponse:
