@@ -3,7 +3,7 @@ letters), Prometheus metrics, liveness and readiness.
 
 Access (docs/OPERATIONS.md):
 - the page signs people in with a form (`/login`) and a signed session cookie (HttpOnly,
-  SameSite=Strict, `partnerbus.ops.session`); a request without one is sent to `/login`
+  SameSite=Strict, `partnerbus_ops`); a request without one is sent to `/login`
   and gets no figure. The `ops` role signs in with `PARTNERBUS_OPS_USER` and
   `PARTNERBUS_OPS_PASSWORD` (without which the app refuses to start); a partner's staff sign
   in with the partner's HTTP gateway token and see only their partner's row and letters;
