@@ -343,7 +343,7 @@ def ledger_figures(store: Store, now: datetime) -> LedgerFigures:
     )
 
 
-def partner_ledger(store: Store, now: datetime) -> dict[str, PartnerLedger]:
+def partner_ledger(store: Store) -> dict[str, PartnerLedger]:
     """Every partner's figures from the ledger, in a few grouped reads."""
     r, h, sg, n = t.referrals, t.referral_history, t.signals, t.signal_needs
     figures: dict[str, dict[str, object]] = {}
@@ -490,7 +490,7 @@ class LedgerReading:
 def read_ledger(store: Store, now: datetime, days: list[str]) -> LedgerReading:
     return LedgerReading(
         ledger_figures(store, now),
-        partner_ledger(store, now),
+        partner_ledger(store),
         parked_by_agency(store),
         referrals_per_day(store, days),
         last_scheduler_failure(store),
