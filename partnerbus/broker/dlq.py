@@ -362,12 +362,12 @@ async def purge_letters(
         if queues is not None
         else await dead_letter_queues(connection, topology, partners)
     )
+
+    async def remove(*_: Any) -> bool:
+        return True
+
     purged: list[DeadLetter] = []
     for name in names:
-
-        async def remove(*_: Any) -> bool:
-            return True
-
         letters = await take(connection, name, wanted, remove, _own_user(settings))
         _audit(store, by, "dead-letter-purged", letters)
         purged.extend(letters)

@@ -36,6 +36,7 @@ from partnerbus.handlers.subscribers import CAPACITY, Wiring, build_router, raw_
 from partnerbus.ledger.migrate import open_ledger
 from partnerbus.ledger.store import Store
 from partnerbus.ops.counters import INTAKE_VERDICTS
+from partnerbus.ops.monitor import SCHEDULER_PASS_FAILED
 from partnerbus.rules import DeadlinePolicy, FollowUpPolicy, FollowUpSteps
 from partnerbus.schemas import utcnow
 from partnerbus.settings import Settings, amqp_user, open_directory, pseudonym_key_of
@@ -392,7 +393,6 @@ class Bus:
     async def _record_failed_pass(self, error: str) -> None:
         """A failed pass leaves an audit record that the ops page's alert reads (when the
         ledger itself is what failed, only the log keeps it)."""
-        from partnerbus.ops.monitor import SCHEDULER_PASS_FAILED
 
         def work() -> None:
             with self.store.begin() as tx:

@@ -3,7 +3,7 @@ letters), Prometheus metrics, liveness and readiness.
 
 Access (docs/OPERATIONS.md):
 - the page signs people in with a form (`/login`) and a signed session cookie (HttpOnly,
-  SameSite=Strict, `partnerbus.ops.session`); a request without one is sent to `/login`
+  SameSite=Strict, `partnerbus_ops`); a request without one is sent to `/login`
   and gets no figure. The `ops` role signs in with `PARTNERBUS_OPS_USER` and
   `PARTNERBUS_OPS_PASSWORD` (without which the app refuses to start); a partner's staff sign
   in with the partner's HTTP gateway token and see only their partner's row and letters;
@@ -23,13 +23,13 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from datetime import datetime
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Any
-from urllib.parse import parse_qs
+from typing import Annotated, Any, TypeVar
+from urllib.parse import parse_qs, quote
 
 from fastapi import Depends, FastAPI, HTTPException, Request, status
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
@@ -70,6 +70,7 @@ from partnerbus.ops.session import (
 from partnerbus.schemas import utcnow
 from partnerbus.settings import Settings, amqp_user
 
+T = TypeVar("T")
 log = logging.getLogger("partnerbus.ops")
 MIN_PASSWORD_CHARS = 16
 REALM = "partnerbus ops"
@@ -376,7 +377,18 @@ def create_ops_app(
         shown = [x for x in seen.letters if partner is None or x.partner == partner]
         return render("letters.html", letters=shown, session=who, message=message[:200])
 
-    async def letter_action(request: Request, who: Session) -> tuple[str, str]:
+    def done(text_: str) -> Response:
+        probe.forget_letters()
+        cache.expire()
+        return RedirectResponse(
+            f"/letters?message={quote(text_)}", status_code=status.HTTP_303_SEE_OTHER
+        )
+
+    async def on_letter(
+        request: Request, who: Session, act: Callable[..., Awaitable[T]]
+    ) -> tuple[str, T]:
+        """A replay or purge of one dead letter (the form's queue and message id), through
+        `partnerbus dlq`'s own code: the message id and what `act` returned."""
         same_origin(request)
         fields = await form(request)
         if not csrf_ok(who, fields.get("csrf")):
@@ -386,36 +398,22 @@ def create_ops_app(
         queue, message_id = fields.get("queue", ""), fields.get("message_id", "")
         if queue not in dlq_names or not message_id or len(message_id) > 128:
             raise HTTPException(400, "no such dead-letter queue or message id")
-        return queue, message_id
-
-    async def connection() -> Any:
-        return await probe.connection()
-
-    def done(text_: str) -> Response:
-        probe.forget_letters()
-        cache.expire()
-        from urllib.parse import quote
-
-        return RedirectResponse(
-            f"/letters?message={quote(text_)}", status_code=status.HTTP_303_SEE_OTHER
-        )
-
-    def by(who: Session) -> str:
-        return f"ops-page:{settings.ops_user}" if who.role == "ops" else f"ops-page:{who.partner}"
-
-    @app.post("/letters/replay")
-    async def replay(request: Request, who: Session = as_viewer) -> Response:
-        queue, message_id = await letter_action(request, who)
-        outcome = await replay_letters(
-            await connection(),
+        by = f"ops-page:{settings.ops_user}"
+        outcome = await act(
+            await probe.connection(),
             settings,
             topology,
             partner_ids,
             store,
-            by(who),
+            by,
             {message_id},
             queues=[queue],
         )
+        return message_id, outcome
+
+    @app.post("/letters/replay")
+    async def replay(request: Request, who: Session = as_viewer) -> Response:
+        message_id, outcome = await on_letter(request, who, replay_letters)
         if outcome.refused:
             return done(f"{message_id} not replayed: {outcome.refused[0][1]}")
         if not outcome.replayed:
@@ -424,17 +422,7 @@ def create_ops_app(
 
     @app.post("/letters/purge")
     async def purge(request: Request, who: Session = as_viewer) -> Response:
-        queue, message_id = await letter_action(request, who)
-        purged = await purge_letters(
-            await connection(),
-            settings,
-            topology,
-            partner_ids,
-            store,
-            by(who),
-            {message_id},
-            queues=[queue],
-        )
+        message_id, purged = await on_letter(request, who, purge_letters)
         return done(f"{message_id} purged" if purged else f"{message_id}: no such dead letter")
 
     @app.get("/static/{name}")
@@ -458,8 +446,8 @@ def create_ops_app(
         return JSONResponse({"status": "up"})
 
     def ledger_answers() -> None:
-        with store.engine.connect() as conn:
-            conn.execute(text("SELECT 1"))
+        with store.read() as tx:  # no write lock (SQLite's BEGIN IMMEDIATE otherwise)
+            tx.conn.execute(text("SELECT 1"))
 
     @app.get("/ready")
     async def ready() -> JSONResponse:

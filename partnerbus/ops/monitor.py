@@ -21,7 +21,7 @@ import aio_pika
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from sqlalchemy import and_, func, select
 
-from partnerbus.broker.dlq import DeadLetter, peek
+from partnerbus.broker.dlq import DeadLetter, peek, why_not_replayable
 from partnerbus.broker.topology import AUTHENTICATION, Topology
 from partnerbus.ledger import tables as t
 from partnerbus.ledger.store import ReferralRow, Store
@@ -343,7 +343,7 @@ def ledger_figures(store: Store, now: datetime) -> LedgerFigures:
     )
 
 
-def partner_ledger(store: Store, now: datetime) -> dict[str, PartnerLedger]:
+def partner_ledger(store: Store) -> dict[str, PartnerLedger]:
     """Every partner's figures from the ledger, in a few grouped reads."""
     r, h, sg, n = t.referrals, t.referral_history, t.signals, t.signal_needs
     figures: dict[str, dict[str, object]] = {}
@@ -353,7 +353,8 @@ def partner_ledger(store: Store, now: datetime) -> dict[str, PartnerLedger]:
             pid, {"by_status": {}, "rejected_by_reason": {}, "answer_s": [], "accept_s": []}
         )
 
-    with store.engine.connect() as conn:
+    with store.read() as tx:
+        conn = tx.conn
         for source, count in conn.execute(select(sg.c.source, func.count()).group_by(sg.c.source)):
             of(source)["received"] = int(count)
         for source, state, count in conn.execute(
@@ -417,7 +418,8 @@ def parked_by_agency(store: Store) -> list[ParkedLine]:
     n, sg = t.signal_needs, t.signals
     joined = n.join(sg, sg.c.signal_id == n.c.signal_id)
     aware = t.UTCDateTime().process_result_value
-    with store.engine.connect() as conn:
+    with store.read() as tx:
+        conn = tx.conn
         totals = conn.execute(
             select(sg.c.agency, func.count(), func.min(n.c.parked_since))
             .select_from(joined)
@@ -452,7 +454,8 @@ def referrals_per_day(store: Store, days: list[str]) -> dict[str, list[int]]:
     start = datetime.fromisoformat(days[0] + "T00:00:00+00:00")
     r = t.referrals
     per: dict[str, list[int]] = {}
-    with store.engine.connect() as conn:
+    with store.read() as tx:
+        conn = tx.conn
         for created_at, status in conn.execute(
             select(r.c.created_at, r.c.status).where(r.c.created_at >= start)
         ):
@@ -467,7 +470,8 @@ def referrals_per_day(store: Store, days: list[str]) -> dict[str, list[int]]:
 
 def last_scheduler_failure(store: Store) -> datetime | None:
     a = t.audit
-    with store.engine.connect() as conn:
+    with store.read() as tx:
+        conn = tx.conn
         at = conn.execute(
             select(func.max(a.c.at)).where(a.c.action == SCHEDULER_PASS_FAILED)
         ).scalar_one()
@@ -486,7 +490,7 @@ class LedgerReading:
 def read_ledger(store: Store, now: datetime, days: list[str]) -> LedgerReading:
     return LedgerReading(
         ledger_figures(store, now),
-        partner_ledger(store, now),
+        partner_ledger(store),
         parked_by_agency(store),
         referrals_per_day(store, days),
         last_scheduler_failure(store),
@@ -511,8 +515,6 @@ class PartnerInfo:
 
 
 def _letter_figure(letter: DeadLetter, topology: Topology, by_user: dict[str, str]) -> LetterFigure:
-    from partnerbus.broker.dlq import why_not_replayable
-
     died_partner = topology.partner_of(letter.died_in)
     sender_partner = by_user.get(letter.sender or "")
     if died_partner:

@@ -39,7 +39,7 @@ def _browser() -> tuple[str, str]:
 
 
 def _driver(chromium: str, driver: str, profile: Path):  # type: ignore[no-untyped-def]
-    pytest.importorskip("selenium")
+    # selenium is a dev dependency (pyproject.toml): missing, the test fails, never skips
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
