@@ -270,7 +270,7 @@ class _Names:
     def commune(self, code: str) -> str:
         try:
             return f"{self.directory.territory(code).name} ({code})"
-        except (KeyError, LookupError):
+        except LookupError:
             return code
 
 
@@ -483,7 +483,6 @@ def build_receipt(
         )
         for c in consents
     )
-    free_text_cutoff_days = retention.free_text_days
     erased: list[str] = []
     recipients: dict[str, None] = {}
     signal_views = []
@@ -496,7 +495,7 @@ def build_receipt(
             erased.append(
                 f"Le texte libre du signalement du {when(row.received_at)} a été effacé le "
                 f"{when(row.note_deleted_at)} (durée de conservation des textes : "
-                f"{free_text_cutoff_days} jours)."
+                f"{retention.free_text_days} jours)."
             )
         referrals = []
         for r in sorted(
@@ -508,18 +507,16 @@ def build_receipt(
                 h.get("from_status") == "requested" and h.get("to_status") == "completed"
                 for h in steps
             )
-            not_sent = (
-                WITHHELD
-                if r.referral_id in record.withheld
-                else OUTSIDE_THE_BUS
-                if outside
-                else None
-            )
+            not_sent: str | None = None
+            if r.referral_id in record.withheld:
+                not_sent = WITHHELD
+            elif outside:
+                not_sent = OUTSIDE_THE_BUS
             partner_text = None if outside else r.outcome
             text_erased = (
                 not outside
                 and r.outcome is None
-                and (now - r.updated_at).days >= free_text_cutoff_days
+                and (now - r.updated_at).days >= retention.free_text_days
             )
             number = numbers.get(r.consent_id)
             consent = (
@@ -551,15 +548,16 @@ def build_receipt(
         if any(r.text_erased for r in referrals):
             erased.append(
                 f"Les commentaires écrits par les partenaires sur le signalement du "
-                f"{when(row.received_at)} ont été effacés après {free_text_cutoff_days} jours."
+                f"{when(row.received_at)} ont été effacés après {retention.free_text_days} jours."
             )
-        recipients[names.partner_with_kind(row.source)] = None
+        source = names.partner_with_kind(row.source)
+        recipients[source] = None
         if row.agency:
             recipients[names.partner_with_kind(row.agency)] = None
         signal_views.append(
             SignalView(
                 received_at=row.received_at,
-                source=names.partner_with_kind(row.source),
+                source=source,
                 source_learns=_source_learns(directory, row.source),
                 agency=names.partner(row.agency) if row.agency else None,
                 advisor=names.advisor(row.advisor),
