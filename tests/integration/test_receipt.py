@@ -452,6 +452,11 @@ class TestCommandLine:
         )
         assert nowhere.exit_code == 2
         assert "is not a directory" in " ".join(nowhere.output.split())
+        a_directory = runner.invoke(
+            app, ["referrals", "receipt", A, "--by", "l.petit", "--html", str(tmp_path)]
+        )
+        assert a_directory.exit_code == 2
+        assert "is a directory" in " ".join(a_directory.output.split())
         refused = runner.invoke(app, ["referrals", "receipt", A, "--by", "k.mercier"])
         assert refused.exit_code == 2
         assert "receipt refused" in refused.output
