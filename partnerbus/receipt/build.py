@@ -40,6 +40,7 @@ from partnerbus.rules.disclosure import (
 )
 from partnerbus.schemas import Contact, Facts, Preferences, Profile
 from partnerbus.usecases.context import BUS
+from partnerbus.usecases.delivery import recipient_roles_of_partner
 
 try:
     PARIS: Any = ZoneInfo("Europe/Paris")
@@ -355,9 +356,7 @@ def _shared(
     """The categories of data the referral carried to its partner: the referral's fields
     its roles may see (`visible_fields`), cut to its kind's share (`minimise`)."""
     profile, facts, contact, prefs = parts
-    roles: set[Role] = {"partner"}
-    if referral.partner_id in directory and directory.is_creditor(referral.partner_id):
-        roles.add("creditor")
+    roles = recipient_roles_of_partner(directory.is_creditor(referral.partner_id))
     fields = visible_fields("referral", roles)
     out = [
         "le besoin pour lequel vous êtes orientée",
@@ -395,7 +394,7 @@ def _shared(
 
 def _source_learns(directory: Directory, source: str) -> str:
     roles: set[Role] = {"source"}
-    if source in directory and directory.is_creditor(source):
+    if directory.is_creditor(source):
         roles.add("creditor")
     fields = visible_fields("referral-status-changed", roles)
     text = (
