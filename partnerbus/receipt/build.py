@@ -437,16 +437,19 @@ def _journal_text(entry: JournalEntry, names: _Names, numbers: Mapping[str, int]
     body = _loads(entry.body)
     by = names.advisor(entry.by) or entry.by
     number = numbers.get(entry.consent_id or "")
-    which = f"le consentement n° {number}" if number else "un consentement"
+    which = f"consentement n° {number}" if number else "consentement"
     if entry.event == "granted":
-        return f"Vous avez donné votre consentement ({which[3:]}, recueilli par {by})"
+        return f"Vous avez donné votre consentement ({which}, recueilli par {by})"
     if entry.event == "revoked":
-        return f"Vous avez retiré {which} (enregistré par {by})"
+        return f"Vous avez retiré {'le' if number else 'un'} {which} (enregistré par {by})"
     if entry.event == "refused":
-        needs = body.get("needs") or ()
-        what = ", ".join(names.need(n) for n in needs) if needs else "les besoins signalés"
+        needs = body.get("needs")
         if not body:
             what = "des besoins dont le détail a été effacé"
+        elif needs:
+            what = ", ".join(names.need(n) for n in needs)
+        else:
+            what = "les besoins signalés"
         return f"Vous avez refusé que soient transmis : {what} (recueilli par {by})"
     return f"{entry.event} ({by})"
 
