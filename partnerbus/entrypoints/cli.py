@@ -382,8 +382,14 @@ def referrals_receipt(
     )
 
     for path in (html, pdf):  # what cannot be written is said before anything is read
-        if path is not None and not path.parent.is_dir():
+        if path is None:
+            continue
+        if not path.parent.is_dir():
             _fail(f"cannot write {path}: {path.parent} is not a directory")
+        if path.is_dir():
+            _fail(f"cannot write {path}: it is a directory")
+        if not os.access(path if path.exists() else path.parent, os.W_OK):
+            _fail(f"cannot write {path}: permission denied")
     if pdf is not None:
         try:
             check_pdf()

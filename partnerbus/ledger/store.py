@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
@@ -101,6 +101,10 @@ class AuditRow:
     person_ref: str | None
     partner_id: str | None
     why: str | None
+
+
+AUDIT_COLUMNS = tuple(t.audit.c[f.name] for f in fields(AuditRow))
+"""The audit's columns an `AuditRow` holds (every one but its id)."""
 
 
 class LedgerTx:
@@ -377,15 +381,7 @@ class Store:
         )
         with self._reading() as conn:
             rows = conn.execute(
-                select(
-                    t.audit.c.at,
-                    t.audit.c.actor,
-                    t.audit.c.action,
-                    t.audit.c.subject,
-                    t.audit.c.person_ref,
-                    t.audit.c.partner_id,
-                    t.audit.c.why,
-                )
+                select(*AUDIT_COLUMNS)
                 .where(
                     or_(
                         t.audit.c.subject == subject_or_person,

@@ -25,15 +25,21 @@ from partnerbus.ledger import tables as t
 from partnerbus.ledger.repos.base import row_of
 from partnerbus.ledger.repos.referrals import ReferralRow
 from partnerbus.ledger.repos.signals import SignalRow
-from partnerbus.ledger.store import AuditRow, LedgerTx, Store
-from partnerbus.receipt.build import JournalEntry, NeedRow, PersonRecord, build_receipt
+from partnerbus.ledger.store import AUDIT_COLUMNS, AuditRow, LedgerTx, Store
+from partnerbus.receipt.build import (
+    READ_WORDS,
+    JournalEntry,
+    NeedRow,
+    PersonRecord,
+    build_receipt,
+)
 from partnerbus.receipt.model import Receipt, Retention
 from partnerbus.schemas.base import PERSON_REF_PATTERN
 
 READ = "receipt-read"
 REFUSED = "receipt-refused"
-READS = ("consents-read", "timeline-read", READ)
-"""The audit's actions that are reads of a person's file (shown in her receipt)."""
+READS = tuple(READ_WORDS)
+"""The audit's actions that are reads of a person's file (shown in her receipt, in words)."""
 FORMATS = frozenset({"text", "html", "pdf"})
 INVALID_SUBJECT = "(invalid person reference)"
 ANONYMISED = "anon-"
@@ -114,15 +120,7 @@ def load_person(tx: LedgerTx, person_ref: str) -> PersonRecord:
     reads = [
         row_of(AuditRow, r)
         for r in conn.execute(
-            select(
-                t.audit.c.at,
-                t.audit.c.actor,
-                t.audit.c.action,
-                t.audit.c.subject,
-                t.audit.c.person_ref,
-                t.audit.c.partner_id,
-                t.audit.c.why,
-            )
+            select(*AUDIT_COLUMNS)
             .where(
                 or_(t.audit.c.person_ref == person_ref, t.audit.c.subject == person_ref),
                 t.audit.c.action.in_(READS),

@@ -40,6 +40,7 @@ from partnerbus.rules.disclosure import (
 )
 from partnerbus.schemas import Contact, Facts, Preferences, Profile
 from partnerbus.usecases.context import BUS
+from partnerbus.usecases.delivery import recipient_roles_of_partner
 
 try:
     PARIS: Any = ZoneInfo("Europe/Paris")
@@ -270,7 +271,7 @@ class _Names:
     def commune(self, code: str) -> str:
         try:
             return f"{self.directory.territory(code).name} ({code})"
-        except (KeyError, LookupError):
+        except LookupError:
             return code
 
 
@@ -355,9 +356,7 @@ def _shared(
     """The categories of data the referral carried to its partner: the referral's fields
     its roles may see (`visible_fields`), cut to its kind's share (`minimise`)."""
     profile, facts, contact, prefs = parts
-    roles: set[Role] = {"partner"}
-    if referral.partner_id in directory and directory.is_creditor(referral.partner_id):
-        roles.add("creditor")
+    roles = recipient_roles_of_partner(directory.is_creditor(referral.partner_id))
     fields = visible_fields("referral", roles)
     out = [
         "le besoin pour lequel vous êtes orientée",
@@ -395,7 +394,7 @@ def _shared(
 
 def _source_learns(directory: Directory, source: str) -> str:
     roles: set[Role] = {"source"}
-    if source in directory and directory.is_creditor(source):
+    if directory.is_creditor(source):
         roles.add("creditor")
     fields = visible_fields("referral-status-changed", roles)
     text = (
@@ -438,16 +437,19 @@ def _journal_text(entry: JournalEntry, names: _Names, numbers: Mapping[str, int]
     body = _loads(entry.body)
     by = names.advisor(entry.by) or entry.by
     number = numbers.get(entry.consent_id or "")
-    which = f"le consentement n° {number}" if number else "un consentement"
+    which = f"consentement n° {number}" if number else "consentement"
     if entry.event == "granted":
-        return f"Vous avez donné votre consentement ({which[3:]}, recueilli par {by})"
+        return f"Vous avez donné votre consentement ({which}, recueilli par {by})"
     if entry.event == "revoked":
-        return f"Vous avez retiré {which} (enregistré par {by})"
+        return f"Vous avez retiré {'le' if number else 'un'} {which} (enregistré par {by})"
     if entry.event == "refused":
-        needs = body.get("needs") or ()
-        what = ", ".join(names.need(n) for n in needs) if needs else "les besoins signalés"
+        needs = body.get("needs")
         if not body:
             what = "des besoins dont le détail a été effacé"
+        elif needs:
+            what = ", ".join(names.need(n) for n in needs)
+        else:
+            what = "les besoins signalés"
         return f"Vous avez refusé que soient transmis : {what} (recueilli par {by})"
     return f"{entry.event} ({by})"
 
@@ -483,7 +485,6 @@ def build_receipt(
         )
         for c in consents
     )
-    free_text_cutoff_days = retention.free_text_days
     erased: list[str] = []
     recipients: dict[str, None] = {}
     signal_views = []
@@ -496,7 +497,7 @@ def build_receipt(
             erased.append(
                 f"Le texte libre du signalement du {when(row.received_at)} a été effacé le "
                 f"{when(row.note_deleted_at)} (durée de conservation des textes : "
-                f"{free_text_cutoff_days} jours)."
+                f"{retention.free_text_days} jours)."
             )
         referrals = []
         for r in sorted(
@@ -508,18 +509,16 @@ def build_receipt(
                 h.get("from_status") == "requested" and h.get("to_status") == "completed"
                 for h in steps
             )
-            not_sent = (
-                WITHHELD
-                if r.referral_id in record.withheld
-                else OUTSIDE_THE_BUS
-                if outside
-                else None
-            )
+            not_sent: str | None = None
+            if r.referral_id in record.withheld:
+                not_sent = WITHHELD
+            elif outside:
+                not_sent = OUTSIDE_THE_BUS
             partner_text = None if outside else r.outcome
             text_erased = (
                 not outside
                 and r.outcome is None
-                and (now - r.updated_at).days >= free_text_cutoff_days
+                and (now - r.updated_at).days >= retention.free_text_days
             )
             number = numbers.get(r.consent_id)
             consent = (
@@ -551,15 +550,16 @@ def build_receipt(
         if any(r.text_erased for r in referrals):
             erased.append(
                 f"Les commentaires écrits par les partenaires sur le signalement du "
-                f"{when(row.received_at)} ont été effacés après {free_text_cutoff_days} jours."
+                f"{when(row.received_at)} ont été effacés après {retention.free_text_days} jours."
             )
-        recipients[names.partner_with_kind(row.source)] = None
+        source = names.partner_with_kind(row.source)
+        recipients[source] = None
         if row.agency:
             recipients[names.partner_with_kind(row.agency)] = None
         signal_views.append(
             SignalView(
                 received_at=row.received_at,
-                source=names.partner_with_kind(row.source),
+                source=source,
                 source_learns=_source_learns(directory, row.source),
                 agency=names.partner(row.agency) if row.agency else None,
                 advisor=names.advisor(row.advisor),

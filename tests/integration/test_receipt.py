@@ -35,13 +35,14 @@ from partnerbus.receipt import (
     render_text,
 )
 from partnerbus.receipt.access import INVALID_SUBJECT
-from partnerbus.schemas import ConsentRevoked, Contact, Facts, OrientationRecorded, Preferences
+from partnerbus.schemas import Contact, Facts, OrientationRecorded, Preferences
 from partnerbus.usecases import Ledger
 from tests.conftest import make_ledger
 from tests.integration.test_erasure import KEEP, clock_of, dump_database
 from tests.integration.test_usecases import (
     ARREARS,
     a_consent,
+    a_revocation,
     a_signal,
     answer,
     claim_and_send,
@@ -107,14 +108,7 @@ def history(ledger: Ledger) -> dict[str, dict]:
     run(
         ledger,
         usecases.revoke_consent,
-        ConsentRevoked(
-            message_id=mid("rev"),
-            occurred_at=ledger.clock(),
-            consent_id=grant.consent_id,
-            revoked_by="s.benali",
-            agency=grant.agency,
-            revoked_at=ledger.clock(),
-        ),
+        a_revocation(ledger, grant),
     )
     return {"refused": refused, "taken": taken}
 
@@ -225,14 +219,7 @@ class TestWhatTheReceiptSays:
         grant = a_consent(ledger, person="T-RCPT-C01", days=90)
         run(ledger, usecases.grant_consent, grant)
         run(ledger, usecases.receive_signal, a_signal(ledger, person="T-RCPT-C01"))
-        revocation = ConsentRevoked(
-            message_id=mid("rev"),
-            occurred_at=ledger.clock(),
-            consent_id=grant.consent_id,
-            revoked_by="la locataire, par téléphone",
-            agency=grant.agency,
-            revoked_at=ledger.clock(),
-        )
+        revocation = a_revocation(ledger, grant, revoked_by="la locataire, par téléphone")
         run(ledger, usecases.revoke_consent, revocation)
         withheld = receipt_of(ledger, person="T-RCPT-C01")
         (referral,) = withheld.signals[0].referrals
@@ -465,6 +452,11 @@ class TestCommandLine:
         )
         assert nowhere.exit_code == 2
         assert "is not a directory" in " ".join(nowhere.output.split())
+        a_directory = runner.invoke(
+            app, ["referrals", "receipt", A, "--by", "l.petit", "--html", str(tmp_path)]
+        )
+        assert a_directory.exit_code == 2
+        assert "is a directory" in " ".join(a_directory.output.split())
         refused = runner.invoke(app, ["referrals", "receipt", A, "--by", "k.mercier"])
         assert refused.exit_code == 2
         assert "receipt refused" in refused.output

@@ -78,6 +78,20 @@ def a_consent(
     )
 
 
+def a_revocation(
+    ledger: Ledger, grant: ConsentGranted, revoked_by: str = "s.benali"
+) -> ConsentRevoked:
+    """The revocation of `grant`, recorded now by its agency."""
+    return ConsentRevoked(
+        message_id=mid("rev"),
+        occurred_at=ledger.clock(),
+        consent_id=grant.consent_id,
+        revoked_by=revoked_by,
+        agency=grant.agency,
+        revoked_at=ledger.clock(),
+    )
+
+
 def run(ledger: Ledger, use_case, message):
     with ledger.store.begin() as tx:
         return use_case(ledger, tx, message, Q)
@@ -200,14 +214,7 @@ class TestConsentAnswers:
         grant = a_consent(ledger)
         run(ledger, usecases.grant_consent, grant)
         run(ledger, usecases.receive_signal, a_signal(ledger))
-        revocation = ConsentRevoked(
-            message_id=mid("rev"),
-            occurred_at=ledger.clock(),
-            consent_id=grant.consent_id,
-            revoked_by="s.benali",
-            agency=grant.agency,
-            revoked_at=ledger.clock(),
-        )
+        revocation = a_revocation(ledger, grant)
         run(ledger, usecases.revoke_consent, revocation)
         parked = a_signal(ledger, person="T-0002")
         run(ledger, usecases.receive_signal, parked)
@@ -289,18 +296,7 @@ class TestConsent:
         assert ledger.store.count("referrals") == 0, "a refused need is not released later"
 
     def _revoke(self, ledger: Ledger, consent: ConsentGranted) -> None:
-        run(
-            ledger,
-            usecases.revoke_consent,
-            ConsentRevoked(
-                message_id=mid("msg"),
-                occurred_at=ledger.clock(),
-                consent_id=consent.consent_id,
-                revoked_by="s.benali",
-                agency="lmh-agence-roubaix",
-                revoked_at=ledger.clock(),
-            ),
-        )
+        run(ledger, usecases.revoke_consent, a_revocation(ledger, consent))
 
     def test_a_revocation_withdraws_the_open_referral(self, ledger: Ledger) -> None:
         """Revoking after the relay picked the referral up sends ReferralWithdrawn to the partner and marks the referral withdrawn."""

@@ -3,12 +3,21 @@ directory lost is said in words, never a crash; the renderers escape what they a
 
 from __future__ import annotations
 
+import sys
 from datetime import UTC, datetime, timedelta
+
+import pytest
 
 from partnerbus.directory import load_sample
 from partnerbus.ledger.repos.referrals import ReferralRow
 from partnerbus.ledger.repos.signals import SignalRow
-from partnerbus.receipt import PersonRecord, build_receipt, render_html
+from partnerbus.receipt import (
+    PdfUnavailableError,
+    PersonRecord,
+    build_receipt,
+    check_pdf,
+    render_html,
+)
 from partnerbus.receipt.build import JournalEntry, NeedRow
 from partnerbus.rules import ConsentRecord
 from partnerbus.schemas import ConsentScope
@@ -137,3 +146,10 @@ def test_a_consent_in_words_and_escaped_in_html() -> None:
     page = render_html(receipt)
     assert "<i>elle-même</i>" not in page
     assert "&lt;i&gt;elle-même&lt;/i&gt;" in page
+
+
+def test_without_weasyprint_a_pdf_is_refused_with_advice(monkeypatch: pytest.MonkeyPatch) -> None:
+    """WeasyPrint (or Pango) missing: `PdfUnavailableError` with the packages to install, never an ImportError."""
+    monkeypatch.setitem(sys.modules, "weasyprint", None)
+    with pytest.raises(PdfUnavailableError, match=r"libpango-1\.0-0"):
+        check_pdf()
