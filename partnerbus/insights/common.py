@@ -84,7 +84,11 @@ def parse_length(text: str) -> timedelta:
 
 def parse_instant(text: str) -> datetime:
     """An ISO date or date-time; a naive one is UTC."""
-    value = datetime.fromisoformat(text)
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        msg = f"a date is ISO, like 2026-01-01 or 2026-01-01T08:00: not {text!r}"
+        raise ValueError(msg) from None
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
