@@ -36,6 +36,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -88,12 +89,15 @@ def _analyse(store: Store) -> None:
         conn.exec_driver_sql("ANALYZE")
 
 
-def _fresh(url: str | None) -> Iterator[Store]:
+@contextmanager
+def _fresh(url: str | None, *, keep: bool) -> Iterator[Store]:
+    """A fresh SQLite file, or a fresh PostgreSQL schema (dropped afterwards unless `keep`)."""
     if url is None or url.startswith("sqlite"):
-        path = url or f"sqlite:///{Path(tempfile.mkdtemp()) / 'insights.db'}"
-        store = Store(path)
-        yield store
-        store.dispose()
+        store = Store(url or f"sqlite:///{Path(tempfile.mkdtemp()) / 'insights.db'}")
+        try:
+            yield store
+        finally:
+            store.dispose()
         return
     schema = f"bench_insights_{uuid.uuid4().hex[:8]}"
     admin = create_engine(url)
@@ -104,7 +108,7 @@ def _fresh(url: str | None) -> Iterator[Store]:
         yield store
     finally:
         store.dispose()
-        if not os.environ.get("BENCH_KEEP"):
+        if not keep:
             with admin.begin() as conn:
                 conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
         admin.dispose()
@@ -121,9 +125,7 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the PostgreSQL schema")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
-    if args.keep:
-        os.environ["BENCH_KEEP"] = "1"
-    for store in _fresh(args.db):
+    with _fresh(args.db, keep=args.keep) as store:
         store.create_all()
         started = time.perf_counter()
         counts = generate(store, args.referrals, args.seed)
