@@ -5,15 +5,9 @@ insight takes on it.
                              [--json FILE] [--seed 12]
 
 A fresh SQLite file (or, with a PostgreSQL `--db`, a fresh schema, dropped afterwards
-unless `--keep`), brought to head by the migrations (0005's indexes included). The
-generator writes `--referrals` referrals over the year before 2026-11-01 with their
-signals, needs and history, in bulk (no use case runs): the bundled sample's real communes
-(the Métropole Européenne de Lille, Nord) and partners with their needs; a person lives in
-one commune and has 1-2 needs per signal; each partner answers after a lognormal delay of
-its own (median 1 h to 4 days), some slowing down over the year; outcomes: completed ~40 %,
-accepted or in progress ~10 %, rejected ~16 % (a third `full`), expired ~7 % (rerouted:
-a second attempt), cancelled or withdrawn ~6 %, failed ~3 %, the last month's partly still
-waiting; 4 % of needs find no partner, 3 % close without consent.
+unless `--keep`), brought to head by the migrations (0005's indexes included), then
+`--referrals` referrals written into it by `partnerbus.testing.history.generate` (a year of
+the bundled sample's communes and partners: its docstring says what is in it).
 
 Then each insight over the last 90 days (response times, unmet by commune, EPCI and
 département; on PostgreSQL the response times with `percentile_cont` and with the portable
