@@ -13,6 +13,8 @@ from typing import Any
 from sqlalchemy import BigInteger, Connection, Engine, Integer, cast, func, literal
 from sqlalchemy.sql.elements import ColumnElement
 
+from partnerbus.ledger.store import READ_ONLY
+
 MIN_PERSONS = 5
 """The privacy threshold: a figure drawn from fewer distinct persons is never shown. A
 response-time row keeps its counts and hides its median and 90th percentile; an unmet-demand
@@ -122,10 +124,13 @@ POSTGRES_WORK_MEM = "64MB"
 
 @contextmanager
 def reading(engine: Engine) -> Iterator[Connection]:
-    """A connection for an insight's reads: on SQLite with a larger page cache for the
+    """A connection for an insight's reads, read-only as the store's own (`Store.read`:
+    on SQLite it takes no write lock, so the service writes on while an insight reads; on
+    PostgreSQL its transaction is read-only): on SQLite with a larger page cache for the
     time of the reads, given back as it was; on PostgreSQL in one transaction with more
     sort memory and no JIT (`SET LOCAL`: gone when it ends)."""
-    with engine.connect() as conn:
+    with engine.connect() as connection:
+        conn = connection.execution_options(**{READ_ONLY: True})
         if engine.dialect.name == "postgresql":
             with conn.begin():
                 # For this transaction only: sorts of a few hundred thousand durations in

@@ -367,3 +367,20 @@ def test_cli_says_what_is_wrong_with_the_options(tmp_path, monkeypatch) -> None:
         assert result.exit_code == 2, result.output
         assert said in result.output and "Traceback" not in result.output
         assert result.exception is None or isinstance(result.exception, SystemExit)
+
+
+def test_an_insight_reads_beside_the_writers(responses: Store) -> None:
+    """An insight's reads take no write lock (SQLite) and write nothing (PostgreSQL): the
+    service records on while a coordinator reads a year of its ledger."""
+    from sqlalchemy.exc import DBAPIError
+
+    from partnerbus.insights.common import reading
+
+    with reading(responses.engine) as conn:
+        conn.exec_driver_sql("SELECT count(*) FROM referrals").scalar()
+        if responses.is_sqlite:
+            with responses.begin() as tx:  # would wait 30 s, then fail, behind a write lock
+                tx.conn.exec_driver_sql("DELETE FROM outbox")
+        else:
+            with pytest.raises(DBAPIError, match="read-only"):
+                conn.exec_driver_sql("DELETE FROM outbox")
