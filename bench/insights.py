@@ -5,15 +5,9 @@ insight takes on it.
                              [--json FILE] [--seed 12]
 
 A fresh SQLite file (or, with a PostgreSQL `--db`, a fresh schema, dropped afterwards
-unless `--keep`), brought to head by the migrations (0005's indexes included). The
-generator writes `--referrals` referrals over the year before 2026-11-01 with their
-signals, needs and history, in bulk (no use case runs): the bundled sample's real communes
-(the Métropole Européenne de Lille, Nord) and partners with their needs; a person lives in
-one commune and has 1-2 needs per signal; each partner answers after a lognormal delay of
-its own (median 1 h to 4 days), some slowing down over the year; outcomes: completed ~40 %,
-accepted or in progress ~10 %, rejected ~16 % (a third `full`), expired ~7 % (rerouted:
-a second attempt), cancelled or withdrawn ~6 %, failed ~3 %, the last month's partly still
-waiting; 4 % of needs find no partner, 3 % close without consent.
+unless `--keep`), brought to head by the migrations (0005's indexes included), then
+`--referrals` referrals written into it by `partnerbus.testing.history.generate` (a year of
+the bundled sample's communes and partners: its docstring says what is in it).
 
 Then each insight over the last 90 days (response times, unmet by commune, EPCI and
 département; on PostgreSQL the response times with `percentile_cont` and with the portable
@@ -36,6 +30,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -88,12 +83,15 @@ def _analyse(store: Store) -> None:
         conn.exec_driver_sql("ANALYZE")
 
 
-def _fresh(url: str | None) -> Iterator[Store]:
+@contextmanager
+def _fresh(url: str | None, *, keep: bool) -> Iterator[Store]:
+    """A fresh SQLite file, or a fresh PostgreSQL schema (dropped afterwards unless `keep`)."""
     if url is None or url.startswith("sqlite"):
-        path = url or f"sqlite:///{Path(tempfile.mkdtemp()) / 'insights.db'}"
-        store = Store(path)
-        yield store
-        store.dispose()
+        store = Store(url or f"sqlite:///{Path(tempfile.mkdtemp()) / 'insights.db'}")
+        try:
+            yield store
+        finally:
+            store.dispose()
         return
     schema = f"bench_insights_{uuid.uuid4().hex[:8]}"
     admin = create_engine(url)
@@ -104,7 +102,7 @@ def _fresh(url: str | None) -> Iterator[Store]:
         yield store
     finally:
         store.dispose()
-        if not os.environ.get("BENCH_KEEP"):
+        if not keep:
             with admin.begin() as conn:
                 conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
         admin.dispose()
@@ -121,9 +119,7 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the PostgreSQL schema")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
-    if args.keep:
-        os.environ["BENCH_KEEP"] = "1"
-    for store in _fresh(args.db):
+    with _fresh(args.db, keep=args.keep) as store:
         store.create_all()
         started = time.perf_counter()
         counts = generate(store, args.referrals, args.seed)

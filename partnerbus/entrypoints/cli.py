@@ -9,7 +9,7 @@ import sys
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, TypeVar
 
 import typer
 from pydantic import ValidationError
@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
     from partnerbus.directory import Directory
-    from partnerbus.insights import Period
+    from partnerbus.insights import Period, ResponseTimes, Unmet
     from partnerbus.ledger.store import ReferralRow, SignalRow, Store
 
 app = typer.Typer(
@@ -138,6 +138,19 @@ def run(
 def _fail(message: str) -> None:
     err.print(f"[red]error:[/red] {message}")
     raise typer.Exit(2)
+
+
+def _check_writable(*paths: Path | None) -> None:
+    """What cannot be written is said before anything is read."""
+    for path in paths:
+        if path is None:
+            continue
+        if not path.parent.is_dir():
+            _fail(f"cannot write {path}: {path.parent} is not a directory")
+        if path.is_dir():
+            _fail(f"cannot write {path}: it is a directory")
+        if not os.access(path if path.exists() else path.parent, os.W_OK):
+            _fail(f"cannot write {path}: permission denied")
 
 
 async def _send_consent(settings: Settings, message: AgencyMessage) -> None:
@@ -381,15 +394,7 @@ def referrals_receipt(
         write_pdf,
     )
 
-    for path in (html, pdf):  # what cannot be written is said before anything is read
-        if path is None:
-            continue
-        if not path.parent.is_dir():
-            _fail(f"cannot write {path}: {path.parent} is not a directory")
-        if path.is_dir():
-            _fail(f"cannot write {path}: it is a directory")
-        if not os.access(path if path.exists() else path.parent, os.W_OK):
-            _fail(f"cannot write {path}: permission denied")
+    _check_writable(html, pdf)
     if pdf is not None:
         try:
             check_pdf()
@@ -1019,9 +1024,14 @@ PngOption = Annotated[
 ]
 
 
-def _insight_period(since: str | None, until: str | None, period: str | None) -> Period:
+def _insight_period(
+    since: str | None, until: str | None, period: str | None, png: Path | None
+) -> Period:
+    """The period of the options; a bad one, or a chart that cannot be written, is a clear
+    error before anything is read."""
     from partnerbus.insights import resolve_period
 
+    _check_writable(png)
     try:
         return resolve_period(since, until, period)
     except ValueError as exc:
@@ -1029,10 +1039,31 @@ def _insight_period(since: str | None, until: str | None, period: str | None) ->
         raise  # unreachable: _fail exits
 
 
-def _print_json(document: object) -> None:
+Insight = TypeVar("Insight", "ResponseTimes", "Unmet")
+
+
+def _show_insight(
+    result: Insight,
+    tables: Callable[[Insight], list[Table]],
+    draw: Callable[[Insight, Path], Path],
+    as_json: bool,
+    png: Path | None,
+) -> None:
+    """An insight as JSON or tables on stdout, and its chart when asked."""
     import json
 
-    sys.stdout.write(json.dumps(document, ensure_ascii=False, indent=2) + "\n")
+    from partnerbus.insights import print_tables
+
+    if as_json:
+        sys.stdout.write(json.dumps(result.as_json(), ensure_ascii=False, indent=2) + "\n")
+    else:
+        print_tables(tables(result), console)
+    if png is not None:
+        try:
+            draw(result, png)
+        except OSError as exc:
+            _fail(f"could not write the chart ({type(exc).__name__}: {exc.strerror or exc})")
+        err.print(f"chart written to {png}")
 
 
 @insights_app.command("response-times")
@@ -1046,26 +1077,15 @@ def insights_response_times(
     """Per partner and per agreement (source → partner): time to answer, to accept, to
     complete (median / 90th percentile, with their counts); partners whose times grew
     against the previous period of the same length first."""
-    from partnerbus.insights import (
-        print_tables,
-        response_times,
-        response_times_png,
-        response_times_tables,
-    )
+    from partnerbus.insights import response_times, response_times_png, response_times_tables
 
-    window = _insight_period(since, until, period)
+    window = _insight_period(since, until, period, png)
     store = _store()
     try:
         result = response_times(store.engine, window)
     finally:
         store.dispose()
-    if as_json:
-        _print_json(result.as_json())
-    else:
-        print_tables(response_times_tables(result), console)
-    if png is not None:
-        response_times_png(result, png)
-        err.print(f"chart written to {png}")
+    _show_insight(result, response_times_tables, response_times_png, as_json, png)
 
 
 @insights_app.command("unmet")
@@ -1079,26 +1099,18 @@ def insights_unmet(
 ) -> None:
     """Observed unmet demand, need × territory: no partner found, expired unanswered,
     refused as full, closed without consent; beside the directory's supply gaps."""
-    from partnerbus.insights import print_tables, unmet, unmet_png, unmet_tables
+    from partnerbus.insights import unmet, unmet_png, unmet_tables
     from partnerbus.insights.unmet import BY
 
     if by not in BY:
         _fail(f"--by is one of {', '.join(BY)}, not {by!r}")
-    window = _insight_period(since, until, period)
-    settings = Settings()
-    directory = _directory(settings)
-    store = _store()
+    window = _insight_period(since, until, period, png)
+    _, directory, store = _ops_context()
     try:
         result = unmet(store.engine, directory, window, by=by)
     finally:
         store.dispose()
-    if as_json:
-        _print_json(result.as_json())
-    else:
-        print_tables(unmet_tables(result), console)
-    if png is not None:
-        unmet_png(result, png)
-        err.print(f"chart written to {png}")
+    _show_insight(result, unmet_tables, unmet_png, as_json, png)
 
 
 def main() -> None:

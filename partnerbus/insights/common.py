@@ -13,6 +13,8 @@ from typing import Any
 from sqlalchemy import BigInteger, Connection, Engine, Integer, cast, func, literal
 from sqlalchemy.sql.elements import ColumnElement
 
+from partnerbus.ledger.store import READ_ONLY
+
 MIN_PERSONS = 5
 """The privacy threshold: a figure drawn from fewer distinct persons is never shown. A
 response-time row keeps its counts and hides its median and 90th percentile; an unmet-demand
@@ -84,7 +86,11 @@ def parse_length(text: str) -> timedelta:
 
 def parse_instant(text: str) -> datetime:
     """An ISO date or date-time; a naive one is UTC."""
-    value = datetime.fromisoformat(text)
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        msg = f"a date is ISO, like 2026-01-01 or 2026-01-01T08:00: not {text!r}"
+        raise ValueError(msg) from None
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
@@ -118,10 +124,13 @@ POSTGRES_WORK_MEM = "64MB"
 
 @contextmanager
 def reading(engine: Engine) -> Iterator[Connection]:
-    """A connection for an insight's reads: on SQLite with a larger page cache for the
+    """A connection for an insight's reads, read-only as the store's own (`Store.read`:
+    on SQLite it takes no write lock, so the service writes on while an insight reads; on
+    PostgreSQL its transaction is read-only): on SQLite with a larger page cache for the
     time of the reads, given back as it was; on PostgreSQL in one transaction with more
     sort memory and no JIT (`SET LOCAL`: gone when it ends)."""
-    with engine.connect() as conn:
+    with engine.connect() as connection:
+        conn = connection.execution_options(**{READ_ONLY: True})
         if engine.dialect.name == "postgresql":
             with conn.begin():
                 # For this transaction only: sorts of a few hundred thousand durations in

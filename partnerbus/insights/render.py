@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -150,26 +152,42 @@ def _short(text: str, width: int) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
-def _pyplot() -> Any:
+@contextmanager
+def _chart(path: Path | str, size: tuple[float, float], title: str, fontsize: int) -> Iterator[Any]:
+    """A figure's axes (matplotlib's Agg backend); on leaving, its title set and the figure
+    written to `path` as PNG, then closed (written or not)."""
     import matplotlib as mpl
 
     mpl.use("Agg")
     import matplotlib.pyplot as plt
 
-    return plt
+    fig, ax = plt.subplots(figsize=size)
+    try:
+        yield ax
+        ax.set_title(title, fontsize=fontsize)
+        fig.tight_layout()
+        fig.savefig(Path(path), format="png", dpi=110)
+    finally:
+        plt.close(fig)
+
+
+def _nothing(ax: Any, text: str) -> None:
+    ax.text(0.5, 0.5, text, ha="center", va="center")
+    ax.set_axis_off()
 
 
 def response_times_png(result: ResponseTimes, path: Path | str, *, limit: int = 25) -> Path:
     """A ranked horizontal bar chart: each partner's median time to answer (bar) and its
     90th percentile (whisker), slowest at the top; partners whose times grew in red."""
-    plt = _pyplot()
     rows = [r for r in result.partners if r.figures["answer"].median_s is not None]
     rows.sort(key=lambda r: r.figures["answer"].median_s or 0.0, reverse=True)
     rows = rows[:limit]
-    height = max(2.5, 0.4 * len(rows) + 1.5)
-    fig, ax = plt.subplots(figsize=(9, height))
-    try:
-        if rows:
+    p = result.period
+    title = f"Time to answer a referral, {p.since:%Y-%m-%d} → {p.until:%Y-%m-%d}"
+    with _chart(path, (9, max(2.5, 0.4 * len(rows) + 1.5)), title, 10) as ax:
+        if not rows:
+            _nothing(ax, "no figure to show")
+        else:
             days = 86400.0
             medians = [(r.figures["answer"].median_s or 0.0) / days for r in rows]
             p90s = [(r.figures["answer"].p90_s or 0.0) / days for r in rows]
@@ -184,19 +202,7 @@ def response_times_png(result: ResponseTimes, path: Path | str, *, limit: int = 
             ax.set_yticklabels(labels, fontsize=8)
             ax.set_xlabel("median time to answer (days); | = 90th percentile; red: grew")
             ax.legend(loc="lower right", fontsize=8)
-        else:
-            ax.text(0.5, 0.5, "no figure to show", ha="center", va="center")
-            ax.set_axis_off()
-        p = result.period
-        ax.set_title(
-            f"Time to answer a referral, {p.since:%Y-%m-%d} → {p.until:%Y-%m-%d}", fontsize=10
-        )
-        fig.tight_layout()
-        out = Path(path)
-        fig.savefig(out, format="png", dpi=110)
-    finally:
-        plt.close(fig)
-    return out
+    return Path(path)
 
 
 def unmet_png(result: Unmet, path: Path | str, *, limit: int = 30) -> Path:
@@ -204,7 +210,6 @@ def unmet_png(result: Unmet, path: Path | str, *, limit: int = 30) -> Path:
     a cell where the directory has no partner for the need is marked ∅."""
     import numpy as np
 
-    plt = _pyplot()
     needs = sorted({c.need for c in result.cells})
     totals: dict[str, int] = {}
     for c in result.cells:
@@ -219,11 +224,17 @@ def unmet_png(result: Unmet, path: Path | str, *, limit: int = 30) -> Path:
             grid[i, j] = c.units
             if c.supply is not None and c.supply.status == "none":
                 marks.append((i, j))
-    width = max(6.0, 0.45 * len(places) + 4.5)
-    height = max(3.0, 0.35 * len(needs) + 2.0)
-    fig, ax = plt.subplots(figsize=(width, height))
-    try:
-        if needs and places:
+    size = (max(6.0, 0.45 * len(places) + 4.5), max(3.0, 0.35 * len(needs) + 2.0))
+    p = result.period
+    title = (
+        f"Unmet needs by {result.by}, {p.since:%Y-%m-%d} → {p.until:%Y-%m-%d}\n"
+        f"(cells under {result.min_persons} persons rolled up or hidden; ∅: no partner in "
+        "the directory)"
+    )
+    with _chart(path, size, title, 9) as ax:
+        if not (needs and places):
+            _nothing(ax, "no cell to show")
+        else:
             top = float(np.nanmax(grid))
             image = ax.imshow(
                 np.ma.masked_invalid(grid), cmap="OrRd", aspect="auto", vmin=0, vmax=top
@@ -234,35 +245,11 @@ def unmet_png(result: Unmet, path: Path | str, *, limit: int = 30) -> Path:
             )
             ax.set_yticks(range(len(needs)))
             ax.set_yticklabels([_short(n.split("--")[-1], 40) for n in needs], fontsize=7)
-            for i in range(len(needs)):
-                for j in range(len(places)):
-                    if not np.isnan(grid[i, j]):
-                        ink = "white" if grid[i, j] > top * 0.6 else "black"
-                        ax.text(
-                            j,
-                            i,
-                            f"{int(grid[i, j])}",
-                            ha="center",
-                            va="center",
-                            fontsize=6,
-                            color=ink,
-                        )
+            for i, j in zip(*np.nonzero(~np.isnan(grid)), strict=True):
+                ink = "white" if grid[i, j] > top * 0.6 else "black"
+                text = f"{int(grid[i, j])}"
+                ax.text(j, i, text, ha="center", va="center", fontsize=6, color=ink)
             for i, j in marks:
                 ax.text(j + 0.3, i - 0.25, "∅", ha="center", va="center", fontsize=6)
-            fig.colorbar(image, ax=ax, label="unmet needs")
-        else:
-            ax.text(0.5, 0.5, "no cell to show", ha="center", va="center")
-            ax.set_axis_off()
-        p = result.period
-        ax.set_title(
-            f"Unmet needs by {result.by}, {p.since:%Y-%m-%d} → {p.until:%Y-%m-%d}\n"
-            f"(cells under {result.min_persons} persons rolled up or hidden; ∅: no partner in "
-            "the directory)",
-            fontsize=9,
-        )
-        fig.tight_layout()
-        out = Path(path)
-        fig.savefig(out, format="png", dpi=110)
-    finally:
-        plt.close(fig)
-    return out
+            ax.figure.colorbar(image, ax=ax, label="unmet needs")
+    return Path(path)

@@ -377,6 +377,9 @@ def _query(period: Period, dialect: str, use_native: bool) -> Select[Any]:
 
 # the rows --------------------------------------------------------------------------------
 
+NONE = Figure(hidden=True)
+"""A figure no referral reached: nothing to show."""
+
 
 def _rows(counts: Sequence[Any], figures: Sequence[Any], min_persons: int) -> list[TimesRow]:
     def key_of(row: Any) -> tuple[str, str | None]:
@@ -410,8 +413,8 @@ def _rows(counts: Sequence[Any], figures: Sequence[Any], min_persons: int) -> li
             source=source,
             current=v["current"],
             previous=v["previous"],
-            figures={m: v["fig_current"].get(m, _empty(min_persons)) for m in METRICS},
-            previous_figures={m: v["fig_previous"].get(m, _empty(min_persons)) for m in METRICS},
+            figures={m: v["fig_current"].get(m, NONE) for m in METRICS},
+            previous_figures={m: v["fig_previous"].get(m, NONE) for m in METRICS},
         )
         for (partner, source), v in by_key.items()
         # a row only the previous period knows says nothing of this one: kept only if it had
@@ -419,10 +422,6 @@ def _rows(counts: Sequence[Any], figures: Sequence[Any], min_persons: int) -> li
         if v["current"].sent or v["fig_current"]
     ]
     return sorted(out, key=_order)
-
-
-def _empty(min_persons: int) -> Figure:
-    return Figure(hidden=min_persons > 0)
 
 
 def _order(row: TimesRow) -> tuple[int, float, float, str, str]:

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from sqlalchemy import Engine, and_, case, distinct, exists, func, literal, select, union_all
@@ -155,7 +155,7 @@ class Territories:
     epci: dict[str, str]
     epci_departement: dict[str, str]
     names: dict[str, str]
-    departement_of_epci: dict[str, str] = field(default_factory=dict)
+    departement_of_epci: dict[str, str]
     """Each EPCI key → the département it is filed under."""
 
     @classmethod
@@ -300,7 +300,10 @@ Counted = dict[tuple[str, str], dict[str, tuple[int, int]]]
 """(need, territory) → category (or '*') → (needs, persons)."""
 
 
-def _fetch(engine: Engine, period: Period, territories: Territories, levels: Iterable[str]) -> Any:
+def _fetch(
+    engine: Engine, period: Period, territories: Territories, levels: Iterable[str]
+) -> tuple[dict[str, Counted], dict[str, tuple[int, int]]]:
+    """Each level's counts and the network-wide totals per category, in one reading."""
     out: dict[str, Counted] = {}
     with reading(engine) as conn:
         for level in levels:
@@ -349,7 +352,7 @@ def unmet(
     watched = list(needs) if needs is not None else list(WATCHED_NEEDS)
     checked = [n for n in dict.fromkeys([*watched, *sorted(observed)]) if directory.has_need(n)]
     supply = _supply(directory, territories, by, checked)
-    cells = [_with_supply(cell, supply.get((cell.need, cell.territory))) for cell in cells]
+    cells = [replace(cell, supply=supply.get((cell.need, cell.territory))) for cell in cells]
     gaps = [
         SupplyGap(need, code, territories.name(code), s)
         for (need, code), s in sorted(supply.items())
@@ -357,22 +360,6 @@ def unmet(
     ]
     shown_totals = _categories(totals, min_persons)
     return Unmet(period, by, cells, hidden, gaps, min_persons, shown_totals)
-
-
-def _with_supply(cell: UnmetCell, supply: Supply | None) -> UnmetCell:
-    if supply is None:
-        return cell
-    return UnmetCell(
-        cell.need,
-        cell.territory,
-        cell.name,
-        cell.level,
-        cell.units,
-        cell.persons,
-        cell.categories,
-        cell.rolled_up,
-        supply,
-    )
 
 
 def _privacy(

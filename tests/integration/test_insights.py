@@ -349,3 +349,38 @@ def test_an_insight_leaves_the_connection_settings_as_they_were(responses: Store
     unmet(responses.engine, load_sample(), PERIOD)
     with responses.engine.connect() as conn:
         assert [conn.exec_driver_sql(q).scalar() for q in queries] == before
+
+
+def test_cli_says_what_is_wrong_with_the_options(tmp_path, monkeypatch) -> None:
+    """A bad date, a period that ends before it starts, a chart that cannot be written:
+    a clear error and exit 2, no traceback (the chart's before anything is read)."""
+    monkeypatch.setenv("PARTNERBUS_DATABASE_URL", f"sqlite:///{tmp_path / 'ledger.db'}")
+    runner = CliRunner()
+    cases = [
+        (["response-times", "--since", "yesterday"], "a date is ISO"),
+        (["unmet", "--since", "2026-02-01", "--until", "2026-01-01"], "before it starts"),
+        (["response-times", "--png", str(tmp_path / "nowhere" / "t.png")], "cannot write"),
+        (["unmet", "--png", str(tmp_path)], "it is a directory"),
+    ]
+    for args, said in cases:
+        result = runner.invoke(cli, ["insights", *args])
+        assert result.exit_code == 2, result.output
+        assert said in result.output and "Traceback" not in result.output
+        assert result.exception is None or isinstance(result.exception, SystemExit)
+
+
+def test_an_insight_reads_beside_the_writers(responses: Store) -> None:
+    """An insight's reads take no write lock (SQLite) and write nothing (PostgreSQL): the
+    service records on while a coordinator reads a year of its ledger."""
+    from sqlalchemy.exc import DBAPIError
+
+    from partnerbus.insights.common import reading
+
+    with reading(responses.engine) as conn:
+        conn.exec_driver_sql("SELECT count(*) FROM referrals").scalar()
+        if responses.is_sqlite:
+            with responses.begin() as tx:  # would wait 30 s, then fail, behind a write lock
+                tx.conn.exec_driver_sql("DELETE FROM outbox")
+        else:
+            with pytest.raises(DBAPIError, match="read-only"):
+                conn.exec_driver_sql("DELETE FROM outbox")
