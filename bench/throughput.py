@@ -37,6 +37,7 @@ the phase and how many arrived. Figures are only comparable within one run.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import os
@@ -329,6 +330,7 @@ class Counter:
         self._ids: list[str] = []
         self._refs: dict[str, tuple[dict[str, str], int]] = {}
         self.messages = 0
+        self.by_type: collections.Counter[str] = collections.Counter()
         self.referrals = 0
         self.unmatched = 0
         self.last_message = time.monotonic()
@@ -372,6 +374,7 @@ class Counter:
             body = json.loads(message.body)
         except ValueError:
             body = {}
+        self.by_type[str(body.get("type"))] += 1
         if body.get("type") == "referral":
             self.referrals += 1
             sid = self._signal_of(str(body.get("partner")), str(body.get("signal_ref")))
@@ -705,6 +708,15 @@ async def grant_consents(scene: Scene, persons: list[str], what: str) -> float:
                 raise BenchError(msg)
             await asyncio.sleep(0.2)  # a database count: nothing to wait on
         await sender
+        # The bus answers each consent to the agency (`consent-recorded`): let those
+        # answers arrive too, so that the phase measured next carries only its signals.
+        answered = scene.counter.by_type
+        await scene.counter.until(
+            lambda: answered["consent-recorded"] >= target,
+            lambda: answered["consent-recorded"],
+            f"{what}: consent answers",
+            run.stall_s,
+        )
     finally:
         if not sender.done():
             sender.cancel()

@@ -336,8 +336,10 @@ async def replay_letters(
             topology=topology,
             to_partner=to_partner,
         )
-        _audit(store, by, "dead-letter-replayed", outcome.replayed)
-        _audit_refused(store, by, outcome.refused)
+        # off the event loop: a service in this process may hold the write lock while it
+        # waits for the loop to publish
+        await asyncio.to_thread(_audit, store, by, "dead-letter-replayed", outcome.replayed)
+        await asyncio.to_thread(_audit_refused, store, by, outcome.refused)
         total.replayed.extend(outcome.replayed)
         total.refused.extend(outcome.refused)
     return total
@@ -369,7 +371,7 @@ async def purge_letters(
     purged: list[DeadLetter] = []
     for name in names:
         letters = await take(connection, name, wanted, remove, _own_user(settings))
-        _audit(store, by, "dead-letter-purged", letters)
+        await asyncio.to_thread(_audit, store, by, "dead-letter-purged", letters)
         purged.extend(letters)
     return purged
 

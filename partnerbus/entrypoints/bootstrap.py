@@ -593,7 +593,8 @@ def _subscribe_directory_updates(
 def app_factory() -> FastStream:
     """Entry point of `faststream run --factory` (what `partnerbus run` starts)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    bus = create_app(log_level=logging.INFO)
+    settings = Settings()
+    bus = create_app(settings, log_level=logging.INFO if settings.log_messages else logging.DEBUG)
     # The directory is built once and then only read: keep the collector off its objects.
     gc.freeze()
     return bus.app

@@ -6,6 +6,8 @@ flushes as soon as the list of waiting handlers stops growing, or when it is ful
 runs one transaction in the intake's own database thread: each message's use case in its
 own SAVEPOINT, so that one that fails is rolled back alone and gets its own exception
 (refused, dead-lettered, retried: exactly as when it ran alone), and one commit for all.
+(The savepoints are taken only once a message has failed: the batch first runs without
+them, and runs again with them if one fails.)
 Only after that commit is any handler told, so every message is acked after its record is
 durable; a commit that fails fails every message of the batch (retried, never acked).
 
@@ -131,9 +133,24 @@ class Batcher:
         return outcomes
 
     def _run(self, batch: list[_Waiting]) -> list[_Outcome]:
-        """One transaction for the batch, each message in its own savepoint."""
+        """One transaction for the batch. Optimistic first: the messages run one after the
+        other with no savepoint (two statements each spared, issue 9); the first that
+        fails rolls the whole transaction back, and the batch runs again with each message
+        in its own savepoint, so that the failing one is rolled back alone and gets its own
+        exception. Only committed work is ever told to a handler, either way."""
 
-        def work(tx: LedgerTx) -> list[_Outcome]:
+        def unguarded(tx: LedgerTx) -> list[_Outcome]:
+            outcomes: list[_Outcome] = []
+            for item in batch:
+                try:
+                    outcomes.append(_Outcome(done=item.work(tx)))
+                except Exception as exc:
+                    if _ends_transaction(exc, tx):
+                        raise  # Store.run re-runs a conflict; anything else fails all
+                    raise _Guard from exc
+            return outcomes
+
+        def guarded(tx: LedgerTx) -> list[_Outcome]:
             outcomes: list[_Outcome] = []
             for item in batch:
                 try:
@@ -145,4 +162,11 @@ class Batcher:
                     outcomes.append(_Outcome(error=exc))
             return outcomes
 
-        return self.store.run(work)
+        try:
+            return self.store.run(unguarded)
+        except _Guard:
+            return self.store.run(guarded)
+
+
+class _Guard(Exception):  # noqa: N818 - a signal to run the batch again, guarded
+    """A message of an unguarded batch failed: run it again, each message in a savepoint."""

@@ -177,22 +177,26 @@ class Relay:
             timeout=self.timeout_s,
         )
 
-    async def _publish_window(self, rows: list[OutboxRow]) -> dict[int, BaseException | None]:
+    async def _publish_window(
+        self, rows: list[OutboxRow], *, probe: bool = True
+    ) -> dict[int, BaseException | None]:
         """Publish `rows` and wait for their confirms: row id → None (confirmed) or the
-        failure. The first goes alone: if the broker cannot be asked, the others are not
-        tried (absent from the result). The rest are published at once, in order, on the
-        one confirming channel, and their confirms awaited together."""
+        failure. With `probe`, the first goes alone: if the broker cannot be asked, the
+        others are not tried (absent from the result). The rest are published at once, in
+        order, on the one confirming channel, and their confirms awaited together."""
         outcomes: dict[int, BaseException | None] = {}
         if not rows:
             return outcomes
-        first, *rest = rows
-        try:
-            await self._publish(first)
-            outcomes[first.id] = None
-        except Exception as exc:
-            outcomes[first.id] = exc
-            if _failure(exc) == "unreachable":
-                return outcomes
+        first: OutboxRow | None = rows[0] if probe else None
+        rest = rows[1:] if probe else rows
+        if first is not None:
+            try:
+                await self._publish(first)
+                outcomes[first.id] = None
+            except Exception as exc:
+                outcomes[first.id] = exc
+                if _failure(exc) == "unreachable":
+                    return outcomes
         results = await asyncio.gather(
             *(_awaited(self._publish(row)) for row in rest), return_exceptions=True
         )
@@ -289,6 +293,10 @@ class Relay:
         def attempt(
             tx: LedgerTx,
         ) -> tuple[list[OutboxRow], dict[int, BaseException | None], int]:
+            # the window, then the notices its confirms queued (published in the same
+            # transaction), with their outcomes
+            sent: list[OutboxRow] = []
+            outcomes: dict[int, BaseException | None] = {}
             nonlocal published
             withheld = 0
             to_send: list[OutboxRow] = []
@@ -311,22 +319,28 @@ class Relay:
             if self._too_late(claimed_at):
                 raise _TooLate
             published = bool(to_send)
-            future = asyncio.run_coroutine_threadsafe(self._publish_window(to_send), loop)
-            try:
-                outcomes = future.result(timeout=2 * self.timeout_s + 5)
-            except Exception as exc:
-                future.cancel()
-                if isinstance(exc, FutureTimeout):
-                    exc = TimeoutError("no confirm in time")
-                # Whether any of them left is unknown: each counts as tried.
-                outcomes = {row.id: exc for row in to_send}
+            outcomes.update(self._publish_from_thread(to_send, loop))
             now = self.ledger.clock()
             _record(tx, to_send, outcomes, now)
-            for row in to_send:
-                if self._is_referral(row) and outcomes.get(row.id, False) is None:
-                    assert row.referral_id is not None
-                    mark_delivered(self.ledger, tx, row.referral_id)
-            return to_send, outcomes, withheld
+            sent.extend(to_send)
+            # The confirms queue `delivered` notices for the source and the agency: claimed
+            # as they are written and published now, in this transaction, rather than by
+            # another claim and another transaction after it (issue 9). A notice that
+            # fails waits in the outbox for the next window, like any row.
+            with tx.outbox.claiming(now + self.lease) as notices:
+                for row in to_send:
+                    if self._is_referral(row) and outcomes.get(row.id, False) is None:
+                        assert row.referral_id is not None
+                        mark_delivered(self.ledger, tx, row.referral_id)
+            if notices:
+                if self._too_late(claimed_at):
+                    _record(tx, notices, {}, now)  # left for the next window
+                else:
+                    told = self._publish_from_thread(notices, loop, probe=False)
+                    _record(tx, notices, told, self.ledger.clock())
+                    outcomes.update(told)
+                    sent.extend(notices)
+            return sent, outcomes, withheld
 
         store = self.ledger.store
         for tries in range(1, 9):
@@ -355,6 +369,20 @@ class Relay:
                     raise
                 backoff(tries)
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _publish_from_thread(
+        self, rows: list[OutboxRow], loop: asyncio.AbstractEventLoop, *, probe: bool = True
+    ) -> dict[int, BaseException | None]:
+        """`_publish_window` on the event loop, waited for from the relay's database thread."""
+        future = asyncio.run_coroutine_threadsafe(self._publish_window(rows, probe=probe), loop)
+        try:
+            return future.result(timeout=2 * self.timeout_s + 5)
+        except Exception as exc:
+            future.cancel()
+            if isinstance(exc, FutureTimeout):
+                exc = TimeoutError("no confirm in time")
+            # Whether any of them left is unknown: each counts as tried.
+            return {row.id: exc for row in rows}
 
     def _too_late(self, claimed_at: float) -> bool:
         return time.monotonic() - claimed_at > self.lease.total_seconds() / 2

@@ -44,6 +44,7 @@ from partnerbus.ledger.repos import (
     ConsentRepository,
     JournalRepository,
     OutboxRepository,
+    OutboxRow,
     ProcessedRepository,
     ReferralRepository,
     ReferralRow,
@@ -52,6 +53,7 @@ from partnerbus.ledger.repos import (
     SignalRow,
     UnsentRow,
 )
+from partnerbus.ledger.repos.base import RowCache
 from partnerbus.ledger.repos.base import row_of as _row
 
 log = logging.getLogger("partnerbus.ledger")
@@ -81,18 +83,6 @@ def backoff(attempt: int) -> None:
 
 
 @dataclass(frozen=True)
-class OutboxRow:
-    id: int
-    message_id: str
-    routing_key: str
-    message_type: str
-    body: str
-    referral_id: str | None
-    attempts: int
-    priority: int = 2
-
-
-@dataclass(frozen=True)
 class AuditRow:
     at: datetime
     actor: str
@@ -115,14 +105,16 @@ class LedgerTx:
 
     def __init__(self, conn: Connection) -> None:
         self.conn = conn
+        # the rows this transaction has read, shared by the repositories that read them
+        self.cache = cache = RowCache(conn)
         self.processed = ProcessedRepository(conn)
-        self.signals = SignalRepository(conn)
+        self.signals = SignalRepository(conn, cache)
         self.consents = ConsentRepository(conn)
         self.journal = JournalRepository(conn)
-        self.referrals = ReferralRepository(conn)
-        self.capacity = CapacityRepository(conn)
+        self.referrals = ReferralRepository(conn, cache)
+        self.capacity = CapacityRepository(conn, cache)
         self.audit = AuditRepository(conn)
-        self.retention = RetentionRepository(conn)
+        self.retention = RetentionRepository(conn, cache)
         self.outbox = OutboxRepository(conn)
 
     # the transaction itself -------------------------------------------------------------
@@ -130,8 +122,12 @@ class LedgerTx:
     def savepoint(self) -> Iterator[None]:
         """A nested transaction: what runs inside is rolled back alone if it raises (the
         exception propagates), and the enclosing transaction goes on."""
-        with self.conn.begin_nested():
-            yield
+        try:
+            with self.conn.begin_nested():
+                yield
+        except BaseException:
+            self.cache.clear()  # what it read or wrote was rolled back with it
+            raise
 
     @property
     def usable(self) -> bool:
@@ -172,9 +168,15 @@ class Store:
             with self.read() as tx:
                 yield tx
             return
+        with self._writing() as conn:
+            yield LedgerTx(conn)
+
+    @contextmanager
+    def _writing(self) -> Iterator[Connection]:
+        """A writing transaction's connection (every write of the ledger goes through here)."""
         if self._write_gate is None:
             with self.engine.begin() as conn:
-                yield LedgerTx(conn)
+                yield conn
             return
         # SQLite: the threads of this process take turns on the file's write lock here,
         # woken as soon as it is free, rather than in SQLite's busy handler, which sleeps
@@ -185,7 +187,7 @@ class Store:
             raise OperationalError("BEGIN IMMEDIATE", {}, sqlite3.OperationalError(msg))
         try:
             with self.engine.begin() as conn:
-                yield LedgerTx(conn)
+                yield conn
         finally:
             self._write_gate.release()
 
@@ -263,7 +265,7 @@ class Store:
         )
         if exclude:
             query = query.where(t.outbox.c.id.not_in(list(exclude)))
-        with self.engine.begin() as conn:
+        with self._writing() as conn:
             ids = [row_id for (row_id,) in conn.execute(query).all()]
             if not ids:
                 return []
@@ -287,7 +289,7 @@ class Store:
         return claimed
 
     def release(self, outbox_id: int, error: str) -> None:
-        with self.engine.begin() as conn:
+        with self._writing() as conn:
             conn.execute(
                 update(t.outbox)
                 .where(t.outbox.c.id == outbox_id)
@@ -298,7 +300,7 @@ class Store:
         """Give back claimed rows that were never tried (their claim did not count)."""
         if not outbox_ids:
             return
-        with self.engine.begin() as conn:
+        with self._writing() as conn:
             conn.execute(
                 update(t.outbox)
                 .where(t.outbox.c.id.in_(list(outbox_ids)), t.outbox.c.sent_at.is_(None))

@@ -22,7 +22,7 @@ def database_url(engine_url: str) -> str:
 
 
 def need_states(bus, signal_id: str) -> dict[str, str]:
-    with bus.store.begin() as tx:
+    with bus.store.read() as tx:  # no write lock: the relay may hold it, waiting for the loop
         return tx.signals.need_states(signal_id)
 
 
@@ -104,7 +104,7 @@ async def test_a_revocation_dated_in_the_future_takes_effect_at_once(bus, channe
     assert answer.status_code == 202, answer.text
     withdrawn = await inbox.expect_kind("referral-withdrawn")
     assert withdrawn.body["referral_id"] == referral.body["referral_id"]
-    with bus.store.begin() as tx:
+    with bus.store.read() as tx:
         stored = tx.consents.get(given["consent_id"])
     assert stored.revoked_at <= datetime.now(UTC)
 

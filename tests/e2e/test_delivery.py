@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -216,8 +217,12 @@ async def test_an_unroutable_message_stays_in_the_outbox_until_its_queue_exists(
         partner="ghost-partner",
         due_by=now + timedelta(days=1),
     )
-    with bus.store.begin() as tx:
+
+    def enqueue(tx: LedgerTx) -> None:
         tx.outbox.enqueue(disclose(reminder, {"partner"}), "ghost-partner", now)
+
+    # off the event loop: the relay may hold the write lock while it waits for the loop
+    await asyncio.to_thread(bus.store.run, enqueue)
     await bus.relay.flush()  # waits for any sweep under way: the row has been tried once
     assert bus.store.pending_count() == 1
     assert bus.store.failing_count() == 1

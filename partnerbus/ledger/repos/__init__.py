@@ -6,7 +6,12 @@ from partnerbus.ledger.repos.base import Conflict, Repository
 from partnerbus.ledger.repos.capacity import CapacityRepository
 from partnerbus.ledger.repos.consents import ConsentRepository
 from partnerbus.ledger.repos.journal import JournalRepository
-from partnerbus.ledger.repos.outbox import OutboxRepository, UnsentRow, outbox_priority
+from partnerbus.ledger.repos.outbox import (
+    OutboxRepository,
+    OutboxRow,
+    UnsentRow,
+    outbox_priority,
+)
 from partnerbus.ledger.repos.processed import ProcessedRepository
 from partnerbus.ledger.repos.referrals import ReferralRepository, ReferralRow
 from partnerbus.ledger.repos.retention import RetentionRepository
@@ -19,6 +24,7 @@ __all__ = [
     "ConsentRepository",
     "JournalRepository",
     "OutboxRepository",
+    "OutboxRow",
     "ProcessedRepository",
     "ReferralRepository",
     "ReferralRow",

@@ -34,12 +34,45 @@ def advisory_lock(conn: Connection, *names: str) -> None:
     conn.execute(select(func.pg_advisory_xact_lock(int.from_bytes(digest, "big", signed=True))))
 
 
+class RowCache:
+    """Rows one transaction has read, so that it reads each at most once (issue 9: the
+    relay read a referral four times and its signal twice per send). Kept per
+    transaction (`LedgerTx`), so a re-run starts afresh. A row may be served again when
+    nothing else can have changed it since: on SQLite any row (BEGIN IMMEDIATE holds the
+    file's write lock, a read transaction its snapshot); on PostgreSQL only a row this
+    transaction holds locked (FOR UPDATE), or one that never changes once written (a
+    signal's identity and body: `stable`). A repository writing a cached row updates or
+    drops it; a savepoint rolled back and a retention rewrite drop them all."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.any_row = conn.dialect.name == "sqlite"
+        self.rows: dict[tuple[str, str], tuple[Any, bool]] = {}
+
+    def get(self, kind: str, key: str, *, lock: bool = False, stable: bool = False) -> Any:
+        """The cached row, or None if it must be read (again)."""
+        found = self.rows.get((kind, key))
+        if found is None:
+            return None
+        row, locked = found
+        return row if self.any_row or locked or (stable and not lock) else None
+
+    def put(self, kind: str, key: str, row: Any, *, locked: bool = False) -> None:
+        self.rows[(kind, key)] = (row, locked or self.rows.get((kind, key), (None, False))[1])
+
+    def drop(self, kind: str, key: str) -> None:
+        self.rows.pop((kind, key), None)
+
+    def clear(self) -> None:
+        self.rows.clear()
+
+
 class Repository:
     """One concern of the ledger, over the connection of the transaction it works in: a
     repository never begins nor commits; `Store.begin` does, around all of them."""
 
-    def __init__(self, conn: Connection) -> None:
+    def __init__(self, conn: Connection, cache: RowCache | None = None) -> None:
         self.conn = conn
+        self.cache = cache if cache is not None else RowCache(conn)
 
     def _upsert(self, table: Table, key: dict[str, Any], values: dict[str, Any]) -> None:
         """Insert or update in one statement (INSERT … ON CONFLICT DO UPDATE): two

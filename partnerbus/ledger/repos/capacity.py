@@ -29,6 +29,7 @@ class CapacityRepository(Repository):
     decision, the partner's places taken by its open referrals, under the partner's lock."""
 
     def set(self, partner_id: str, status: str, remaining: int | None, now: datetime) -> None:
+        self.cache.put("capacity", partner_id, (status, remaining))
         self._upsert(
             t.partner_capacity,
             {"partner_id": partner_id},
@@ -38,8 +39,16 @@ class CapacityRepository(Repository):
     def get(self, partner_id: str) -> tuple[str, int | None] | None:
         """The partner's last capacity event: (status, remaining); None if it never sent
         one (the directory's declaration then stands)."""
+        # Read once per transaction (a batch routes many signals to the same partners),
+        # on either engine: this read is not what guards the places (`lock` and `taken`
+        # are), so reading it once is as good as reading it at the transaction's start.
+        cached = self.cache.rows.get(("capacity", partner_id))
+        if cached is not None:
+            return cached[0]  # type: ignore[no-any-return]
         row = self.conn.execute(GET, {"partner_id": partner_id}).first()
-        return (row.status, row.remaining) if row is not None else None
+        found = (row.status, row.remaining) if row is not None else None
+        self.cache.put("capacity", partner_id, found)
+        return found
 
     def lock(self, partner_id: str) -> None:
         """Serialise, until this transaction ends, every decision to give this partner one

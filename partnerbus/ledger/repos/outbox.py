@@ -3,14 +3,15 @@ once it has committed (`handlers/outbox.py`); the relay's own claims are on `Sto
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import Connection, delete, select, update
 
 from partnerbus.ledger import tables as t
-from partnerbus.ledger.repos.base import Repository
+from partnerbus.ledger.repos.base import Repository, RowCache
 from partnerbus.ledger.repos.base import row_of as _row
 from partnerbus.rules.disclosure import Disclosed
 from partnerbus.schemas import Message
@@ -44,6 +45,20 @@ def _checked(disclosed: Disclosed[Message], routing_key: str) -> Message:
 
 
 @dataclass(frozen=True)
+class OutboxRow:
+    """A row the relay holds a claim on, to publish it."""
+
+    id: int
+    message_id: str
+    routing_key: str
+    message_type: str
+    body: str
+    referral_id: str | None
+    attempts: int
+    priority: int = 2
+
+
+@dataclass(frozen=True)
 class UnsentRow:
     """An outbox row that never left (its body is not read: retention only counts it)."""
 
@@ -57,6 +72,24 @@ class UnsentRow:
 
 class OutboxRepository(Repository):
     """Rows to send, and what the relay, retention and replays do with them."""
+
+    def __init__(self, conn: Connection, cache: RowCache | None = None) -> None:
+        super().__init__(conn, cache)
+        self._claim_until: datetime | None = None
+        self._claimed: list[OutboxRow] = []
+
+    @contextmanager
+    def claiming(self, until: datetime) -> Iterator[list[OutboxRow]]:
+        """The rows enqueued inside, apart from those of a referral (they keep its order,
+        `Store.claim_pending`), are claimed at once until `until` for the caller, which
+        publishes them in this same transaction: the relay sends the `delivered` notices
+        of a window with it, without another claim (issue 9). Yields the list they are
+        added to."""
+        self._claim_until, self._claimed = until, []
+        try:
+            yield self._claimed
+        finally:
+            self._claim_until = None
 
     def undeliverable_before(self, cutoff: datetime) -> list[UnsentRow]:
         """Unsent outbox rows created before `cutoff`, oldest first (without their bodies)."""
@@ -107,19 +140,34 @@ class OutboxRepository(Repository):
         """Record a message to send once this transaction commits (the outbox). It is
         `Disclosed`: cut to what its recipient's roles may see (docs/DISCLOSURE.md)."""
         message = _checked(disclosed, routing_key)
-        self.conn.execute(
-            INSERT_OUTBOX,
-            {
-                "message_id": message.message_id,
-                "routing_key": routing_key,
-                "message_type": getattr(message, "type", type(message).__name__),
-                "body": message.model_dump_json(),
-                "referral_id": referral_id,
-                "created_at": now,
-                "attempts": 0,
-                "priority": outbox_priority(message),
-            },
-        )
+        claim = self._claim_until if referral_id is None else None
+        values = {
+            "message_id": message.message_id,
+            "routing_key": routing_key,
+            "message_type": getattr(message, "type", type(message).__name__),
+            "body": message.model_dump_json(),
+            "referral_id": referral_id,
+            "created_at": now,
+            "attempts": 0 if claim is None else 1,
+            "priority": outbox_priority(message),
+            "claimed_until": claim,
+        }
+        inserted = self.conn.execute(INSERT_OUTBOX, values)
+        if claim is not None:
+            key = inserted.inserted_primary_key
+            assert key is not None
+            self._claimed.append(
+                OutboxRow(
+                    id=int(key[0]),
+                    message_id=message.message_id,
+                    routing_key=routing_key,
+                    message_type=str(values["message_type"]),
+                    body=str(values["body"]),
+                    referral_id=None,
+                    attempts=1,
+                    priority=outbox_priority(message),
+                )
+            )
 
     def referral_rows(self, referral_id: str) -> list[tuple[int, int, bool]]:
         """The outbox rows carrying this referral itself: (id, claims, sent), oldest first.

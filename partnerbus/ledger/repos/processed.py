@@ -2,32 +2,41 @@
 
 from __future__ import annotations
 
+import functools
 from datetime import datetime
+from typing import Any
 
-from sqlalchemy import bindparam, delete, select
+from sqlalchemy import delete
+from sqlalchemy.dialects import postgresql, sqlite
 
 from partnerbus.ledger import tables as t
 from partnerbus.ledger.repos.base import Repository
 
-# Built once; the values go as execute() parameters, so each call reuses the compiled
-# statement instead of building and cache-keying a new `.values(...)` construct (issue 9).
-INSERT = t.processed.insert()
-# The hot reads, built once with bound parameters (see INSERT).
-SEEN = select(t.processed.c.message_id).where(
-    t.processed.c.message_id == bindparam("message_id"), t.processed.c.queue == bindparam("queue")
-)
+
+@functools.cache
+def _mark_statement(dialect_name: str) -> Any:
+    """The dedupe mark, inserted unless it is there (built once per dialect)."""
+    dialect = postgresql if dialect_name == "postgresql" else sqlite
+    # RETURNING tells whether it inserted: psycopg's rowcount is -1 here
+    return (
+        dialect.insert(t.processed)
+        .on_conflict_do_nothing(index_elements=["message_id", "queue"])
+        .returning(t.processed.c.message_id)
+    )
 
 
 class ProcessedRepository(Repository):
     """A message recorded once per queue, so that a redelivery changes nothing."""
 
     def first_time(self, message_id: str, queue: str, now: datetime) -> bool:
-        """Record that this message was processed; False if it already was (a redelivery)."""
-        seen = self.conn.execute(SEEN, {"message_id": message_id, "queue": queue}).first()
-        if seen:
-            return False
-        self.conn.execute(INSERT, {"message_id": message_id, "queue": queue, "processed_at": now})
-        return True
+        """Record that this message was processed; False if it already was (a redelivery).
+        One statement (INSERT … ON CONFLICT DO NOTHING): on PostgreSQL a redelivery racing
+        the first delivery's uncommitted mark waits for it and then finds it."""
+        inserted = self.conn.execute(
+            _mark_statement(self.conn.dialect.name),
+            {"message_id": message_id, "queue": queue, "processed_at": now},
+        ).first()
+        return inserted is not None
 
     def delete_before(self, cutoff: datetime) -> int:
         return int(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from datetime import datetime
 from typing import Any
 
@@ -51,6 +51,9 @@ class ReferralRow:
     stalled_reported_at: datetime | None = None
 
 
+_FIELDS = frozenset(f.name for f in fields(ReferralRow))
+
+
 class ReferralRepository(Repository):
     """Referral rows: every write of a referral's state is a compare-and-set (`update`),
     recorded in its history (`record_transition`)."""
@@ -61,9 +64,16 @@ class ReferralRepository(Repository):
     def get(self, referral_id: str, *, lock: bool = False) -> ReferralRow | None:
         """A referral; with `lock`, its row is held until this transaction ends
         (SELECT … FOR UPDATE on PostgreSQL; SQLite's BEGIN IMMEDIATE holds everything)."""
+        cached = self.cache.get("referral", referral_id, lock=lock)
+        if cached is not None:
+            return cached  # type: ignore[no-any-return]
         query = GET_LOCKED if lock else GET
         row = self.conn.execute(query, {"referral_id": referral_id}).first()
-        return row_of(ReferralRow, row) if row else None
+        if row is None:
+            return None
+        referral = row_of(ReferralRow, row)
+        self.cache.put("referral", referral_id, referral, locked=lock)
+        return referral
 
     def for_signal(self, signal_id: str, need: str | None = None) -> list[ReferralRow]:
         query = select(t.referrals).where(t.referrals.c.signal_id == signal_id)
@@ -127,6 +137,7 @@ class ReferralRepository(Repository):
         `last_news` (its status or `updated_at` moved) or the step was taken already
         (another pass, another worker)."""
         c = t.referrals.c
+        self.cache.drop("referral", referral_id)
         return bool(
             self.conn.execute(
                 update(t.referrals)
@@ -149,8 +160,15 @@ class ReferralRepository(Repository):
             {**values, "where_referral_id": referral_id, "where_status": expected_status},
         ).rowcount
         if changed != 1:
+            self.cache.drop("referral", referral_id)
             msg = f"referral {referral_id} is no longer {expected_status}"
             raise Conflict(msg)
+        cached = self.cache.rows.get(("referral", referral_id))
+        if cached is not None and set(values) <= _FIELDS:
+            # written under the compare-and-set: the row as it now stands
+            self.cache.put("referral", referral_id, replace(cached[0], **values), locked=True)
+        else:
+            self.cache.drop("referral", referral_id)
 
     def record_transition(
         self,

@@ -41,6 +41,7 @@ class RetentionRepository(Repository):
     def delete_partner_text_before(self, cutoff: datetime, bus_actor: str) -> int:
         """Erase what partners wrote (status notes, outcomes) before `cutoff`; the codes
         (status, rejection reason) stay. Returns how many texts were erased."""
+        self.cache.clear()  # it rewrites referral rows this transaction may have read
         notes = self.conn.execute(
             update(t.referral_history)
             .where(
@@ -79,6 +80,7 @@ class RetentionRepository(Repository):
     def anonymise_person_records(self, signal_id: str, token: str, now: datetime) -> None:
         """Replace the person's reference by a token in the audit records of this signal and
         its referrals (not in those of the person's other, maybe still open, signals)."""
+        self.cache.clear()  # it rewrites referral rows this transaction may have read
         referral_ids = select(t.referrals.c.referral_id).where(t.referrals.c.signal_id == signal_id)
         self.conn.execute(
             update(t.referrals)

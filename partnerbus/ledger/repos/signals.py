@@ -103,13 +103,24 @@ class SignalRepository(Repository):
             anonymised_at=None,
         )
         self.conn.execute(INSERT, dataclasses.asdict(row))
+        self.cache.put("signal", row.signal_id, row)
         return row
 
     def get(self, signal_id: str) -> SignalRow | None:
+        # A signal's identity and body never change once recorded (only retention rewrites
+        # them, and it drops the cache): read once per transaction on either engine.
+        cached = self.cache.get("signal", signal_id, stable=True)
+        if cached is not None:
+            return cached  # type: ignore[no-any-return]
         row = self.conn.execute(GET, {"signal_id": signal_id}).first()
-        return row_of(SignalRow, row) if row else None
+        if row is None:
+            return None
+        signal = row_of(SignalRow, row)
+        self.cache.put("signal", signal_id, signal)
+        return signal
 
     def rewrite(self, signal_id: str, **values: Any) -> None:
+        self.cache.drop("signal", signal_id)
         self.conn.execute(
             update(t.signals).where(t.signals.c.signal_id == signal_id).values(**values)
         )
