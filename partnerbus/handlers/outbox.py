@@ -13,6 +13,10 @@ referral (`Store.claim_pending`), so publishing a window at once never reorders 
 messages, across relays too. The first row of a window goes alone: if the broker cannot be
 reached, the rest is given back untried.
 
+The `delivered` notices a window's confirms queue for the source and the agency are claimed
+as that transaction writes them, and published as soon as it has committed: no claim of
+their own, and they never wait behind later referrals.
+
 A window that carries referrals is sent inside ONE transaction that holds, for each of them,
 its consent (shared) and its row (locked) from the last check to the recorded confirm: a
 revocation, an answer or an expiry comes wholly before (the referral does not leave) or after
@@ -29,7 +33,7 @@ import time
 from collections.abc import Awaitable, Callable, Collection
 from concurrent.futures import Executor
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from functools import partial
 from typing import Any
@@ -62,6 +66,8 @@ class _Round:
     refused: tuple[int, ...] = ()
     unreachable: bool = False
     claimed: int = 0
+    later: list[OutboxRow] = field(default_factory=list)
+    """Rows the window's transaction claimed as it wrote them, to publish after its commit."""
 
 
 class Relay:
@@ -223,14 +229,17 @@ class Relay:
         result.refused = tuple(refused)
         return result
 
-    async def _send_plain(self, rows: list[OutboxRow], claimed_at: float) -> _Round:
+    async def _send_plain(
+        self, rows: list[OutboxRow], claimed_at: float, *, probe: bool = True
+    ) -> _Round:
         """Rows that need no check at send time (notices, reminders, withdrawals): publish
-        the window, then record every confirm and failure in one short transaction."""
+        the window, then record every confirm and failure in one short transaction.
+        `probe`: see `_publish_window` (not needed right after a window the broker took)."""
         store = self.ledger.store
         if self._too_late(claimed_at):
             await self._db(store.release_untried, [row.id for row in rows])
             return _Round()
-        outcomes = await self._publish_window(rows)
+        outcomes = await self._publish_window(rows, probe=probe)
         await self._db(self._record_plain, rows, outcomes)
         return self._tally(rows, outcomes)
 
@@ -252,7 +261,7 @@ class Relay:
         loop = asyncio.get_running_loop()
         try:
             whole: _Round = await self._db(self._send_in_tx, rows, loop, claimed_at)
-            return whole
+            return await self._send_later(whole)
         except _CheckFailed as failed:
             if len(rows) == 1:
                 raise failed.error from None
@@ -270,12 +279,24 @@ class Relay:
             total.sent += one.sent
             total.withheld += one.withheld
             total.refused += one.refused
+            total.later += one.later
             if one.unreachable:
                 total.unreachable = True
                 rest = [r.id for r in rows[rows.index(row) + 1 :]]
                 await self._db(self.ledger.store.release_untried, rest)
                 break
-        return total
+        return await self._send_later(total)
+
+    async def _send_later(self, result: _Round) -> _Round:
+        """The notices a window's confirms queued (claimed as they were written), published
+        now that its transaction has committed; counted into `result`."""
+        if result.later:
+            after = await self._send_plain(result.later, time.monotonic(), probe=False)
+            result.sent += after.sent
+            result.refused += after.refused
+            result.unreachable = result.unreachable or after.unreachable
+            result.later = []
+        return result
 
     def _send_in_tx(
         self, rows: list[OutboxRow], loop: asyncio.AbstractEventLoop, claimed_at: float
@@ -297,6 +318,7 @@ class Relay:
             # transaction), with their outcomes
             sent: list[OutboxRow] = []
             outcomes: dict[int, BaseException | None] = {}
+            later.clear()
             nonlocal published
             withheld = 0
             to_send: list[OutboxRow] = []
@@ -324,25 +346,19 @@ class Relay:
             _record(tx, to_send, outcomes, now)
             sent.extend(to_send)
             # The confirms queue `delivered` notices for the source and the agency: claimed
-            # as they are written and published now, in this transaction, rather than by
-            # another claim and another transaction after it (issue 9). A notice that
-            # fails waits in the outbox for the next window, like any row.
+            # as they are written (no claim transaction of their own, issue 9) and
+            # published once this transaction has committed (`_send_referrals`), so that
+            # the write lock is not held while their confirms come back.
             with tx.outbox.claiming(now + self.lease) as notices:
                 for row in to_send:
                     if self._is_referral(row) and outcomes.get(row.id, False) is None:
                         assert row.referral_id is not None
                         mark_delivered(self.ledger, tx, row.referral_id)
-            if notices:
-                if self._too_late(claimed_at):
-                    _record(tx, notices, {}, now)  # left for the next window
-                else:
-                    told = self._publish_from_thread(notices, loop, probe=False)
-                    _record(tx, notices, told, self.ledger.clock())
-                    outcomes.update(told)
-                    sent.extend(notices)
+            later.extend(notices)
             return sent, outcomes, withheld
 
         store = self.ledger.store
+        later: list[OutboxRow] = []
         for tries in range(1, 9):
             try:
                 with store.begin() as tx:
@@ -350,6 +366,7 @@ class Relay:
                 # counted (and told to `wait_recorded`) once committed
                 result = self._tally(to_send, outcomes)
                 result.withheld = withheld
+                result.later = list(later)
                 return result
             except _TooLate:
                 # Past half the lease: another worker may claim these soon; give them back
@@ -371,10 +388,10 @@ class Relay:
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _publish_from_thread(
-        self, rows: list[OutboxRow], loop: asyncio.AbstractEventLoop, *, probe: bool = True
+        self, rows: list[OutboxRow], loop: asyncio.AbstractEventLoop
     ) -> dict[int, BaseException | None]:
         """`_publish_window` on the event loop, waited for from the relay's database thread."""
-        future = asyncio.run_coroutine_threadsafe(self._publish_window(rows, probe=probe), loop)
+        future = asyncio.run_coroutine_threadsafe(self._publish_window(rows), loop)
         try:
             return future.result(timeout=2 * self.timeout_s + 5)
         except Exception as exc:

@@ -16,6 +16,9 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from typing import Any
 
+from aio_pika.exceptions import DeliveryError
+from pamqp.commands import Basic
+
 from partnerbus import usecases
 from partnerbus.broker.topology import Topology
 from partnerbus.handlers.outbox import Relay
@@ -165,7 +168,7 @@ async def test_two_relays_never_send_a_row_twice_nor_reorder_a_referral(store: S
 
 
 async def test_an_urgent_referral_leaves_before_a_routine_backlog(store: Store) -> None:
-    """An asap referral decided after 1,000 routine ones leaves first, before the routine backlog drains; each `delivered` notice leaves after its referral's confirm, in the same window (no claim of its own)."""
+    """An asap referral decided after 1,000 routine ones leaves first, before the routine backlog drains; each `delivered` notice leaves right after its referral's window (claimed as it was written, no claim of its own)."""
     ledger = make_ledger(store)
     routine = decide(ledger, 2000, 1000)
     (urgent,) = decide(ledger, 5000, 1, urgency="asap")
@@ -232,3 +235,49 @@ async def test_a_revocation_during_a_window_is_wholly_before_or_after_it(store: 
         else:
             assert kinds == ["referral"], (rid, kinds)
             assert "referral-disclosed" in actions and verdicts == []
+
+
+class RefusesNotices(Recorder):
+    """Refuses the first `refusals` `delivered` notices as the broker would a message it
+    cannot take (nack), then takes them; takes everything else."""
+
+    def __init__(self, refusals: int) -> None:
+        super().__init__(5)
+        self.refusals = refusals
+
+    async def __call__(self, body: bytes, **options: Any) -> None:
+        if options.get("message_type") == "referral-status-changed" and self.refusals > 0:
+            self.refusals -= 1
+            raise DeliveryError(None, Basic.Nack(delivery_tag=1, multiple=False))
+        await super().__call__(body, **options)
+
+
+async def test_delivered_notices_go_with_their_window_and_a_refused_one_waits(
+    store: Store,
+) -> None:
+    """A window of 10 referrals (with the 10 consent answers before them): their 20 `delivered` notices are published right after it without a claim of their own (one claim in all); the 3 the broker refuses stay in the outbox with their error, unclaimed, and leave at the next flush, each once."""
+    ledger = make_ledger(store)
+    rids = decide(ledger, 9000, 10)
+    publish = RefusesNotices(3)
+    claims: list[int] = []
+    claim = store.claim_pending
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        rows = claim(*args, **kwargs)
+        claims.append(len(rows))
+        return rows
+
+    store.claim_pending = counted  # type: ignore[method-assign]
+    with ThreadPoolExecutor(1) as executor:
+        relay = Relay(ledger, Topology("p"), publish, executor, timeout_s=5)
+        await relay.flush(rounds=1)
+        assert [c for c in claims if c] == [20]
+        notices = [m for m in publish.left if m["type"] == "referral-status-changed"]
+        assert len(notices) == 17
+        failing = await asyncio.to_thread(store.failing_count)
+        assert failing == 3
+        assert await asyncio.to_thread(store.pending_count) == 3
+        await drain(relay, store=store)
+    notices = [m["message_id"] for m in publish.left if m["type"] == "referral-status-changed"]
+    assert len(notices) == len(set(notices)) == 2 * len(rids)
+    assert await asyncio.to_thread(store.failing_count) == 0
