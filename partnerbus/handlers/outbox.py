@@ -322,6 +322,8 @@ class Relay:
             nonlocal published
             withheld = 0
             to_send: list[OutboxRow] = []
+            # what the checks read, in three statements for the window (issue 9)
+            tx.prefetch_referrals([r.referral_id for r in rows if r.referral_id is not None])
             for row in rows:
                 if not self._is_referral(row):
                     to_send.append(row)

@@ -109,13 +109,20 @@ class LedgerTx:
         self.cache = cache = RowCache(conn)
         self.processed = ProcessedRepository(conn)
         self.signals = SignalRepository(conn, cache)
-        self.consents = ConsentRepository(conn)
+        self.consents = ConsentRepository(conn, cache)
         self.journal = JournalRepository(conn)
         self.referrals = ReferralRepository(conn, cache)
         self.capacity = CapacityRepository(conn, cache)
         self.audit = AuditRepository(conn)
         self.retention = RetentionRepository(conn, cache)
         self.outbox = OutboxRepository(conn)
+
+    def prefetch_referrals(self, referral_ids: Collection[str]) -> None:
+        """Read these referrals, their consents and their signals in three statements (the
+        relay, before it checks a window), for the repositories' `get` to serve."""
+        found = self.referrals.prefetch(referral_ids)
+        self.consents.prefetch([r.consent_id for r in found])
+        self.signals.prefetch([r.signal_id for r in found])
 
     # the transaction itself -------------------------------------------------------------
     @contextmanager

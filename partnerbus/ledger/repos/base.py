@@ -37,24 +37,26 @@ def advisory_lock(conn: Connection, *names: str) -> None:
 class RowCache:
     """Rows one transaction has read, so that it reads each at most once (issue 9: the
     relay read a referral four times and its signal twice per send). Kept per
-    transaction (`LedgerTx`), so a re-run starts afresh. A row may be served again when
-    nothing else can have changed it since: on SQLite any row (BEGIN IMMEDIATE holds the
-    file's write lock, a read transaction its snapshot); on PostgreSQL only a row this
-    transaction holds locked (FOR UPDATE), or one that never changes once written (a
-    signal's identity and body: `stable`). A repository writing a cached row updates or
-    drops it; a savepoint rolled back and a retention rewrite drop them all."""
+    transaction (`LedgerTx`), so a re-run starts afresh. On SQLite any read is served
+    again (BEGIN IMMEDIATE holds the file's write lock, a read transaction its snapshot:
+    nothing else changes a row meanwhile). On PostgreSQL a locking read is served only by
+    a copy read with that lock (FOR UPDATE: nobody else changes the row until commit);
+    an unlocked read by any copy (the row as this transaction read it moments before:
+    what it decides on it is guarded by a lock or a compare-and-set, as any unlocked read
+    is). A repository writing a cached row updates or drops it; a savepoint rolled back
+    and a retention rewrite drop them all."""
 
     def __init__(self, conn: Connection) -> None:
         self.any_row = conn.dialect.name == "sqlite"
         self.rows: dict[tuple[str, str], tuple[Any, bool]] = {}
 
-    def get(self, kind: str, key: str, *, lock: bool = False, stable: bool = False) -> Any:
+    def get(self, kind: str, key: str, *, lock: bool = False) -> Any:
         """The cached row, or None if it must be read (again)."""
         found = self.rows.get((kind, key))
         if found is None:
             return None
         row, locked = found
-        return row if self.any_row or locked or (stable and not lock) else None
+        return row if self.any_row or locked or not lock else None
 
     def put(self, kind: str, key: str, row: Any, *, locked: bool = False) -> None:
         self.rows[(kind, key)] = (row, locked or self.rows.get((kind, key), (None, False))[1])

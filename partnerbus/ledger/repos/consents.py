@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from datetime import datetime
 from typing import Any
 
@@ -57,9 +58,27 @@ class ConsentRepository(Repository):
     def get(self, consent_id: str, *, lock: str | None = None) -> ConsentRecord | None:
         """A consent; `lock="share"` keeps it from being revoked until this transaction
         ends (the relay, while it sends under it), `lock="update"` takes it for a change."""
+        cached = self.cache.get("consent", consent_id, lock=lock is not None)
+        if cached is not None:
+            return cached  # type: ignore[no-any-return]
         query = GET if lock is None else GET_SHARE if lock == "share" else GET_UPDATE
         row = self.conn.execute(query, {"consent_id": consent_id}).first()
-        return _consent(row) if row else None
+        if row is None:
+            return None
+        consent = _consent(row)
+        # only FOR UPDATE serves a later locking read on PostgreSQL (a share lock is weaker)
+        self.cache.put("consent", consent_id, consent, locked=lock == "update")
+        return consent
+
+    def prefetch(self, consent_ids: Collection[str]) -> None:
+        """Read these consents in one statement, for `get` to serve where it may (see
+        `RowCache`: on SQLite; on PostgreSQL a locking `get` still reads)."""
+        wanted = [c for c in set(consent_ids) if ("consent", c) not in self.cache.rows]
+        if wanted:
+            for row in self.conn.execute(
+                select(t.consents).where(t.consents.c.consent_id.in_(wanted))
+            ):
+                self.cache.put("consent", row.consent_id, _consent(row))
 
     def of_person(self, person_ref: str) -> list[ConsentRecord]:
         rows = self.conn.execute(OF_PERSON, {"person_ref": person_ref})
@@ -67,6 +86,7 @@ class ConsentRepository(Repository):
 
     def revoke(self, consent_id: str, at: datetime, by: str) -> bool:
         """Revoke once: False if it already was (the first revocation stands)."""
+        self.cache.drop("consent", consent_id)
         return bool(
             self.conn.execute(
                 update(t.consents)
@@ -76,6 +96,7 @@ class ConsentRepository(Repository):
         )
 
     def mark_expiry_notified(self, consent_id: str, at: datetime) -> None:
+        self.cache.drop("consent", consent_id)
         self.conn.execute(
             update(t.consents)
             .where(t.consents.c.consent_id == consent_id)

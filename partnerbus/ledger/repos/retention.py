@@ -96,6 +96,7 @@ class RetentionRepository(Repository):
     def anonymise_consents_ended_before(self, cutoff: datetime) -> int:
         """Consents that ended (expired or revoked) before `cutoff` keep their scope and dates
         as proof, under a random token instead of the person's reference."""
+        self.cache.clear()  # it rewrites rows this transaction may have read
         ended = self.ended_consents_before(cutoff)
         for consent_id in ended:
             self.anonymise_consent(consent_id, f"anon-{uuid.uuid4().hex[:16]}")
@@ -118,6 +119,7 @@ class RetentionRepository(Repository):
         """An ended consent keeps its scope and dates as proof, under `token` instead of the
         person's reference; its journal keeps the events without their bodies, and its audit
         records lose the revocation's free-text reason."""
+        self.cache.clear()  # it rewrites rows this transaction may have read
         self.conn.execute(
             update(t.consents).where(t.consents.c.consent_id == consent_id).values(person_ref=token)
         )
@@ -169,6 +171,7 @@ class RetentionRepository(Repository):
         the consent journal (refusals included; their bodies are emptied) and the audit
         records that name her (as the person, or as the subject of a read). Returns how
         many rows changed."""
+        self.cache.clear()  # it rewrites rows this transaction may have read
         journal = self.conn.execute(
             update(t.consent_journal)
             .where(t.consent_journal.c.person_ref == person_ref, t.consent_journal.c.at < cutoff)
