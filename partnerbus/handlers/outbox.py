@@ -30,7 +30,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
@@ -49,6 +49,8 @@ from partnerbus.usecases import Ledger, mark_delivered, send_or_withhold
 log = logging.getLogger("partnerbus.relay")
 
 Publish = Callable[..., Awaitable[Any]]
+Outcomes = dict[int, BaseException | None]
+"""Row id → None (confirmed) or the failure of its publish."""
 
 
 WINDOW = 256
@@ -112,6 +114,8 @@ class Relay:
         # process; the subscribers only wake it (`kick`) and ack without waiting.
         self._lock = asyncio.Lock()
         self._wake = asyncio.Event()
+        # notices published, their outcomes not yet committed (`_send_later`)
+        self._unrecorded: list[tuple[list[OutboxRow], Outcomes]] = []
 
     async def _db(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(
@@ -135,20 +139,38 @@ class Relay:
                 refused.update(result.refused)
                 if result.unreachable or result.sent + result.withheld == 0:
                     break
+            if self._unrecorded:  # no claim came after the last notices: their own commit
+                pending = await self._db(self._settle_alone)
+                total += self._tallied(pending).sent
         return total
 
     def kick(self) -> None:
         """Something was committed to the outbox: send it now rather than at the next sweep."""
         self._wake.set()
 
-    async def _flush_once(self, refused: Collection[int] = ()) -> _Round:
+    async def _flush_once(self, refused: set[int] | None = None) -> _Round:
         store = self.ledger.store
         began = time.monotonic()
-        rows: list[OutboxRow] = await self._db(
-            store.claim_pending, self.ledger.clock(), self.lease, self.sizer.size, exclude=refused
-        )
+        refused = set() if refused is None else refused
+        # the notices published after the last window: recorded in this claim's
+        # transaction (one transaction fewer per window), refused ones not claimed again
+        pending, self._unrecorded = self._unrecorded, []
+        refused.update(_refused_ids(pending))
+        try:
+            rows: list[OutboxRow] = await self._db(
+                store.claim_pending,
+                self.ledger.clock(),
+                self.lease,
+                self.sizer.size,
+                exclude=refused,
+                settle=partial(self._settle, pending) if pending else None,
+            )
+        except BaseException:
+            self._unrecorded = pending + self._unrecorded  # recorded by a later commit
+            raise
+        settled = self._tallied(pending)
         if not rows:
-            return _Round()
+            return settled
         claimed_at = time.monotonic()
         if any(self._is_referral(row) for row in rows):
             result = await self._send_referrals(rows, claimed_at)
@@ -168,7 +190,36 @@ class Relay:
         self.withheld += result.withheld
         if result.withheld:
             self.kick()  # a withdrawal it may have queued goes out next
+        result.sent += settled.sent
         return result
+
+    def _settle(self, pending: list[tuple[list[OutboxRow], Outcomes]], tx: LedgerTx) -> None:
+        """Record the outcomes of notices published after a window (in `tx`)."""
+        now = self.ledger.clock()
+        for rows, outcomes in pending:
+            _record(tx, rows, outcomes, now)
+
+    def _settle_alone(self) -> list[tuple[list[OutboxRow], Outcomes]]:
+        """On the relay's database thread: the notices not yet recorded, in a transaction of
+        their own (the flush ends: no claim comes after them). Returns them, to tally."""
+        pending, self._unrecorded = self._unrecorded, []
+        try:
+            self.ledger.store.run(partial(self._settle, pending))
+        except BaseException:
+            self._unrecorded = pending + self._unrecorded
+            raise
+        return pending
+
+    def _tallied(self, pending: list[tuple[list[OutboxRow], Outcomes]]) -> _Round:
+        """`_tally` of notices whose outcomes were just committed."""
+        total = _Round()
+        for rows, outcomes in pending:
+            one = self._tally(rows, outcomes)
+            total.sent += one.sent
+            total.refused += one.refused
+            total.unreachable = total.unreachable or one.unreachable
+        self.sent += total.sent
+        return total
 
     def _publish(self, row: OutboxRow) -> Awaitable[Any]:
         return self.publish(
@@ -229,17 +280,14 @@ class Relay:
         result.refused = tuple(refused)
         return result
 
-    async def _send_plain(
-        self, rows: list[OutboxRow], claimed_at: float, *, probe: bool = True
-    ) -> _Round:
+    async def _send_plain(self, rows: list[OutboxRow], claimed_at: float) -> _Round:
         """Rows that need no check at send time (notices, reminders, withdrawals): publish
-        the window, then record every confirm and failure in one short transaction.
-        `probe`: see `_publish_window` (not needed right after a window the broker took)."""
+        the window, then record every confirm and failure in one short transaction."""
         store = self.ledger.store
         if self._too_late(claimed_at):
             await self._db(store.release_untried, [row.id for row in rows])
             return _Round()
-        outcomes = await self._publish_window(rows, probe=probe)
+        outcomes = await self._publish_window(rows)
         await self._db(self._record_plain, rows, outcomes)
         return self._tally(rows, outcomes)
 
@@ -289,12 +337,13 @@ class Relay:
 
     async def _send_later(self, result: _Round) -> _Round:
         """The notices a window's confirms queued (claimed as they were written), published
-        now that its transaction has committed; counted into `result`."""
+        now that its transaction has committed. Their confirms are recorded by the next
+        commit of this relay (the next claim's, or the flush's last), not by one of their
+        own: until then they stay claimed, so nobody sends them again; after a crash they
+        go again once their lease is over, with the same ids."""
         if result.later:
-            after = await self._send_plain(result.later, time.monotonic(), probe=False)
-            result.sent += after.sent
-            result.refused += after.refused
-            result.unreachable = result.unreachable or after.unreachable
+            outcomes = await self._publish_window(result.later, probe=False)
+            self._unrecorded.append((result.later, outcomes))
             result.later = []
         return result
 
@@ -478,6 +527,15 @@ def _record(
 
 async def _awaited(awaitable: Awaitable[Any]) -> Any:
     return await awaitable
+
+
+def _refused_ids(pending: list[tuple[list[OutboxRow], Outcomes]]) -> set[int]:
+    return {
+        row_id
+        for _rows, outcomes in pending
+        for row_id, exc in outcomes.items()
+        if exc is not None and _failure(exc) == "refused"
+    }
 
 
 def _failure(exc: BaseException) -> str:

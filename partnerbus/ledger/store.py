@@ -241,12 +241,14 @@ class Store:
         limit: int = 100,
         *,
         exclude: Collection[int] = (),
+        settle: Callable[[LedgerTx], None] | None = None,
     ) -> list[OutboxRow]:
         """Claim unsent outbox rows for `lease`, so that two relays do not send the same row:
         the most pressing first (`priority`, then outbox order), at most `limit`, never one
         of `exclude` (rows this relay has just seen refused). One SELECT and one UPDATE; on
         PostgreSQL the SELECT locks its rows `FOR UPDATE SKIP LOCKED`, so two relays claiming
-        at once take different rows instead of waiting on each other."""
+        at once take different rows instead of waiting on each other. `settle` runs first in
+        the same transaction (the relay records what it sent since its last commit)."""
         # Messages about one referral leave in outbox order, whichever relay sends them: a
         # row waits while an earlier row of its referral is unsent (claimed or not). So a
         # claim holds at most one row per referral, and a relay may publish its whole claim
@@ -273,6 +275,8 @@ class Store:
         if exclude:
             query = query.where(t.outbox.c.id.not_in(list(exclude)))
         with self._writing() as conn:
+            if settle is not None:  # the relay's earlier sends, recorded in this commit
+                settle(LedgerTx(conn))
             ids = [row_id for (row_id,) in conn.execute(query).all()]
             if not ids:
                 return []
