@@ -14,6 +14,8 @@ recording (FILE) and of the relay's database thread (FILE.thread), for `pstats`.
 Measured 2026-11-27 in one run (2 cores shared with a test run: compare within one run),
 1,000 signals, SQLite, CPU ms per signal record + drain: 4.1 + 3.8 before issue 9's
 statement caching, 1.5 + 1.5 after; statements 16 + 13.3 before, 16 + 12.3 after.
+Measured 2026-11-28, 2,000 signals, SQLite, alternating with the previous tree: statements
+20 + 12.2 before the per-transaction row cache, 16 + 5.1 after (docs/PERFORMANCE.md).
 """
 
 from __future__ import annotations
