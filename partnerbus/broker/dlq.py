@@ -300,6 +300,18 @@ async def replay(
     return outcome
 
 
+async def _queues(
+    connection: aio_pika.abc.AbstractConnection,
+    topology: Topology,
+    partners: Iterable[str],
+    queues: Iterable[str] | None,
+) -> list[str]:
+    """`queues`, or every dead-letter queue of the prefix when None."""
+    if queues is not None:
+        return list(queues)
+    return await dead_letter_queues(connection, topology, partners)
+
+
 async def replay_letters(
     connection: aio_pika.abc.AbstractConnection,
     settings: Settings,
@@ -318,12 +330,7 @@ async def replay_letters(
     replay and each refusal audited."""
     to_partner = _to_partner(settings, store)
     total = ReplayOutcome()
-    names = (
-        list(queues)
-        if queues is not None
-        else await dead_letter_queues(connection, topology, partners)
-    )
-    for name in names:
+    for name in await _queues(connection, topology, partners, queues):
         work = name.removesuffix(".dlq")
         if wanted is None and not include_partners and topology.partner_of(work):
             continue
@@ -359,11 +366,7 @@ async def purge_letters(
     """`partnerbus dlq purge` and the ops page's purge button: delete the wanted dead
     letters (every one with None) of `queues` (all of the prefix with None), one audit
     record per message."""
-    names = (
-        list(queues)
-        if queues is not None
-        else await dead_letter_queues(connection, topology, partners)
-    )
+    names = await _queues(connection, topology, partners, queues)
 
     async def remove(*_: Any) -> bool:
         return True

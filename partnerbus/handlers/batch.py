@@ -20,11 +20,13 @@ every message of the batch gets it and goes to its retry queue.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
+from functools import partial
 
 from partnerbus.handlers.delivery import is_transient
 from partnerbus.handlers.sizing import Sizer
@@ -139,33 +141,24 @@ class Batcher:
         in its own savepoint, so that the failing one is rolled back alone and gets its own
         exception. Only committed work is ever told to a handler, either way."""
 
-        def unguarded(tx: LedgerTx) -> list[_Outcome]:
+        def work(tx: LedgerTx, guard: bool) -> list[_Outcome]:
             outcomes: list[_Outcome] = []
             for item in batch:
                 try:
-                    outcomes.append(_Outcome(done=item.work(tx)))
-                except Exception as exc:
-                    if _ends_transaction(exc, tx):
-                        raise  # Store.run re-runs a conflict; anything else fails all
-                    raise _Guard from exc
-            return outcomes
-
-        def guarded(tx: LedgerTx) -> list[_Outcome]:
-            outcomes: list[_Outcome] = []
-            for item in batch:
-                try:
-                    with tx.savepoint():
+                    with tx.savepoint() if guard else contextlib.nullcontext():
                         outcomes.append(_Outcome(done=item.work(tx)))
                 except Exception as exc:
                     if _ends_transaction(exc, tx):
                         raise  # Store.run re-runs a conflict; anything else fails all
+                    if not guard:
+                        raise _Guard from exc
                     outcomes.append(_Outcome(error=exc))
             return outcomes
 
         try:
-            return self.store.run(unguarded)
+            return self.store.run(partial(work, guard=False))
         except _Guard:
-            return self.store.run(guarded)
+            return self.store.run(partial(work, guard=True))
 
 
 class _Guard(Exception):  # noqa: N818 - a signal to run the batch again, guarded

@@ -234,14 +234,12 @@ class Relay:
             timeout=self.timeout_s,
         )
 
-    async def _publish_window(
-        self, rows: list[OutboxRow], *, probe: bool = True
-    ) -> dict[int, BaseException | None]:
+    async def _publish_window(self, rows: list[OutboxRow], *, probe: bool = True) -> Outcomes:
         """Publish `rows` and wait for their confirms: row id → None (confirmed) or the
         failure. With `probe`, the first goes alone: if the broker cannot be asked, the
         others are not tried (absent from the result). The rest are published at once, in
         order, on the one confirming channel, and their confirms awaited together."""
-        outcomes: dict[int, BaseException | None] = {}
+        outcomes: Outcomes = {}
         if not rows:
             return outcomes
         first: OutboxRow | None = rows[0] if probe else None
@@ -360,14 +358,9 @@ class Relay:
         and go again after the lease (with the same message ids)."""
         published = False
 
-        def attempt(
-            tx: LedgerTx,
-        ) -> tuple[list[OutboxRow], dict[int, BaseException | None], int]:
-            # the window, then the notices its confirms queued (published in the same
-            # transaction), with their outcomes
-            sent: list[OutboxRow] = []
-            outcomes: dict[int, BaseException | None] = {}
-            later.clear()
+        def attempt(tx: LedgerTx) -> tuple[list[OutboxRow], Outcomes, int, list[OutboxRow]]:
+            """The rows published, their outcomes, how many were withheld, and the notices
+            the confirms queued (claimed, to publish after the commit)."""
             nonlocal published
             withheld = 0
             to_send: list[OutboxRow] = []
@@ -392,10 +385,9 @@ class Relay:
             if self._too_late(claimed_at):
                 raise _TooLate
             published = bool(to_send)
-            outcomes.update(self._publish_from_thread(to_send, loop))
+            outcomes = self._publish_from_thread(to_send, loop)
             now = self.ledger.clock()
             _record(tx, to_send, outcomes, now)
-            sent.extend(to_send)
             # The confirms queue `delivered` notices for the source and the agency: claimed
             # as they are written (no claim transaction of their own, issue 9) and
             # published once this transaction has committed (`_send_referrals`), so that
@@ -405,19 +397,17 @@ class Relay:
                     if self._is_referral(row) and outcomes.get(row.id, False) is None:
                         assert row.referral_id is not None
                         mark_delivered(self.ledger, tx, row.referral_id)
-            later.extend(notices)
-            return sent, outcomes, withheld
+            return to_send, outcomes, withheld, notices
 
         store = self.ledger.store
-        later: list[OutboxRow] = []
         for tries in range(1, 9):
             try:
                 with store.begin() as tx:
-                    to_send, outcomes, withheld = attempt(tx)
+                    to_send, outcomes, withheld, notices = attempt(tx)
                 # counted (and told to `wait_recorded`) once committed
                 result = self._tally(to_send, outcomes)
                 result.withheld = withheld
-                result.later = list(later)
+                result.later = notices
                 return result
             except _TooLate:
                 # Past half the lease: another worker may claim these soon; give them back
@@ -440,7 +430,7 @@ class Relay:
 
     def _publish_from_thread(
         self, rows: list[OutboxRow], loop: asyncio.AbstractEventLoop
-    ) -> dict[int, BaseException | None]:
+    ) -> Outcomes:
         """`_publish_window` on the event loop, waited for from the relay's database thread."""
         future = asyncio.run_coroutine_threadsafe(self._publish_window(rows), loop)
         try:

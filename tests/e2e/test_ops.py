@@ -4,13 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import socket
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 
 import httpx
 import pytest
-import uvicorn
 from pydantic import SecretStr
 
 from partnerbus.entrypoints.web import create_ops_app
@@ -18,6 +14,7 @@ from partnerbus.ops import monitor
 from partnerbus.testing import Inbox
 
 from .helpers import publish, signal
+from .ops_scenario import serving
 
 pytestmark = pytest.mark.rabbitmq
 
@@ -31,24 +28,6 @@ def ops_settings(bus, **changes):  # type: ignore[no-untyped-def]
     return bus.settings.model_copy(
         update={"ops_user": OPS_USER, "ops_password": SecretStr(OPS_PASSWORD), **changes}
     )
-
-
-@asynccontextmanager
-async def serving(web) -> AsyncIterator[str]:  # type: ignore[no-untyped-def]
-    # A socket listening before the server starts: requests wait in its backlog, so the
-    # test needs no readiness poll.
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(64)
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(web, log_level="warning", lifespan="on"))
-    task = asyncio.create_task(server.serve(sockets=[sock]))
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        await task
-        sock.close()
 
 
 @pytest.fixture

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+from collections.abc import Callable, Collection
 from typing import Any, TypeVar
 
 from sqlalchemy import Connection, Table, func, select
@@ -75,6 +76,21 @@ class Repository:
     def __init__(self, conn: Connection, cache: RowCache | None = None) -> None:
         self.conn = conn
         self.cache = cache if cache is not None else RowCache(conn)
+
+    def _prefetch(
+        self, kind: str, column: Any, keys: Collection[str], make: Callable[[Any], R]
+    ) -> list[R]:
+        """Read the rows of `column`'s table whose `column` is one of `keys` and not cached
+        yet, in one statement; cache them (unlocked) as `kind`, made by `make`. Returns the
+        rows read."""
+        wanted = [k for k in set(keys) if (kind, k) not in self.cache.rows]
+        if not wanted:
+            return []
+        made = []
+        for row in self.conn.execute(select(column.table).where(column.in_(wanted))):
+            made.append(one := make(row))
+            self.cache.put(kind, getattr(row, column.key), one)
+        return made
 
     def _upsert(self, table: Table, key: dict[str, Any], values: dict[str, Any]) -> None:
         """Insert or update in one statement (INSERT … ON CONFLICT DO UPDATE): two

@@ -73,12 +73,7 @@ class ConsentRepository(Repository):
     def prefetch(self, consent_ids: Collection[str]) -> None:
         """Read these consents in one statement, for `get` to serve where it may (see
         `RowCache`: on SQLite; on PostgreSQL a locking `get` still reads)."""
-        wanted = [c for c in set(consent_ids) if ("consent", c) not in self.cache.rows]
-        if wanted:
-            for row in self.conn.execute(
-                select(t.consents).where(t.consents.c.consent_id.in_(wanted))
-            ):
-                self.cache.put("consent", row.consent_id, _consent(row))
+        self._prefetch("consent", t.consents.c.consent_id, consent_ids, _consent)
 
     def of_person(self, person_ref: str) -> list[ConsentRecord]:
         rows = self.conn.execute(OF_PERSON, {"person_ref": person_ref})

@@ -7,6 +7,7 @@ from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import Connection, delete, select, update
 
@@ -42,6 +43,22 @@ def _checked(disclosed: Disclosed[Message], routing_key: str) -> Message:
         msg = f"a message for the bus's workers cannot go to partner {routing_key!r}"
         raise ValueError(msg)
     return disclosed.message
+
+
+def _row_values(
+    message: Message, routing_key: str, now: datetime, referral_id: str | None, *, attempts: int
+) -> dict[str, Any]:
+    """The columns of a new outbox row carrying `message`."""
+    return {
+        "message_id": message.message_id,
+        "routing_key": routing_key,
+        "message_type": getattr(message, "type", type(message).__name__),
+        "body": message.model_dump_json(),
+        "referral_id": referral_id,
+        "created_at": now,
+        "attempts": attempts,
+        "priority": outbox_priority(message),
+    }
 
 
 @dataclass(frozen=True)
@@ -82,9 +99,9 @@ class OutboxRepository(Repository):
     def claiming(self, until: datetime) -> Iterator[list[OutboxRow]]:
         """The rows enqueued inside, apart from those of a referral (they keep its order,
         `Store.claim_pending`), are claimed at once until `until` for the caller, which
-        publishes them in this same transaction: the relay sends the `delivered` notices
-        of a window with it, without another claim (issue 9). Yields the list they are
-        added to."""
+        publishes them once this transaction has committed: the relay sends the
+        `delivered` notices of a window right after it, without another claim (issue 9).
+        Yields the list they are added to."""
         self._claim_until, self._claimed = until, []
         try:
             yield self._claimed
@@ -141,18 +158,10 @@ class OutboxRepository(Repository):
         `Disclosed`: cut to what its recipient's roles may see (docs/DISCLOSURE.md)."""
         message = _checked(disclosed, routing_key)
         claim = self._claim_until if referral_id is None else None
-        values = {
-            "message_id": message.message_id,
-            "routing_key": routing_key,
-            "message_type": getattr(message, "type", type(message).__name__),
-            "body": message.model_dump_json(),
-            "referral_id": referral_id,
-            "created_at": now,
-            "attempts": 0 if claim is None else 1,
-            "priority": outbox_priority(message),
-            "claimed_until": claim,
-        }
-        inserted = self.conn.execute(INSERT_OUTBOX, values)
+        values = _row_values(
+            message, routing_key, now, referral_id, attempts=0 if claim is None else 1
+        )
+        inserted = self.conn.execute(INSERT_OUTBOX, {**values, "claimed_until": claim})
         if claim is not None:
             key = inserted.inserted_primary_key
             assert key is not None
@@ -161,11 +170,11 @@ class OutboxRepository(Repository):
                     id=int(key[0]),
                     message_id=message.message_id,
                     routing_key=routing_key,
-                    message_type=str(values["message_type"]),
-                    body=str(values["body"]),
+                    message_type=values["message_type"],
+                    body=values["body"],
                     referral_id=None,
                     attempts=1,
-                    priority=outbox_priority(message),
+                    priority=values["priority"],
                 )
             )
 
@@ -212,17 +221,7 @@ class OutboxRepository(Repository):
             return
         self.conn.execute(delete(t.outbox).where(t.outbox.c.message_id == message.message_id))
         self.conn.execute(
-            INSERT_OUTBOX,
-            {
-                "message_id": message.message_id,
-                "routing_key": routing_key,
-                "message_type": getattr(message, "type", type(message).__name__),
-                "body": message.model_dump_json(),
-                "referral_id": referral_id,
-                "created_at": now,
-                "attempts": 1,
-                "priority": outbox_priority(message),
-            },
+            INSERT_OUTBOX, _row_values(message, routing_key, now, referral_id, attempts=1)
         )
 
     def drop(self, outbox_id: int) -> None:

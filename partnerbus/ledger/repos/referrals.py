@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Collection
 from dataclasses import dataclass, fields, replace
 from datetime import datetime
+from functools import partial
 from typing import Any
 
 from sqlalchemy import bindparam, select, update
@@ -79,17 +80,9 @@ class ReferralRepository(Repository):
     def prefetch(self, referral_ids: Collection[str]) -> list[ReferralRow]:
         """Read these referrals in one statement (unlocked), for `get` to serve where it
         may (see `RowCache`); returns those not cached before that were found."""
-        wanted = [r for r in set(referral_ids) if ("referral", r) not in self.cache.rows]
-        found = []
-        if wanted:
-            rows = self.conn.execute(
-                select(t.referrals).where(t.referrals.c.referral_id.in_(wanted))
-            )
-            for row in rows:
-                referral = row_of(ReferralRow, row)
-                self.cache.put("referral", referral.referral_id, referral)
-                found.append(referral)
-        return found
+        return self._prefetch(
+            "referral", t.referrals.c.referral_id, referral_ids, partial(row_of, ReferralRow)
+        )
 
     def for_signal(self, signal_id: str, need: str | None = None) -> list[ReferralRow]:
         query = select(t.referrals).where(t.referrals.c.signal_id == signal_id)

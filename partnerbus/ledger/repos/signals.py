@@ -8,6 +8,7 @@ import hashlib
 from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime
+from functools import partial
 from typing import Any
 
 from sqlalchemy import and_, bindparam, case, func, select, update
@@ -122,12 +123,7 @@ class SignalRepository(Repository):
 
     def prefetch(self, signal_ids: Collection[str]) -> None:
         """Read these signals in one statement, for `get` to serve (see `get`)."""
-        wanted = [s for s in set(signal_ids) if ("signal", s) not in self.cache.rows]
-        if wanted:
-            for row in self.conn.execute(
-                select(t.signals).where(t.signals.c.signal_id.in_(wanted))
-            ):
-                self.cache.put("signal", row.signal_id, row_of(SignalRow, row))
+        self._prefetch("signal", t.signals.c.signal_id, signal_ids, partial(row_of, SignalRow))
 
     def rewrite(self, signal_id: str, **values: Any) -> None:
         self.cache.drop("signal", signal_id)
