@@ -8,6 +8,7 @@ import asyncio
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -65,6 +66,8 @@ def _driver(chromium: str, driver: str, profile: Path):  # type: ignore[no-untyp
 async def test_the_console_in_headless_chromium(bus, channel, tmp_path):
     chromium, driver_path = _browser()
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions
+    from selenium.webdriver.support.ui import WebDriverWait
 
     run = await scripted_run(bus, channel)
     count = await independent_count(bus, channel, run.target)
@@ -74,6 +77,13 @@ async def test_the_console_in_headless_chromium(bus, channel, tmp_path):
     dlq = bus.topology.dlq_name(bus.topology.signal_queue.name)
     async with serving(web) as url:
         browser = await asyncio.to_thread(_driver, chromium, driver_path, tmp_path / "profile")
+
+        def arrived(by: str, value: str) -> Any:
+            """The element once the page that holds it has loaded (15 s at most)."""
+            return WebDriverWait(browser, 15).until(
+                expected_conditions.presence_of_element_located((by, value))
+            )
+
         try:
 
             def sign_in() -> str:
@@ -85,7 +95,8 @@ async def test_the_console_in_headless_chromium(bus, channel, tmp_path):
                 form.find_element(By.NAME, "user").send_keys(OPS_USER)
                 form.find_element(By.NAME, "password").send_keys(OPS_PASSWORD)
                 form.find_element(By.ID, "ops-signin").click()
-                browser.find_element(By.ID, "partners")
+                # the click returns before the redirect's page is loaded: wait for it
+                arrived(By.ID, "partners")
                 return browser.current_url
 
             landed = await asyncio.to_thread(sign_in)
@@ -171,7 +182,7 @@ async def test_the_console_in_headless_chromium(bus, channel, tmp_path):
                 else:
                     raise AssertionError("the dead letter is not listed")
                 rows[0].find_element(By.CSS_SELECTOR, "button.replay").click()
-                return browser.find_element(By.ID, "notice").text
+                return arrived(By.ID, "notice").text
 
             notice = await asyncio.to_thread(replay)
             assert notice == f"{run.bad_message_id} replayed"
