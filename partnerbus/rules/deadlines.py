@@ -16,6 +16,8 @@ from typing import Literal
 
 from partnerbus.rules.lifecycle import AWAITING_ANSWER
 
+URGENCIES = ("routine", "urgent", "asap")
+
 
 @dataclass(frozen=True)
 class DeadlinePolicy:
@@ -28,7 +30,7 @@ class DeadlinePolicy:
     """When the reminder goes, as a fraction of the time to answer."""
 
     def __post_init__(self) -> None:
-        for urgency in ("routine", "urgent", "asap"):
+        for urgency in URGENCIES:
             if self.window(urgency) <= timedelta(0):
                 msg = f"the {urgency} deadline must be positive, not {self.window(urgency)}"
                 raise ValueError(msg)
@@ -40,7 +42,7 @@ class DeadlinePolicy:
 
     def window(self, urgency: str) -> timedelta:
         """The time a partner has to answer a referral of this urgency."""
-        if urgency not in ("routine", "urgent", "asap"):
+        if urgency not in URGENCIES:
             msg = f"unknown urgency {urgency!r}: one of routine, urgent, asap"
             raise ValueError(msg)
         window: timedelta = getattr(self, urgency)
@@ -51,6 +53,12 @@ class DeadlinePolicy:
 
     def remind_at(self, urgency: str, sent_at: datetime) -> datetime:
         return sent_at + self.window(urgency) * self.reminder_fraction
+
+    def reminders_due(self, now: datetime) -> dict[str, datetime]:
+        """Per urgency, the latest start (sent, or created) of a referral whose reminder
+        has come at `now`: a referral started later has nothing due (its expiry comes after
+        its reminder), so the deadline watch need not read it."""
+        return {u: now - self.window(u) * self.reminder_fraction for u in URGENCIES}
 
 
 DORA_DEADLINES = DeadlinePolicy(
@@ -142,7 +150,7 @@ class FollowUpPolicy:
         return min(self.routine.remind, self.urgent.remind, self.asap.remind)
 
     def steps(self, urgency: str) -> FollowUpSteps:
-        if urgency not in ("routine", "urgent", "asap"):
+        if urgency not in URGENCIES:
             msg = f"unknown urgency {urgency!r}: one of routine, urgent, asap"
             raise ValueError(msg)
         steps: FollowUpSteps = getattr(self, urgency)

@@ -103,7 +103,8 @@ def watch_deadlines(ledger: Ledger, tx: LedgerTx) -> dict[str, int]:
         elif done:
             counts[key] += 1
 
-    for referral in tx.referrals.waiting():
+    # only the referrals whose reminder (the first step) has come, by today's policy
+    for referral in tx.referrals.waiting(ledger.deadlines.reminders_due(now)):
         action = deadline_action(
             referral.status,
             referral.urgency,
@@ -136,7 +137,9 @@ def watch_deadlines(ledger: Ledger, tx: LedgerTx) -> dict[str, int]:
                 partial(_withdraw_consent_ended, ledger, tx, referral),
             ),
         )
-    for consent in expiring_soon(tx.consents.unnotified(), now, ledger.consent_notice):
+    for consent in expiring_soon(
+        tx.consents.unnotified(now + ledger.consent_notice), now, ledger.consent_notice
+    ):
         tally(
             "consents-expiring",
             _isolated(

@@ -222,3 +222,74 @@ def test_a_failing_withdrawal_or_notice_does_not_stop_the_others(
     assert counts["withdrawn-consent-expired"] == 1
     assert failures("consent-ended") == before[0] + 1
     assert failures("consent-expiring") == before[1] + 1
+
+
+def test_the_deadline_pass_reads_only_the_referrals_with_something_due(store: Store) -> None:
+    """The watch reads, per urgency, the waiting referrals whose reminder has come by the
+    policy in force (sent, or created if never sent): none that has nothing due is read,
+    and every one that the policy says to remind or expire is (issue 9: a pass that read
+    every open referral held the write lock for as long as it took)."""
+    from datetime import UTC, datetime
+
+    from partnerbus.rules.deadlines import URGENCIES, DeadlinePolicy, deadline_action
+
+    policy = DeadlinePolicy(
+        routine=timedelta(days=10), urgent=timedelta(days=3), asap=timedelta(days=1)
+    )
+    now = datetime(2026, 6, 1, 12, tzinfo=UTC)
+    expected_read: set[str] = set()
+    must_act: set[str] = set()
+    with store.begin() as tx:
+        n = 0
+        for urgency in URGENCIES:
+            for hours in (1, 11, 13, 23, 25, 71, 73, 119, 121, 239, 241, 1000):
+                for sent in (True, False):
+                    for status in ("requested", "delivered", "received", "accepted"):
+                        n += 1
+                        rid = f"r-{n}"
+                        started = now - timedelta(hours=hours)
+                        tx.referrals.add(
+                            referral_id=rid,
+                            signal_id=f"s-{n}",
+                            need="n",
+                            attempt=1,
+                            partner_id="p",
+                            partner_kind="k",
+                            consent_id="c",
+                            status=status,
+                            urgency=urgency,
+                            created_at=started - timedelta(hours=1) if sent else started,
+                            updated_at=started,
+                            sent_at=started if sent else None,
+                            reminded=hours % 2 == 1,
+                        )
+                        if status == "accepted":
+                            continue
+                        if started <= now - policy.window(urgency) * policy.reminder_fraction:
+                            expected_read.add(rid)
+                        action = deadline_action(
+                            status, urgency, started, hours % 2 == 1, now, policy
+                        )
+                        if action.kind != "none":
+                            must_act.add(rid)
+    with store.read() as tx:
+        read = {r.referral_id for r in tx.referrals.waiting(policy.reminders_due(now))}
+    assert read == expected_read
+    assert must_act <= read
+    assert must_act and len(read) < n / 2
+
+
+def test_the_consent_expiry_notice_reads_only_the_consents_ending_within_the_notice(
+    store: Store,
+) -> None:
+    """Only the consents ending by the horizon are read for the expiry notice; those that
+    end later, are revoked or were already notified are not."""
+    ledger = make_ledger(store)
+    referred(ledger, "T-SOON-1", "lmh-proximite", days=5)
+    referred(ledger, "T-LATE-2", "lmh-proximite", days=60)
+    now = ledger.clock()
+    with store.read() as tx:
+        soon = {c.person_ref for c in tx.consents.unnotified(now + timedelta(days=14))}
+        later = {c.person_ref for c in tx.consents.unnotified(now + timedelta(days=90))}
+    assert soon == {"T-SOON-1"}
+    assert later == {"T-SOON-1", "T-LATE-2"}

@@ -98,10 +98,14 @@ class ConsentRepository(Repository):
             .values(expiry_notified_at=at)
         )
 
-    def unnotified(self) -> list[ConsentRecord]:
+    def unnotified(self, ending_by: datetime) -> list[ConsentRecord]:
+        """Consents not revoked, whose advisor was not yet told that they end, ending at or
+        before `ending_by` (only those the expiry notice may concern are read)."""
         rows = self.conn.execute(
             select(t.consents).where(
-                t.consents.c.revoked_at.is_(None), t.consents.c.expiry_notified_at.is_(None)
+                t.consents.c.revoked_at.is_(None),
+                t.consents.c.expiry_notified_at.is_(None),
+                t.consents.c.valid_until <= ending_by,
             )
         )
         return [_consent(r) for r in rows]

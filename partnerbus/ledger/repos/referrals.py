@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, fields, replace
 from datetime import datetime
 from functools import partial
 from typing import Any
 
-from sqlalchemy import bindparam, select, update
+from sqlalchemy import and_, bindparam, func, or_, select, update
 
 from partnerbus.ledger import tables as t
 from partnerbus.ledger.repos.base import Conflict, Repository, row_of
@@ -114,11 +114,24 @@ class ReferralRepository(Repository):
         )
         return [row_of(ReferralRow, r) for r in rows]
 
-    def waiting(self) -> list[ReferralRow]:
-        """Referrals still waiting for the partner's answer, for the deadline watch."""
+    def waiting(self, started_by: Mapping[str, datetime]) -> list[ReferralRow]:
+        """Referrals still waiting for the partner's answer whose clock started (sent, or
+        created if never sent) at or before `started_by[urgency]`, for the deadline watch:
+        the caller gives, per urgency, the latest start whose first step (a reminder) has
+        come, so that only referrals with something due are read, not every open one (a
+        pass that read them all held the write lock for as long as it took, issue 9)."""
+        started = func.coalesce(t.referrals.c.sent_at, t.referrals.c.created_at)
         rows = self.conn.execute(
             select(t.referrals)
-            .where(t.referrals.c.status.in_(("requested", "delivered", "received")))
+            .where(
+                t.referrals.c.status.in_(("requested", "delivered", "received")),
+                or_(
+                    *(
+                        and_(t.referrals.c.urgency == urgency, started <= latest)
+                        for urgency, latest in started_by.items()
+                    )
+                ),
+            )
             .order_by(t.referrals.c.due_at, t.referrals.c.referral_id)
         )
         return [row_of(ReferralRow, r) for r in rows]
