@@ -137,7 +137,8 @@ class Relay:
                 result = await self._flush_once(refused)
                 total += result.sent
                 refused.update(result.refused)
-                if result.unreachable or result.sent + result.withheld == 0:
+                # nothing claimed: the claim only recorded the last notices' confirms
+                if result.unreachable or result.claimed == 0 or result.sent + result.withheld == 0:
                     break
             if self._unrecorded:  # no claim came after the last notices: their own commit
                 pending = await self._db(self._settle_alone)
