@@ -12,11 +12,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Literal
+from typing import Literal, get_args
 
 from partnerbus.rules.lifecycle import AWAITING_ANSWER
+from partnerbus.schemas.base import Urgency
 
-URGENCIES = ("routine", "urgent", "asap")
+URGENCIES: tuple[str, ...] = get_args(Urgency)
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from prometheus_client import REGISTRY
@@ -14,6 +14,7 @@ from partnerbus import usecases
 from partnerbus.directory import Directory, match
 from partnerbus.ledger.repos import AuditRepository, ConsentRepository
 from partnerbus.ledger.store import Store
+from partnerbus.rules.deadlines import URGENCIES, DeadlinePolicy, deadline_action
 from partnerbus.schemas import (
     ConsentGranted,
     ConsentScope,
@@ -229,10 +230,6 @@ def test_the_deadline_pass_reads_only_the_referrals_with_something_due(store: St
     policy in force (sent, or created if never sent): none that has nothing due is read,
     and every one that the policy says to remind or expire is (issue 9: a pass that read
     every open referral held the write lock for as long as it took)."""
-    from datetime import UTC, datetime
-
-    from partnerbus.rules.deadlines import URGENCIES, DeadlinePolicy, deadline_action
-
     policy = DeadlinePolicy(
         routine=timedelta(days=10), urgent=timedelta(days=3), asap=timedelta(days=1)
     )
@@ -282,8 +279,8 @@ def test_the_deadline_pass_reads_only_the_referrals_with_something_due(store: St
 def test_the_consent_expiry_notice_reads_only_the_consents_ending_within_the_notice(
     store: Store,
 ) -> None:
-    """Only the consents ending by the horizon are read for the expiry notice; those that
-    end later, are revoked or were already notified are not."""
+    """Only the consents ending by the horizon are read for the expiry notice; one that
+    ends later is not."""
     ledger = make_ledger(store)
     referred(ledger, "T-SOON-1", "lmh-proximite", days=5)
     referred(ledger, "T-LATE-2", "lmh-proximite", days=60)

@@ -12,6 +12,7 @@ from sqlalchemy import and_, bindparam, func, or_, select, update
 
 from partnerbus.ledger import tables as t
 from partnerbus.ledger.repos.base import Conflict, Repository, row_of
+from partnerbus.rules.lifecycle import AWAITING_ANSWER
 
 # Built once; the values go as execute() parameters, so each call reuses the compiled
 # statement instead of building and cache-keying a new `.values(...)` construct (issue 9).
@@ -124,7 +125,7 @@ class ReferralRepository(Repository):
         rows = self.conn.execute(
             select(t.referrals)
             .where(
-                t.referrals.c.status.in_(("requested", "delivered", "received")),
+                t.referrals.c.status.in_(AWAITING_ANSWER),
                 or_(
                     *(
                         and_(t.referrals.c.urgency == urgency, started <= latest)
