@@ -10,8 +10,9 @@ Outcomes of one delivery:
 - held: the dead-letter queue is full and refused the copy: the original is rejected, and
   RabbitMQ keeps it in the work queue until the dead-letter queue has room (at-least-once
   dead-lettering); the refusal is logged and counted, nothing is dropped;
-- transient failure (the database is down): a copy goes to a delay queue with our attempt
-  header, then the original is acked; past the last delay it is refused as above;
+- transient failure (the database is down, a concurrent change that outlasted the
+  transaction's re-runs): a copy goes to a delay queue with our attempt header, then the
+  original is acked; past the last delay it is refused as above;
 - anything else: the exception propagates, FastStream nacks with requeue, and RabbitMQ's
   delivery limit moves the message to the dead-letter queue after a few tries (x-death).
 """
@@ -43,6 +44,7 @@ from partnerbus.broker.topology import (
 )
 from partnerbus.directory import Directory
 from partnerbus.errors import PartnerbusError, StoreError, describe_error, is_database_error
+from partnerbus.ledger.store import is_conflict
 from partnerbus.usecases import Refused
 
 log = logging.getLogger("partnerbus.delivery")
@@ -89,8 +91,10 @@ def describe_validation(error: ValidationError) -> str:
 
 
 def is_transient(exc: BaseException) -> bool:
-    """Failures that another try later may not meet: the database unreachable or locked."""
-    if isinstance(exc, OperationalError):
+    """Failures that another try later may not meet: the database unreachable or locked,
+    or a concurrent change that the transaction's own re-runs did not outlast (a referral
+    a relay took longer than they did to publish and record, `mark_sending`)."""
+    if isinstance(exc, OperationalError) or is_conflict(exc):
         return True
     return isinstance(exc, DBAPIError) and bool(exc.connection_invalidated)
 

@@ -17,11 +17,14 @@ The `delivered` notices a window's confirms queue for the source and the agency 
 as that transaction writes them, and published as soon as it has committed: no claim of
 their own, and they never wait behind later referrals.
 
-A window that carries referrals is sent inside ONE transaction that holds, for each of them,
-its consent (shared) and its row (locked) from the last check to the recorded confirm: a
-revocation, an answer or an expiry comes wholly before (the referral does not leave) or after
-(it sees that it left). The window is bounded (`window` rows, the publish timeout), so the
-transaction stays short.
+A window that carries referrals goes in three steps: a short transaction checks each of them
+(still awaiting an answer, covered by a consent valid now) and marks those that may leave as
+being sent; the window is published and its confirms awaited with no transaction open; a
+second transaction records the confirms and clears the mark. While a referral is marked, the
+compare-and-set that every change of its state goes through refuses, and the writer re-runs:
+a revocation, an answer or an expiry comes wholly before the check (the referral does not
+leave) or after the record (it sees that it left). Neither SQLite's write lock nor a
+PostgreSQL row lock is held while the broker confirms (issue 9).
 """
 
 from __future__ import annotations
@@ -32,7 +35,6 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
-from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from datetime import timedelta
 from functools import partial
@@ -43,7 +45,7 @@ from aio_pika.exceptions import DeliveryError
 from partnerbus.broker.topology import Topology
 from partnerbus.errors import describe_error
 from partnerbus.handlers.sizing import Sizer
-from partnerbus.ledger.store import LedgerTx, OutboxRow, backoff, is_conflict
+from partnerbus.ledger.store import LedgerTx, OutboxRow, is_conflict
 from partnerbus.usecases import Ledger, mark_delivered, send_or_withhold
 
 log = logging.getLogger("partnerbus.relay")
@@ -59,6 +61,15 @@ WINDOW = 256
 
 class _TooLate(Exception):  # noqa: N818 - a signal to give a window back, not an error
     """Half the lease passed before the window could be published."""
+
+
+@dataclass
+class _Checked:
+    """A window `Relay._check_window` cleared: the rows to publish (its referrals marked
+    as being sent), and how many it withheld."""
+
+    to_send: list[OutboxRow]
+    withheld: int
 
 
 @dataclass
@@ -101,6 +112,9 @@ class Relay:
         # Replaces the publishing channel after a window the broker refused whole: a
         # channel can keep nacking a quorum queue whose leader died (`partnerbus.broker.publisher`).
         self.renew = renew
+        # How long a referral checked for sending stays closed to other changes at most
+        # (a crash between the check and the record): the publish's own bound, and margin.
+        self._sending_hold = timedelta(seconds=2 * timeout_s + 10)
         self.renewals = 0
         """Channels replaced after a window refused whole."""
         self.sent = 0
@@ -301,21 +315,21 @@ class Relay:
         self.ledger.store.run(record)
 
     async def _send_referrals(self, rows: list[OutboxRow], claimed_at: float) -> _Round:
-        """A window with referrals: checked, published and recorded in one transaction on
-        the relay's database thread (`_send_in_tx`). A check that fails for another reason
-        than a concurrent change (a row the use cases cannot read) sends the window again
-        row by row, so that one bad row does not hold the others back."""
-        loop = asyncio.get_running_loop()
+        """A window with referrals, in three steps (`_check_window`, the publish,
+        `_record_window`). A check that fails for another reason than a concurrent change
+        (a row the use cases cannot read) sends the window again row by row, so that one
+        bad row does not hold the others back."""
         try:
-            whole: _Round = await self._db(self._send_in_tx, rows, loop, claimed_at)
-            return await self._send_later(whole)
+            checked = await self._db(self._check_window, rows, claimed_at)
         except _CheckFailed as failed:
             if len(rows) == 1:
                 raise failed.error from None
+        else:
+            return await self._send_checked(checked)
         total = _Round()
         for row in rows:
             try:
-                one = await self._db(self._send_in_tx, [row], loop, claimed_at)
+                one_checked = await self._db(self._check_window, [row], claimed_at)
             except _CheckFailed as failed:
                 log.error(
                     "outbox row %s not checked (%s); tried again after its lease",
@@ -323,46 +337,41 @@ class Relay:
                     describe_error(failed.error),
                 )
                 continue
+            one = await self._send_checked(one_checked)
             total.sent += one.sent
             total.withheld += one.withheld
             total.refused += one.refused
-            total.later += one.later
             if one.unreachable:
                 total.unreachable = True
                 rest = [r.id for r in rows[rows.index(row) + 1 :]]
                 await self._db(self.ledger.store.release_untried, rest)
                 break
-        return await self._send_later(total)
+        return total
 
     async def _send_later(self, result: _Round) -> _Round:
         """The notices a window's confirms queued (claimed as they were written), published
         now that its transaction has committed. Their confirms are recorded by the next
-        commit of this relay (the next claim's, or the flush's last), not by one of their
-        own: until then they stay claimed, so nobody sends them again; after a crash they
-        go again once their lease is over, with the same ids."""
+        commit of this relay (the next window's or claim's, or the flush's last), not by one
+        of their own: until then they stay claimed, so nobody sends them again; after a
+        crash they go again once their lease is over, with the same ids."""
         if result.later:
             outcomes = await self._publish_window(result.later, probe=False)
             self._unrecorded.append((result.later, outcomes))
             result.later = []
         return result
 
-    def _send_in_tx(
-        self, rows: list[OutboxRow], loop: asyncio.AbstractEventLoop, claimed_at: float
-    ) -> _Round:
-        """On the relay's database thread: check each referral of the window, publish what
-        may leave, wait for the confirms and record them (and the disclosures), in ONE
-        transaction that holds each referral's consent (shared) and row (locked)
-        throughout, so that a revocation either commits before (the referral is withheld,
-        never leaves) or waits and comes after (it sees that the referral left, and the
-        partner is told). The publishes run on the event loop, free meanwhile. A conflict
-        before publishing re-runs the transaction; after it, the rows keep their claims
-        and go again after the lease (with the same message ids)."""
-        published = False
+    def _check_window(self, rows: list[OutboxRow], claimed_at: float) -> _Checked:
+        """On the relay's database thread, in one short transaction: the last check of each
+        referral of the window (it still awaits an answer and a consent valid now covers
+        it; otherwise it is withheld, its row deleted), and those that may leave marked as
+        being sent (`ReferralRepository.mark_sending`). From this commit until
+        `_record_window`'s, no revocation, answer or expiry of theirs commits: each
+        re-runs, and comes after the confirm is recorded (it then sees that the referral
+        left). Nothing is held open while the broker confirms. A conflict re-runs the
+        check; past half the lease the rows are given back untried."""
+        store = self.ledger.store
 
-        def attempt(tx: LedgerTx) -> tuple[list[OutboxRow], Outcomes, int, list[OutboxRow]]:
-            """The rows published, their outcomes, how many were withheld, and the notices
-            the confirms queued (claimed, to publish after the commit)."""
-            nonlocal published
+        def check(tx: LedgerTx) -> _Checked:
             withheld = 0
             to_send: list[OutboxRow] = []
             # what the checks read, in three statements for the window (issue 9)
@@ -375,7 +384,7 @@ class Relay:
                 try:
                     clear = send_or_withhold(self.ledger, tx, row.referral_id, row.id, row.attempts)
                 except Exception as exc:
-                    if is_conflict(exc):
+                    if is_conflict(exc) or not tx.usable:
                         raise
                     raise _CheckFailed(exc) from None
                 if clear:
@@ -385,63 +394,79 @@ class Relay:
                     withheld += 1
             if self._too_late(claimed_at):
                 raise _TooLate
-            published = bool(to_send)
-            outcomes = self._publish_from_thread(to_send, loop)
+            tx.referrals.mark_sending(
+                [r.referral_id for r in to_send if self._is_referral(r) and r.referral_id],
+                self.ledger.clock() + self._sending_hold,
+            )
+            return _Checked(to_send, withheld)
+
+        try:
+            return store.run(check)
+        except _TooLate:
+            # Past half the lease: another worker may claim these soon; give them back
+            # untried (their claims do not count) rather than race it.
+            store.release_untried([row.id for row in rows])
+            return _Checked([], 0)
+
+    async def _send_checked(self, checked: _Checked) -> _Round:
+        """Publish what `_check_window` cleared, then record the confirms (`_record_window`)
+        and publish the `delivered` notices they queued."""
+        if not checked.to_send:
+            return _Round(withheld=checked.withheld)
+        outcomes = await self._publish_window(checked.to_send)
+        pending, self._unrecorded = self._unrecorded, []
+        try:
+            notices: list[OutboxRow] = await self._db(
+                self._record_window, checked.to_send, outcomes, pending
+            )
+        except BaseException as exc:
+            self._unrecorded = pending + self._unrecorded
+            if outcomes:
+                # They may have left: the rows keep their claims (counted as a try) and go
+                # again after the lease, with the same message ids.
+                log.warning(
+                    "%d outbox rows published but their confirms not recorded (%s)",
+                    len(outcomes),
+                    type(exc).__name__,
+                )
+            raise
+        settled = self._tallied(pending)
+        result = self._tally(checked.to_send, outcomes)
+        result.withheld = checked.withheld
+        result.sent += settled.sent
+        result.later = notices
+        return await self._send_later(result)
+
+    def _record_window(
+        self,
+        rows: list[OutboxRow],
+        outcomes: Outcomes,
+        pending: list[tuple[list[OutboxRow], Outcomes]],
+    ) -> list[OutboxRow]:
+        """On the relay's database thread, in one transaction: the window's confirms and
+        failures, its referrals no longer being sent and those confirmed delivered (and
+        disclosed), and the notices published after the last window (`pending`). The
+        `delivered` notices the confirms queue for the source and the agency are claimed
+        as they are written (no claim transaction of their own, issue 9) and returned, to
+        publish once this has committed."""
+        store = self.ledger.store
+
+        referral_ids = [r.referral_id for r in rows if self._is_referral(r) and r.referral_id]
+
+        def record(tx: LedgerTx) -> list[OutboxRow]:
             now = self.ledger.clock()
-            _record(tx, to_send, outcomes, now)
-            # The confirms queue `delivered` notices for the source and the agency: claimed
-            # as they are written (no claim transaction of their own, issue 9) and
-            # published once this transaction has committed (`_send_referrals`), so that
-            # the write lock is not held while their confirms come back.
+            self._settle(pending, tx)
+            tx.prefetch_referrals(referral_ids)  # what `mark_delivered` reads, at once
+            tx.referrals.mark_sending(referral_ids, None)
+            _record(tx, rows, outcomes, now)
             with tx.outbox.claiming(now + self.lease) as notices:
-                for row in to_send:
+                for row in rows:
                     if self._is_referral(row) and outcomes.get(row.id, False) is None:
                         assert row.referral_id is not None
                         mark_delivered(self.ledger, tx, row.referral_id)
-            return to_send, outcomes, withheld, notices
+            return notices
 
-        store = self.ledger.store
-        for tries in range(1, 9):
-            try:
-                with store.begin() as tx:
-                    to_send, outcomes, withheld, notices = attempt(tx)
-                # counted (and told to `wait_recorded`) once committed
-                result = self._tally(to_send, outcomes)
-                result.withheld = withheld
-                result.later = notices
-                return result
-            except _TooLate:
-                # Past half the lease: another worker may claim these soon; give them back
-                # untried (their claims do not count) rather than race it.
-                store.release_untried([row.id for row in rows])
-                return _Round()
-            except Exception as exc:
-                if published or tries == 8 or not is_conflict(exc):
-                    if published:
-                        # They may have left: the rows keep their claims (counted as a try)
-                        # and go again after the lease, with the same message ids.
-                        log.warning(
-                            "%d outbox rows published but their confirms not recorded (%s)",
-                            len(rows),
-                            type(exc).__name__,
-                        )
-                    raise
-                backoff(tries)
-        raise AssertionError("unreachable")  # pragma: no cover
-
-    def _publish_from_thread(
-        self, rows: list[OutboxRow], loop: asyncio.AbstractEventLoop
-    ) -> Outcomes:
-        """`_publish_window` on the event loop, waited for from the relay's database thread."""
-        future = asyncio.run_coroutine_threadsafe(self._publish_window(rows), loop)
-        try:
-            return future.result(timeout=2 * self.timeout_s + 5)
-        except Exception as exc:
-            future.cancel()
-            if isinstance(exc, FutureTimeout):
-                exc = TimeoutError("no confirm in time")
-            # Whether any of them left is unknown: each counts as tried.
-            return {row.id: exc for row in rows}
+        return store.run(record)
 
     def _too_late(self, claimed_at: float) -> bool:
         return time.monotonic() - claimed_at > self.lease.total_seconds() / 2

@@ -142,6 +142,10 @@ referrals = Table(
     # Accepted with no news: when the partner was reminded, when the advisor was told.
     Column("stalled_reminded_at", UTCDateTime),
     Column("stalled_reported_at", UTCDateTime),
+    # A relay has checked it and is publishing it: until then nothing else changes its
+    # state (the compare-and-set waits), so a revocation or an answer comes wholly before
+    # the check or after the confirm is recorded (0006).
+    Column("sending_until", UTCDateTime),
     UniqueConstraint("signal_id", "need", "attempt", name="uq_referral_attempt"),
     # the places a partner's open referrals take, counted on each routing (capacity)
     Index("ix_referrals_partner_status", "partner_id", "status"),

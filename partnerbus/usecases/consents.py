@@ -215,8 +215,10 @@ def refuse_consent(ledger: Ledger, tx: LedgerTx, event: ConsentRefused) -> None:
 def revoke_consent(ledger: Ledger, tx: LedgerTx, event: ConsentRevoked) -> None:
     """Withdraw every open referral made under the consent; parked signals stay parked."""
     now = ledger.clock()
-    # Taken for update: a relay sending under this consent holds it (shared) until its
-    # referral is confirmed, so the revocation comes wholly before or after that send.
+    # Taken for update: a relay checking a referral under this consent holds it (shared)
+    # until it has marked the referral as being sent; from then until the confirm is
+    # recorded, withdrawing it re-runs this transaction (`ReferralRepository.update`), so
+    # the revocation comes wholly before or after that send.
     consent = tx.consents.get(event.consent_id, lock="update")
     if consent is None:
         raise Refused(f"unknown consent {event.consent_id}")

@@ -35,7 +35,7 @@ def send_or_withhold(
     ledger: Ledger, tx: LedgerTx, referral_id: str, outbox_id: int, claims: int
 ) -> bool:
     """The relay's decision for one referral row, under the locks `clear_to_send` takes
-    (held until the relay has published and recorded the confirm in this transaction).
+    (held until the relay has marked the referral as being sent, in this transaction).
     True: publish it now. False: the row is deleted unsent, and a withdrawal queued for
     the referral meanwhile is settled: dropped if the referral never left (the partner
     never hears of it), kept if an earlier try may have reached the partner."""
@@ -82,11 +82,12 @@ def clear_to_send(ledger: Ledger, tx: LedgerTx, referral_id: str, attempts: int)
 
 
 def _check_before_sending(ledger: Ledger, tx: LedgerTx, referral_id: str, attempts: int) -> str:
-    """The relay publishes and records the confirm in the transaction that ran this,
+    """The relay marks the referral as being sent in the transaction that ran this,
     holding what this takes: the consent (shared: a revocation waits) and the referral's
-    row (a status, a withdrawal, an expiry wait). The referral must still be waiting for
-    an answer (a referral re-sent from the dead letters may be delivered or received
-    already) and a consent valid at this very moment must cover it: `send`. A referral
+    row (a status, a withdrawal, an expiry wait); from that mark until the confirm is
+    recorded, they re-run instead (`ReferralRepository.update`). The referral must still
+    be waiting for an answer (a referral re-sent from the dead letters may be delivered
+    or received already) and a consent valid at this very moment must cover it: `send`. A referral
     closed meanwhile does not leave: `closed`. One whose consent ran out (the broker was
     down, the outbox waited) is withdrawn, and its need goes back to the consent gate,
     the advisor is asked again: `withdrawn`. Above one attempt, an earlier try may have

@@ -62,7 +62,7 @@ def _apply(
         values["outcome"] = outcome
     if new not in OPEN:
         values["closed_at"] = now
-    tx.referrals.update(referral.referral_id, referral.status, **values, **(also or {}))
+    tx.referrals.update(referral.referral_id, referral.status, now=now, **values, **(also or {}))
     return True
 
 

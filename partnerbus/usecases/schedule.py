@@ -10,7 +10,7 @@ import logging
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import timedelta
+from datetime import datetime, timedelta
 from functools import partial
 
 from partnerbus.errors import describe_error
@@ -105,6 +105,8 @@ def watch_deadlines(ledger: Ledger, tx: LedgerTx) -> dict[str, int]:
 
     # only the referrals whose reminder (the first step) has come, by today's policy
     for referral in tx.referrals.waiting(ledger.deadlines.reminders_due(now)):
+        if _being_sent(referral, now):
+            continue  # the next pass: a relay is publishing it (a replay) right now
         action = deadline_action(
             referral.status,
             referral.urgency,
@@ -128,6 +130,8 @@ def watch_deadlines(ledger: Ledger, tx: LedgerTx) -> dict[str, int]:
                 ),
             )
     for referral in tx.referrals.with_ended_consent(now, AWAITING_ANSWER):
+        if _being_sent(referral, now):
+            continue
         tally(
             "withdrawn-consent-expired",
             _isolated(
@@ -152,6 +156,12 @@ def watch_deadlines(ledger: Ledger, tx: LedgerTx) -> dict[str, int]:
     _follow_parked(ledger, tx, tally)
     _follow_stalled(ledger, tx, tally)
     return counts
+
+
+def _being_sent(referral: ReferralRow, now: datetime) -> bool:
+    """A relay has checked the referral and is publishing it: its state may not change
+    until the relay has recorded the broker's answer (`ReferralRepository.update`)."""
+    return referral.sending_until is not None and referral.sending_until > now
 
 
 def _follow_parked(ledger: Ledger, tx: LedgerTx, tally: Callable[[str, bool | None], None]) -> None:
@@ -423,7 +433,7 @@ def _report_stalled(ledger: Ledger, tx: LedgerTx, referral: ReferralRow) -> bool
 
 def _remind(ledger: Ledger, tx: LedgerTx, referral: ReferralRow) -> bool:
     now = ledger.clock()
-    tx.referrals.update(referral.referral_id, referral.status, reminded=True)
+    tx.referrals.update(referral.referral_id, referral.status, now=now, reminded=True)
     send(
         ledger,
         tx,

@@ -6,6 +6,7 @@ import asyncio
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import timedelta
 
 import pytest
 from sqlalchemy.exc import OperationalError
@@ -110,6 +111,40 @@ async def test_a_transient_database_failure_is_retried_after_a_delay_and_succeed
     finally:
         await bus.stop()
         await bus.teardown()
+
+
+async def test_an_answer_meeting_its_referral_marked_as_sent_too_long_waits_in_the_delay_queue(
+    bus, channel
+):
+    """A partner's answer meets its referral still marked as being sent (a relay died between its publish and its record) for longer than the transaction's own re-runs last: it is neither dead-lettered nor lost, but waits in the delay queue, and is applied once the mark is gone."""
+    t = bus.topology
+    person, _agency, target, inbox = await consented(bus, channel)
+    await publish(
+        channel, f"{t.prefix}.signals", signal(person=person), routing_key="lmh-recouvrement"
+    )
+    (referral,) = await inbox.expect(1)
+    rid = referral.body["referral_id"]
+    assert await wait_for_status(bus.store, rid, "delivered") == "delivered"
+    far = bus.ledger.clock() + timedelta(hours=1)
+    await asyncio.to_thread(bus.store.run, lambda tx: tx.referrals.mark_sending([rid], far))
+    before = len(bus.verdicts)
+    body = {
+        "type": "referral-status-changed",
+        "message_id": new_id("st"),
+        "occurred_at": "2026-11-23T10:00:00+00:00",
+        "referral_id": rid,
+        "partner": target,
+        "status": "accepted",
+    }
+    await publish(channel, f"{t.prefix}.statuses", body, routing_key=target)
+
+    (first,) = (await bus.wait_verdicts(before + 1, timeout=20))[before:]
+    assert first.outcome == "retried"
+    assert bus.store.referral(rid).status == "delivered"
+    await asyncio.to_thread(bus.store.run, lambda tx: tx.referrals.mark_sending([rid], None))
+    verdicts = await bus.wait_verdicts(before + 2, timeout=20)
+    assert verdicts[before + 1].outcome == "processed"
+    assert bus.store.referral(rid).status == "accepted"
 
 
 async def test_a_signal_without_user_id_is_refused_with_the_reason(bus, channel):

@@ -35,9 +35,10 @@ SINCE_BASELINE = {
     ("signal_needs", "reminded_at"),
     ("referrals", "stalled_reminded_at"),
     ("referrals", "stalled_reported_at"),
+    ("referrals", "sending_until"),
 }
 """Columns later revisions added (0002: the outbox's priority; 0004: the follow-ups of
-parked needs and stalled referrals); a ledger from before
+parked needs and stalled referrals; 0006: a referral being sent); a ledger from before
 migrations never had them, nor the indexes over them."""
 
 INDEXES_SINCE_BASELINE = {

@@ -9,28 +9,35 @@ routine backlog, and a revocation is wholly before or after the window that carr
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import logging
 import random
 import threading
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from typing import Any
 
+import pytest
 from aio_pika.exceptions import DeliveryError
 from pamqp.commands import Basic
+from sqlalchemy.exc import OperationalError
 
 from partnerbus import usecases
 from partnerbus.broker.topology import Topology
 from partnerbus.handlers.outbox import Relay
-from partnerbus.ledger.store import LedgerTx, Store
+from partnerbus.ledger.store import Conflict, LedgerTx, Store
 from partnerbus.rules import disclose
 from partnerbus.schemas import (
     ConsentGranted,
     ConsentRevoked,
     ConsentScope,
     ReferralReminder,
+    ReferralStatusChanged,
     Signal,
 )
+from partnerbus.testing import FakeClock
 from partnerbus.usecases import Ledger
 from tests.conftest import make_ledger
 
@@ -281,3 +288,198 @@ async def test_delivered_notices_go_with_their_window_and_a_refused_one_waits(
     notices = [m["message_id"] for m in publish.left if m["type"] == "referral-status-changed"]
     assert len(notices) == len(set(notices)) == 2 * len(rids)
     assert await asyncio.to_thread(store.failing_count) == 0
+
+
+class Held(Recorder):
+    """Takes every message at once but confirms no referral until `release` is set: the
+    window waits for its confirms as long as the test says."""
+
+    def __init__(self) -> None:
+        super().__init__(6)
+        self.published = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def __call__(self, body: bytes, **options: Any) -> None:
+        await super().__call__(body, **options)
+        if options.get("message_type") == "referral":
+            self.published.set()
+            await self.release.wait()
+
+
+class Reruns(logging.Handler):
+    """Set when a transaction re-runs after a concurrent change (`Store.run` logs it)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.seen = threading.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "re-run after a concurrent change" in record.getMessage():
+            self.seen.set()
+
+
+@contextlib.contextmanager
+def watching_reruns() -> Iterator[Reruns]:
+    logger = logging.getLogger("partnerbus.ledger")
+    handler, level = Reruns(), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield handler
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+def applied(store: Store, rid: str) -> list[str]:
+    """The statuses applied to a referral, in order."""
+    return [h["to_status"] for h in store.history(rid) if h["outcome"] == "applied"]
+
+
+async def test_nothing_is_held_open_while_a_window_awaits_its_confirms(store: Store) -> None:
+    """While the broker has not confirmed a window, another writer commits at once (on SQLite the write lock is free; the relay used to hold it through the confirms), and the window's referrals are marked as being sent; once confirmed they are delivered and the mark is gone."""
+    ledger = make_ledger(store)
+    rids = decide(ledger, 11000, 3)
+    publish = Held()
+    with ThreadPoolExecutor(1) as executor:
+        relay = Relay(ledger, Topology("p"), publish, executor, timeout_s=5)
+        flushing = asyncio.create_task(relay.flush())
+        await asyncio.wait_for(publish.published.wait(), 10)
+
+        more = await asyncio.wait_for(asyncio.to_thread(decide, ledger, 11100, 1), 5)
+
+        assert len(more) == 1
+        marked = [store.referral(rid) for rid in rids]
+        assert all(r is not None and r.status == "requested" for r in marked)
+        assert all(r is not None and r.sending_until is not None for r in marked[:1])
+        publish.release.set()
+        await asyncio.wait_for(flushing, 10)
+    for rid in rids:
+        referral = store.referral(rid)
+        assert referral is not None
+        assert (referral.status, referral.sending_until) == ("delivered", None)
+
+
+async def test_a_revocation_meeting_a_referral_in_flight_comes_after_its_confirm(
+    store: Store,
+) -> None:
+    """A revocation that commits while its referral is published and not yet confirmed would let it leave after the person said no: it re-runs until the confirm is recorded, then withdraws it, and the partner is told after the referral."""
+    ledger = make_ledger(store)
+    (rid,) = decide(ledger, 11200, 1)
+    referral = store.referral(rid)
+    assert referral is not None
+    publish = Held()
+    event = ConsentRevoked(
+        message_id="rv-in-flight",
+        occurred_at=ledger.clock(),
+        consent_id=referral.consent_id,
+        revoked_by="s.benali",
+        agency="lmh-agence-roubaix",
+        revoked_at=ledger.clock(),
+    )
+    with watching_reruns() as reruns, ThreadPoolExecutor(1) as executor:
+        relay = Relay(ledger, Topology("p"), publish, executor, timeout_s=5)
+        flushing = asyncio.create_task(relay.flush())
+        await asyncio.wait_for(publish.published.wait(), 10)
+        revoking = asyncio.create_task(
+            asyncio.to_thread(store.run, lambda tx: usecases.revoke_consent(ledger, tx, event, "q"))
+        )
+        assert await asyncio.to_thread(reruns.seen.wait, 10), "the revocation never met it"
+
+        assert not revoking.done()
+        assert applied(store, rid) == ["requested"]
+        publish.release.set()
+        await asyncio.wait_for(asyncio.gather(flushing, revoking), 15)
+        await drain(relay, store=store)
+    assert applied(store, rid) == ["requested", "delivered", "withdrawn"]
+    kinds = [m["type"] for m in publish.left if m.get("referral_id") == rid]
+    assert [k for k in kinds if k in ("referral", "referral-withdrawn")] == [
+        "referral",
+        "referral-withdrawn",
+    ]
+    actions = [a.action for a in store.audit_trail(rid)]
+    assert actions.index("referral-disclosed") < actions.index("referral-withdrawn")
+    assert "referral-withheld" not in actions
+
+
+async def test_a_partners_answer_meeting_its_referral_in_flight_comes_after_the_confirm(
+    store: Store,
+) -> None:
+    """A partner fast enough to answer before the relay has recorded the broker's confirm: the answer re-runs until then, so the history reads requested, delivered, accepted (it is not refused as coming before delivery, nor does the confirm overwrite it)."""
+    ledger = make_ledger(store)
+    (rid,) = decide(ledger, 11300, 1)
+    referral = store.referral(rid)
+    assert referral is not None
+    publish = Held()
+    event = ReferralStatusChanged(
+        message_id="st-in-flight",
+        occurred_at=ledger.clock(),
+        referral_id=rid,
+        partner=referral.partner_id,
+        status="accepted",
+    )
+    with watching_reruns() as reruns, ThreadPoolExecutor(1) as executor:
+        relay = Relay(ledger, Topology("p"), publish, executor, timeout_s=5)
+        flushing = asyncio.create_task(relay.flush())
+        await asyncio.wait_for(publish.published.wait(), 10)
+        answering = asyncio.create_task(
+            asyncio.to_thread(store.run, lambda tx: usecases.record_status(ledger, tx, event, "q"))
+        )
+        assert await asyncio.to_thread(reruns.seen.wait, 10), "the answer never met it"
+        assert not answering.done()
+        publish.release.set()
+        await asyncio.wait_for(asyncio.gather(flushing, answering), 15)
+    assert applied(store, rid) == ["requested", "delivered", "accepted"]
+
+
+async def test_a_relay_lost_between_publish_and_record_holds_changes_only_for_a_while(
+    store: Store,
+) -> None:
+    """The relay publishes a referral and cannot record the confirm (its database went away): the referral stays marked, and a revocation meanwhile re-runs (in the service, its message is tried again later). Once the mark's time is over the revocation goes through and, since the referral may have left, a withdrawal follows it; the next relay sends that, after the referral's own row is found closed."""
+    clock = FakeClock()
+    ledger = make_ledger(store, clock)
+    (rid,) = decide(ledger, 11400, 1)
+    referral = store.referral(rid)
+    assert referral is not None
+    publish = Recorder(7)
+    with ThreadPoolExecutor(1) as executor:
+        relay = Relay(ledger, Topology("p"), publish, executor, timeout_s=5)
+
+        def lost(*args: Any) -> Any:
+            raise OperationalError("UPDATE outbox", {}, Exception("connection lost"))
+
+        relay._record_window = lost  # type: ignore[method-assign]
+        with contextlib.suppress(OperationalError):
+            await relay.flush()
+        assert [m["type"] for m in publish.left if m["type"].startswith("referral")] == ["referral"]
+        marked = store.referral(rid)
+        assert marked is not None and marked.sending_until is not None
+        event = ConsentRevoked(
+            message_id="rv-after-loss",
+            occurred_at=clock(),
+            consent_id=referral.consent_id,
+            revoked_by="s.benali",
+            agency="lmh-agence-roubaix",
+            revoked_at=clock(),
+        )
+
+        def revoke() -> Any:
+            return store.run(lambda tx: usecases.revoke_consent(ledger, tx, event, "q"), tries=2)
+
+        with pytest.raises(Conflict):
+            await asyncio.to_thread(revoke)
+        assert applied(store, rid) == ["requested"]
+
+        clock.advance(marked.sending_until - clock() + timedelta(seconds=1))
+        await asyncio.to_thread(revoke)
+        assert applied(store, rid) == ["requested", "withdrawn"]
+        clock.advance(timedelta(minutes=2))  # the lost relay's claim is over
+        relay = Relay(ledger, Topology("p"), publish, executor, timeout_s=5)
+        await drain(relay, store=store)
+    kinds = [m["type"] for m in publish.left if m.get("referral_id") == rid]
+    assert [k for k in kinds if k in ("referral", "referral-withdrawn")] == [
+        "referral",
+        "referral-withdrawn",
+    ]
+    actions = [a.action for a in store.audit_trail(rid)]
+    assert "referral-withdrawn" in actions and "referral-withheld" not in actions

@@ -10,6 +10,7 @@ import pytest
 from sqlalchemy import event
 
 from partnerbus.ledger.store import Store
+from partnerbus.schemas import utcnow
 from tests.conftest import make_ledger
 from tests.integration.test_relay_windows import decide
 
@@ -34,7 +35,7 @@ def test_a_referral_is_read_once_and_seen_as_written(store: Store) -> None:
         assert first is not None and first.status == "requested"
         again = tx.referrals.get(rid, lock=True)
         assert again == first
-        tx.referrals.update(rid, "requested", status="delivered")
+        tx.referrals.update(rid, "requested", now=utcnow(), status="delivered")
         after = tx.referrals.get(rid, lock=True)
         assert after is not None and after.status == "delivered"
     reads = [s for s in statements if s == "SELECT referrals"]
@@ -50,7 +51,7 @@ def test_a_savepoint_rolled_back_drops_what_it_read_and_wrote(store: Store) -> N
 
         def write_then_fail() -> None:
             with tx.savepoint():
-                tx.referrals.update(rid, "requested", status="delivered")
+                tx.referrals.update(rid, "requested", now=utcnow(), status="delivered")
                 raise RuntimeError("rolled back")
 
         with pytest.raises(RuntimeError):
@@ -66,7 +67,7 @@ def test_a_conflict_drops_the_cached_row(store: Store) -> None:
     with store.begin() as tx:
         tx.referrals.get(rid, lock=True)
         with pytest.raises(Exception, match="no longer"), tx.savepoint():
-            tx.referrals.update(rid, "accepted", status="completed")
+            tx.referrals.update(rid, "accepted", now=utcnow(), status="completed")
         assert ("referral", rid) not in tx.cache.rows
 
 

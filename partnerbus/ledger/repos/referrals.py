@@ -21,11 +21,16 @@ INSERT_HISTORY = t.referral_history.insert()
 # The hot reads, built once with bound parameters (see INSERT).
 GET = select(t.referrals).where(t.referrals.c.referral_id == bindparam("referral_id"))
 GET_LOCKED = GET.with_for_update()
-# The compare-and-set: its key and expected status bound under names no column has, so
-# that the other parameters given are the columns it sets.
+# The compare-and-set: its key, expected status and instant bound under names no column
+# has, so that the other parameters given are the columns it sets. A referral a relay is
+# publishing (`mark_sending`) is not changed until the relay has recorded the outcome.
 COMPARE_AND_SET = update(t.referrals).where(
     t.referrals.c.referral_id == bindparam("where_referral_id"),
     t.referrals.c.status == bindparam("where_status"),
+    or_(
+        t.referrals.c.sending_until.is_(None),
+        t.referrals.c.sending_until <= bindparam("where_now"),
+    ),
 )
 
 
@@ -52,6 +57,7 @@ class ReferralRow:
     anonymised_at: datetime | None
     stalled_reminded_at: datetime | None = None
     stalled_reported_at: datetime | None = None
+    sending_until: datetime | None = None
 
 
 _FIELDS = frozenset(f.name for f in fields(ReferralRow))
@@ -174,17 +180,26 @@ class ReferralRepository(Repository):
             ).rowcount
         )
 
-    def update(self, referral_id: str, expected_status: str, **values: Any) -> None:
+    def update(
+        self, referral_id: str, expected_status: str, *, now: datetime, **values: Any
+    ) -> None:
         """Compare-and-set: write only if the referral is still `expected_status` (the
-        status the decision was made on); otherwise raise `Conflict` and the transaction
-        re-runs on a fresh read. Every write of a referral's state goes through here."""
+        status the decision was made on) and no relay is publishing it at `now`
+        (`mark_sending`); otherwise raise `Conflict` and the transaction re-runs on a
+        fresh read, after the relay has recorded what the broker said. Every write of a
+        referral's state goes through here."""
         changed = self.conn.execute(
             COMPARE_AND_SET,
-            {**values, "where_referral_id": referral_id, "where_status": expected_status},
+            {
+                **values,
+                "where_referral_id": referral_id,
+                "where_status": expected_status,
+                "where_now": now,
+            },
         ).rowcount
         if changed != 1:
             self.cache.drop("referral", referral_id)
-            msg = f"referral {referral_id} is no longer {expected_status}"
+            msg = f"referral {referral_id} is no longer {expected_status}, or is being sent"
             raise Conflict(msg)
         cached = self.cache.rows.get(("referral", referral_id))
         if cached is not None and set(values) <= _FIELDS:
@@ -192,6 +207,24 @@ class ReferralRepository(Repository):
             self.cache.put("referral", referral_id, replace(cached[0], **values), locked=True)
         else:
             self.cache.drop("referral", referral_id)
+
+    def mark_sending(self, referral_ids: Collection[str], until: datetime | None) -> None:
+        """The relay has checked these referrals and publishes them now: until it records
+        the outcome (`until` None), or `until` at the latest (it crashed), no state change
+        of theirs commits (`update` refuses). One statement for the window."""
+        if not referral_ids:
+            return
+        self.conn.execute(
+            update(t.referrals)
+            .where(t.referrals.c.referral_id.in_(list(referral_ids)))
+            .values(sending_until=until)
+        )
+        for referral_id in referral_ids:
+            cached = self.cache.rows.get(("referral", referral_id))
+            if cached is not None:
+                self.cache.put(
+                    "referral", referral_id, replace(cached[0], sending_until=until), locked=True
+                )
 
     def record_transition(
         self,
