@@ -328,7 +328,16 @@ def _send_referral(
     )
     # Nothing is disclosed yet: the audit records the disclosure when the broker confirms
     # the referral (`mark_delivered`), or that it was withheld if it never leaves.
-    send(ledger, tx, referral, partner.id, source=row.source, agency=row.agency, referral_id=rid)
+    send(
+        ledger,
+        tx,
+        referral,
+        partner.id,
+        source=row.source,
+        agency=row.agency,
+        referral_id=rid,
+        first=True,
+    )
 
 
 def _request_consent(
