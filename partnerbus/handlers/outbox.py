@@ -30,10 +30,8 @@ PostgreSQL row lock is held while the broker confirms (issue 9).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
-from asyncio import FIRST_COMPLETED
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
@@ -60,10 +58,6 @@ Outcomes = dict[int, BaseException | None]
 WINDOW = 256
 """Rows published at once, confirms awaited together, recorded in one transaction."""
 
-IN_FLIGHT = 2
-"""Windows published whose confirms are awaited at once: the next window is checked and
-published while the last one's confirms come back."""
-
 
 class _TooLate(Exception):  # noqa: N818 - a signal to give a window back, not an error
     """Half the lease passed before the window could be published."""
@@ -87,9 +81,6 @@ class _Round:
     claimed: int = 0
     later: list[OutboxRow] = field(default_factory=list)
     """Rows the window's transaction claimed as it wrote them, to publish after its commit."""
-    confirming: asyncio.Task[_Round] | None = None
-    """A window published whose confirms are awaited (and recorded) meanwhile: its
-    outcome, once done (`Relay.flush` goes on with the next window)."""
 
 
 class Relay:
@@ -142,7 +133,7 @@ class Relay:
         # rows the intake claimed for this relay as it wrote them (`take`), with when
         self._handed: list[tuple[float, OutboxRow]] = []
         # something may wait in the outbox unclaimed: the next flush claims (`kick`)
-        self._claim_wanted = False
+        self._claim_wanted = True
 
     async def _db(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(
@@ -159,62 +150,16 @@ class Relay:
         claimed meanwhile: the next sweep records them at the latest)."""
         total = 0
         refused: set[int] = set()
-        confirming: list[asyncio.Task[_Round]] = []
-
-        def went_on(result: _Round) -> bool:
-            """Count a finished window: True if the flush may go on after it (it moved
-            something, and the broker could be reached)."""
-            nonlocal total
-            total += result.sent
-            refused.update(result.refused)
-            return not result.unreachable and result.sent + result.withheld > 0
-
-        async def drained() -> bool:
-            """Wait for every window still confirming: True if the flush may go on."""
-            ok, moved = True, False
-            while confirming:
-                result = await confirming.pop(0)
-                moved = went_on(result) or moved
-                ok = ok and not result.unreachable
-            return ok and moved
-
         async with self._lock:
-            try:
-                done = 0
-                while rounds is None or done < rounds:
-                    # The next window is checked and published while the last ones'
-                    # confirms come back (at most `IN_FLIGHT` windows): a referral that
-                    # arrives meanwhile does not wait for them.
-                    if len(confirming) >= IN_FLIGHT and not went_on(await confirming.pop(0)):
-                        break
-                    if self._claim_wanted:  # kicked to claim since this flush began
-                        claim, self._claim_wanted = True, False
-                    self._wake.clear()  # rows handed from now on wake the wait below
-                    done += 1
-                    result = await self._flush_once(refused, claim=claim, pipelined=True)
-                    if result.confirming is not None:
-                        confirming.append(result.confirming)
-                    elif result.claimed == 0:
-                        # Nothing more now: wait for the oldest window's confirms (what
-                        # they make claimable goes next: a referral's next row, its
-                        # notices' record) or for new rows, whichever comes first.
-                        if not confirming:
-                            break
-                        oldest = confirming[0]
-                        woken = asyncio.ensure_future(self._wake.wait())
-                        try:
-                            await asyncio.wait({oldest, woken}, return_when=FIRST_COMPLETED)
-                        finally:
-                            woken.cancel()
-                        if oldest.done() and not went_on(await confirming.pop(0)):
-                            break
-                    elif not went_on(result):
-                        break
-                await drained()
-            finally:
-                for task in confirming:  # the flush failed: their outcome is still recorded
-                    with contextlib.suppress(Exception):
-                        await task
+            done = 0
+            while rounds is None or done < rounds:
+                done += 1
+                result = await self._flush_once(refused, claim=claim)
+                total += result.sent
+                refused.update(result.refused)
+                # nothing claimed: the claim only recorded the last notices' confirms
+                if result.unreachable or result.claimed == 0 or result.sent + result.withheld == 0:
+                    break
             if self._unrecorded and claim:  # no claim after the last notices: their own commit
                 pending = await self._db(self._settle_alone)
                 total += self._tallied(pending).sent
@@ -246,12 +191,7 @@ class Relay:
         self._handed.extend((now, row) for row in rows)
         self.kick(claim=rows.unclaimed > 0)
 
-    async def _flush_once(
-        self, refused: set[int] | None = None, *, claim: bool = True, pipelined: bool = False
-    ) -> _Round:
-        """One window: the rows handed over and, with `claim`, those claimed in the outbox,
-        sent. With `pipelined`, returns once the window is published: its confirms are
-        awaited and recorded in `confirming`."""
+    async def _flush_once(self, refused: set[int] | None = None, *, claim: bool = True) -> _Round:
         store = self.ledger.store
         began = time.monotonic()
         refused = set() if refused is None else refused
@@ -283,31 +223,12 @@ class Relay:
             return settled
         rows.sort(key=lambda row: (row.priority, row.id))
         if any(self._is_referral(row) for row in rows):
-            result = await self._send_referrals(rows, claimed_at, refused)
+            result = await self._send_referrals(rows, claimed_at)
         else:
-            result = await self._send_plain(rows, claimed_at, refused)
+            result = await self._send_plain(rows, claimed_at)
         result.claimed = len(rows)
-        if result.confirming is not None:
-            result.confirming = asyncio.create_task(
-                self._finished(result.confirming, len(rows), began, settled)
-            )
-            if not pipelined:
-                return await result.confirming
-            return result
-        return await self._finish(result, len(rows), began, settled)
-
-    async def _finished(
-        self, confirming: asyncio.Task[_Round], rows: int, began: float, settled: _Round
-    ) -> _Round:
-        result = await confirming
-        result.claimed = rows
-        return await self._finish(result, rows, began, settled)
-
-    async def _finish(self, result: _Round, rows: int, began: float, settled: _Round) -> _Round:
-        """A window done: sized, counted, and the channel renewed if the broker refused it
-        whole."""
         if not result.unreachable:
-            self.sizer.observe(rows, time.monotonic() - began)
+            self.sizer.observe(len(rows), time.monotonic() - began)
         if result.refused and not result.sent and self.renew is not None:
             log.warning(
                 "the broker refused a whole window (%d rows): the relay opens a new channel",
@@ -407,23 +328,17 @@ class Relay:
         result.refused = tuple(refused)
         return result
 
-    async def _send_plain(
-        self, rows: list[OutboxRow], claimed_at: float, refused: set[int]
-    ) -> _Round:
+    async def _send_plain(self, rows: list[OutboxRow], claimed_at: float) -> _Round:
         """Rows that need no check at send time (notices, reminders, withdrawals): publish
-        the window, then record every confirm and failure in one short transaction (in
-        `confirming`: the next window goes meanwhile)."""
+        the window, then record every confirm and failure in one short transaction."""
         store = self.ledger.store
         if self._too_late(claimed_at):
             await self._db(store.release_untried, [row.id for row in rows])
             return _Round()
-        return _Round(confirming=asyncio.create_task(self._publish_plain(rows, refused)))
-
-    async def _publish_plain(self, rows: list[OutboxRow], refused: set[int]) -> _Round:
         outcomes = await self._publish_window(rows)
         pending, self._unrecorded = self._unrecorded, []
         try:
-            await self._db(self._record_plain, rows, outcomes, pending, refused)
+            await self._db(self._record_plain, rows, outcomes, pending)
         except BaseException:
             self._unrecorded = pending + self._unrecorded
             raise
@@ -436,11 +351,9 @@ class Relay:
         rows: list[OutboxRow],
         outcomes: dict[int, BaseException | None],
         pending: list[tuple[list[OutboxRow], Outcomes]],
-        refused: set[int],
     ) -> None:
         """The window's confirms and failures, and the notices published after the last
-        window (`pending`), in one transaction. The rows the broker refused join `refused`
-        at once, on this thread: a claim queued behind this does not take them again."""
+        window (`pending`), in one transaction."""
         now = self.ledger.clock()
 
         def record(tx: LedgerTx) -> None:
@@ -448,11 +361,8 @@ class Relay:
             _record(tx, rows, outcomes, now)
 
         self.ledger.store.run(record)
-        refused.update(_refused_ids([(rows, outcomes)]))
 
-    async def _send_referrals(
-        self, rows: list[OutboxRow], claimed_at: float, refused: set[int]
-    ) -> _Round:
+    async def _send_referrals(self, rows: list[OutboxRow], claimed_at: float) -> _Round:
         """A window with referrals, in three steps (`_check_window`, the publish,
         `_record_window`). A check that fails for another reason than a concurrent change
         (a row the use cases cannot read) sends the window again row by row, so that one
@@ -463,9 +373,7 @@ class Relay:
             if len(rows) == 1:
                 raise failed.error from None
         else:
-            if not checked.to_send:
-                return _Round(withheld=checked.withheld)
-            return _Round(confirming=asyncio.create_task(self._send_checked(checked, refused)))
+            return await self._send_checked(checked)
         total = _Round()
         for row in rows:
             try:
@@ -477,7 +385,7 @@ class Relay:
                     describe_error(failed.error),
                 )
                 continue
-            one = await self._send_checked(one_checked, refused)
+            one = await self._send_checked(one_checked)
             total.sent += one.sent
             total.withheld += one.withheld
             total.refused += one.refused
@@ -548,7 +456,7 @@ class Relay:
             store.release_untried([row.id for row in rows])
             return _Checked([], 0)
 
-    async def _send_checked(self, checked: _Checked, refused: set[int]) -> _Round:
+    async def _send_checked(self, checked: _Checked) -> _Round:
         """Publish what `_check_window` cleared, then record the confirms (`_record_window`)
         and publish the `delivered` notices they queued."""
         if not checked.to_send:
@@ -557,7 +465,7 @@ class Relay:
         pending, self._unrecorded = self._unrecorded, []
         try:
             notices: list[OutboxRow] = await self._db(
-                self._record_window, checked.to_send, outcomes, pending, refused
+                self._record_window, checked.to_send, outcomes, pending
             )
         except BaseException as exc:
             self._unrecorded = pending + self._unrecorded
@@ -570,8 +478,6 @@ class Relay:
                     type(exc).__name__,
                 )
             raise
-        if self._claim_wanted:
-            self._wake.set()  # what waited behind these referrals: the next flush claims it
         settled = self._tallied(pending)
         result = self._tally(checked.to_send, outcomes)
         result.withheld = checked.withheld
@@ -584,7 +490,6 @@ class Relay:
         rows: list[OutboxRow],
         outcomes: Outcomes,
         pending: list[tuple[list[OutboxRow], Outcomes]],
-        refused: set[int],
     ) -> list[OutboxRow]:
         """On the relay's database thread, in one transaction: the window's confirms and
         failures, its referrals no longer being sent and those confirmed delivered (and
@@ -607,15 +512,9 @@ class Relay:
                     if self._is_referral(row) and outcomes.get(row.id, False) is None:
                         assert row.referral_id is not None
                         mark_delivered(self.ledger, tx, row.referral_id)
-            if tx.outbox.any_unsent(referral_ids):
-                # a row that waited behind its referral (a withdrawal queued meanwhile)
-                # can be claimed now
-                self._claim_wanted = True
             return notices
 
-        notices = store.run(record)
-        refused.update(_refused_ids([(rows, outcomes)]))  # see `_record_plain`
-        return notices
+        return store.run(record)
 
     def _too_late(self, claimed_at: float) -> bool:
         return time.monotonic() - claimed_at > self.lease.total_seconds() / 2
@@ -646,7 +545,6 @@ class Relay:
     async def run(self, interval_s: float, stop: asyncio.Event) -> None:
         """The sender: wakes on `kick` or every `interval_s` (what a crash or an outage left),
         sends until nothing is pending; on `stop` (which also kicks), sends one last time."""
-        self._claim_wanted = True  # what the last run left
         while not stop.is_set():
             self._wake.clear()
             claim, self._claim_wanted = self._claim_wanted, False

@@ -213,18 +213,6 @@ class OutboxRepository(Repository):
         )
         return [(r.id, r.attempts, r.sent_at is not None) for r in rows]
 
-    def any_unsent(self, referral_ids: Collection[str]) -> bool:
-        """Whether any of these referrals has a row still to send (its next row, once the
-        one just confirmed is marked sent: a withdrawal, a reminder)."""
-        if not referral_ids:
-            return False
-        found = self.conn.execute(
-            select(t.outbox.c.id)
-            .where(t.outbox.c.referral_id.in_(list(referral_ids)), t.outbox.c.sent_at.is_(None))
-            .limit(1)
-        ).first()
-        return found is not None
-
     def pending_withdrawals(self, referral_id: str) -> list[int]:
         """Unsent `referral-withdrawn` rows of this referral (ids)."""
         rows = self.conn.execute(
