@@ -134,6 +134,8 @@ class Relay:
         self._handed: list[tuple[float, OutboxRow]] = []
         # something may wait in the outbox unclaimed: the next flush claims (`kick`)
         self._claim_wanted = True
+        # the last claim found a full window: more waits in the outbox
+        self._backlog = False
 
     async def _db(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(
@@ -176,9 +178,10 @@ class Relay:
         """Asked (on the intake's database thread) before the intake writes a batch: until
         when the outbox rows it writes are claimed for this relay, to be handed over after
         its commit (`take`), so that sending them takes no claim transaction (issue 9).
-        None while a window's worth is already waiting: under a backlog the relay claims
-        from the outbox, in windows, most pressing first."""
-        if len(self._handed) >= self.window:
+        None under a backlog (the last claim found a full window, or a window's worth was
+        handed over already): the rows then wait in the outbox, for the relay's claim, most
+        pressing first, rather than in memory."""
+        if self._backlog or len(self._handed) >= self.window:
             return None
         return self.ledger.clock() + self.lease
 
@@ -196,29 +199,33 @@ class Relay:
         began = time.monotonic()
         refused = set() if refused is None else refused
         size = self.sizer.size
-        handed, self._handed = self._handed[:size], self._handed[size:]
-        rows = [row for _, row in handed]
-        claimed_at = min((at for at, _ in handed), default=began)
+        rows: list[OutboxRow] = []
         settled = _Round()
-        if claim and len(rows) < size:
-            # the notices published after the last window: recorded in this claim's
+        if claim:
+            # The outbox first: what waits there is older, and an urgent row left to the
+            # claim during a backlog goes before routine rows handed over since.
+            # The notices published after the last window: recorded in this claim's
             # transaction (one transaction fewer per window), refused ones not claimed again
             pending, self._unrecorded = self._unrecorded, []
             refused.update(_refused_ids(pending))
             try:
-                rows += await self._db(
+                rows = await self._db(
                     store.claim_pending,
                     self.ledger.clock(),
                     self.lease,
-                    size - len(rows),
+                    size,
                     exclude=refused,
                     settle=partial(self._settle, pending) if pending else None,
                 )
             except BaseException:
                 self._unrecorded = pending + self._unrecorded  # recorded by a later commit
-                self._handed[:0] = handed  # sent by the next window
                 raise
+            self._backlog = len(rows) == size
             settled = self._tallied(pending)
+        room = size - len(rows)
+        handed, self._handed = self._handed[:room], self._handed[room:]
+        rows += [row for _, row in handed]
+        claimed_at = min((at for at, _ in handed), default=began)
         if not rows:
             return settled
         rows.sort(key=lambda row: (row.priority, row.id))
