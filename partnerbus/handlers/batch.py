@@ -26,12 +26,10 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from datetime import datetime
 from functools import partial
 
 from partnerbus.handlers.delivery import is_transient
 from partnerbus.handlers.sizing import Sizer
-from partnerbus.ledger.repos.outbox import Claimed
 from partnerbus.ledger.store import LedgerTx, Store, is_conflict
 
 log = logging.getLogger("partnerbus.batch")
@@ -67,13 +65,8 @@ class Batcher:
     """Extra wait for stragglers once the loop has nothing ready (0: none)."""
     budget_s: float = 0.0
     """Time a batch's transaction should take at most, about (`Sizer`); 0: `max_size`."""
-    on_commit: Callable[[list[bool], Claimed], None] = lambda _done, _claimed: None
-    """Told after each committed batch, with the outbox rows it claimed for the relay (the
-    relay takes them, or is kicked to claim what was recorded)."""
-    claim_until: Callable[[], datetime | None] = lambda: None
-    """Asked before each batch's transaction: until when the outbox rows it writes are
-    claimed for the relay (`OutboxRepository.claiming`), or None to leave them all to the
-    relay's own claim."""
+    on_commit: Callable[[list[bool]], None] = lambda _done: None
+    """Told after each committed batch (the relay is kicked when something was recorded)."""
     _waiting: list[_Waiting] = field(default_factory=list)
     _flusher: asyncio.Task[None] | None = None
     batches: int = 0
@@ -111,7 +104,7 @@ class Batcher:
             batch = self._waiting[:size]
             del self._waiting[:size]
             try:
-                outcomes, claimed = await loop.run_in_executor(self.executor, self._timed, batch)
+                outcomes = await loop.run_in_executor(self.executor, self._timed, batch)
             except asyncio.CancelledError:  # the loop is stopping: nothing is acked
                 for item in batch:
                     item.future.cancel()
@@ -130,45 +123,37 @@ class Batcher:
                 else:
                     item.future.set_result(outcome.done)
             try:
-                self.on_commit([o.done for o in outcomes if o.error is None], claimed)
+                self.on_commit([o.done for o in outcomes if o.error is None])
             except Exception:
                 log.exception("after-commit hook failed")
 
-    def _timed(self, batch: list[_Waiting]) -> tuple[list[_Outcome], Claimed]:
+    def _timed(self, batch: list[_Waiting]) -> list[_Outcome]:
         """`_run`, its time (in the database thread: not the wait for it) told to the sizer."""
         began = time.perf_counter()
-        done = self._run(batch)
+        outcomes = self._run(batch)
         self.sizer.observe(len(batch), time.perf_counter() - began)
-        return done
+        return outcomes
 
-    def _run(self, batch: list[_Waiting]) -> tuple[list[_Outcome], Claimed]:
+    def _run(self, batch: list[_Waiting]) -> list[_Outcome]:
         """One transaction for the batch. Optimistic first: the messages run one after the
         other with no savepoint (two statements each spared, issue 9); the first that
         fails rolls the whole transaction back, and the batch runs again with each message
         in its own savepoint, so that the failing one is rolled back alone and gets its own
-        exception. Only committed work is ever told to a handler, either way. The outbox
-        rows written are claimed for the relay when `claim_until` says so."""
+        exception. Only committed work is ever told to a handler, either way."""
 
-        def work(tx: LedgerTx, guard: bool) -> tuple[list[_Outcome], Claimed]:
+        def work(tx: LedgerTx, guard: bool) -> list[_Outcome]:
             outcomes: list[_Outcome] = []
-            until = self.claim_until()
-            with (
-                tx.outbox.claiming(until) if until is not None else contextlib.nullcontext(None)
-            ) as claiming:
-                claimed = claiming if claiming is not None else Claimed()
-                for item in batch:
-                    kept = (len(claimed), claimed.unclaimed)
-                    try:
-                        with tx.savepoint() if guard else contextlib.nullcontext():
-                            outcomes.append(_Outcome(done=item.work(tx)))
-                    except Exception as exc:
-                        if _ends_transaction(exc, tx):
-                            raise  # Store.run re-runs a conflict; anything else fails all
-                        if not guard:
-                            raise _Guard from exc
-                        claimed.undo_after(*kept)  # its rows were rolled back with it
-                        outcomes.append(_Outcome(error=exc))
-            return outcomes, claimed
+            for item in batch:
+                try:
+                    with tx.savepoint() if guard else contextlib.nullcontext():
+                        outcomes.append(_Outcome(done=item.work(tx)))
+                except Exception as exc:
+                    if _ends_transaction(exc, tx):
+                        raise  # Store.run re-runs a conflict; anything else fails all
+                    if not guard:
+                        raise _Guard from exc
+                    outcomes.append(_Outcome(error=exc))
+            return outcomes
 
         try:
             return self.store.run(partial(work, guard=False))

@@ -30,12 +30,13 @@ PostgreSQL row lock is held while the broker confirms (issue 9).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import timedelta
 from functools import partial
 from typing import Any
 
@@ -44,7 +45,6 @@ from aio_pika.exceptions import DeliveryError
 from partnerbus.broker.topology import Topology
 from partnerbus.errors import describe_error
 from partnerbus.handlers.sizing import Sizer
-from partnerbus.ledger.repos.outbox import Claimed
 from partnerbus.ledger.store import LedgerTx, OutboxRow, is_conflict
 from partnerbus.usecases import Ledger, mark_delivered, send_or_withhold
 
@@ -130,105 +130,63 @@ class Relay:
         self._wake = asyncio.Event()
         # notices published, their outcomes not yet committed (`_send_later`)
         self._unrecorded: list[tuple[list[OutboxRow], Outcomes]] = []
-        # rows the intake claimed for this relay as it wrote them (`take`), with when
-        self._handed: list[tuple[float, OutboxRow]] = []
-        # something may wait in the outbox unclaimed: the next flush claims (`kick`)
-        self._claim_wanted = True
-        # the last claim found a full window: more waits in the outbox
-        self._backlog = False
 
     async def _db(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(
             self.executor, partial(fn, *args, **kwargs)
         )
 
-    async def flush(self, rounds: int | None = None, *, claim: bool = True) -> int:
+    async def flush(self, rounds: int | None = None) -> int:
         """Send what is pending, window after window, and what sending committed in turn
         (a confirm queues `delivered` notices for the source and the agency), until a
         window makes no progress, the broker is unreachable, or `rounds` windows were
         sent. A row the broker refused is not tried again in the same flush. Returns how
-        many rows were sent. `claim` False: only the rows handed over (`take`), no claim
-        in the outbox, and the last notices' confirms left for the next commit (they stay
-        claimed meanwhile: the next sweep records them at the latest)."""
+        many rows were sent."""
         total = 0
         refused: set[int] = set()
         async with self._lock:
             done = 0
             while rounds is None or done < rounds:
                 done += 1
-                result = await self._flush_once(refused, claim=claim)
+                result = await self._flush_once(refused)
                 total += result.sent
                 refused.update(result.refused)
                 # nothing claimed: the claim only recorded the last notices' confirms
                 if result.unreachable or result.claimed == 0 or result.sent + result.withheld == 0:
                     break
-            if self._unrecorded and claim:  # no claim after the last notices: their own commit
+            if self._unrecorded:  # no claim came after the last notices: their own commit
                 pending = await self._db(self._settle_alone)
                 total += self._tallied(pending).sent
         return total
 
-    def kick(self, *, claim: bool = True) -> None:
-        """Something was committed to the outbox: send it now rather than at the next
-        sweep. `claim` False: everything committed was handed over (`take`)."""
-        if claim:
-            self._claim_wanted = True
+    def kick(self) -> None:
+        """Something was committed to the outbox: send it now rather than at the next sweep."""
         self._wake.set()
 
-    def claim_until(self) -> datetime | None:
-        """Asked (on the intake's database thread) before the intake writes a batch: until
-        when the outbox rows it writes are claimed for this relay, to be handed over after
-        its commit (`take`), so that sending them takes no claim transaction (issue 9).
-        None under a backlog (the last claim found a full window, or a window's worth was
-        handed over already): the rows then wait in the outbox, for the relay's claim, most
-        pressing first, rather than in memory."""
-        if self._backlog or len(self._handed) >= self.window:
-            return None
-        return self.ledger.clock() + self.lease
-
-    def take(self, rows: Claimed) -> None:
-        """The rows a committed transaction claimed for this relay as it wrote them: sent
-        at the next window (most pressing first); a relay that stops before sends them at
-        its last flush, a crash after their lease. Kicks the relay, to claim as well if
-        the transaction also wrote rows it could not hand over."""
-        now = time.monotonic()
-        self._handed.extend((now, row) for row in rows)
-        self.kick(claim=rows.unclaimed > 0)
-
-    async def _flush_once(self, refused: set[int] | None = None, *, claim: bool = True) -> _Round:
+    async def _flush_once(self, refused: set[int] | None = None) -> _Round:
         store = self.ledger.store
         began = time.monotonic()
         refused = set() if refused is None else refused
-        size = self.sizer.size
-        rows: list[OutboxRow] = []
-        settled = _Round()
-        if claim:
-            # The outbox first: what waits there is older, and an urgent row left to the
-            # claim during a backlog goes before routine rows handed over since.
-            # The notices published after the last window: recorded in this claim's
-            # transaction (one transaction fewer per window), refused ones not claimed again
-            pending, self._unrecorded = self._unrecorded, []
-            refused.update(_refused_ids(pending))
-            try:
-                rows = await self._db(
-                    store.claim_pending,
-                    self.ledger.clock(),
-                    self.lease,
-                    size,
-                    exclude=refused,
-                    settle=partial(self._settle, pending) if pending else None,
-                )
-            except BaseException:
-                self._unrecorded = pending + self._unrecorded  # recorded by a later commit
-                raise
-            self._backlog = len(rows) == size
-            settled = self._tallied(pending)
-        room = size - len(rows)
-        handed, self._handed = self._handed[:room], self._handed[room:]
-        rows += [row for _, row in handed]
-        claimed_at = min((at for at, _ in handed), default=began)
+        # the notices published after the last window: recorded in this claim's
+        # transaction (one transaction fewer per window), refused ones not claimed again
+        pending, self._unrecorded = self._unrecorded, []
+        refused.update(_refused_ids(pending))
+        try:
+            rows: list[OutboxRow] = await self._db(
+                store.claim_pending,
+                self.ledger.clock(),
+                self.lease,
+                self.sizer.size,
+                exclude=refused,
+                settle=partial(self._settle, pending) if pending else None,
+            )
+        except BaseException:
+            self._unrecorded = pending + self._unrecorded  # recorded by a later commit
+            raise
+        settled = self._tallied(pending)
         if not rows:
             return settled
-        rows.sort(key=lambda row: (row.priority, row.id))
+        claimed_at = time.monotonic()
         if any(self._is_referral(row) for row in rows):
             result = await self._send_referrals(rows, claimed_at)
         else:
@@ -343,28 +301,15 @@ class Relay:
             await self._db(store.release_untried, [row.id for row in rows])
             return _Round()
         outcomes = await self._publish_window(rows)
-        pending, self._unrecorded = self._unrecorded, []
-        try:
-            await self._db(self._record_plain, rows, outcomes, pending)
-        except BaseException:
-            self._unrecorded = pending + self._unrecorded
-            raise
-        result = self._tally(rows, outcomes)
-        result.sent += self._tallied(pending).sent
-        return result
+        await self._db(self._record_plain, rows, outcomes)
+        return self._tally(rows, outcomes)
 
     def _record_plain(
-        self,
-        rows: list[OutboxRow],
-        outcomes: dict[int, BaseException | None],
-        pending: list[tuple[list[OutboxRow], Outcomes]],
+        self, rows: list[OutboxRow], outcomes: dict[int, BaseException | None]
     ) -> None:
-        """The window's confirms and failures, and the notices published after the last
-        window (`pending`), in one transaction."""
         now = self.ledger.clock()
 
         def record(tx: LedgerTx) -> None:
-            self._settle(pending, tx)
             _record(tx, rows, outcomes, now)
 
         self.ledger.store.run(record)
@@ -554,19 +499,15 @@ class Relay:
         sends until nothing is pending; on `stop` (which also kicks), sends one last time."""
         while not stop.is_set():
             self._wake.clear()
-            claim, self._claim_wanted = self._claim_wanted, False
             try:
-                await self.flush(claim=claim)
+                await self.flush()
             except Exception as exc:
-                self._claim_wanted = True
                 # no traceback: a database error's text would carry the values it was given
                 log.error(
                     "outbox relay failed (%s); next try in %.1fs", describe_error(exc), interval_s
                 )
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=interval_s)
-            except TimeoutError:
-                self._claim_wanted = True  # the sweep: what a crash or an outage left
         try:
             await self.flush()
         except Exception as exc:

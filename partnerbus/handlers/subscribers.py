@@ -31,7 +31,6 @@ from partnerbus.errors import Refused
 from partnerbus.handlers.batch import Batcher
 from partnerbus.handlers.delivery import Held, Intake, Publish, Verdict
 from partnerbus.handlers.outbox import Relay
-from partnerbus.ledger.repos.outbox import Claimed
 from partnerbus.ledger.store import LedgerTx
 from partnerbus.schemas import (
     CapacityChanged,
@@ -110,7 +109,6 @@ class Wiring:
             max_wait_s=self.batch_wait_s,
             budget_s=self.batch_budget_s,
             on_commit=self.then_send,
-            claim_until=self.relay.claim_until,
         )
         self.batchers[queue.name] = batcher
         return batcher
@@ -125,13 +123,9 @@ class Wiring:
 
         await asyncio.get_running_loop().run_in_executor(self.executor, work)
 
-    def then_send(self, done: list[bool], claimed: Claimed) -> None:
-        """After a commit: the relay sends what it recorded, starting with the rows the
-        batch claimed for it as it wrote them."""
-        if claimed.complete:
-            if claimed or claimed.unclaimed:
-                self.relay.take(claimed)
-        elif any(done):
+    def then_send(self, done: list[bool]) -> None:
+        """After a commit: the relay sends what it recorded."""
+        if any(done):
             self.relay.kick()
 
 

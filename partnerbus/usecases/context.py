@@ -133,13 +133,11 @@ def send(
     source: str | None = None,
     agency: str | None = None,
     referral_id: str | None = None,
-    first: bool = False,
 ) -> None:
     """Write `message` to the outbox for `recipient`, cut to what its roles may see
     (docs/DISCLOSURE.md): its relation to the signal (`source` and `agency` are the
     signal's) and whether the directory says it is a creditor. Every message the bus sends
-    a partner goes through here (the outbox takes only `Disclosed` messages). `first`: the
-    referral itself, just created in this transaction (nothing of it is in the outbox)."""
+    a partner goes through here (the outbox takes only `Disclosed` messages)."""
     roles = recipient_roles(
         message,
         recipient,
@@ -147,6 +145,4 @@ def send(
         agency=agency,
         creditor=ledger.directory.is_creditor(recipient),
     )
-    tx.outbox.enqueue(
-        disclose(message, roles), recipient, ledger.clock(), referral_id=referral_id, first=first
-    )
+    tx.outbox.enqueue(disclose(message, roles), recipient, ledger.clock(), referral_id=referral_id)

@@ -328,16 +328,7 @@ def _send_referral(
     )
     # Nothing is disclosed yet: the audit records the disclosure when the broker confirms
     # the referral (`mark_delivered`), or that it was withheld if it never leaves.
-    send(
-        ledger,
-        tx,
-        referral,
-        partner.id,
-        source=row.source,
-        agency=row.agency,
-        referral_id=rid,
-        first=True,
-    )
+    send(ledger, tx, referral, partner.id, source=row.source, agency=row.agency, referral_id=rid)
 
 
 def _request_consent(

@@ -14,7 +14,7 @@ import json
 import logging
 import random
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from typing import Any
@@ -26,10 +26,7 @@ from sqlalchemy.exc import OperationalError
 
 from partnerbus import usecases
 from partnerbus.broker.topology import Topology
-from partnerbus.errors import Refused
-from partnerbus.handlers.batch import Batcher
 from partnerbus.handlers.outbox import Relay
-from partnerbus.ledger.repos.outbox import Claimed
 from partnerbus.ledger.store import Conflict, LedgerTx, Store
 from partnerbus.rules import disclose
 from partnerbus.schemas import (
@@ -486,121 +483,3 @@ async def test_a_relay_lost_between_publish_and_record_holds_changes_only_for_a_
     ]
     actions = [a.action for a in store.audit_trail(rid)]
     assert "referral-withdrawn" in actions and "referral-withheld" not in actions
-
-
-def signal_work(ledger: Ledger, n: int) -> Callable[[LedgerTx], bool]:
-    """One consented signal (its consent granted in the same work), as an intake batch
-    runs a message: True once recorded."""
-
-    def work(tx: LedgerTx) -> bool:
-        now = ledger.clock()
-        tx.capacity.set("ccas-roubaix", "capacity", None, now)
-        person = f"T-HAND-{n}"
-        usecases.grant_consent(
-            ledger,
-            tx,
-            ConsentGranted(
-                message_id=f"hand-grant-{n}",
-                occurred_at=now,
-                consent_id=f"hand-c-{n}",
-                person_ref=person,
-                scope=ConsentScope(needs=("logement-hebergement",), partner_kinds=KINDS),
-                collected_by="s.benali",
-                agency="lmh-agence-roubaix",
-                method="oral",
-                granted_at=now,
-                valid_until=now + timedelta(days=30),
-            ),
-            "q",
-        )
-        signal = Signal(
-            message_id=f"hand-sig-{n}",
-            occurred_at=now,
-            source="lmh-recouvrement",
-            person_ref=person,
-            commune="59512",
-            needs=(ARREARS,),
-        )
-        return usecases.receive_signal(ledger, tx, signal, "q")
-
-    return work
-
-
-def failing(ledger: Ledger, n: int) -> Callable[[LedgerTx], bool]:
-    """A message that writes its rows, then fails (its savepoint is rolled back)."""
-    recorded = signal_work(ledger, n)
-
-    def work(tx: LedgerTx) -> bool:
-        recorded(tx)
-        raise Refused("simulated refusal after writing")
-
-    return work
-
-
-async def test_the_intake_hands_its_rows_to_the_relay_and_no_claim_is_needed(
-    store: Store,
-) -> None:
-    """An intake batch writes its referrals and notices claimed for the relay; after the commit the relay sends them without a claim transaction: each referral delivered and disclosed, its `delivered` notices out, nothing left in the outbox. A message of the batch that fails hands nothing: its rows were rolled back with it."""
-    ledger = make_ledger(store)
-    publish = Recorder(8)
-    claims: list[int] = []
-    claim = store.claim_pending
-
-    def counted(*args: Any, **kwargs: Any) -> Any:
-        rows = claim(*args, **kwargs)
-        claims.append(len(rows))
-        return rows
-
-    store.claim_pending = counted  # type: ignore[method-assign]
-    with ThreadPoolExecutor(1) as executor, ThreadPoolExecutor(1) as intake:
-        relay = Relay(ledger, Topology("p"), publish, executor, timeout_s=5)
-        handed: list[Claimed] = []
-        batcher = Batcher(
-            store,
-            intake,
-            claim_until=relay.claim_until,
-            on_commit=lambda _done, claimed: handed.append(claimed),
-        )
-        works = [signal_work(ledger, 12000 + n) for n in range(5)] + [failing(ledger, 12099)]
-        results = await asyncio.gather(*(batcher.record(w) for w in works), return_exceptions=True)
-        assert results[:5] == [True] * 5 and isinstance(results[5], Refused)
-        (claimed,) = handed
-        assert claimed.complete and claimed.unclaimed == 0
-        kinds = sorted(json.loads(row.body)["type"] for row in claimed)
-        assert kinds.count("referral") == 5
-        assert not any("12099" in row.body for row in claimed)
-
-        relay.take(claimed)
-        await relay.flush(claim=False)
-
-        assert claims == []
-        await relay.flush()  # the sweep: records the last notices' confirms
-    rids = [r.referral_id for r in store.referrals()]
-    assert len(rids) == 5
-    for rid in rids:
-        assert applied(store, rid) == ["requested", "delivered"]
-        assert "referral-disclosed" in [a.action for a in store.audit_trail(rid)]
-    left = [m["type"] for m in publish.left]
-    assert left.count("referral") == 5 and left.count("referral-status-changed") == 10
-    assert await asyncio.to_thread(store.pending_count) == 0
-
-
-def test_a_relay_with_a_window_waiting_takes_no_more_rows_by_hand(store: Store) -> None:
-    """Under a backlog the rows stay in the outbox, for the relay's claim (most pressing first), instead of piling up in memory: once a window's worth waits, the intake is told not to claim."""
-    ledger = make_ledger(store)
-    with ThreadPoolExecutor(1) as executor:
-        relay = Relay(ledger, Topology("p"), Recorder(9), executor, timeout_s=5, window=4)
-        until = relay.claim_until()
-        assert until == ledger.clock() + relay.lease
-
-        def work(tx: LedgerTx) -> Claimed:
-            with tx.outbox.claiming(until) as claimed:
-                for n in range(2):
-                    signal_work(ledger, 12100 + n)(tx)
-            return claimed
-
-        claimed = store.run(work)
-        assert len(claimed) >= relay.window
-        relay.take(claimed)
-
-        assert relay.claim_until() is None

@@ -87,41 +87,22 @@ class UnsentRow:
     attempts: int
 
 
-class Claimed(list[OutboxRow]):
-    """The rows `OutboxRepository.claiming` claimed, in the order they were written."""
-
-    unclaimed: int = 0
-    """Rows written meanwhile that wait for the relay's own claim (a referral's later
-    rows: a reminder, a withdrawal)."""
-    complete: bool = False
-    """True once `claiming` saw every row written (claimed, or counted `unclaimed`)."""
-
-    def undo_after(self, count: int, unclaimed: int) -> None:
-        """Forget what was added after the first `count` rows and `unclaimed` (a savepoint
-        rolled back: those rows no longer exist)."""
-        del self[count:]
-        self.unclaimed = unclaimed
-
-
 class OutboxRepository(Repository):
     """Rows to send, and what the relay, retention and replays do with them."""
 
     def __init__(self, conn: Connection, cache: RowCache | None = None) -> None:
         super().__init__(conn, cache)
         self._claim_until: datetime | None = None
-        self._claimed = Claimed()
+        self._claimed: list[OutboxRow] = []
 
     @contextmanager
-    def claiming(self, until: datetime) -> Iterator[Claimed]:
-        """The rows enqueued inside that nothing earlier in the outbox must precede (those
-        without a referral, and a referral's own first row: a referral's rows keep their
-        order, `Store.claim_pending`) are claimed at once until `until` for the caller,
-        which publishes them once this transaction has committed, without a claim
-        transaction of their own (issue 9): the relay sends the `delivered` notices of a
-        window right after it, the intake hands the referrals it wrote to the relay.
-        Yields where they are added, with a count of the rows left to the relay's claim."""
-        self._claim_until, self._claimed = until, Claimed()
-        self._claimed.complete = True
+    def claiming(self, until: datetime) -> Iterator[list[OutboxRow]]:
+        """The rows enqueued inside, apart from those of a referral (they keep its order,
+        `Store.claim_pending`), are claimed at once until `until` for the caller, which
+        publishes them once this transaction has committed: the relay sends the
+        `delivered` notices of a window right after it, without another claim (issue 9).
+        Yields the list they are added to."""
+        self._claim_until, self._claimed = until, []
         try:
             yield self._claimed
         finally:
@@ -172,16 +153,11 @@ class OutboxRepository(Repository):
         routing_key: str,
         now: datetime,
         referral_id: str | None = None,
-        *,
-        first: bool = False,
     ) -> None:
         """Record a message to send once this transaction commits (the outbox). It is
-        `Disclosed`: cut to what its recipient's roles may see (docs/DISCLOSURE.md).
-        `first`: a referral's own row, the first of its referral (see `claiming`)."""
+        `Disclosed`: cut to what its recipient's roles may see (docs/DISCLOSURE.md)."""
         message = _checked(disclosed, routing_key)
-        claim = self._claim_until if referral_id is None or first else None
-        if claim is None and self._claim_until is not None:
-            self._claimed.unclaimed += 1
+        claim = self._claim_until if referral_id is None else None
         values = _row_values(
             message, routing_key, now, referral_id, attempts=0 if claim is None else 1
         )
@@ -196,7 +172,7 @@ class OutboxRepository(Repository):
                     routing_key=routing_key,
                     message_type=values["message_type"],
                     body=values["body"],
-                    referral_id=referral_id,
+                    referral_id=None,
                     attempts=1,
                     priority=values["priority"],
                 )
@@ -244,8 +220,6 @@ class OutboxRepository(Repository):
         if waiting is not None:
             return
         self.conn.execute(delete(t.outbox).where(t.outbox.c.message_id == message.message_id))
-        if self._claim_until is not None:
-            self._claimed.unclaimed += 1  # it follows its referral's rows: the relay claims it
         self.conn.execute(
             INSERT_OUTBOX, _row_values(message, routing_key, now, referral_id, attempts=1)
         )
