@@ -45,7 +45,7 @@ from aio_pika.exceptions import DeliveryError
 from partnerbus.broker.topology import Topology
 from partnerbus.errors import describe_error
 from partnerbus.handlers.sizing import Sizer
-from partnerbus.ledger.store import LedgerTx, OutboxRow, is_conflict
+from partnerbus.ledger.store import MAX_TRIES, LedgerTx, OutboxRow, backoff, is_conflict
 from partnerbus.usecases import Ledger, mark_delivered, send_or_withhold
 
 log = logging.getLogger("partnerbus.relay")
@@ -164,7 +164,6 @@ class Relay:
         self._wake.set()
 
     async def _flush_once(self, refused: set[int] | None = None) -> _Round:
-        store = self.ledger.store
         began = time.monotonic()
         refused = set() if refused is None else refused
         # the notices published after the last window: recorded in this claim's
@@ -172,13 +171,8 @@ class Relay:
         pending, self._unrecorded = self._unrecorded, []
         refused.update(_refused_ids(pending))
         try:
-            rows: list[OutboxRow] = await self._db(
-                store.claim_pending,
-                self.ledger.clock(),
-                self.lease,
-                self.sizer.size,
-                exclude=refused,
-                settle=partial(self._settle, pending) if pending else None,
+            rows, checked = await self._db(
+                self._claim_and_check, self.sizer.size, set(refused), pending
             )
         except BaseException:
             self._unrecorded = pending + self._unrecorded  # recorded by a later commit
@@ -187,7 +181,9 @@ class Relay:
         if not rows:
             return settled
         claimed_at = time.monotonic()
-        if any(self._is_referral(row) for row in rows):
+        if checked is not None:
+            result = await self._send_checked(checked)
+        elif any(self._is_referral(row) for row in rows):
             result = await self._send_referrals(rows, claimed_at)
         else:
             result = await self._send_plain(rows, claimed_at)
@@ -372,33 +368,10 @@ class Relay:
         store = self.ledger.store
 
         def check(tx: LedgerTx) -> _Checked:
-            withheld = 0
-            to_send: list[OutboxRow] = []
-            # what the checks read, in three statements for the window (issue 9)
-            tx.prefetch_referrals([r.referral_id for r in rows if r.referral_id is not None])
-            for row in rows:
-                if not self._is_referral(row):
-                    to_send.append(row)
-                    continue
-                assert row.referral_id is not None
-                try:
-                    clear = send_or_withhold(self.ledger, tx, row.referral_id, row.id, row.attempts)
-                except Exception as exc:
-                    if is_conflict(exc) or not tx.usable:
-                        raise
-                    raise _CheckFailed(exc) from None
-                if clear:
-                    to_send.append(row)
-                else:
-                    log.info("referral %s withheld: no longer open or consented", row.referral_id)
-                    withheld += 1
+            checked = self._check_in(tx, rows)
             if self._too_late(claimed_at):
                 raise _TooLate
-            tx.referrals.mark_sending(
-                [r.referral_id for r in to_send if self._is_referral(r) and r.referral_id],
-                self.ledger.clock() + self._sending_hold,
-            )
-            return _Checked(to_send, withheld)
+            return checked
 
         try:
             return store.run(check)
@@ -407,6 +380,78 @@ class Relay:
             # untried (their claims do not count) rather than race it.
             store.release_untried([row.id for row in rows])
             return _Checked([], 0)
+
+    def _check_in(self, tx: LedgerTx, rows: list[OutboxRow]) -> _Checked:
+        """In `tx`: the last check of each referral of `rows` (`send_or_withhold`), those
+        that may leave marked as being sent. `_CheckFailed` for a row the use cases cannot
+        read (not a concurrent change)."""
+        withheld = 0
+        to_send: list[OutboxRow] = []
+        # what the checks read, in three statements for the window (issue 9)
+        tx.prefetch_referrals([r.referral_id for r in rows if r.referral_id is not None])
+        for row in rows:
+            if not self._is_referral(row):
+                to_send.append(row)
+                continue
+            assert row.referral_id is not None
+            try:
+                clear = send_or_withhold(self.ledger, tx, row.referral_id, row.id, row.attempts)
+            except Exception as exc:
+                if is_conflict(exc) or not tx.usable:
+                    raise
+                raise _CheckFailed(exc) from None
+            if clear:
+                to_send.append(row)
+            else:
+                log.info("referral %s withheld: no longer open or consented", row.referral_id)
+                withheld += 1
+        tx.referrals.mark_sending(
+            [r.referral_id for r in to_send if self._is_referral(r) and r.referral_id],
+            self.ledger.clock() + self._sending_hold,
+        )
+        return _Checked(to_send, withheld)
+
+    def _claim_and_check(
+        self,
+        size: int,
+        exclude: set[int],
+        pending: list[tuple[list[OutboxRow], Outcomes]],
+    ) -> tuple[list[OutboxRow], _Checked | None]:
+        """On the relay's database thread, in ONE transaction: the notices published after
+        the last window recorded (`pending`), up to `size` rows claimed, and the referrals
+        among them checked and marked as being sent (`_check_in`): a window costs two
+        transactions, this one and its record, as it did when one transaction held it
+        through the confirms. A concurrent change re-runs it (on PostgreSQL a revocation
+        deleting a row this claim holds while holding the consent this check waits for is
+        such a change: one of the two is told of a deadlock and re-runs, the other goes
+        on); a row the checks cannot read
+        makes it claim without them (None: `_send_referrals` checks the window apart, then
+        row by row)."""
+        store = self.ledger.store
+        settle = partial(self._settle, pending) if pending else None
+        for tries in range(1, MAX_TRIES + 1):
+            checked: list[_Checked] = []
+
+            def then(tx: LedgerTx, rows: list[OutboxRow]) -> None:
+                if any(self._is_referral(row) for row in rows):
+                    checked.append(self._check_in(tx, rows))  # noqa: B023 - used at once
+
+            try:
+                rows = store.claim_pending(
+                    self.ledger.clock(), self.lease, size, exclude=exclude, settle=settle, then=then
+                )
+            except _CheckFailed:
+                rows = store.claim_pending(
+                    self.ledger.clock(), self.lease, size, exclude=exclude, settle=settle
+                )
+                return rows, None
+            except Exception as exc:
+                if tries == MAX_TRIES or not is_conflict(exc):
+                    raise
+                backoff(tries)
+                continue
+            return rows, (checked[0] if checked else None)
+        raise AssertionError("unreachable")  # pragma: no cover
 
     async def _send_checked(self, checked: _Checked) -> _Round:
         """Publish what `_check_window` cleared, then record the confirms (`_record_window`)

@@ -242,13 +242,16 @@ class Store:
         *,
         exclude: Collection[int] = (),
         settle: Callable[[LedgerTx], None] | None = None,
+        then: Callable[[LedgerTx, list[OutboxRow]], None] | None = None,
     ) -> list[OutboxRow]:
         """Claim unsent outbox rows for `lease`, so that two relays do not send the same row:
         the most pressing first (`priority`, then outbox order), at most `limit`, never one
         of `exclude` (rows this relay has just seen refused). One SELECT and one UPDATE; on
         PostgreSQL the SELECT locks its rows `FOR UPDATE SKIP LOCKED`, so two relays claiming
         at once take different rows instead of waiting on each other. `settle` runs first in
-        the same transaction (the relay records what it sent since its last commit)."""
+        the same transaction (the relay records what it sent since its last commit); `then`
+        last, with the rows claimed (the relay checks the referrals among them before they
+        leave, in this same transaction)."""
         # Messages about one referral leave in outbox order, whichever relay sends them: a
         # row waits while an earlier row of its referral is unsent (claimed or not). So a
         # claim holds at most one row per referral, and a relay may publish its whole claim
@@ -275,8 +278,9 @@ class Store:
         if exclude:
             query = query.where(t.outbox.c.id.not_in(list(exclude)))
         with self._writing() as conn:
+            tx = LedgerTx(conn)
             if settle is not None:  # the relay's earlier sends, recorded in this commit
-                settle(LedgerTx(conn))
+                settle(tx)
             ids = [row_id for (row_id,) in conn.execute(query).all()]
             if not ids:
                 return []
@@ -295,8 +299,10 @@ class Store:
                     t.outbox.c.priority,
                 )
             ).all()
-        claimed: list[OutboxRow] = [_row(OutboxRow, row) for row in got]
-        claimed.sort(key=lambda row: (row.priority, row.id))
+            claimed: list[OutboxRow] = [_row(OutboxRow, row) for row in got]
+            claimed.sort(key=lambda row: (row.priority, row.id))
+            if then is not None:
+                then(tx, claimed)
         return claimed
 
     def release(self, outbox_id: int, error: str) -> None:
