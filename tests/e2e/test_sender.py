@@ -13,6 +13,7 @@ from partnerbus.testing import Inbox
 from tests.conftest import as_partner
 
 from .helpers import signal
+from .test_dead_letter_doors import settled
 
 pytestmark = pytest.mark.rabbitmq
 
@@ -82,7 +83,7 @@ async def test_a_partner_forging_the_bus_sender_header_is_refused_and_its_dead_l
     assert verdict.outcome == "refused"
     assert f"the authenticated AMQP user {user!r}" in str(verdict.reason)
 
-    (letter,) = await peek(connection, dlq_name, "guest")
+    (letter,) = await settled(connection, dlq_name, 1)
     assert letter.sender == user
     assert letter.exchange == t.signals.name
     assert letter.headers["partnerbus-original-user"] == user
