@@ -17,14 +17,14 @@ The `delivered` notices a window's confirms queue for the source and the agency 
 as that transaction writes them, and published as soon as it has committed: no claim of
 their own, and they never wait behind later referrals.
 
-A window that carries referrals goes in three steps: a short transaction checks each of them
-(still awaiting an answer, covered by a consent valid now) and marks those that may leave as
-being sent; the window is published and its confirms awaited with no transaction open; a
-second transaction records the confirms and clears the mark. While a referral is marked, the
-compare-and-set that every change of its state goes through refuses, and the writer re-runs:
-a revocation, an answer or an expiry comes wholly before the check (the referral does not
-leave) or after the record (it sees that it left). Neither SQLite's write lock nor a
-PostgreSQL row lock is held while the broker confirms (issue 9).
+A window that carries referrals goes in three steps: the short transaction that claims it
+also checks each of them (still awaiting an answer, covered by a consent valid now) and
+marks those that may leave as being sent; the window is published and its confirms awaited
+with no transaction open; a second transaction records the confirms and clears the mark.
+While a referral is marked, the compare-and-set that every change of its state goes through
+refuses, and the writer re-runs: a revocation, an answer or an expiry comes wholly before
+the check (the referral does not leave) or after the record (it sees that it left). Neither
+SQLite's write lock nor a PostgreSQL row lock is held while the broker confirms (issue 9).
 """
 
 from __future__ import annotations
@@ -311,8 +311,9 @@ class Relay:
         self.ledger.store.run(record)
 
     async def _send_referrals(self, rows: list[OutboxRow], claimed_at: float) -> _Round:
-        """A window with referrals, in three steps (`_check_window`, the publish,
-        `_record_window`). A check that fails for another reason than a concurrent change
+        """A window with referrals claimed without their checks (they failed in the claim's
+        transaction): checked apart (`_check_window`), then published and recorded
+        (`_send_checked`). A check that fails for another reason than a concurrent change
         (a row the use cases cannot read) sends the window again row by row, so that one
         bad row does not hold the others back."""
         try:
