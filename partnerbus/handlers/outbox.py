@@ -45,7 +45,7 @@ from aio_pika.exceptions import DeliveryError
 from partnerbus.broker.topology import Topology
 from partnerbus.errors import describe_error
 from partnerbus.handlers.sizing import Sizer
-from partnerbus.ledger.store import MAX_TRIES, LedgerTx, OutboxRow, backoff, is_conflict
+from partnerbus.ledger.store import LedgerTx, OutboxRow, is_conflict, rerun_on_conflict
 from partnerbus.usecases import Ledger, mark_delivered, send_or_withhold
 
 log = logging.getLogger("partnerbus.relay")
@@ -65,7 +65,7 @@ class _TooLate(Exception):  # noqa: N818 - a signal to give a window back, not a
 
 @dataclass
 class _Checked:
-    """A window `Relay._check_window` cleared: the rows to publish (its referrals marked
+    """A window the relay checked (`Relay._check_in`): the rows to publish (its referrals marked
     as being sent), and how many it withheld."""
 
     to_send: list[OutboxRow]
@@ -406,10 +406,7 @@ class Relay:
             else:
                 log.info("referral %s withheld: no longer open or consented", row.referral_id)
                 withheld += 1
-        tx.referrals.mark_sending(
-            [r.referral_id for r in to_send if self._is_referral(r) and r.referral_id],
-            self.ledger.clock() + self._sending_hold,
-        )
+        tx.referrals.mark_sending(_referral_ids(to_send), self.ledger.clock() + self._sending_hold)
         return _Checked(to_send, withheld)
 
     def _claim_and_check(
@@ -425,17 +422,17 @@ class Relay:
         through the confirms. A concurrent change re-runs it (on PostgreSQL a revocation
         deleting a row this claim holds while holding the consent this check waits for is
         such a change: one of the two is told of a deadlock and re-runs, the other goes
-        on); a row the checks cannot read
-        makes it claim without them (None: `_send_referrals` checks the window apart, then
-        row by row)."""
+        on); a row the checks cannot read makes it claim without them (None:
+        `_send_referrals` checks the window apart, then row by row)."""
         store = self.ledger.store
         settle = partial(self._settle, pending) if pending else None
-        for tries in range(1, MAX_TRIES + 1):
+
+        def attempt() -> tuple[list[OutboxRow], _Checked | None]:
             checked: list[_Checked] = []
 
             def then(tx: LedgerTx, rows: list[OutboxRow]) -> None:
                 if any(self._is_referral(row) for row in rows):
-                    checked.append(self._check_in(tx, rows))  # noqa: B023 - used at once
+                    checked.append(self._check_in(tx, rows))
 
             try:
                 rows = store.claim_pending(
@@ -446,13 +443,9 @@ class Relay:
                     self.ledger.clock(), self.lease, size, exclude=exclude, settle=settle
                 )
                 return rows, None
-            except Exception as exc:
-                if tries == MAX_TRIES or not is_conflict(exc):
-                    raise
-                backoff(tries)
-                continue
             return rows, (checked[0] if checked else None)
-        raise AssertionError("unreachable")  # pragma: no cover
+
+        return rerun_on_conflict(attempt)
 
     async def _send_checked(self, checked: _Checked) -> _Round:
         """Publish what `_check_window` cleared, then record the confirms (`_record_window`)
@@ -497,7 +490,7 @@ class Relay:
         publish once this has committed."""
         store = self.ledger.store
 
-        referral_ids = [r.referral_id for r in rows if self._is_referral(r) and r.referral_id]
+        referral_ids = _referral_ids(rows)
 
         def record(tx: LedgerTx) -> list[OutboxRow]:
             now = self.ledger.clock()
@@ -589,6 +582,11 @@ def _record(
 
 async def _awaited(awaitable: Awaitable[Any]) -> Any:
     return await awaitable
+
+
+def _referral_ids(rows: list[OutboxRow]) -> list[str]:
+    """The referrals a window carries (its rows that are referrals themselves)."""
+    return [row.referral_id for row in rows if Relay._is_referral(row) and row.referral_id]
 
 
 def _refused_ids(pending: list[tuple[list[OutboxRow], Outcomes]]) -> set[int]:

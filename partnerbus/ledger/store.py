@@ -77,6 +77,23 @@ def is_conflict(exc: BaseException) -> bool:
     return False
 
 
+def rerun_on_conflict(attempt: Callable[[], T], *, tries: int = MAX_TRIES) -> T:
+    """Call `attempt` (one whole transaction, begun and committed inside it); when it
+    meets a concurrent change (`is_conflict`), call it again after a short random pause, up
+    to `tries` times (`Store.run`, and the relay's claim, which opens its own)."""
+    for n in range(1, tries + 1):
+        try:
+            return attempt()
+        except Exception as exc:
+            if n == tries or not is_conflict(exc):
+                raise
+            log.info(
+                "transaction re-run after a concurrent change (%s, try %d)", _error_code(exc), n
+            )
+            backoff(n)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
 def backoff(attempt: int) -> None:
     """A short random pause before the next try, so that two rivals do not meet again."""
     time.sleep(random.uniform(0, 0.005 * 2**attempt))
@@ -218,20 +235,12 @@ class Store:
         a serialization failure, a deadlock, a key another transaction just inserted), roll
         back and run the whole of it again, on fresh reads, up to `tries` times. `work`
         must have no effect outside the transaction that a second run would repeat."""
-        for attempt in range(1, tries + 1):
-            try:
-                with self.begin() as tx:
-                    return work(tx)
-            except Exception as exc:
-                if attempt == tries or not is_conflict(exc):
-                    raise
-                log.info(
-                    "transaction re-run after a concurrent change (%s, try %d)",
-                    _error_code(exc),
-                    attempt,
-                )
-                backoff(attempt)
-        raise AssertionError("unreachable")  # pragma: no cover
+
+        def once() -> T:
+            with self.begin() as tx:
+                return work(tx)
+
+        return rerun_on_conflict(once, tries=tries)
 
     # outbox relay ---------------------------------------------------------------------
     def claim_pending(

@@ -14,7 +14,7 @@ import json
 import logging
 import random
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from typing import Any
@@ -336,6 +336,27 @@ def applied(store: Store, rid: str) -> list[str]:
     return [h["to_status"] for h in store.history(rid) if h["outcome"] == "applied"]
 
 
+async def while_in_flight(
+    ledger: Ledger, rid: str, publish: Held, write: Callable[[LedgerTx], Any]
+) -> None:
+    """A relay publishes `rid` and holds its confirm; `write` (a transaction about it) runs
+    meanwhile and must re-run, not commit, until the confirm is released and recorded;
+    then everything left is sent."""
+    store = ledger.store
+    with watching_reruns() as reruns, ThreadPoolExecutor(1) as executor:
+        relay = Relay(ledger, Topology("p"), publish, executor, timeout_s=5)
+        flushing = asyncio.create_task(relay.flush())
+        await asyncio.wait_for(publish.published.wait(), 10)
+        writing = asyncio.create_task(asyncio.to_thread(store.run, write))
+        assert await asyncio.to_thread(reruns.seen.wait, 10), "the writer never met it"
+
+        assert not writing.done()
+        assert applied(store, rid) == ["requested"]
+        publish.release.set()
+        await asyncio.wait_for(asyncio.gather(flushing, writing), 15)
+        await drain(relay, store=store)
+
+
 async def test_nothing_is_held_open_while_a_window_awaits_its_confirms(store: Store) -> None:
     """While the broker has not confirmed a window, another writer commits at once (on SQLite the write lock is free; the relay used to hold it through the confirms), and the window's referrals are marked as being sent; once confirmed they are delivered and the mark is gone."""
     ledger = make_ledger(store)
@@ -377,20 +398,9 @@ async def test_a_revocation_meeting_a_referral_in_flight_comes_after_its_confirm
         agency="lmh-agence-roubaix",
         revoked_at=ledger.clock(),
     )
-    with watching_reruns() as reruns, ThreadPoolExecutor(1) as executor:
-        relay = Relay(ledger, Topology("p"), publish, executor, timeout_s=5)
-        flushing = asyncio.create_task(relay.flush())
-        await asyncio.wait_for(publish.published.wait(), 10)
-        revoking = asyncio.create_task(
-            asyncio.to_thread(store.run, lambda tx: usecases.revoke_consent(ledger, tx, event, "q"))
-        )
-        assert await asyncio.to_thread(reruns.seen.wait, 10), "the revocation never met it"
-
-        assert not revoking.done()
-        assert applied(store, rid) == ["requested"]
-        publish.release.set()
-        await asyncio.wait_for(asyncio.gather(flushing, revoking), 15)
-        await drain(relay, store=store)
+    await while_in_flight(
+        ledger, rid, publish, lambda tx: usecases.revoke_consent(ledger, tx, event, "q")
+    )
     assert applied(store, rid) == ["requested", "delivered", "withdrawn"]
     kinds = [m["type"] for m in publish.left if m.get("referral_id") == rid]
     assert [k for k in kinds if k in ("referral", "referral-withdrawn")] == [
@@ -418,17 +428,9 @@ async def test_a_partners_answer_meeting_its_referral_in_flight_comes_after_the_
         partner=referral.partner_id,
         status="accepted",
     )
-    with watching_reruns() as reruns, ThreadPoolExecutor(1) as executor:
-        relay = Relay(ledger, Topology("p"), publish, executor, timeout_s=5)
-        flushing = asyncio.create_task(relay.flush())
-        await asyncio.wait_for(publish.published.wait(), 10)
-        answering = asyncio.create_task(
-            asyncio.to_thread(store.run, lambda tx: usecases.record_status(ledger, tx, event, "q"))
-        )
-        assert await asyncio.to_thread(reruns.seen.wait, 10), "the answer never met it"
-        assert not answering.done()
-        publish.release.set()
-        await asyncio.wait_for(asyncio.gather(flushing, answering), 15)
+    await while_in_flight(
+        ledger, rid, publish, lambda tx: usecases.record_status(ledger, tx, event, "q")
+    )
     assert applied(store, rid) == ["requested", "delivered", "accepted"]
 
 
