@@ -45,17 +45,19 @@ from partnerbus.schemas import utcnow
 from partnerbus.usecases import Ledger
 
 
-def measure(url: str, signals: int, profile: Path | None) -> None:
+def measure(url: str, signals: int, profile: Path | None, count: bool = True) -> None:
     store = Store(url)
     store.create_all()
     counts: Counter[str] = Counter()
     phase = ["setup"]
 
-    @event.listens_for(store.engine, "before_cursor_execute")
     def _count(*args: Any) -> None:
         statement = args[2]
         counts[phase[0]] += 1
         counts[phase[0] + ":" + statement.split()[0].upper()] += 1
+
+    if count:  # a listener costs every statement SQLAlchemy's event dispatch: off to time
+        event.listen(store.engine, "before_cursor_execute", _count)
 
     ledger = Ledger(
         store=store,
@@ -113,12 +115,13 @@ def measure(url: str, signals: int, profile: Path | None) -> None:
         f"signals {signals}: CPU ms per signal record {record_ms:.2f} drain {drain_ms:.2f} "
         f"total {record_ms + drain_ms:.2f}"
     )
-    print(
-        f"statements per signal record {counts['record'] / signals:.1f} "
-        f"drain {counts['drain'] / signals:.1f}"
-    )
-    kinds = {k: round(v / signals, 2) for k, v in sorted(counts.items()) if ":" in k}
-    print({k: v for k, v in kinds.items() if not k.startswith("setup")})
+    if count:
+        print(
+            f"statements per signal record {counts['record'] / signals:.1f} "
+            f"drain {counts['drain'] / signals:.1f}"
+        )
+        kinds = {k: round(v / signals, 2) for k, v in sorted(counts.items()) if ":" in k}
+        print({k: v for k, v in kinds.items() if not k.startswith("setup")})
 
 
 def main() -> None:
@@ -126,10 +129,14 @@ def main() -> None:
     parser.add_argument("--signals", type=int, default=1000)
     parser.add_argument("--database-url", default=None, help="PostgreSQL URL (a fresh schema)")
     parser.add_argument("--profile", type=Path, default=None)
+    parser.add_argument(
+        "--no-count", action="store_true", help="time only: do not count the statements"
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         if not args.database_url:
-            measure(f"sqlite:///{Path(tmp) / 'ledger.db'}", args.signals, args.profile)
+            url = f"sqlite:///{Path(tmp) / 'ledger.db'}"
+            measure(url, args.signals, args.profile, not args.no_count)
             return
         schema = f"pbbench_{uuid.uuid4().hex[:8]}"
         admin = create_engine(args.database_url)
@@ -137,7 +144,7 @@ def main() -> None:
             conn.execute(text(f'CREATE SCHEMA "{schema}"'))
         try:
             url = f"{args.database_url}?options=-csearch_path%3D{schema}"
-            measure(url, args.signals, args.profile)
+            measure(url, args.signals, args.profile, not args.no_count)
         finally:
             with admin.begin() as conn:
                 conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))

@@ -13,7 +13,7 @@ from typing import Any
 from sqlalchemy import BigInteger, Connection, Engine, Integer, cast, func, literal
 from sqlalchemy.sql.elements import ColumnElement
 
-from partnerbus.ledger.store import READ_ONLY
+from partnerbus.ledger.store import read_only_connection
 
 MIN_PERSONS = 5
 """The privacy threshold: a figure drawn from fewer distinct persons is never shown. A
@@ -129,8 +129,7 @@ def reading(engine: Engine) -> Iterator[Connection]:
     PostgreSQL its transaction is read-only): on SQLite with a larger page cache for the
     time of the reads, given back as it was; on PostgreSQL in one transaction with more
     sort memory and no JIT (`SET LOCAL`: gone when it ends)."""
-    with engine.connect() as connection:
-        conn = connection.execution_options(**{READ_ONLY: True})
+    with read_only_connection(engine) as conn:
         if engine.dialect.name == "postgresql":
             with conn.begin():
                 # For this transaction only: sorts of a few hundred thousand durations in

@@ -127,10 +127,10 @@ def _locked(store: Store) -> Iterator[Connection]:
 
 @contextmanager
 def _reading(store: Store) -> Iterator[Connection]:
-    from partnerbus.ledger.store import READ_ONLY
+    from partnerbus.ledger.store import read_only_connection
 
-    with store.engine.connect() as conn:
-        yield conn.execution_options(**{READ_ONLY: True})
+    with read_only_connection(store.engine) as conn:
+        yield conn
 
 
 def _revision(conn: Connection) -> str | None:

@@ -8,7 +8,7 @@ import pytest
 from sqlalchemy import event, text
 from sqlalchemy.exc import DBAPIError
 
-from partnerbus.ledger.store import Store
+from partnerbus.ledger.store import LedgerTx, Store
 
 
 def test_a_read_runs_while_a_writer_holds_the_lock(store: Store) -> None:
@@ -124,3 +124,78 @@ def test_a_writer_held_at_the_gate_too_long_fails_as_transient(tmp_path, monkeyp
         a.join(10)
         first.dispose()
         second.dispose()
+
+
+def test_a_writing_transaction_holds_the_write_lock_from_its_start(tmp_path) -> None:
+    """SQLite: `Store.begin()` takes the file's write lock at BEGIN (IMMEDIATE), before it
+    writes anything: another connection cannot start writing meanwhile. A read (`read()`)
+    takes none, and its mark does not stay on the pooled connection: the next writing
+    transaction on it takes the lock again."""
+    import sqlite3
+
+    path = tmp_path / "begin.db"
+    s = Store(f"sqlite:///{path}")
+    s.create_all()
+    other = sqlite3.connect(path, timeout=0, isolation_level=None)
+
+    def other_can_write() -> bool:
+        try:
+            other.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc):
+                raise
+            return False
+        other.execute("ROLLBACK")
+        return True
+
+    try:
+        for _ in range(2):  # the second round reuses the pooled connection
+            with s.read() as tx:
+                tx.conn.execute(text("SELECT count(*) FROM signals")).scalar_one()
+                assert other_can_write()
+            with s.begin() as tx:
+                tx.conn.execute(text("SELECT 1"))
+                assert not other_can_write()
+            assert other_can_write()
+    finally:
+        other.close()
+        s.dispose()
+
+
+def test_a_writing_transaction_is_atomic(store: Store) -> None:
+    """What a transaction wrote before it failed is rolled back whole, on both engines."""
+
+    def fails(tx: LedgerTx) -> None:
+        tx.conn.execute(
+            text(
+                "INSERT INTO processed_messages (message_id, queue, processed_at) "
+                "VALUES ('m-atomic', 'q', CURRENT_TIMESTAMP)"
+            )
+        )
+        raise RuntimeError("the use case failed")
+
+    with pytest.raises(RuntimeError, match="the use case failed"):
+        store.run(fails)
+    with store.read() as tx:
+        assert (
+            tx.conn.execute(
+                text("SELECT count(*) FROM processed_messages WHERE message_id = 'm-atomic'")
+            ).scalar_one()
+            == 0
+        )
+
+
+def test_a_read_only_mark_does_not_outlive_its_connection(store: Store) -> None:
+    """After a read-only transaction, the pooled connection writes again (PostgreSQL:
+    its next transaction is not `READ ONLY`)."""
+    for _ in range(3):
+        with store.read() as tx:
+            tx.conn.execute(text("SELECT 1"))
+        with store.begin() as tx:
+            tx.conn.execute(
+                text(
+                    "INSERT INTO processed_messages (message_id, queue, processed_at) "
+                    "VALUES (:m, 'q', CURRENT_TIMESTAMP)"
+                ),
+                {"m": f"m-{_}"},
+            )
