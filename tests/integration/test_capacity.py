@@ -261,3 +261,98 @@ def test_workers_routing_at_once_never_both_take_the_last_place(store: Store) ->
         assert open_referrals(ledger, FIRST) == 1, f"round {n}"
         (mine,) = [r for r in store.referrals() if r.partner_id == FIRST and r.status in OPEN]
         complete(ledger, {"referral_id": mine.referral_id, "partner": FIRST})
+
+
+def _count_statements(store: Store) -> list[str]:
+    from sqlalchemy import event
+
+    seen: list[str] = []
+
+    @event.listens_for(store.engine, "before_cursor_execute")
+    def _count(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        if statement.lstrip().upper().startswith("SELECT COUNT(*)"):
+            seen.append(statement)
+
+    return seen
+
+
+def test_a_batch_counts_the_places_it_gives_as_it_gives_them(ledger: Ledger) -> None:
+    """Four signals in one transaction (an intake batch): the sample's 3 places of the first partner go to the first three, the fourth goes on; each partner's places are counted once in the transaction, then kept by its own writes."""
+    signals = [consented_signal(ledger, f"T-BATCH-{n}") for n in range(4)]
+    counts = _count_statements(ledger.store)
+
+    def batch(tx: LedgerTx) -> None:
+        for signal in signals:
+            usecases.receive_signal(ledger, tx, signal, Q)
+
+    run(ledger, batch)
+    partners = [
+        r.partner_id
+        for s in signals
+        for r in ledger.store.referrals()
+        if r.signal_id == s.message_id
+    ]
+    assert partners == [FIRST, FIRST, FIRST, SECOND]
+    whys = {
+        json.loads(body)["referral_id"]: json.loads(body)["why"]
+        for _, kind, body in ledger.store.outbox()
+        if kind == "referral"
+    }
+    third = next(r for r in ledger.store.referrals() if r.signal_id == signals[2].message_id)
+    assert "capacity 1 left (2 open of 3)" in whys[third.referral_id]
+    fourth = next(r for r in ledger.store.referrals() if r.signal_id == signals[3].message_id)
+    assert f"{FIRST} skipped: full (3 open of 3)" in whys[fourth.referral_id]
+    assert len(counts) == len({FIRST, SECOND} & {p.id for p in _declared(ledger)}), counts
+
+
+def _declared(ledger: Ledger) -> list[Any]:
+    return [p for p in ledger.directory.partners() if p.capacity is not None]
+
+
+@pytest.mark.parametrize("read_first", [True, False], ids=["read", "unread"])
+def test_a_place_freed_in_a_batch_is_given_again_in_it(ledger: Ledger, read_first: bool) -> None:
+    """In one transaction: a partner with one place declines the referral it holds, then the next signal of the batch gets that place, whether the transaction had read the referral before (its count follows the write) or not (it counts again)."""
+    capacity(ledger, FIRST, 1)
+    first = refer(ledger, "T-FREE-1")
+    assert first is not None and first["partner"] == FIRST
+    signal = consented_signal(ledger, "T-FREE-2")
+    decline = ReferralStatusChanged(
+        message_id=mid("st"),
+        occurred_at=ledger.clock(),
+        referral_id=first["referral_id"],
+        partner=FIRST,
+        status="rejected",
+        reason="not-eligible",
+    )
+
+    def batch(tx: LedgerTx) -> None:
+        assert tx.capacity.taken(FIRST, OPEN) == 1
+        if read_first:
+            tx.referrals.get(first["referral_id"])
+        usecases.record_status(ledger, tx, decline, Q)
+        assert tx.capacity.taken(FIRST, OPEN) == 0
+        usecases.receive_signal(ledger, tx, signal, Q)
+        assert tx.capacity.taken(FIRST, OPEN) == 1
+
+    run(ledger, batch)
+    (made,) = [r for r in ledger.store.referrals() if r.signal_id == signal.message_id]
+    assert made.partner_id == FIRST
+    assert open_referrals(ledger, FIRST) == 1
+
+
+def test_a_status_written_without_reading_the_referral_counts_the_places_again(
+    ledger: Ledger,
+) -> None:
+    """The repository's own guard: a compare-and-set on a referral this transaction never read (it cannot tell whose it is) makes the next count read the database again."""
+    capacity(ledger, FIRST, 1)
+    first = refer(ledger, "T-RECOUNT-1")
+    assert first is not None and first["partner"] == FIRST
+
+    def batch(tx: LedgerTx) -> None:
+        assert tx.capacity.taken(FIRST, OPEN) == 1
+        tx.referrals.update(
+            first["referral_id"], "requested", now=ledger.clock(), status="rejected"
+        )
+        assert tx.capacity.taken(FIRST, OPEN) == 0
+
+    run(ledger, batch)

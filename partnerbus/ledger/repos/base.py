@@ -50,6 +50,9 @@ class RowCache:
     def __init__(self, conn: Connection) -> None:
         self.any_row = conn.dialect.name == "sqlite"
         self.rows: dict[tuple[str, str], tuple[Any, bool]] = {}
+        self.taken: dict[str, tuple[frozenset[str], int]] = {}
+        """Per partner: its referrals counted in these statuses (`CapacityRepository.taken`,
+        read under the partner's lock), kept true by this transaction's own writes."""
 
     def get(self, kind: str, key: str, *, lock: bool = False) -> Any:
         """The cached row, or None if it must be read (again)."""
@@ -59,6 +62,12 @@ class RowCache:
         row, locked = found
         return row if self.any_row or locked or not lock else None
 
+    def entry(self, kind: str, key: str) -> tuple[Any, bool] | None:
+        """The cached (row, read with its lock) whatever the engine, or None if not
+        cached; a row cached as None is a row known not to exist. For a repository that
+        decides itself what a copy may serve (it updates a row it has just written)."""
+        return self.rows.get((kind, key))
+
     def put(self, kind: str, key: str, row: Any, *, locked: bool = False) -> None:
         self.rows[(kind, key)] = (row, locked or self.rows.get((kind, key), (None, False))[1])
 
@@ -67,6 +76,18 @@ class RowCache:
 
     def clear(self) -> None:
         self.rows.clear()
+        self.taken.clear()
+
+    def count_referral(self, partner_id: str, old: str | None, new: str) -> None:
+        """This transaction moved one of `partner_id`'s referrals from status `old` (None:
+        a new referral) to `new`: its counts follow."""
+        counted = self.taken.get(partner_id)
+        if counted is not None:
+            statuses, count = counted
+            self.taken[partner_id] = (
+                statuses,
+                count + (new in statuses) - (old is not None and old in statuses),
+            )
 
 
 class Repository:

@@ -42,7 +42,7 @@ class CapacityRepository(Repository):
         # Read once per transaction (a batch routes many signals to the same partners),
         # on either engine: this read is not what guards the places (`lock` and `taken`
         # are), so reading it once is as good as reading it at the transaction's start.
-        cached = self.cache.rows.get(("capacity", partner_id))
+        cached = self.cache.entry("capacity", partner_id)
         if cached is not None:
             return cached[0]  # type: ignore[no-any-return]
         row = self.conn.execute(GET, {"partner_id": partner_id}).first()
@@ -59,8 +59,19 @@ class CapacityRepository(Repository):
 
     def taken(self, partner_id: str, open_statuses: Collection[str]) -> int:
         """How many of the partner's referrals are in one of `open_statuses`: the places
-        they hold. Read after `lock`, it counts every referral committed before."""
-        count = self.conn.execute(
-            TAKEN, {"partner_id": partner_id, "statuses": sorted(open_statuses)}
-        ).scalar_one()
-        return int(count)
+        they hold. Read after `lock`, it counts every referral committed before. Read once
+        per transaction and partner (a batch routes many signals to the same partners):
+        the referrals this transaction adds or moves are counted as it writes them
+        (`RowCache.count_referral`); while the lock is held no other transaction gives the
+        partner a place, and one freeing a place meanwhile is seen by the next."""
+        statuses = frozenset(open_statuses)
+        counted = self.cache.taken.get(partner_id)
+        if counted is not None and counted[0] == statuses:
+            return counted[1]
+        count = int(
+            self.conn.execute(
+                TAKEN, {"partner_id": partner_id, "statuses": sorted(statuses)}
+            ).scalar_one()
+        )
+        self.cache.taken[partner_id] = (statuses, count)
+        return count

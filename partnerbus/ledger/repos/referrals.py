@@ -69,6 +69,7 @@ class ReferralRepository(Repository):
 
     def add(self, **values: Any) -> None:
         self.conn.execute(INSERT, values)
+        self.cache.count_referral(values["partner_id"], None, values["status"])
 
     def get(self, referral_id: str, *, lock: bool = False) -> ReferralRow | None:
         """A referral; with `lock`, its row is held until this transaction ends
@@ -201,7 +202,12 @@ class ReferralRepository(Repository):
             self.cache.drop("referral", referral_id)
             msg = f"referral {referral_id} is no longer {expected_status}, or is being sent"
             raise Conflict(msg)
-        cached = self.cache.rows.get(("referral", referral_id))
+        cached = self.cache.entry("referral", referral_id)
+        if "status" in values:
+            if cached is not None:
+                self.cache.count_referral(cached[0].partner_id, expected_status, values["status"])
+            else:  # whose referral it is was not read here: count again when asked
+                self.cache.taken.clear()
         if cached is not None and set(values) <= _FIELDS:
             # written under the compare-and-set: the row as it now stands
             self.cache.put("referral", referral_id, replace(cached[0], **values), locked=True)
@@ -220,7 +226,7 @@ class ReferralRepository(Repository):
             .values(sending_until=until)
         )
         for referral_id in referral_ids:
-            cached = self.cache.rows.get(("referral", referral_id))
+            cached = self.cache.entry("referral", referral_id)
             if cached is not None:
                 self.cache.put(
                     "referral", referral_id, replace(cached[0], sending_until=until), locked=True
