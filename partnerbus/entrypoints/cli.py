@@ -302,6 +302,10 @@ def consent_revoke(
 
 
 def _store() -> Store:
+    """The ledger, opened (its schema checked or upgraded): a database that cannot be
+    reached or opened ends the command with one line saying so, not a traceback."""
+    from sqlalchemy.exc import DBAPIError
+
     from partnerbus.ledger.migrate import LedgerSchemaError, open_ledger
     from partnerbus.ledger.store import Store
 
@@ -310,7 +314,11 @@ def _store() -> Store:
     try:
         open_ledger(store, auto_upgrade=settings.ledger_auto_upgrade)
     except LedgerSchemaError as exc:
+        store.dispose()
         _fail(str(exc))
+    except DBAPIError as exc:
+        store.dispose()
+        _database_failed(exc, store)
     return store
 
 
@@ -898,10 +906,12 @@ def _ledger_of(settings: Settings) -> Store:
     return Store(settings.database_url)
 
 
-def _database_failed(exc: Exception) -> None:
+def _database_failed(exc: Exception, store: Store) -> None:
+    """End the command: the ledger's database (named without its password) failed."""
     from partnerbus.errors import describe_error
 
-    _fail(f"the ledger's database failed: {describe_error(exc)}")
+    where = store.engine.url.render_as_string(hide_password=True)
+    _fail(f"the ledger's database at {where} failed: {describe_error(exc)}")
 
 
 @db_app.command("upgrade")
@@ -919,7 +929,7 @@ def db_upgrade(
     try:
         done = upgrade(store, revision)
     except SQLAlchemyError as exc:
-        _database_failed(exc)
+        _database_failed(exc, store)
         return
     except CommandError as exc:  # an unknown revision, or one below the ledger's
         _fail(str(exc))
@@ -945,7 +955,7 @@ def db_current() -> None:
     try:
         found = current(store)
     except SQLAlchemyError as exc:
-        _database_failed(exc)
+        _database_failed(exc, store)
         return
     finally:
         store.dispose()
@@ -968,7 +978,7 @@ def db_check() -> None:
     try:
         found, diff = current(store), differences(store)
     except SQLAlchemyError as exc:
-        _database_failed(exc)
+        _database_failed(exc, store)
         return
     finally:
         store.dispose()
