@@ -43,6 +43,11 @@ from partnerbus.settings import Settings, amqp_user, open_directory, pseudonym_k
 from partnerbus.usecases import DIRECTORY_UPDATES_KEY, Ledger
 
 log = logging.getLogger("partnerbus")
+VERDICTS_KEPT = 10_000
+"""The intake verdicts a worker keeps for `wait_verdicts` (the demo's and the tests'
+waits): the last ones only, so that a service running for months keeps a constant
+footprint (between `VERDICTS_KEPT` and twice as many)."""
+
 ANSWERS_LOOKBACK = timedelta(days=180)
 """Answers older than this no longer count in a partner's acceptance rate."""
 ANSWERS_SLACK = timedelta(minutes=5)
@@ -126,12 +131,17 @@ class Bus:
             queue.removeprefix(self.settings.prefix + "."), verdict.outcome
         ).inc()
         self.verdicts.append((queue, verdict))
+        if len(self.verdicts) > 2 * VERDICTS_KEPT:  # trimmed in bulk: O(1) per verdict
+            del self.verdicts[:-VERDICTS_KEPT]
         self._verdict_seen.set()
 
     async def wait_verdicts(
         self, count: int, *, queue: str | None = None, timeout: float = 10.0
     ) -> list[Verdict]:
-        """Wait until `count` intake deliveries (of `queue`, or any) have been decided."""
+        """Wait until `count` intake deliveries (of `queue`, or any) have been decided
+        (among the last `VERDICTS_KEPT`, which is all a waiter may ask for)."""
+        if count > VERDICTS_KEPT:
+            raise ValueError(f"a worker keeps its last {VERDICTS_KEPT} verdicts only")
         async with asyncio.timeout(timeout):
             while True:
                 found = [v for q, v in self.verdicts if queue is None or q.endswith(queue)]

@@ -18,6 +18,7 @@ from partnerbus.rules import (
     check_pseudonym_key,
 )
 from partnerbus.settings import Settings
+from tests.keys import TEST_KEY
 
 
 def test_a_dotenv_file_sets_the_deadlines_too(tmp_path, monkeypatch) -> None:
@@ -159,3 +160,25 @@ def test_the_demo_makes_a_throwaway_key_when_none_is_set_and_says_so(
     said = capsys.readouterr().out
     assert "too short" in said
     assert "not reachable" not in said, "refused before anything else"
+
+
+async def test_a_worker_keeps_its_last_verdicts_only(monkeypatch) -> None:
+    """A service running for months keeps a constant footprint: past twice `VERDICTS_KEPT`, the oldest verdicts go (the waits see the last ones); asking to wait for more than it keeps is an error, not a wait that cannot end."""
+    from partnerbus.entrypoints import bootstrap
+    from partnerbus.handlers.delivery import Verdict
+
+    monkeypatch.setattr(bootstrap, "VERDICTS_KEPT", 5)
+    bus = create_app(Settings(pseudonym_key=TEST_KEY, database_url="sqlite://"))
+    try:
+        queue = bus.topology.signal_queue.name
+        for n in range(23):
+            bus.record_verdict(queue, Verdict("processed", reason=str(n)))
+            assert len(bus.verdicts) <= 10
+        assert [v.reason for _, v in bus.verdicts][-5:] == ["18", "19", "20", "21", "22"]
+        found = await bus.wait_verdicts(5, queue="signals", timeout=1)
+        assert [v.reason for v in found][-1] == "22"
+        with pytest.raises(ValueError, match="last 5 verdicts"):
+            await bus.wait_verdicts(6, timeout=1)
+    finally:
+        bus.executor.shutdown()
+        bus.store.dispose()
