@@ -5,11 +5,11 @@ from __future__ import annotations
 from datetime import datetime
 
 from partnerbus.ledger import tables as t
-from partnerbus.ledger.repos.base import Repository
+from partnerbus.ledger.repos.base import Prepared, Repository
 
 # Built once; the values go as execute() parameters, so each call reuses the compiled
 # statement instead of building and cache-keying a new `.values(...)` construct (issue 9).
-INSERT = t.audit.insert()
+INSERT = Prepared(t.audit.insert())
 
 
 class AuditRepository(Repository):
@@ -26,8 +26,8 @@ class AuditRepository(Repository):
         partner_id: str | None = None,
         why: str | None = None,
     ) -> None:
-        self.conn.execute(
-            INSERT,
+        INSERT(
+            self.conn,
             {
                 "at": at,
                 "actor": actor,

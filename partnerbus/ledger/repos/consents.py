@@ -9,13 +9,13 @@ from typing import Any
 from sqlalchemy import bindparam, select, update
 
 from partnerbus.ledger import tables as t
-from partnerbus.ledger.repos.base import Repository
+from partnerbus.ledger.repos.base import Prepared, Repository
 from partnerbus.rules.consent import ConsentRecord
 from partnerbus.schemas import ConsentScope
 
 # Built once; the values go as execute() parameters, so each call reuses the compiled
 # statement instead of building and cache-keying a new `.values(...)` construct (issue 9).
-INSERT = t.consents.insert()
+INSERT = Prepared(t.consents.insert())
 # The hot reads, built once with bound parameters (see INSERT).
 GET = select(t.consents).where(t.consents.c.consent_id == bindparam("consent_id"))
 GET_SHARE = GET.with_for_update(read=True)
@@ -39,8 +39,8 @@ class ConsentRepository(Repository):
     def add(self, row: ConsentRecord) -> bool:
         if self.get(row.consent_id) is not None:
             return False
-        self.conn.execute(
-            INSERT,
+        INSERT(
+            self.conn,
             {
                 "consent_id": row.consent_id,
                 "person_ref": row.person_ref,

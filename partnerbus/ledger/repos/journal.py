@@ -5,11 +5,11 @@ from __future__ import annotations
 from datetime import datetime
 
 from partnerbus.ledger import tables as t
-from partnerbus.ledger.repos.base import Repository
+from partnerbus.ledger.repos.base import Prepared, Repository
 
 # Built once; the values go as execute() parameters, so each call reuses the compiled
 # statement instead of building and cache-keying a new `.values(...)` construct (issue 9).
-INSERT = t.consent_journal.insert()
+INSERT = Prepared(t.consent_journal.insert())
 
 
 class JournalRepository(Repository):
@@ -24,8 +24,8 @@ class JournalRepository(Repository):
         at: datetime,
         body: str,
     ) -> None:
-        self.conn.execute(
-            INSERT,
+        INSERT(
+            self.conn,
             {
                 "consent_id": consent_id,
                 "person_ref": person_ref,

@@ -12,14 +12,16 @@ from typing import Any
 from sqlalchemy import Connection, delete, select, update
 
 from partnerbus.ledger import tables as t
-from partnerbus.ledger.repos.base import Repository, RowCache
+from partnerbus.ledger.repos.base import Prepared, Repository, RowCache
 from partnerbus.ledger.repos.base import row_of as _row
 from partnerbus.rules.disclosure import Disclosed
 from partnerbus.schemas import Message
 
 # Built once; the values go as execute() parameters, so each call reuses the compiled
 # statement instead of building and cache-keying a new `.values(...)` construct (issue 9).
-INSERT_OUTBOX = t.outbox.insert()
+INSERT_OUTBOX = Prepared(t.outbox.insert())
+INSERT_CLAIMED = Prepared(t.outbox.insert().returning(t.outbox.c.id))
+"""A row the relay sends itself (claimed as it is written): its id is needed."""
 
 URGENT_REFERRAL, ROUTINE_REFERRAL, OTHER = 0, 1, 2
 
@@ -161,13 +163,13 @@ class OutboxRepository(Repository):
         values = _row_values(
             message, routing_key, now, referral_id, attempts=0 if claim is None else 1
         )
-        inserted = self.conn.execute(INSERT_OUTBOX, {**values, "claimed_until": claim})
-        if claim is not None:
-            key = inserted.inserted_primary_key
-            assert key is not None
+        if claim is None:
+            INSERT_OUTBOX(self.conn, {**values, "claimed_until": None})
+        else:
+            row_id = INSERT_CLAIMED(self.conn, {**values, "claimed_until": claim}).scalar_one()
             self._claimed.append(
                 OutboxRow(
-                    id=int(key[0]),
+                    id=int(row_id),
                     message_id=message.message_id,
                     routing_key=routing_key,
                     message_type=values["message_type"],
@@ -220,9 +222,7 @@ class OutboxRepository(Repository):
         if waiting is not None:
             return
         self.conn.execute(delete(t.outbox).where(t.outbox.c.message_id == message.message_id))
-        self.conn.execute(
-            INSERT_OUTBOX, _row_values(message, routing_key, now, referral_id, attempts=1)
-        )
+        INSERT_OUTBOX(self.conn, _row_values(message, routing_key, now, referral_id, attempts=1))
 
     def drop(self, outbox_id: int) -> None:
         """A claimed row that must not leave after all (its referral is closed, or its

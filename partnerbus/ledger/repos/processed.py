@@ -4,21 +4,20 @@ from __future__ import annotations
 
 import functools
 from datetime import datetime
-from typing import Any
 
 from sqlalchemy import delete
 from sqlalchemy.dialects import postgresql, sqlite
 
 from partnerbus.ledger import tables as t
-from partnerbus.ledger.repos.base import Repository
+from partnerbus.ledger.repos.base import Prepared, Repository
 
 
 @functools.cache
-def _mark_statement(dialect_name: str) -> Any:
+def _mark_statement(dialect_name: str) -> Prepared:
     """The dedupe mark, inserted unless it is there (built once per dialect)."""
     dialect = postgresql if dialect_name == "postgresql" else sqlite
     # RETURNING tells whether it inserted: psycopg's rowcount is -1 here
-    return (
+    return Prepared(
         dialect.insert(t.processed)
         .on_conflict_do_nothing(index_elements=["message_id", "queue"])
         .returning(t.processed.c.message_id)
@@ -32,9 +31,8 @@ class ProcessedRepository(Repository):
         """Record that this message was processed; False if it already was (a redelivery).
         One statement (INSERT … ON CONFLICT DO NOTHING): on PostgreSQL a redelivery racing
         the first delivery's uncommitted mark waits for it and then finds it."""
-        inserted = self.conn.execute(
-            _mark_statement(self.conn.dialect.name),
-            {"message_id": message_id, "queue": queue, "processed_at": now},
+        inserted = _mark_statement(self.conn.dialect.name)(
+            self.conn, {"message_id": message_id, "queue": queue, "processed_at": now}
         ).first()
         return inserted is not None
 

@@ -11,26 +11,28 @@ from typing import Any
 from sqlalchemy import and_, bindparam, func, or_, select, update
 
 from partnerbus.ledger import tables as t
-from partnerbus.ledger.repos.base import Conflict, Repository, row_of
+from partnerbus.ledger.repos.base import Conflict, Prepared, Repository, row_of
 from partnerbus.rules.lifecycle import AWAITING_ANSWER
 
 # Built once; the values go as execute() parameters, so each call reuses the compiled
 # statement instead of building and cache-keying a new `.values(...)` construct (issue 9).
-INSERT = t.referrals.insert()
-INSERT_HISTORY = t.referral_history.insert()
+INSERT = Prepared(t.referrals.insert())
+INSERT_HISTORY = Prepared(t.referral_history.insert())
 # The hot reads, built once with bound parameters (see INSERT).
 GET = select(t.referrals).where(t.referrals.c.referral_id == bindparam("referral_id"))
 GET_LOCKED = GET.with_for_update()
 # The compare-and-set: its key, expected status and instant bound under names no column
 # has, so that the other parameters given are the columns it sets. A referral a relay is
 # publishing (`mark_sending`) is not changed until the relay has recorded the outcome.
-COMPARE_AND_SET = update(t.referrals).where(
-    t.referrals.c.referral_id == bindparam("where_referral_id"),
-    t.referrals.c.status == bindparam("where_status"),
-    or_(
-        t.referrals.c.sending_until.is_(None),
-        t.referrals.c.sending_until <= bindparam("where_now"),
-    ),
+COMPARE_AND_SET = Prepared(
+    update(t.referrals).where(
+        t.referrals.c.referral_id == bindparam("where_referral_id"),
+        t.referrals.c.status == bindparam("where_status"),
+        or_(
+            t.referrals.c.sending_until.is_(None),
+            t.referrals.c.sending_until <= bindparam("where_now"),
+        ),
+    )
 )
 
 
@@ -68,7 +70,7 @@ class ReferralRepository(Repository):
     recorded in its history (`record_transition`)."""
 
     def add(self, **values: Any) -> None:
-        self.conn.execute(INSERT, values)
+        INSERT(self.conn, values)
         self.cache.count_referral(values["partner_id"], None, values["status"])
 
     def get(self, referral_id: str, *, lock: bool = False) -> ReferralRow | None:
@@ -189,8 +191,8 @@ class ReferralRepository(Repository):
         (`mark_sending`); otherwise raise `Conflict` and the transaction re-runs on a
         fresh read, after the relay has recorded what the broker said. Every write of a
         referral's state goes through here."""
-        changed = self.conn.execute(
-            COMPARE_AND_SET,
+        changed = COMPARE_AND_SET(
+            self.conn,
             {
                 **values,
                 "where_referral_id": referral_id,
@@ -242,8 +244,8 @@ class ReferralRepository(Repository):
         reason: str | None,
         at: datetime,
     ) -> None:
-        self.conn.execute(
-            INSERT_HISTORY,
+        INSERT_HISTORY(
+            self.conn,
             {
                 "referral_id": referral_id,
                 "from_status": from_status,

@@ -15,12 +15,12 @@ from sqlalchemy import and_, bindparam, case, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from partnerbus.ledger import tables as t
-from partnerbus.ledger.repos.base import Repository, row_of
+from partnerbus.ledger.repos.base import Prepared, Repository, row_of
 from partnerbus.schemas import Signal
 
 # Built once; the values go as execute() parameters, so each call reuses the compiled
 # statement instead of building and cache-keying a new `.values(...)` construct (issue 9).
-INSERT = t.signals.insert()
+INSERT = Prepared(t.signals.insert())
 # The hot reads, built once with bound parameters (see INSERT).
 GET = select(t.signals).where(t.signals.c.signal_id == bindparam("signal_id"))
 PARKED = (
@@ -104,7 +104,7 @@ class SignalRepository(Repository):
             note_deleted_at=None,
             anonymised_at=None,
         )
-        self.conn.execute(INSERT, dataclasses.asdict(row))
+        INSERT(self.conn, dataclasses.asdict(row))
         self.cache.put("signal", row.signal_id, row)
         return row
 
