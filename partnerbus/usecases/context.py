@@ -12,7 +12,7 @@ the two wrappers every use case goes through, so that no use case does it by han
 
 from __future__ import annotations
 
-import dataclasses
+import copy
 import functools
 import uuid
 from collections.abc import Callable
@@ -63,8 +63,12 @@ class Ledger:
         check_pseudonym_key(self.pseudonym_key)  # a guessable key makes pseudonyms reversible
 
     def at(self, now: datetime) -> Ledger:
-        """This ledger with its clock stopped at `now`: what a use case runs with."""
-        return dataclasses.replace(self, clock=_Stopped(now))
+        """This ledger with its clock stopped at `now`: what a use case runs with. A copy
+        of this one (its key already checked), not a new one built and checked again: it
+        is made for every use case (issue 9)."""
+        stopped = copy.copy(self)
+        object.__setattr__(stopped, "clock", _Stopped(now))
+        return stopped
 
 
 @dataclass(frozen=True)

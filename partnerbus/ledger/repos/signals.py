@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import hashlib
 from collections.abc import Collection
@@ -104,7 +103,7 @@ class SignalRepository(Repository):
             note_deleted_at=None,
             anonymised_at=None,
         )
-        INSERT(self.conn, dataclasses.asdict(row))
+        INSERT(self.conn, vars(row))  # its fields (asdict would deep-copy each value)
         self.cache.put("signal", row.signal_id, row)
         return row
 
