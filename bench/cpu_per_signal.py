@@ -23,9 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import cProfile
-import tempfile
 import time
-import uuid
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
@@ -33,8 +31,9 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from sqlalchemy import create_engine, event, text
+from sqlalchemy import event
 
+from bench.ledgers import fresh_ledger_url
 from bench.relay_drain import KEY, record
 from partnerbus.broker.topology import Topology
 from partnerbus.directory import load_sample
@@ -56,7 +55,7 @@ def measure(url: str, signals: int, profile: Path | None, count: bool = True) ->
         counts[phase[0]] += 1
         counts[phase[0] + ":" + statement.split()[0].upper()] += 1
 
-    if count:  # a listener costs every statement SQLAlchemy's event dispatch: off to time
+    if count:  # counting costs CPU of its own: off to time
         event.listen(store.engine, "before_cursor_execute", _count)
 
     ledger = Ledger(
@@ -133,22 +132,8 @@ def main() -> None:
         "--no-count", action="store_true", help="time only: do not count the statements"
     )
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        if not args.database_url:
-            url = f"sqlite:///{Path(tmp) / 'ledger.db'}"
-            measure(url, args.signals, args.profile, not args.no_count)
-            return
-        schema = f"pbbench_{uuid.uuid4().hex[:8]}"
-        admin = create_engine(args.database_url)
-        with admin.begin() as conn:
-            conn.execute(text(f'CREATE SCHEMA "{schema}"'))
-        try:
-            url = f"{args.database_url}?options=-csearch_path%3D{schema}"
-            measure(url, args.signals, args.profile, not args.no_count)
-        finally:
-            with admin.begin() as conn:
-                conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
-            admin.dispose()
+    with fresh_ledger_url(args.database_url) as url:
+        measure(url, args.signals, args.profile, not args.no_count)
 
 
 if __name__ == "__main__":

@@ -519,42 +519,15 @@ def _wal(cursor: Any, wait_s: float = 30.0) -> None:
             return
 
 
-# How each transaction begins is the dialect's `do_begin` (a no-op by default: the driver
-# begins implicitly), not a "begin" event listener: any listener on the engine makes every
-# statement go through SQLAlchemy's event dispatch, about 10 µs each here, measured (issue
-# 9). Whether a connection is read-only is marked on it (`read_only_connection`).
-
-
-def _begin_sqlite(dbapi_conn: Any) -> None:
-    cursor = dbapi_conn.cursor()
-    try:
-        cursor.execute("BEGIN" if dbapi_conn.info.get(READ_ONLY) else "BEGIN IMMEDIATE")
-    finally:
-        cursor.close()
-
-
-def _begin_postgresql(dbapi_conn: Any) -> None:
-    if dbapi_conn.info.get(READ_ONLY):
-        cursor = dbapi_conn.cursor()
-        try:  # the driver's implicit BEGIN, then this, first in the transaction
-            cursor.execute("SET TRANSACTION READ ONLY")
-        finally:
-            cursor.close()
-
-
 @contextmanager
 def read_only_connection(engine: Engine) -> Iterator[Connection]:
-    """A connection whose transactions only read: on SQLite a deferred `BEGIN`, which
-    takes no write lock (WAL lets it read beside the writer); on PostgreSQL `SET
-    TRANSACTION READ ONLY`, which refuses any write and takes no row lock. The mark is
-    taken off before the connection goes back to the pool."""
+    """A connection whose transactions only read (`READ_ONLY`, read by the engine's
+    `begin` listener): on SQLite a deferred `BEGIN`, which takes no write lock (WAL lets
+    it read beside the writer); on PostgreSQL `SET TRANSACTION READ ONLY`, which refuses
+    any write and takes no row lock. The store's reads, the migrations' and the insights'
+    all open theirs here."""
     with engine.connect() as conn:
-        info = conn.info
-        info[READ_ONLY] = True
-        try:
-            yield conn
-        finally:
-            info.pop(READ_ONLY, None)
+        yield conn.execution_options(**{READ_ONLY: True})
 
 
 def _engine(url: str, *, schema: str | None, echo: bool) -> Engine:
@@ -583,10 +556,16 @@ def _engine(url: str, *, schema: str | None, echo: bool) -> Engine:
             cursor.execute("PRAGMA foreign_keys=ON")
             cursor.close()
 
-        # Take the write lock at the start: no deadlock between two upgrading readers.
-        # A read-only connection (`read_only_connection`) takes none: WAL lets it read
-        # beside the writer.
-        engine.dialect.do_begin = _begin_sqlite  # type: ignore[method-assign,assignment]
+        @event.listens_for(engine, "begin")
+        def _begin(conn: Any) -> None:
+            # Take the write lock at the start: no deadlock between two upgrading readers.
+            # A read-only connection (`read_only_connection`) takes none: WAL lets it read
+            # beside the writer.
+            if conn.get_execution_options().get(READ_ONLY):
+                conn.exec_driver_sql("BEGIN")
+            else:
+                conn.exec_driver_sql("BEGIN IMMEDIATE")
+
         return engine
     if url.startswith("postgresql://"):
         url = "postgresql+psycopg://" + url.removeprefix("postgresql://")
@@ -597,9 +576,13 @@ def _engine(url: str, *, schema: str | None, echo: bool) -> Engine:
         url, echo=echo, hide_parameters=True, pool_pre_ping=True, connect_args=connect_args
     )
 
-    # A reading connection's transactions are read-only: PostgreSQL refuses a write there,
-    # and it takes no row lock a writer would wait for.
-    engine.dialect.do_begin = _begin_postgresql  # type: ignore[method-assign,assignment]
+    @event.listens_for(engine, "begin")
+    def _read_only(conn: Any) -> None:
+        # A reading connection's transactions are read-only: PostgreSQL refuses a write
+        # there, and it takes no row lock a writer would wait for.
+        if conn.get_execution_options().get(READ_ONLY):
+            conn.exec_driver_sql("SET TRANSACTION READ ONLY")
+
     return engine
 
 

@@ -32,9 +32,8 @@ class Prepared:
     No expanding parameters (`IN` lists): those statements stay with `execute`."""
 
     def __init__(self, statement: UpdateBase) -> None:
-        if isinstance(
-            statement, Insert
-        ):  # no implicit RETURNING of the key (an explicit one stays)
+        if isinstance(statement, Insert):
+            # no implicit RETURNING of the key (an explicit one stays)
             statement = statement.inline()
         self.statement = statement
         self._rendered: dict[tuple[str, tuple[str, ...]], _Rendered] = {}
@@ -123,9 +122,9 @@ class RowCache:
     def __init__(self, conn: Connection) -> None:
         self.any_row = conn.dialect.name == "sqlite"
         self.rows: dict[tuple[str, str], tuple[Any, bool]] = {}
-        self.taken: dict[str, tuple[frozenset[str], int]] = {}
-        """Per partner: its referrals counted in these statuses (`CapacityRepository.taken`,
-        read under the partner's lock), kept true by this transaction's own writes."""
+        # Per partner: its referrals counted in these statuses (`CapacityRepository.taken`,
+        # read under the partner's lock), kept true by this transaction's own writes.
+        self._taken: dict[str, tuple[frozenset[str], int]] = {}
 
     def get(self, kind: str, key: str, *, lock: bool = False) -> Any:
         """The cached row, or None if it must be read (again)."""
@@ -149,15 +148,28 @@ class RowCache:
 
     def clear(self) -> None:
         self.rows.clear()
-        self.taken.clear()
+        self._taken.clear()
 
-    def count_referral(self, partner_id: str, old: str | None, new: str) -> None:
+    def taken(self, partner_id: str, statuses: frozenset[str]) -> int | None:
+        """How many of the partner's referrals are in `statuses`, as counted in this
+        transaction; None if it must be counted (again)."""
+        counted = self._taken.get(partner_id)
+        return counted[1] if counted is not None and counted[0] == statuses else None
+
+    def put_taken(self, partner_id: str, statuses: frozenset[str], count: int) -> None:
+        self._taken[partner_id] = (statuses, count)
+
+    def count_referral(self, partner_id: str | None, old: str | None, new: str) -> None:
         """This transaction moved one of `partner_id`'s referrals from status `old` (None:
-        a new referral) to `new`: its counts follow."""
-        counted = self.taken.get(partner_id)
+        a new referral) to `new`: its counts follow. `partner_id` None: whose referral it
+        was is not known here, so every count is read again when asked."""
+        if partner_id is None:
+            self._taken.clear()
+            return
+        counted = self._taken.get(partner_id)
         if counted is not None:
             statuses, count = counted
-            self.taken[partner_id] = (
+            self._taken[partner_id] = (
                 statuses,
                 count + (new in statuses) - (old is not None and old in statuses),
             )
@@ -198,8 +210,8 @@ def _upsert_statement(
     dialect_name: str, table: Table, key: tuple[str, ...], columns: tuple[str, ...]
 ) -> Prepared:
     """The upsert of `table` on `key` setting `columns`, built once per shape: the values
-    go as execute() parameters and the update takes them from the row that conflicted
-    (`excluded`), so each call reuses the compiled statement (issue 9)."""
+    go as parameters and the update takes them from the row that conflicted (`excluded`),
+    so each call reuses the rendered statement (`Prepared`, issue 9)."""
     dialect = postgresql if dialect_name == "postgresql" else sqlite
     statement = dialect.insert(table)
     return Prepared(

@@ -65,13 +65,13 @@ class CapacityRepository(Repository):
         (`RowCache.count_referral`); while the lock is held no other transaction gives the
         partner a place, and one freeing a place meanwhile is seen by the next."""
         statuses = frozenset(open_statuses)
-        counted = self.cache.taken.get(partner_id)
-        if counted is not None and counted[0] == statuses:
-            return counted[1]
+        counted = self.cache.taken(partner_id, statuses)
+        if counted is not None:
+            return counted
         count = int(
             self.conn.execute(
                 TAKEN, {"partner_id": partner_id, "statuses": sorted(statuses)}
             ).scalar_one()
         )
-        self.cache.taken[partner_id] = (statuses, count)
+        self.cache.put_taken(partner_id, statuses, count)
         return count

@@ -13,8 +13,7 @@ from partnerbus.ledger.repos.base import Prepared, Repository
 from partnerbus.rules.consent import ConsentRecord
 from partnerbus.schemas import ConsentScope
 
-# Built once; the values go as execute() parameters, so each call reuses the compiled
-# statement instead of building and cache-keying a new `.values(...)` construct (issue 9).
+# Built once and run as `Prepared` (its SQL rendered once per dialect, issue 9).
 INSERT = Prepared(t.consents.insert())
 # The hot reads, built once with bound parameters (see INSERT).
 GET = select(t.consents).where(t.consents.c.consent_id == bindparam("consent_id"))

@@ -7,8 +7,7 @@ from datetime import datetime
 from partnerbus.ledger import tables as t
 from partnerbus.ledger.repos.base import Prepared, Repository
 
-# Built once; the values go as execute() parameters, so each call reuses the compiled
-# statement instead of building and cache-keying a new `.values(...)` construct (issue 9).
+# Built once and run as `Prepared` (its SQL rendered once per dialect, issue 9).
 INSERT = Prepared(t.consent_journal.insert())
 
 

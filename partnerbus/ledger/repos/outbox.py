@@ -17,8 +17,7 @@ from partnerbus.ledger.repos.base import row_of as _row
 from partnerbus.rules.disclosure import Disclosed
 from partnerbus.schemas import Message
 
-# Built once; the values go as execute() parameters, so each call reuses the compiled
-# statement instead of building and cache-keying a new `.values(...)` construct (issue 9).
+# Built once and run as `Prepared` (its SQL rendered once per dialect, issue 9).
 INSERT_OUTBOX = Prepared(t.outbox.insert())
 INSERT_CLAIMED = Prepared(t.outbox.insert().returning(t.outbox.c.id))
 """A row the relay sends itself (claimed as it is written): its id is needed."""
@@ -164,7 +163,7 @@ class OutboxRepository(Repository):
             message, routing_key, now, referral_id, attempts=0 if claim is None else 1
         )
         if claim is None:
-            INSERT_OUTBOX(self.conn, {**values, "claimed_until": None})
+            INSERT_OUTBOX(self.conn, values)
         else:
             row_id = INSERT_CLAIMED(self.conn, {**values, "claimed_until": claim}).scalar_one()
             self._claimed.append(

@@ -14,8 +14,7 @@ from partnerbus.ledger import tables as t
 from partnerbus.ledger.repos.base import Conflict, Prepared, Repository, row_of
 from partnerbus.rules.lifecycle import AWAITING_ANSWER
 
-# Built once; the values go as execute() parameters, so each call reuses the compiled
-# statement instead of building and cache-keying a new `.values(...)` construct (issue 9).
+# Built once and run as `Prepared` (its SQL rendered once per dialect, issue 9).
 INSERT = Prepared(t.referrals.insert())
 INSERT_HISTORY = Prepared(t.referral_history.insert())
 # The hot reads, built once with bound parameters (see INSERT).
@@ -206,10 +205,8 @@ class ReferralRepository(Repository):
             raise Conflict(msg)
         cached = self.cache.entry("referral", referral_id)
         if "status" in values:
-            if cached is not None:
-                self.cache.count_referral(cached[0].partner_id, expected_status, values["status"])
-            else:  # whose referral it is was not read here: count again when asked
-                self.cache.taken.clear()
+            partner_id = cached[0].partner_id if cached is not None else None
+            self.cache.count_referral(partner_id, expected_status, values["status"])
         if cached is not None and set(values) <= _FIELDS:
             # written under the compare-and-set: the row as it now stands
             self.cache.put("referral", referral_id, replace(cached[0], **values), locked=True)

@@ -17,8 +17,7 @@ from partnerbus.ledger import tables as t
 from partnerbus.ledger.repos.base import Prepared, Repository, row_of
 from partnerbus.schemas import Signal
 
-# Built once; the values go as execute() parameters, so each call reuses the compiled
-# statement instead of building and cache-keying a new `.values(...)` construct (issue 9).
+# Built once and run as `Prepared` (its SQL rendered once per dialect, issue 9).
 INSERT = Prepared(t.signals.insert())
 # The hot reads, built once with bound parameters (see INSERT).
 GET = select(t.signals).where(t.signals.c.signal_id == bindparam("signal_id"))
